@@ -1,0 +1,86 @@
+"""The conversation schema every stage reads: `DATA_DIR/conversations.jsonl`, one conversation a line.
+
+    {"id": "c0001", "source": "whatsapp:chat.txt", "messages": [
+        {"speaker": "Ana", "text": "hi!\\nsecond line", "time": "2024-01-02T10:00:00+00:00"}, ...]}
+
+`time` is ISO 8601 (or null when the export has none). Messages are in order; a multi-line message is
+one message. Speaker names are kept exactly as exported.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Iterable
+
+from convsim.errors import UserError
+from convsim.fsutil import write_jsonl
+
+CONVERSATIONS = "conversations.jsonl"
+
+
+@dataclass
+class Message:
+    speaker: str
+    text: str
+    time: str | None = None
+
+    def dt(self) -> datetime | None:
+        return datetime.fromisoformat(self.time) if self.time else None
+
+
+@dataclass
+class Conversation:
+    id: str
+    messages: list[Message]
+    source: str = ""
+
+    @property
+    def speakers(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for m in self.messages:
+            seen.setdefault(m.speaker, None)
+        return list(seen)
+
+    def to_json(self) -> dict:
+        return {"id": self.id, "source": self.source, "messages": [asdict(m) for m in self.messages]}
+
+    @staticmethod
+    def from_json(obj: dict) -> "Conversation":
+        return Conversation(id=str(obj["id"]), source=obj.get("source", ""),
+                            messages=[Message(str(m["speaker"]), str(m["text"]), m.get("time"))
+                                      for m in obj["messages"]])
+
+
+def write_conversations(path: str | os.PathLike, convs: Iterable[Conversation]) -> int:
+    """Write conversations.jsonl atomically, owner-only."""
+    return write_jsonl(path, (c.to_json() for c in convs))
+
+
+def read_conversations(data_dir: str | os.PathLike) -> list[Conversation]:
+    """Read DATA_DIR/conversations.jsonl (or a .jsonl path). Raises UserError on a missing or bad file."""
+    p = Path(data_dir)
+    f = p / CONVERSATIONS if p.is_dir() else p
+    if not f.exists():
+        raise UserError(f"no {CONVERSATIONS} in {p} (run `convsim import` first)")
+    out = []
+    with open(f, encoding="utf-8") as fh:
+        for i, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                out.append(Conversation.from_json(json.loads(line)))
+            except (ValueError, KeyError, TypeError) as e:
+                raise UserError(f"{f}:{i}: not a conversation record ({e})") from None
+    return out
+
+
+def speakers_of(convs: Iterable[Conversation]) -> list[str]:
+    """All speakers, most messages first (ties by name)."""
+    counts: dict[str, int] = {}
+    for c in convs:
+        for m in c.messages:
+            counts[m.speaker] = counts.get(m.speaker, 0) + 1
+    return sorted(counts, key=lambda s: (-counts[s], s))

@@ -1,0 +1,86 @@
+"""The `convsim` command: one table of subcommands, each the `run(args)` of a stage module.
+
+A stage module defines `HELP` (one line), `EXAMPLES` (shown under `--help`), `add_arguments(parser)`
+and `run(args) -> int | None`. Modules are imported only when their command runs, so `convsim --help`
+is instant. User errors (`UserError`, a missing file) end with one `error: ...` line and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+# name -> (module, one-line help). Keep this the only place a command is registered.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "models": ("convsim.models_cli", "list the supported base models and whether their weights are here"),
+}
+
+
+def _top_parser(commands: dict[str, tuple[str, str]]) -> argparse.ArgumentParser:
+    lines = "\n".join(f"  {name:<10} {help_}" for name, (_, help_) in commands.items())
+    return argparse.ArgumentParser(
+        prog="convsim",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Simulate the people of a chat history with a fine-tuned language model.",
+        usage="convsim COMMAND [options]   (convsim COMMAND --help for each)",
+        epilog=f"commands:\n{lines}\n\nstart here:\n  convsim demo            # embedded model + data, ~10 min on 2 CPU cores",
+    )
+
+
+def build_parser(name: str) -> tuple[argparse.ArgumentParser, object]:
+    module_name, help_ = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(
+        prog=f"convsim {name}",
+        description=getattr(module, "HELP", help_),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=("examples:\n" + module.EXAMPLES.strip("\n")) if getattr(module, "EXAMPLES", "") else None,
+    )
+    module.add_arguments(parser)
+    return parser, module
+
+
+def main(argv: list[str] | None = None) -> int:
+    from convsim.errors import UserError
+
+    argv = sys.argv[1:] if argv is None else argv
+    commands = COMMANDS
+    top = _top_parser(commands)
+    if not argv or argv[0] in ("-h", "--help"):
+        top.print_help()
+        return 0
+    if argv[0] == "--version":
+        from convsim import __version__
+        print(__version__)
+        return 0
+    name = argv[0]
+    if name not in commands:
+        print(f"error: unknown command {name!r}; try `convsim --help`", file=sys.stderr)
+        return 2
+    parser, module = build_parser(name)
+    args = parser.parse_args(argv[1:])
+    try:
+        rc = module.run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, IsADirectoryError, PermissionError, NotADirectoryError) as e:
+        where = getattr(e, "filename", None)
+        print(f"error: {e.strerror or e}{': ' + str(where) if where else ''}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("error: out of memory; try a smaller --batch-size or --max-seq-length", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
