@@ -14,6 +14,9 @@ import sys
 # name -> (module, one-line help). Keep this the only place a command is registered.
 COMMANDS: dict[str, tuple[str, str]] = {
     "models": ("convsim.models_cli", "list the supported base models and whether their weights are here"),
+    "import": ("convsim.chats.import_cli", "read chat exports (WhatsApp, Telegram, Discord, ...) into conversations.jsonl"),
+    "stats": ("convsim.chats.stats", "per-speaker statistics of an imported data dir"),
+    "train": ("convsim.train", "LoRA fine-tune a model on a data dir, with one token per speaker"),
 }
 
 

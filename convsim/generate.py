@@ -1,0 +1,196 @@
+"""Generation as a person: build the prompt with `render`, sample a reply *burst* (one or more messages
+of that speaker) and stop, while generating, when another speaker's token, end of text or end of turn
+comes. No speaker token, whole or partial, ever reaches the caller.
+
+    msgs = reply(model, tok, fmt, history, "Ana", SampleConfig(temperature=0))     # ["hey", "what's up?"]
+    for i, delta in stream_reply(model, tok, fmt, history, "Ana", cfg): print(delta, end="")
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+from convsim.chats.examples import PromptFormat, end_of_turn_id, render, tag_ids
+from convsim.chats.schema import Message
+
+
+@dataclass
+class SampleConfig:
+    temperature: float = 0.7
+    top_p: float = 0.95
+    max_new_tokens: int = 96
+    max_context_tokens: int = 1024      # history beyond this budget is dropped, oldest first
+    seed: int | None = None
+
+
+class StopOnSequences(StoppingCriteria):
+    """True for a row once its generated tail ends with any stop sequence."""
+
+    def __init__(self, stops: Sequence[Sequence[int]], prompt_len: int):
+        self.stops = [list(s) for s in stops if len(s)]
+        self.prompt_len = prompt_len
+
+    def __call__(self, input_ids, scores, **kwargs):
+        gen = input_ids[:, self.prompt_len:]
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for s in self.stops:
+            if gen.shape[1] >= len(s):
+                done |= (gen[:, -len(s):] == torch.tensor(s, device=gen.device)).all(dim=1)
+        return done
+
+
+def stop_sequences(tok, fmt: PromptFormat, speaker: str) -> list[list[int]]:
+    stops = [tag_ids(tok, fmt, s) for s in fmt.speakers if s != speaker]
+    stops += [[tok.eos_token_id], [end_of_turn_id(tok)]]
+    if tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id:
+        stops.append([tok.pad_token_id])
+    return stops
+
+
+def _cut(ids: list[int], stops: list[list[int]]) -> tuple[list[int], bool]:
+    """ids up to the first stop sequence (exclusive), and whether one was found."""
+    for i in range(len(ids)):
+        for s in stops:
+            if ids[i:i + len(s)] == s:
+                return ids[:i], True
+    return ids, False
+
+
+def split_messages(tok, fmt: PromptFormat, speaker: str, ids: list[int]) -> list[str]:
+    """Generated ids (stop already cut) → messages, split on the speaker's own tag."""
+    tag = tag_ids(tok, fmt, speaker)
+    parts, cur, i = [], [], 0
+    while i < len(ids):
+        if ids[i:i + len(tag)] == tag:
+            parts.append(cur); cur = []; i += len(tag)
+        else:
+            cur.append(ids[i]); i += 1
+    parts.append(cur)
+    texts = [tok.decode(p, skip_special_tokens=True).strip() for p in parts]
+    return [t for t in texts if t]
+
+
+def prompt_ids(tok, fmt: PromptFormat, history: Sequence[Message], speaker: str, budget: int) -> list[int]:
+    return render(tok, fmt, history, speaker, max_len=budget).input_ids
+
+
+def _gen_kwargs(tok, cfg: SampleConfig, stops, prompt_len):
+    kw = dict(max_new_tokens=cfg.max_new_tokens, pad_token_id=tok.pad_token_id,
+              stopping_criteria=StoppingCriteriaList([StopOnSequences(stops, prompt_len)]))
+    if cfg.temperature and cfg.temperature > 0:
+        kw.update(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0)
+    else:
+        kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    return kw
+
+
+def _device(model):
+    return next(model.parameters()).device
+
+
+def reply(model, tok, fmt: PromptFormat, history: Sequence[Message], speaker: str,
+          cfg: SampleConfig = SampleConfig(), n: int = 1) -> list[list[str]]:
+    """`n` sampled bursts for `speaker` after `history`; each burst is a list of messages."""
+    if cfg.seed is not None:
+        torch.manual_seed(cfg.seed)
+    ids = prompt_ids(tok, fmt, history, speaker, cfg.max_context_tokens)
+    stops = stop_sequences(tok, fmt, speaker)
+    x = torch.tensor([ids], device=_device(model))
+    with torch.inference_mode():
+        out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), num_return_sequences=n,
+                             **_gen_kwargs(tok, cfg, stops, len(ids)))
+    bursts = []
+    for row in out[:, len(ids):].tolist():
+        cut, _ = _cut(row, stops)
+        bursts.append(split_messages(tok, fmt, speaker, cut))
+    return bursts
+
+
+class _QueueStreamer(BaseStreamer):
+    def __init__(self):
+        self.q: queue.Queue = queue.Queue()
+        self.first = True
+
+    def put(self, value):
+        if self.first:          # the prompt
+            self.first = False
+            return
+        self.q.put(value.reshape(-1).tolist())
+
+    def end(self):
+        self.q.put(None)
+
+
+def stream_reply(model, tok, fmt: PromptFormat, history: Sequence[Message], speaker: str,
+                 cfg: SampleConfig = SampleConfig()) -> Iterator[tuple[int, str]]:
+    """Yield (message index, text delta) while generating. The deltas of each index join to exactly the
+    messages `reply` returns for the same settings and seed."""
+    if cfg.seed is not None:
+        torch.manual_seed(cfg.seed)
+    ids = prompt_ids(tok, fmt, history, speaker, cfg.max_context_tokens)
+    stops = stop_sequences(tok, fmt, speaker)
+    tag = tag_ids(tok, fmt, speaker)
+    holdback = max(len(s) for s in stops + [tag]) - 1
+    x = torch.tensor([ids], device=_device(model))
+    streamer = _QueueStreamer()
+    error: list[BaseException] = []
+
+    def work():
+        try:
+            with torch.inference_mode():
+                model.generate(input_ids=x, attention_mask=torch.ones_like(x), streamer=streamer,
+                               **_gen_kwargs(tok, cfg, stops, len(ids)))
+        except BaseException as e:  # surfaced in the consumer
+            error.append(e)
+            streamer.end()
+
+    th = threading.Thread(target=work, daemon=True)
+    th.start()
+    gen: list[int] = []
+    msg_index, shown = 0, ""
+    consumed = 0          # ids before the current message's start
+
+    def current_text(upto: int) -> str:
+        return tok.decode(gen[consumed:upto], skip_special_tokens=True)
+
+    finished = False
+    while not finished:
+        item = streamer.q.get()
+        if item is None:
+            finished = True
+        else:
+            gen.extend(item)
+        cut, stopped = _cut(gen, stops)
+        safe = len(cut) if (stopped or finished) else max(consumed, len(cut) - holdback)
+        # message breaks inside the safe region
+        while True:
+            pos = next((i for i in range(consumed, safe - len(tag) + 1) if gen[i:i + len(tag)] == tag), None)
+            if pos is None:
+                break
+            text = current_text(pos).strip()
+            if text[len(shown):]:
+                yield msg_index, text[len(shown):]
+            if text:
+                msg_index += 1
+            consumed, shown = pos + len(tag), ""
+        text = current_text(safe).lstrip()
+        if stopped or finished:
+            text = text.rstrip()
+        if text.endswith("\ufffd"):
+            text = text.rstrip("\ufffd")
+        if not (stopped or finished):
+            text = text.rstrip()     # trailing whitespace may be the message's end; show it with what follows
+        if len(text) > len(shown) and text.startswith(shown):
+            yield msg_index, text[len(shown):]
+            shown = text
+        if stopped:
+            break
+    th.join()
+    if error:
+        raise error[0]

@@ -1,0 +1,61 @@
+"""Shared fixtures: small deterministic chat data, and trained tiny runs (built once per session)."""
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from convsim.chats.schema import Conversation, Message, write_conversations
+
+ANA = ["hey how are you", "lol yes", "i love pizza so much", "are you coming tonight?", "haha ok",
+       "omg that is amazing", "i feel happy today", "see you soon!!"]
+BEN = ["Not bad. Working late again.", "I think so, yes.", "That sounds good to me.", "Maybe tomorrow then.",
+       "I am reading a book about history.", "Sure, I will bring the snacks.", "Fine, thank you."]
+
+
+def synthetic_conversations(n_convs=12, per_conv=16, seed=0, speakers=("Ana", "Ben")):
+    rng = random.Random(seed)
+    t = datetime(2024, 1, 1, 9, 0, tzinfo=timezone.utc)
+    convs = []
+    for c in range(n_convs):
+        msgs = []
+        who = 0
+        for _ in range(per_conv):
+            if rng.random() < 0.6:
+                who = 1 - who
+            sp = speakers[who % len(speakers)]
+            pool = ANA if who == 0 else BEN
+            msgs.append(Message(sp, rng.choice(pool), t.isoformat()))
+            t += timedelta(seconds=rng.randint(5, 300))
+        convs.append(Conversation(f"c{c:03d}", msgs, "synthetic"))
+        t += timedelta(days=1)
+    return convs
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("data")
+    write_conversations(d / "conversations.jsonl", synthetic_conversations())
+    return d
+
+
+def cli(*args, check=True, input=None, timeout=600):
+    """Run `python -m convsim ARGS` and return the CompletedProcess."""
+    p = subprocess.run([sys.executable, "-m", "convsim", *map(str, args)], capture_output=True, text=True,
+                       input=input, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"convsim {' '.join(map(str, args))} failed ({p.returncode}):\n{p.stderr[-3000:]}")
+    return p
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, data_dir) -> Path:
+    """A tiny-llama run trained for a few steps through the CLI (shared by many tests)."""
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    cli("train", data_dir, "--out", out, "--model", "tiny-llama", "--max-steps", "30", "--batch-size", "8",
+        "--learning-rate", "3e-3", "--eval-steps", "10", "--save-steps", "10", "--json")
+    return out
