@@ -17,6 +17,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "import": ("convsim.chats.import_cli", "read chat exports (WhatsApp, Telegram, Discord, ...) into conversations.jsonl"),
     "stats": ("convsim.chats.stats", "per-speaker statistics of an imported data dir"),
     "train": ("convsim.train", "LoRA fine-tune a model on a data dir, with one token per speaker"),
+    "reply": ("convsim.reply", "sample reply bursts as one person for a given history (non-interactive)"),
+    "chat": ("convsim.chat", "chat with a simulated person"),
+    "converse": ("convsim.converse", "let the model play everyone and watch them talk"),
+    "compare": ("convsim.compare", "held-out examples: real reply vs base, in-context and fine-tuned"),
+    "history": ("convsim.store", "list and export saved conversations"),
+    "eval": ("convsim.evaluate", "per-speaker perplexity, speaker identification and style vs prompting"),
+    "demo": ("convsim.demo", "the whole idea on the embedded model and data: import, train, eval, sample"),
 }
 
 
@@ -45,7 +52,12 @@ def build_parser(name: str) -> tuple[argparse.ArgumentParser, object]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
     from convsim.errors import UserError
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
     argv = sys.argv[1:] if argv is None else argv
     commands = COMMANDS

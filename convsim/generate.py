@@ -18,6 +18,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from convsim.chats.examples import PromptFormat, end_of_turn_id, render, tag_ids
 from convsim.chats.schema import Message
+from convsim.speakers import speaker_token
 
 
 @dataclass
@@ -43,6 +44,17 @@ class StopOnSequences(StoppingCriteria):
             if gen.shape[1] >= len(s):
                 done |= (gen[:, -len(s):] == torch.tensor(s, device=gen.device)).all(dim=1)
         return done
+
+
+class StopOnText(StoppingCriteria):
+    """For plain-text speaker tags: True once the decoded tail contains any of `texts`."""
+
+    def __init__(self, tok, texts: Sequence[str], prompt_len: int):
+        self.tok, self.texts, self.prompt_len = tok, list(texts), prompt_len
+
+    def __call__(self, input_ids, scores, **kwargs):
+        tails = self.tok.batch_decode(input_ids[:, self.prompt_len:][:, -12:])
+        return torch.tensor([any(t in tail for t in self.texts) for tail in tails], device=input_ids.device)
 
 
 def stop_sequences(tok, fmt: PromptFormat, speaker: str) -> list[list[int]]:
@@ -80,9 +92,10 @@ def prompt_ids(tok, fmt: PromptFormat, history: Sequence[Message], speaker: str,
     return render(tok, fmt, history, speaker, max_len=budget).input_ids
 
 
-def _gen_kwargs(tok, cfg: SampleConfig, stops, prompt_len):
+def _gen_kwargs(tok, cfg: SampleConfig, stops, prompt_len, stop_texts=()):
+    criteria = [StopOnSequences(stops, prompt_len)] + ([StopOnText(tok, stop_texts, prompt_len)] if stop_texts else [])
     kw = dict(max_new_tokens=cfg.max_new_tokens, pad_token_id=tok.pad_token_id,
-              stopping_criteria=StoppingCriteriaList([StopOnSequences(stops, prompt_len)]))
+              stopping_criteria=StoppingCriteriaList(criteria))
     if cfg.temperature and cfg.temperature > 0:
         kw.update(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0)
     else:
@@ -110,6 +123,28 @@ def reply(model, tok, fmt: PromptFormat, history: Sequence[Message], speaker: st
         cut, _ = _cut(row, stops)
         bursts.append(split_messages(tok, fmt, speaker, cut))
     return bursts
+
+
+def reply_from_prompt(model, tok, fmt: PromptFormat, ids: list[int], speaker: str,
+                      cfg: SampleConfig = SampleConfig()) -> list[str]:
+    """One burst after explicit prompt ids (in-context baselines). With plain-text tags, also stops on the
+    text of another speaker's tag and cuts there."""
+    if cfg.seed is not None:
+        torch.manual_seed(cfg.seed)
+    stops = stop_sequences(tok, fmt, speaker)
+    texts = [] if fmt.special_tokens else [speaker_token(s) for s in fmt.speakers if s != speaker]
+    x = torch.tensor([ids], device=_device(model))
+    with torch.inference_mode():
+        out = model.generate(input_ids=x, attention_mask=torch.ones_like(x),
+                             **_gen_kwargs(tok, cfg, stops, len(ids), texts))
+    cut, _ = _cut(out[0, len(ids):].tolist(), stops)
+    if fmt.special_tokens:
+        return split_messages(tok, fmt, speaker, cut)
+    text = tok.decode(cut, skip_special_tokens=True)
+    for t in texts:
+        text = text.split(t)[0]
+    own = speaker_token(speaker)
+    return [m.strip() for m in text.split(own) if m.strip()]
 
 
 class _QueueStreamer(BaseStreamer):
