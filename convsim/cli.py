@@ -22,8 +22,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "converse": ("convsim.converse", "let the model play everyone and watch them talk"),
     "compare": ("convsim.compare", "held-out examples: real reply vs base, in-context and fine-tuned"),
     "history": ("convsim.store", "list and export saved conversations"),
+    "steer": ("convsim.steering_cli", "build steering vectors and sweep their strength"),
+    "plots": ("convsim.plots", "emotion heatmaps, length histograms, loss curves as PNGs + index.html"),
     "eval": ("convsim.evaluate", "per-speaker perplexity, speaker identification and style vs prompting"),
     "demo": ("convsim.demo", "the whole idea on the embedded model and data: import, train, eval, sample"),
+    "serve": ("convsim.serve", "OpenAI-compatible HTTP API and a chat page"),
+    "export": ("convsim.export", "write a merged standalone model for other engines"),
 }
 
 

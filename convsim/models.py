@@ -242,7 +242,9 @@ def load(name: str, adapter: str | os.PathLike | None = None, tokenizer_dir: str
             model.resize_token_embeddings(len(tok), mean_resizing=False)
     if adapter is not None:
         from peft import PeftModel
+        from convsim.fastpeft import patch_trainable_tokens
         model = PeftModel.from_pretrained(model, str(adapter))
+        patch_trainable_tokens(model)
         model.eval()
     return model, tok
 

@@ -47,8 +47,8 @@ def add_speaker_tokens(model, tokenizer, names: Sequence[str], references: dict[
     untied = out is not None and out.weight.data_ptr() != emb.data_ptr()
     with torch.no_grad():
         for n in names:
-            r = torch.tensor(refs[n])
-            eps = torch.randn(emb.shape[1], generator=gen) * noise
+            r = torch.tensor(refs[n], device=emb.device)
+            eps = (torch.randn(emb.shape[1], generator=gen) * noise).to(emb.device)
             emb[ids[n]] = (emb[r].float().mean(0) + eps).to(emb.dtype)
             if untied:
                 out.weight[ids[n]] = (out.weight[r].float().mean(0) + eps).to(out.weight.dtype)

@@ -141,6 +141,8 @@ def build_model(cfg: TrainConfig, speakers, device):
                       use_rslora=cfg.use_rslora, target_modules=targets, trainable_token_indices=tt,
                       task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
+    from convsim.fastpeft import patch_trainable_tokens
+    patch_trainable_tokens(model)
     return model, tok, spec, ids
 
 
@@ -341,7 +343,7 @@ def run(args) -> int:
     final_eval = trainer.evaluate() if val_rows else {}
     # the adapter is the product: write it whole or not at all
     with atomic_dir(run_dir / "adapter") as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, save_embedding_layers=False)  # speaker rows live in the trainable-token delta
     meta.update(status="done", adapter_hash=dir_hash(run_dir / "adapter"), train_seconds=round(seconds, 1),
                 global_step=trainer.state.global_step, train_loss=result.training_loss,
                 eval_loss=final_eval.get("eval_loss"), device=device,
