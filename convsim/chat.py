@@ -8,6 +8,7 @@ import sys
 
 from convsim.chatio import add_sampling_arguments, sample_config, steering
 from convsim.chats.schema import Message
+from convsim.errors import UserError
 
 HELP = "Chat with a simulated person: you write as --me, the model answers as --as."
 EXAMPLES = """
@@ -46,7 +47,10 @@ def run(args):
     generated: set[int] = set()
     tda = None
     if args.tda:
-        from convsim.tda.query import Attributor
+        try:
+            from convsim.tda.query import Attributor
+        except ImportError:
+            raise UserError("--tda needs `convsim tda index`, which is not built yet (see issue #7)") from None
         tda = Attributor(run_, model, tok)
 
     def save():
