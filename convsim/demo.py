@@ -62,7 +62,7 @@ def run(args):
     if not (out / "adapter" / "adapter_config.json").exists():
         extra = (["--batch-size", "32", "--epochs", "2", "--eval-steps", "50"] if gpu else
                  ["--batch-size", "8", "--epochs", "1", "--max-seq-length", "256", "--eval-steps", "40",
-                  "--save-steps", "20"])
+                  "--save-steps", "20", "--max-val-examples", "32"])
         resume = ["--continue-training"] if (out / "run.json").exists() else []
         call(["train", str(data), "--out", str(out), "--model", args.model, "--time-budget", str(budget),
               *extra, *resume])

@@ -59,6 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", choices=["4bit", "8bit"], help="QLoRA via bitsandbytes (CUDA only)")
     p.add_argument("--backend", choices=["peft", "unsloth"])
     p.add_argument("--eval-steps", type=int)
+    p.add_argument("--max-val-examples", type=int, help="validation examples used for the loss (default 200)")
     p.add_argument("--save-steps", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--json", action="store_true", help="print a JSON summary at the end")
@@ -67,7 +68,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def config_from_args(args) -> TrainConfig:
     keys = ["model", "targets", "epochs", "batch_size", "grad_accum", "learning_rate", "max_steps", "time_budget",
             "max_seq_length", "lora_r", "lora_alpha", "special_tokens", "include_mlp", "instruct_format", "loss",
-            "quantization", "backend", "eval_steps", "save_steps", "seed"]
+            "quantization", "backend", "eval_steps", "save_steps", "seed", "max_val_examples"]
     return resolve(TrainConfig, args.config, {k: getattr(args, k, None) for k in keys}).validate()
 
 
