@@ -1,13 +1,31 @@
 """Training-data attribution: which training messages a generated reply resembles most.
 
-    store.py   one pooled hidden-state vector per training message (float16 memmap + content-hash index)
-    search.py  FAISS cosine search over a store (exact when small, IVF when large), speaker filter
+    store.py      one vector per training message (float16 memmap + content-hash index)
+    search.py     FAISS cosine search over a store (exact when small, IVF when large), speaker filter
+    index.py      `convsim tda index`: the run's training messages → vectors in RUN_DIR/tda/METHOD
+    gradients.py  per-example LoRA gradients, randomly projected (the `gradients` method)
+    query.py      `Attributor`: a reply → its nearest training messages (CLI and `chat --tda`)
+    cli.py        `convsim tda index|query`
 
-See `convsim.activations.embed_texts` for making the vectors, `bench/tda_query.py` for query speed.
+See `convsim.activations.embed_texts` for the activation vectors, `bench/tda_query.py` for query speed
+and `bench/tda_canary.py` for how well each method finds planted training messages.
+
+Names are imported lazily, so `convsim.tda.index` works where faiss is not installed.
 """
-from convsim.tda.search import Hit, VectorIndex, build_index, index_for_store, nearest
-from convsim.tda.store import (CorruptStore, NoStore, StaleStore, StoreError, VectorStore, content_key,
-                               record_key)
+from __future__ import annotations
 
-__all__ = ["CorruptStore", "Hit", "NoStore", "StaleStore", "StoreError", "VectorIndex", "VectorStore",
-           "build_index", "content_key", "index_for_store", "nearest", "record_key"]
+import importlib
+
+_NAMES = {
+    "Hit": "search", "VectorIndex": "search", "build_index": "search", "index_for_store": "search",
+    "nearest": "search",
+    "CorruptStore": "store", "NoStore": "store", "StaleStore": "store", "StoreError": "store",
+    "VectorStore": "store", "content_key": "store", "record_key": "store",
+}
+__all__ = sorted(_NAMES)
+
+
+def __getattr__(name: str):
+    if name in _NAMES:
+        return getattr(importlib.import_module(f"convsim.tda.{_NAMES[name]}"), name)
+    raise AttributeError(f"module 'convsim.tda' has no attribute {name!r}")
