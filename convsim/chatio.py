@@ -50,6 +50,8 @@ def parse_history(text: str, known: list[str], source: str = "history") -> list[
                 continue
             try:
                 obj = json.loads(line)
+            except RecursionError:
+                raise UserError(f"{source}:{i}: JSON nested too deeply") from None
             except ValueError:
                 raise UserError(f"{source}:{i}: not JSON") from None
             rows = obj.get("messages", [obj]) if isinstance(obj, dict) else None
@@ -58,7 +60,10 @@ def parse_history(text: str, known: list[str], source: str = "history") -> list[
             for r in rows:
                 if not isinstance(r, dict) or "speaker" not in r or "text" not in r:
                     raise UserError(f"{source}:{i}: a message needs speaker and text")
-                msgs.append(Message(str(r["speaker"]), str(r["text"]), r.get("time")))
+                if not isinstance(r["speaker"], str) or not isinstance(r["text"], str):
+                    raise UserError(f"{source}:{i}: a message's speaker and text must be strings")
+                time = r.get("time")
+                msgs.append(Message(r["speaker"], r["text"], time if isinstance(time, str) else None))
     else:
         for i, line in enumerate(stripped.splitlines(), 1):
             m = LINE.match(line)
@@ -68,6 +73,8 @@ def parse_history(text: str, known: list[str], source: str = "history") -> list[
                 msgs[-1].text += "\n" + line
             else:
                 raise UserError(f"{source}:{i}: expected `[Name] text`")
+    if not msgs:
+        raise UserError(f"{source}: no messages (an empty `messages` list)")
     for m in msgs:
         if m.speaker not in known:
             raise UserError(f"{source}: unknown speaker {m.speaker!r}; this run knows {', '.join(known)}")
@@ -75,13 +82,16 @@ def parse_history(text: str, known: list[str], source: str = "history") -> list[
 
 
 def read_history(arg: str, known: list[str]) -> list[Message]:
+    """`--history FILE` (or `-` for stdin): at most 64 MiB of UTF-8 text, else a `UserError`."""
     import sys
+    from convsim.fsutil import MAX_TEXT_BYTES, read_user_text
     if arg == "-":
-        return parse_history(sys.stdin.read(), known, "stdin")
-    p = Path(arg)
-    if not p.is_file():
-        raise UserError(f"history file {p} not found")
-    try:
-        return parse_history(p.read_text(encoding="utf-8"), known, str(p))
-    except UnicodeDecodeError:
-        raise UserError(f"{p}: not UTF-8 text") from None
+        data = sys.stdin.buffer.read(MAX_TEXT_BYTES + 1) if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
+        if len(data) > MAX_TEXT_BYTES:
+            raise UserError(f"stdin: a history larger than {MAX_TEXT_BYTES >> 20} MiB")
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            raise UserError("stdin: not UTF-8 text") from None
+        return parse_history(text, known, "stdin")
+    return parse_history(read_user_text(arg, "history file"), known, str(arg))

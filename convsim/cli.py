@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "history": ("convsim.store", "list and export saved conversations"),
     "steer": ("convsim.steering_cli", "build steering vectors and sweep their strength"),
     "plots": ("convsim.plots", "emotion heatmaps, length histograms, loss curves as PNGs + index.html"),
+    "tda": ("convsim.tda.cli", "training-data attribution: index a run's training messages, query a reply"),
     "eval": ("convsim.evaluate", "per-speaker perplexity, speaker identification and style vs prompting"),
     "demo": ("convsim.demo", "the whole idea on the embedded model and data: import, train, eval, sample"),
     "serve": ("convsim.serve", "OpenAI-compatible HTTP API and a chat page"),
@@ -58,8 +59,6 @@ def build_parser(name: str) -> tuple[argparse.ArgumentParser, object]:
 def main(argv: list[str] | None = None) -> int:
     import warnings
 
-    from convsim.errors import UserError
-
     warnings.filterwarnings("ignore", category=FutureWarning)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
@@ -79,6 +78,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     parser, module = build_parser(name)
     args = parser.parse_args(argv[1:])
+    # Everything convsim writes (data dirs, run dirs, checkpoints, logs, plots, databases) holds or is
+    # derived from private chats: owner-only, whatever the library that writes it does. Restored after,
+    # so an in-process caller (tests, notebooks) keeps its own umask.
+    old_umask = os.umask(0o077)
+    try:
+        return _run(module, args)
+    finally:
+        os.umask(old_umask)
+
+
+def _run(module, args) -> int:
+    from convsim.errors import UserError
     try:
         rc = module.run(args)
     except UserError as e:
@@ -98,6 +109,20 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 0
+    except OSError as e:
+        import errno
+        if e.errno == errno.ENOSPC:
+            print(f"error: no space left on the device{': ' + str(e.filename) if e.filename else ''}; "
+                  "nothing was replaced (files are written whole or not at all)", file=sys.stderr)
+            return 2
+        raise
+    except RuntimeError as e:
+        if type(e).__name__ != "OutOfMemoryError":   # torch.OutOfMemoryError (CUDA/MPS), without importing torch
+            raise
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        print(f"error: out of accelerator memory ({first}); try a smaller --batch-size or --max-seq-length, "
+              "a smaller model, or the CPU", file=sys.stderr)
+        return 2
     return int(rc or 0)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from convsim.errors import UserError
+from convsim.errors import UserError, brief
 
 
 @dataclass
@@ -63,18 +63,76 @@ class TrainConfig:
         return self
 
 
+def safe_yaml(text: str):
+    """YAML → plain data with the safe loader (no Python objects from tags like !!python/object/apply);
+    libyaml's when installed: fast, and it refuses nesting deeper than 1000 levels at once instead of
+    spending seconds in the pure-Python parser before a RecursionError."""
+    return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+
+
+def yaml_problem(e: Exception) -> str:
+    """One line saying what is wrong with a YAML text (libyaml's first line is only its context)."""
+    problem = getattr(e, "problem", None)
+    mark = getattr(e, "problem_mark", None)
+    if problem:
+        return f"{problem}{f' at line {mark.line + 1}' if mark is not None else ''}"
+    return (str(e).splitlines() or [type(e).__name__])[0][:200]
+
+
 def load_yaml(path: str | Path, cls=TrainConfig) -> dict:
+    """The settings of a YAML config file, checked against the fields of `cls` (names and types)."""
+    from convsim.fsutil import read_user_text
+    text = read_user_text(path, "config file", max_bytes=1 << 20)
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        data = safe_yaml(text)
+    except (yaml.YAMLError, ValueError) as e:   # ValueError: a date-like scalar such as 2024-13-45
+        raise UserError(f"{path}: not valid YAML ({yaml_problem(e)})") from None
+    except RecursionError:
+        raise UserError(f"{path}: YAML nested too deeply") from None
+    if data is None:                          # an empty file: no settings, the defaults
+        data = {}
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping of settings")
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(str(k) for k in data if k not in known)
     if unknown:
         raise UserError(f"{path}: unknown setting(s) {', '.join(unknown)}")
+    for name, value in data.items():
+        if not _fits(value, known[name].type):
+            raise UserError(f"{path}: {name} must be {_describe(known[name].type)}, not {brief(value)}")
     return data
+
+
+def _fits(value, annotation) -> bool:
+    """Does a YAML value fit a field annotation (as the string `from __future__ import annotations` leaves)?"""
+    ann = str(annotation).replace(" ", "")
+    options = ann.split("|")
+    if value is None:
+        return "None" in options
+    for opt in options:
+        if opt == "bool" and isinstance(value, bool):
+            return True
+        if isinstance(value, bool):
+            continue
+        if opt == "int" and isinstance(value, int):
+            return True
+        if opt == "float" and isinstance(value, (int, float)):
+            return True
+        if opt == "str" and isinstance(value, str):
+            return True
+        if opt == "list[str]" and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return True
+        if opt == "dict[str,list[str]]" and isinstance(value, dict) and all(
+                isinstance(k, str) and isinstance(v, list) and all(isinstance(x, str) for x in v)
+                for k, v in value.items()):
+            return True
+    return False
+
+
+def _describe(annotation) -> str:
+    names = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false", "None": "null",
+             "list[str]": "a list of strings", "dict[str,list[str]]": "a mapping of names to lists of strings"}
+    return " or ".join(names.get(o, o) for o in str(annotation).replace(" ", "").split("|"))
 
 
 def resolve(cls, yaml_path: str | None, overrides: dict):

@@ -177,8 +177,12 @@ def ensure_embedded_cache(verbose: bool = True) -> Path:
 # ---------------------------------------------------------------- loading
 
 def default_device() -> str:
+    """cuda (this process's GPU under `accelerate launch`/`torchrun`, from LOCAL_RANK) or cpu."""
+    import os
     import torch
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available():
+        return "cpu"
+    return f"cuda:{os.environ['LOCAL_RANK']}" if "LOCAL_RANK" in os.environ else "cuda"
 
 
 def default_dtype(device: str):
@@ -202,31 +206,142 @@ def _tiny_model(spec: ModelSpec, dtype):
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
+_ITEMSIZE = {"float32": 4, "float": 4, "float16": 2, "half": 2, "bfloat16": 2, "float64": 8, "int8": 1}
+
+
+def _local_file(where: str, filename: str) -> Path | None:
+    """`filename` of a local model directory, or of a hub id already in the local cache (no network)."""
+    p = Path(where)
+    if p.is_dir():
+        return p / filename if (p / filename).is_file() else None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        got = try_to_load_from_cache(where, filename)
+    except Exception:
+        return None
+    return Path(got) if isinstance(got, str) else None
+
+
+def estimate_bytes(where: str, dtype=None) -> int | None:
+    """Memory the weights of a local or cached model take once loaded in `dtype`, from the checkpoint's
+    index or file sizes (no weights read); None when unknown."""
+    index = _local_file(where, "model.safetensors.index.json")
+    stored = None
+    try:
+        if index is not None:
+            stored = int(json.loads(index.read_text())["metadata"]["total_size"])
+        else:
+            single = _local_file(where, "model.safetensors")
+            stored = single.stat().st_size if single is not None else None
+        config = _local_file(where, "config.json")
+        cfg = json.loads(config.read_text()) if config is not None else {}
+    except (OSError, ValueError, KeyError, TypeError):
+        return stored
+    if stored is None:
+        return None
+    saved = str(cfg.get("torch_dtype") or cfg.get("dtype") or (cfg.get("text_config") or {}).get("torch_dtype")
+                or "float32")
+    target = str(dtype).replace("torch.", "") if dtype is not None else saved
+    return int(stored * _ITEMSIZE.get(target, 4) / _ITEMSIZE.get(saved, 4))
+
+
+def available_memory(device: str) -> int | None:
+    """Bytes free for a model on `device`: the GPU's free memory, or on the CPU MemAvailable (capped by a
+    cgroup limit where there is one); None when unknown."""
+    try:
+        if device.startswith("cuda"):
+            import torch
+            free, _ = torch.cuda.mem_get_info(torch.device(device))
+            return int(free)
+        if device != "cpu":
+            return None
+        avail = None
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+        for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                       ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                        "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+            try:
+                limit = Path(limit_file).read_text().strip()
+                usage = int(Path(usage_file).read_text().strip())
+            except (OSError, ValueError):
+                continue
+            if limit.isdigit() and int(limit) < (1 << 60):
+                left = max(0, int(limit) - usage)
+                avail = left if avail is None else min(avail, left)
+            break
+        return avail
+    except Exception:
+        return None
+
+
+def _gib(n: int) -> str:
+    return f"{n / (1 << 30):.1f} GiB"
+
+
+def check_fits(label: str, needed: int | None, device: str) -> None:
+    """A `UserError` with the numbers when weights of `needed` bytes cannot fit what `device` has free."""
+    if not needed:
+        return
+    free = available_memory(device)
+    if free is not None and needed > free:
+        raise UserError(f"{label} needs about {_gib(needed)} for its weights alone and {device} has "
+                        f"{_gib(free)} free: it does not fit in memory. Use a smaller model (--model), "
+                        "a GPU with more memory, or --quantization 4bit on CUDA")
+
+
+def _out_of_memory(label: str, device: str, needed: int | None, e: BaseException) -> UserError:
+    free = available_memory(device)
+    numbers = ", ".join(x for x in (f"about {_gib(needed)} needed" if needed else "",
+                                    f"{_gib(free)} free on {device}" if free is not None else "") if x)
+    return UserError(f"out of memory loading {label}{' (' + numbers + ')' if numbers else ''}: "
+                     f"{type(e).__name__}. Use a smaller model (--model), close other programs, or use a "
+                     "device with more memory")
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError"
+
+
 def load_base(name: str, device: str | None = None, dtype=None, verbose: bool = True):
-    """Model + tokenizer for a table row, hub id or local path (no adapter)."""
+    """Model + tokenizer for a table row, hub id or local path (no adapter). A model that does not fit
+    the device's free memory is a `UserError` with the numbers, checked before loading where the
+    checkpoint's size is known locally, and caught (MemoryError, torch.OutOfMemoryError) otherwise."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     spec = resolve(name)
     device = device or default_device()
     dtype = dtype or default_dtype(device)
-    if spec.source == "tiny":
-        model, tok = _tiny_model(spec, dtype), tiny_tokenizer()
-    elif spec.source == "embedded":
-        d = ensure_embedded_cache(verbose)
-        model = AutoModelForCausalLM.from_pretrained(d, dtype=dtype)
-        tok = AutoTokenizer.from_pretrained(d)
-    else:
-        where = spec.location
-        try:
-            tok = AutoTokenizer.from_pretrained(where)
-            model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
-        except (OSError, ValueError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(
-                f"cannot load {spec.name} from {where}: {first[:200]}. Download the weights where you have "
-                f"a network (e.g. `hf download {spec.location}`) or pass --model /path/to/weights") from None
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    model.to(device)
+    needed = None
+    try:
+        if spec.source == "tiny":
+            model, tok = _tiny_model(spec, dtype), tiny_tokenizer()
+        elif spec.source == "embedded":
+            d = ensure_embedded_cache(verbose)
+            needed = estimate_bytes(str(d), dtype)
+            check_fits(spec.name, needed, device)
+            model = AutoModelForCausalLM.from_pretrained(d, dtype=dtype)
+            tok = AutoTokenizer.from_pretrained(d)
+        else:
+            where = spec.location
+            needed = estimate_bytes(where, dtype)
+            check_fits(spec.name, needed, device)
+            try:
+                tok = AutoTokenizer.from_pretrained(where)
+                model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
+            except (OSError, ValueError) as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise UserError(
+                    f"cannot load {spec.name} from {where}: {first[:200]}. Download the weights where you have "
+                    f"a network (e.g. `hf download {spec.location}`) or pass --model /path/to/weights") from None
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        model.to(device)
+    except (MemoryError, RuntimeError) as e:
+        if not _is_oom(e):
+            raise
+        raise _out_of_memory(spec.name, device, needed, e) from None
     model.eval()
     return model, tok
 
@@ -243,6 +358,10 @@ def load(name: str, adapter: str | os.PathLike | None = None, tokenizer_dir: str
     if adapter is not None:
         from peft import PeftModel
         from convsim.fastpeft import patch_trainable_tokens
+        if not (Path(adapter) / "adapter_model.safetensors").is_file():
+            # PEFT would fall back to adapter_model.bin, a pickle: never load one from a run directory
+            raise UserError(f"{adapter}: no adapter_model.safetensors (convsim loads adapters only as "
+                            "safetensors, never pickled .bin files)")
         model = PeftModel.from_pretrained(model, str(adapter))
         patch_trainable_tokens(model)
         model.eval()

@@ -34,16 +34,54 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+SQLITE_MAGIC = b"SQLite format 3\0"
+
+
+def _check_is_db(p: Path) -> None:
+    """A `UserError` unless `p` is an SQLite database (or an empty file sqlite may initialise)."""
+    if not p.is_file():
+        raise UserError(f"{p} is not a regular file")
+    with open(p, "rb") as f:
+        head = f.read(len(SQLITE_MAGIC))
+    if head and head != SQLITE_MAGIC:
+        raise UserError(f"{p} is not a convsim conversation database (not SQLite)")
+
+
 def connect(path: str | os.PathLike) -> sqlite3.Connection:
+    """Open (creating owner-only, with owner-only new parent directories) the conversation database.
+    WAL journal: a process killed mid-transaction leaves the database as it was before it."""
+    from convsim.fsutil import make_parents
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    new = not p.exists()
-    if new:  # create owner-only before sqlite writes anything
+    make_parents(p)
+    if not p.exists():  # create owner-only before sqlite writes anything
         os.close(os.open(p, os.O_CREAT | os.O_WRONLY, 0o600))
+    _check_is_db(p)
     os.chmod(p, 0o600)
-    db = sqlite3.connect(p, timeout=30)
-    db.execute("PRAGMA journal_mode=WAL")   # a kill mid-write never corrupts the database
-    db.executescript(SCHEMA)
+    try:
+        db = sqlite3.connect(p, timeout=30)
+        db.execute("PRAGMA journal_mode=WAL")   # a kill mid-write never corrupts the database
+        db.executescript(SCHEMA)
+    except sqlite3.DatabaseError as e:
+        raise UserError(f"{p}: cannot use this conversation database ({e})") from None
+    for side in ("-wal", "-shm"):               # sqlite copies the database's mode; make sure
+        q = p.with_name(p.name + side)
+        if q.exists():
+            os.chmod(q, 0o600)
+    return db
+
+
+def open_readonly(path: str | os.PathLike) -> sqlite3.Connection:
+    """Open an existing conversation database without changing it; a `UserError` if it is not one."""
+    p = Path(path)
+    _check_is_db(p)
+    try:
+        db = sqlite3.connect(f"{p.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    except sqlite3.DatabaseError as e:
+        raise UserError(f"{p}: not a readable conversation database ({e})") from None
+    if not {"sessions", "messages"} <= tables:
+        db.close()
+        raise UserError(f"{p}: an SQLite database without convsim's sessions and messages tables")
     return db
 
 
@@ -52,7 +90,7 @@ def save_session(path, kind: str, messages, model: str, adapter: str, sampling: 
     """Write one conversation in a single transaction; returns its session id."""
     db = connect(path)
     try:
-        with db:
+        with db:   # one transaction: a kill leaves the session wholly saved or not at all
             cur = db.execute("INSERT INTO sessions (started, kind, model, adapter, sampling, steering) VALUES (?,?,?,?,?,?)",
                              (now(), kind, model, adapter, json.dumps(sampling), steering))
             sid = cur.lastrowid
@@ -60,6 +98,8 @@ def save_session(path, kind: str, messages, model: str, adapter: str, sampling: 
                            [(sid, i, m.speaker, m.text, m.time or now(), int(i in generated))
                             for i, m in enumerate(messages)])
         return sid
+    except sqlite3.DatabaseError as e:
+        raise UserError(f"{path}: cannot save the conversation ({e})") from None
     finally:
         db.close()
 
@@ -74,7 +114,17 @@ def run(args):
     path = Path(args.db) if args.db else Path(args.run_dir) / "conversations.sqlite"
     if not path.exists():
         raise UserError(f"no saved conversations at {path} (use --save in chat or converse)")
-    db = connect(path)
+    db = open_readonly(path)
+    try:
+        _list(db, args)
+    except (sqlite3.DatabaseError, ValueError) as e:
+        raise UserError(f"{path}: damaged conversation database ({e})") from None
+    finally:
+        db.close()
+    return 0
+
+
+def _list(db, args) -> None:
     sessions = db.execute("SELECT id, started, kind, model, adapter, sampling, steering FROM sessions ORDER BY id").fetchall()
     for sid, started, kind, model, adapter, sampling, steer in sessions:
         msgs = db.execute("SELECT speaker, text, time, generated FROM messages WHERE session=? ORDER BY idx",
@@ -91,5 +141,3 @@ def run(args):
             print()
         else:
             print(f"{sid:>4}  {started}  {kind:<8} {len(msgs):>4} messages  steer={steer or '-'}")
-    db.close()
-    return 0

@@ -218,10 +218,13 @@ def import_chats(srcs: list[str], *, fmt: str = "auto", aliases: dict[str, str] 
 
 
 def write_data_dir(out: Path, convs: list[Conversation], summary: dict) -> None:
-    """conversations.jsonl + import.json, atomically and owner-only; a new DATA_DIR appears whole or not at all."""
+    """conversations.jsonl + import.json, atomically and owner-only. A new DATA_DIR, or an existing one
+    that holds only these two files, is replaced as a whole: a killed import leaves the old pair or the
+    new pair, never one of each. A DATA_DIR holding other files too is kept, and each file is replaced
+    atomically on its own (conversations.jsonl first)."""
     from convsim import __version__
     summary = {**summary, "convsim_version": __version__}
-    if out.is_dir():
+    if out.is_dir() and (out.is_symlink() or not _only_ours(out)):
         private_dir(out)
         write_conversations(out / CONVERSATIONS, convs)
         write_json(out / IMPORT_JSON, summary)
@@ -230,6 +233,12 @@ def write_data_dir(out: Path, convs: list[Conversation], summary: dict) -> None:
         os.chmod(tmp, PRIVATE_DIR)
         write_conversations(tmp / CONVERSATIONS, convs)
         write_json(tmp / IMPORT_JSON, summary)
+
+
+def _only_ours(out: Path) -> bool:
+    """True when DATA_DIR holds nothing but what `convsim import` writes (and temporaries of a killed one)."""
+    return all(e.name in (CONVERSATIONS, IMPORT_JSON) or (e.name.startswith(".") and e.name.endswith((".tmp", ".old")))
+               for e in os.scandir(out))
 
 
 def _notes(notes: dict) -> dict:

@@ -15,7 +15,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Iterable
 
-from convsim.errors import UserError
+from convsim.errors import UserError, brief
 from convsim.fsutil import atomic_path
 
 CONVERSATIONS = "conversations.jsonl"
@@ -49,9 +49,26 @@ class Conversation:
 
     @staticmethod
     def from_json(obj: dict) -> "Conversation":
-        return Conversation(id=str(obj["id"]), source=obj.get("source", ""),
-                            messages=[Message(str(m["speaker"]), str(m["text"]), m.get("time"))
-                                      for m in obj["messages"]])
+        """A record of conversations.jsonl; a `ValueError` says what is wrong with one that is not."""
+        if not isinstance(obj, dict):
+            raise ValueError(f"expected an object, not {type(obj).__name__}")
+        msgs = obj["messages"]
+        if not isinstance(msgs, list):
+            raise ValueError("`messages` must be a list")
+        out = []
+        for m in msgs:
+            if not isinstance(m, dict):
+                raise ValueError(f"a message must be an object, not {type(m).__name__}")
+            speaker, text, time = m["speaker"], m["text"], m.get("time")
+            if not isinstance(speaker, (str, int)) or isinstance(speaker, bool) or not isinstance(text, str):
+                raise ValueError("a message's speaker and text must be strings")
+            if time is not None:
+                try:
+                    datetime.fromisoformat(time)
+                except (TypeError, ValueError):
+                    raise ValueError(f"`time` must be an ISO 8601 string or null, not {brief(time)}") from None
+            out.append(Message(str(speaker), text, time))
+        return Conversation(id=str(obj["id"]), source=str(obj.get("source", "")), messages=out)
 
 
 _enc = getattr(json.encoder, "c_encode_basestring", None) or json.encoder.py_encode_basestring
@@ -87,15 +104,21 @@ def read_conversations(data_dir: str | os.PathLike) -> list[Conversation]:
     f = p / CONVERSATIONS if p.is_dir() else p
     if not f.exists():
         raise UserError(f"no {CONVERSATIONS} in {p} (run `convsim import` first)")
+    if not f.is_file():
+        raise UserError(f"{f} is not a regular file")
     out = []
-    with open(f, encoding="utf-8") as fh:
-        for i, line in enumerate(fh, 1):
-            if not line.strip():
+    with open(f, "rb") as fh:
+        for i, raw in enumerate(fh, 1):
+            if not raw.strip():
                 continue
             try:
-                out.append(Conversation.from_json(json.loads(line)))
+                out.append(Conversation.from_json(json.loads(raw.decode("utf-8"))))
+            except UnicodeDecodeError:
+                raise UserError(f"{f}:{i}: not UTF-8 text (binary or another encoding)") from None
+            except RecursionError:
+                raise UserError(f"{f}:{i}: JSON nested too deeply") from None
             except (ValueError, KeyError, TypeError) as e:
-                raise UserError(f"{f}:{i}: not a conversation record ({e})") from None
+                raise UserError(f"{f}:{i}: not a conversation record ({str(e)[:200]})") from None
     return out
 
 

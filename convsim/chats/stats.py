@@ -16,6 +16,7 @@ from datetime import datetime
 from statistics import mean, median
 
 from convsim.chats.schema import Conversation, read_conversations
+from convsim.errors import UserError
 
 HELP = "Per-speaker statistics of an imported data dir: messages, length, burst size, reply delay."
 EXAMPLES = """
@@ -31,6 +32,8 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     convs = read_conversations(args.data_dir)
+    if not any(c.messages for c in convs):
+        raise UserError(f"{args.data_dir}: conversations.jsonl holds no messages (run `convsim import` again?)")
     stats = speaker_stats(convs)
     if args.json:
         print(json.dumps(stats, ensure_ascii=False, indent=2))

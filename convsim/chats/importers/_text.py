@@ -45,6 +45,10 @@ def as_text(data: bytes | str | Path, source: str, notes: dict | None = None) ->
     return decode(as_bytes(data), source, notes)
 
 
+_MAGIC = ((b"SQLite format 3\0", "an SQLite database"), (b"\x89PNG\r\n\x1a\n", "a PNG image"),
+          (b"%PDF-", "a PDF document"), (b"\x7fELF", "a program (ELF)"))
+
+
 def decode(data: bytes, source: str, notes: dict | None = None) -> str:
     """Decode an export's bytes: UTF-8 (BOM stripped), or UTF-16 with a BOM. Raises UserError otherwise."""
     if data.startswith(b"\xef\xbb\xbf"):
@@ -55,10 +59,15 @@ def decode(data: bytes, source: str, notes: dict | None = None) -> str:
         except UnicodeDecodeError as e:
             raise UserError(f"{source}: broken UTF-16 text at byte {e.start}") from None
     if b"\x00" in data:
+        for magic, what in _MAGIC:
+            if data.startswith(magic):
+                raise UserError(f"{source}: {what}, not a chat export")
         head = data[:4096]
-        if len(head) > 8 and head[1::2].count(0) > len(head) // 4:
-            raise UserError(f"{source}: looks like UTF-16 text without a byte-order mark; "
-                            "re-save it as UTF-8")
+        half = len(head) // 2
+        for zeros, other in ((head[1::2], head[0::2]), (head[0::2], head[1::2])):  # LE, BE
+            if len(head) > 8 and zeros.count(0) > half // 2 and other.count(0) < max(1, half // 20):
+                raise UserError(f"{source}: looks like UTF-16 text without a byte-order mark; "
+                                "re-save it as UTF-8")
         raise UserError(f"{source}: binary data (NUL bytes), not a text chat export")
     try:
         return data.decode("utf-8")

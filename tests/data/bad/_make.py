@@ -3,7 +3,9 @@
 Every file here (except those starting with `_` and README.md) must make `convsim import` exit 2 with
 one `error:` line and no traceback; tests/test_import_bad.py runs them all. The exception is
 `csv_formula_injection.csv`, which imports fine: its cells are kept as literal text (documented in
-convsim/chats/importers/discord.py). Inputs that must not be committed (symlinks, FIFOs, a million
+convsim/chats/importers/discord.py). The files made by `other_commands()` are aimed at the other
+commands that read user files (`train --config`, `steer build --phrases/--pairs`, `reply --history`,
+`history --db`, `train DATA_DIR`; tests/test_reliability.py) and are bad imports too. Inputs that must not be committed (symlinks, FIFOs, a million
 speakers, a 30 MB line) are made at test time. Deterministic: the same bytes on every run, except the
 zip bombs' timestamps (fixed too). Each file stays under 50 KB.
 """
@@ -158,7 +160,55 @@ def main() -> None:
       '"2","Ben","2024-01-01T10:01:00+00:00","+1+1","",""\n'
       '"1","=cmd|\' /C calc\'!A0","2024-01-01T10:02:00+00:00","@SUM(A1:A9)","",""\n'
       '"2","Ben","2024-01-01T10:03:00+00:00","-2+3","",""\n')
+    other_commands()
+
+
+def other_commands() -> None:
+    """Bad inputs for the commands beyond `convsim import` (and, being bad chats as well, for it)."""
+    # -- train --config FILE.yaml
+    w("config_python_tag.yaml", 'model: !!python/object/apply:os.system ["touch /tmp/convsim-pwned"]\n')
+    w("config_billion_laughs.yaml", "targets:\n  - &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n"
+      + "".join(f"  - &{c} [{', '.join(['*' + p] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+      + "speaker_references:\n  Ana: *i\n")
+    w("config_deep_nesting.yaml", "targets: " + "[" * 20_000 + "]" * 20_000 + "\n")
+    w("config_wrong_types.yaml", 'batch_size: "eight"\nlearning_rate: [1, 2]\ntargets: Ana\n')
+    w("config_not_mapping.yaml", "- model\n- tiny-llama\n")
+    w("config_mixed_keys.yaml", "1: 2\nbatchsize: 8\n~: null\n")
+    w("config_invalid_yaml.yaml", "model: [unclosed\n  batch_size: : :\n")
+    # -- steer build --phrases / --pairs
+    w("phrases_bad_weights.yaml", "phrases:\n  happy: .nan\n  sad: very\n")
+    w("phrases_layer_not_int.yaml", "phrases: {joy: 1.0, grief: -1.0}\nlayer: minus five\n")
+    w("pairs_wrong_shape.yaml", "- [toward, away, sideways]\n- just one\n")
+    w("pairs_deep_nesting.jsonl", '{"positive": ' + "[" * 20_000 + "]" * 20_000 + ', "negative": "x"}\n')
+    # -- reply --history FILE
+    w("history_unknown_speakers.txt", "[Mallory] who are you?\n[Eve] nobody\n")
+    w("history_wrong_types.jsonl", json.dumps({"speaker": ["Ana"], "text": 5, "time": {"y": 1}}) + "\n")
+    w("history_nul_bytes.txt", "[Ana] hi\0\0\0[Ben] there\n")
+    # -- train DATA_DIR (as DATA_DIR/conversations.jsonl)
+    w("conversations_time_not_iso.jsonl", "".join(json.dumps({"id": f"c{i}", "messages": [
+        {"speaker": "Ana", "text": "hi", "time": "yesterday-ish"},
+        {"speaker": "Ben", "text": "hey", "time": 1700000000}]}) + "\n" for i in range(3))
+      + json.dumps({"id": "c3", "messages": [{"speaker": 7, "text": "a number is no name"}]}) + "\n")
+    w("conversations_messages_not_list.jsonl", json.dumps({"id": "c1", "messages": "Ana: hi"}) + "\n")
+    # -- history --db FILE
+    import sqlite3
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        db = sqlite3.connect(Path(d) / "x.sqlite")
+        db.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)")
+        db.executemany("INSERT INTO notes (body) VALUES (?)", [("note %d" % i,) for i in range(50)])
+        db.commit()
+        db.close()
+        raw = (Path(d) / "x.sqlite").read_bytes()
+    w("sqlite_other_schema.sqlite", raw)
+    w("sqlite_truncated.sqlite", raw[:100] + bytes(rng_bytes(900)))
+
+
+def rng_bytes(n: int) -> bytes:
+    rng = random.Random(11)
+    return bytes(rng.randrange(256) for _ in range(n))
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+    other_commands() if sys.argv[1:] == ["other"] else main()
