@@ -8,7 +8,6 @@ import sys
 
 from convsim.chatio import add_sampling_arguments, sample_config, steering
 from convsim.chats.schema import Message
-from convsim.errors import UserError
 
 HELP = "Chat with a simulated person: you write as --me, the model answers as --as."
 EXAMPLES = """
@@ -25,14 +24,19 @@ def add_arguments(p):
     p.add_argument("--as", dest="speaker", required=True, help="who the model plays")
     p.add_argument("--me", help="who you are (default: the other speaker)")
     p.add_argument("--stream", action="store_true", help="print the reply token by token")
-    p.add_argument("--tda", action="store_true", help="after each reply, show the most similar training messages")
+    p.add_argument("--tda", action="store_true", help="after each reply, show the most similar training messages "
+                                                      "(needs `convsim tda index RUN_DIR` first)")
+    p.add_argument("--tda-method", default="activations", choices=["activations", "gradients"])
+    p.add_argument("--tda-k", type=int, default=3, help="training messages shown after each reply (default 3)")
     p.add_argument("--save", action="store_true", help="save the conversation to the database on exit")
     p.add_argument("--db", help="database for --save and /save (default RUN_DIR/conversations.sqlite)")
+    p.add_argument("--no-kv-reuse", action="store_true",
+                   help="compute the whole prompt every turn instead of reusing the last turn's KV cache")
     add_sampling_arguments(p)
 
 
 def run(args):
-    from convsim.generate import reply, stream_reply
+    from convsim.generate import TurnCache, reply, stream_reply
     from convsim.runs import open_run
     from convsim.store import now, save_session
 
@@ -45,13 +49,11 @@ def run(args):
     tty = sys.stdin.isatty()
     history: list[Message] = []
     generated: set[int] = set()
+    cache = None if args.no_kv_reuse else TurnCache()   # the last turn's keys/values: only new messages are computed
     tda = None
     if args.tda:
-        try:
-            from convsim.tda.query import Attributor
-        except ImportError:
-            raise UserError("--tda needs `convsim tda index`, which is not built yet (see issue #7)") from None
-        tda = Attributor(run_, model, tok)
+        from convsim.tda.query import Attributor
+        tda = Attributor(run_, model, tok, method=args.tda_method, k=args.tda_k)
 
     def save():
         sid = save_session(db, "chat", history, run_.model_name, run_.adapter_hash, vars(cfg), args.steer, generated)
@@ -74,6 +76,8 @@ def run(args):
                 break
             elif cmd == "/reset":
                 history.clear(); generated.clear(); print("(history cleared)")
+                if cache is not None:
+                    cache.reset()
             elif cmd == "/as":
                 as_ = run_.check_speaker(arg.strip())
                 me = run_.other_speaker(as_) if me == as_ else me
@@ -94,7 +98,7 @@ def run(args):
         with steering(model, args.steer):
             if args.stream:
                 texts: list[str] = []
-                for i, delta in stream_reply(model, tok, run_.fmt, history, as_, cfg):
+                for i, delta in stream_reply(model, tok, run_.fmt, history, as_, cfg, cache=cache):
                     if i >= len(texts):
                         if texts:
                             print()
@@ -104,7 +108,7 @@ def run(args):
                     print(delta, end="", flush=True)
                 print()
             else:
-                texts = reply(model, tok, run_.fmt, history, as_, cfg)[0]
+                texts = reply(model, tok, run_.fmt, history, as_, cfg, cache=cache)[0]
                 for t in texts:
                     print(f"[{as_}] {t}")
         if not texts:
@@ -113,7 +117,8 @@ def run(args):
             generated.add(len(history))
             history.append(Message(as_, t, now()))
         if tda is not None and texts:
-            for hit in tda.query(" ".join(texts), as_, k=3):
+            before = history[:len(history) - len(texts)]
+            for hit in tda.query(texts, as_, context=before):
                 print(f"    ~ {hit['score']:.2f} [{hit['speaker']}] {hit['text'][:100]}")
         sys.stdout.flush()
     if args.save and history:

@@ -26,7 +26,7 @@ import torch
 
 from convsim.chats.examples import build_examples, render
 from convsim.errors import UserError
-from convsim.generate import SampleConfig, reply_from_prompt
+from convsim.generate import SampleConfig, replies_from_prompts
 from convsim.incontext import Retriever, incontext_prompt, plain
 
 HELP = "Per-speaker perplexity (fine-tuned vs in-context vs base vs hybrid), speaker identification and style."
@@ -46,6 +46,7 @@ def add_arguments(p):
     p.add_argument("--generate", action=argparse_bool(), default=True,
                    help="also generate replies for speaker identification and style (default on)")
     p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--batch-size", type=int, default=16, help="replies generated together (left-padded)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     p.add_argument("--out", help="write the JSON here")
@@ -131,7 +132,7 @@ def style_distance(gen: dict, real: dict) -> dict:
 # ----------------------------------------------------------------------------- stage
 
 def evaluate(run_, n: int = 40, split: str = "test", budget: int = 768, generate: bool = True,
-             max_new_tokens: int = 48, seed: int = 0, progress: bool = True) -> dict:
+             max_new_tokens: int = 48, seed: int = 0, progress: bool = True, batch_size: int = 16) -> dict:
     from tqdm.auto import tqdm
     model, tok = run_.load()
     fmt, pfmt = run_.fmt, plain(run_.fmt)
@@ -150,7 +151,7 @@ def evaluate(run_, n: int = 40, split: str = "test", budget: int = 768, generate
         if not exs:
             continue
         tot = defaultdict(float); cnt = defaultdict(int)
-        gen_ft, gen_ic, real = [], [], []
+        gen_ft, gen_ic, real, ft_prompts, ic_prompts = [], [], [], [], []
         for e in tqdm(exs, desc=f"eval {speaker}", disable=not progress, file=sys.stderr):
             real.append([m.text for m in e.reply])
             retrieved = retriever.top(e.context, speaker, k=50, exclude=[m.text for m in e.reply])
@@ -166,10 +167,12 @@ def evaluate(run_, n: int = 40, split: str = "test", budget: int = 768, generate
                 with (base_model_ctx(model) if base else nullcontext()):
                     s, c = nll(model, p, r, m)
                 tot[key] += s; cnt[key] += c
-            if generate:
-                gen_ft.append(reply_from_prompt(model, tok, fmt, prompt_ft, speaker, cfg))
-                with base_model_ctx(model):
-                    gen_ic.append(reply_from_prompt(model, tok, pfmt, ic_prompt, speaker, cfg))
+            ft_prompts.append(prompt_ft)
+            ic_prompts.append(ic_prompt)
+        if generate:
+            gen_ft = replies_from_prompts(model, tok, fmt, ft_prompts, speaker, cfg, batch_size)
+            with base_model_ctx(model):
+                gen_ic = replies_from_prompts(model, tok, pfmt, ic_prompts, speaker, cfg, batch_size)
         row = {f"ppl_{k}": math.exp(tot[k] / max(cnt[k], 1)) for k in ("finetuned", "in_context", "base", "hybrid")}
         row["tokens_scored"] = cnt["finetuned"]
         row["n"] = len(exs)
@@ -190,7 +193,8 @@ def run(args):
     from convsim.fsutil import write_json
     from convsim.runs import open_run
     run_ = open_run(args.run_dir)
-    res = evaluate(run_, args.n, args.split, args.budget, args.generate, args.max_new_tokens, args.seed)
+    res = evaluate(run_, args.n, args.split, args.budget, args.generate, args.max_new_tokens, args.seed,
+                   batch_size=args.batch_size)
     if args.out:
         write_json(args.out, res, private=False)
     if args.json:

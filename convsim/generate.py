@@ -16,6 +16,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from convsim import fastgen
 from convsim.chats.examples import PromptFormat, end_of_turn_id, render, tag_ids
 from convsim.chats.schema import Message
 from convsim.speakers import speaker_token
@@ -108,15 +109,16 @@ def _device(model):
 
 
 def reply(model, tok, fmt: PromptFormat, history: Sequence[Message], speaker: str,
-          cfg: SampleConfig = SampleConfig(), n: int = 1) -> list[list[str]]:
-    """`n` sampled bursts for `speaker` after `history`; each burst is a list of messages."""
+          cfg: SampleConfig = SampleConfig(), n: int = 1, cache: TurnCache | None = None) -> list[list[str]]:
+    """`n` sampled bursts for `speaker` after `history`; each burst is a list of messages. With a
+    `TurnCache`, the conversation's previous turn is not computed again."""
     if cfg.seed is not None:
         torch.manual_seed(cfg.seed)
-    ids = prompt_ids(tok, fmt, history, speaker, cfg.max_context_tokens)
+    ids = (cache.prompt if cache is not None else prompt_ids)(tok, fmt, history, speaker, cfg.max_context_tokens)
     stops = stop_sequences(tok, fmt, speaker)
     x = torch.tensor([ids], device=_device(model))
     with torch.inference_mode():
-        out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), num_return_sequences=n,
+        out = _generate(model, x, cache, attention_mask=torch.ones_like(x), num_return_sequences=n,
                              **_gen_kwargs(tok, cfg, stops, len(ids)))
     bursts = []
     for row in out[:, len(ids):].tolist():
@@ -135,8 +137,8 @@ def reply_from_prompt(model, tok, fmt: PromptFormat, ids: list[int], speaker: st
     texts = [] if fmt.special_tokens else [speaker_token(s) for s in fmt.speakers if s != speaker]
     x = torch.tensor([ids], device=_device(model))
     with torch.inference_mode():
-        out = model.generate(input_ids=x, attention_mask=torch.ones_like(x),
-                             **_gen_kwargs(tok, cfg, stops, len(ids), texts))
+        out = fastgen.generate(model, x, attention_mask=torch.ones_like(x),
+                               **_gen_kwargs(tok, cfg, stops, len(ids), texts))
     cut, _ = _cut(out[0, len(ids):].tolist(), stops)
     if fmt.special_tokens:
         return split_messages(tok, fmt, speaker, cut)
@@ -145,6 +147,37 @@ def reply_from_prompt(model, tok, fmt: PromptFormat, ids: list[int], speaker: st
         text = text.split(t)[0]
     own = speaker_token(speaker)
     return [m.strip() for m in text.split(own) if m.strip()]
+
+
+def replies_from_prompts(model, tok, fmt: PromptFormat, prompts: Sequence[list[int]], speaker: str,
+                         cfg: SampleConfig = SampleConfig(), batch_size: int = 16) -> list[list[str]]:
+    """`reply_from_prompt` for many prompts, generated in left-padded batches (evaluation). Rows stop
+    independently; each row is cut at its first stop exactly as the single-prompt path cuts."""
+    if cfg.seed is not None:
+        torch.manual_seed(cfg.seed)
+    stops = stop_sequences(tok, fmt, speaker)
+    texts = [] if fmt.special_tokens else [speaker_token(s) for s in fmt.speakers if s != speaker]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))      # similar lengths share a batch
+    out: list[list[str]] = [[] for _ in prompts]
+    dev = _device(model)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        width = max(len(prompts[i]) for i in idx)
+        x = torch.tensor([[pad] * (width - len(prompts[i])) + list(prompts[i]) for i in idx], device=dev)
+        mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in idx], device=dev)
+        with torch.inference_mode():
+            gen = model.generate(input_ids=x, attention_mask=mask, **_gen_kwargs(tok, cfg, stops, width, texts))
+        for row, i in zip(gen[:, width:].tolist(), idx):
+            cut, _ = _cut(row, stops)
+            if fmt.special_tokens:
+                out[i] = split_messages(tok, fmt, speaker, cut)
+                continue
+            text = tok.decode(cut, skip_special_tokens=True)
+            for t in texts:
+                text = text.split(t)[0]
+            out[i] = [m.strip() for m in text.split(speaker_token(speaker)) if m.strip()]
+    return out
 
 
 class _QueueStreamer(BaseStreamer):
@@ -163,12 +196,12 @@ class _QueueStreamer(BaseStreamer):
 
 
 def stream_reply(model, tok, fmt: PromptFormat, history: Sequence[Message], speaker: str,
-                 cfg: SampleConfig = SampleConfig()) -> Iterator[tuple[int, str]]:
+                 cfg: SampleConfig = SampleConfig(), cache: TurnCache | None = None) -> Iterator[tuple[int, str]]:
     """Yield (message index, text delta) while generating. The deltas of each index join to exactly the
     messages `reply` returns for the same settings and seed."""
     if cfg.seed is not None:
         torch.manual_seed(cfg.seed)
-    ids = prompt_ids(tok, fmt, history, speaker, cfg.max_context_tokens)
+    ids = (cache.prompt if cache is not None else prompt_ids)(tok, fmt, history, speaker, cfg.max_context_tokens)
     stops = stop_sequences(tok, fmt, speaker)
     tag = tag_ids(tok, fmt, speaker)
     holdback = max(len(s) for s in stops + [tag]) - 1
@@ -179,7 +212,7 @@ def stream_reply(model, tok, fmt: PromptFormat, history: Sequence[Message], spea
     def work():
         try:
             with torch.inference_mode():
-                model.generate(input_ids=x, attention_mask=torch.ones_like(x), streamer=streamer,
+                _generate(model, x, cache, attention_mask=torch.ones_like(x), streamer=streamer,
                                **_gen_kwargs(tok, cfg, stops, len(ids)))
         except BaseException as e:  # surfaced in the consumer
             error.append(e)
@@ -229,3 +262,93 @@ def stream_reply(model, tok, fmt: PromptFormat, history: Sequence[Message], spea
     th.join()
     if error:
         raise error[0]
+
+
+# ----------------------------------------------------------------------------- KV cache reuse across turns
+
+class TurnCache:
+    """The KV cache of a conversation's last prompt + reply, reused by its next turn (`reply(...,
+    cache=c)`, `stream_reply(..., cache=c)`).
+
+    A chat's next prompt starts with the tokens of the last one, so only the new messages need a forward
+    pass before the first token: the cache is cropped to the longest common token prefix and the rest is
+    fed. When the history outgrows the token budget, the oldest messages are dropped in a block (down to
+    `1 - slack` of the budget) rather than one per turn, so the prefix, and with it the cache, stays valid
+    for the next turns; `slack=0` trims exactly as `reply` does without a cache. For one prompt the
+    output is what plain `generate` gives (tests/test_kvreuse.py).
+
+    One cache per conversation and model; changing the model's weights or steering needs `reset()`
+    (adding or removing hooks on the decoder layers resets it by itself). Batch 1 only: `n > 1` and
+    the CUDA fast path (`convsim.fastgen`) generate without it.
+
+        cache = TurnCache()                       # one per conversation
+        msgs = reply(model, tok, fmt, history, "Ana", cfg, cache=cache)[0]
+    """
+
+    def __init__(self, slack: float = 0.25):
+        self.slack = slack
+        self.reset()
+
+    def reset(self) -> None:
+        self.kv = None
+        self.ids: list[int] = []         # the tokens whose keys and values `kv` holds
+        self.start = 0                   # history[:start] was dropped to keep within the budget
+        self._dropped: list[Message] = []
+        self._key = None
+        self.reused = self.fed = 0       # last call: prompt tokens taken from the cache / computed
+
+    def prompt(self, tok, fmt: PromptFormat, history: Sequence[Message], speaker: str, budget: int) -> list[int]:
+        """Prompt ids for `history`, trimmed at the front in blocks so the prefix stays stable."""
+        history = list(history)
+        if self.start > len(history) or history[:self.start] != self._dropped:
+            self.start, self._dropped = 0, []          # a different conversation (or /reset)
+        ids = prompt_ids(tok, fmt, history[self.start:], speaker, None)
+        if len(ids) > budget:
+            target = int(budget * (1 - self.slack))
+            while self.start < len(history) - 1 and len(ids) > target:
+                self.start += 1
+                ids = prompt_ids(tok, fmt, history[self.start:], speaker, None)
+            self._dropped = history[:self.start]
+            ids = prompt_ids(tok, fmt, history[self.start:], speaker, budget)
+        return ids
+
+    def generate(self, model, x, **kw):
+        """`generate` for one prompt, starting from the cached prefix; keeps the new cache."""
+        from transformers import DynamicCache
+        key = _state_key(model)
+        if key != self._key:
+            self.kv, self.ids, self._key = None, [], key
+        ids = x[0].tolist()
+        n = 0
+        for a, b in zip(self.ids, ids[:-1]):           # at least the last prompt token is fed
+            if a != b:
+                break
+            n += 1
+        kv = self.kv if (self.kv is not None and n > 0) else None
+        if kv is None:
+            kv, n = DynamicCache(), 0      # no config: full layers even where the model slides, so crop works
+        elif kv.get_seq_length() > n:
+            kv.crop(n - kv.get_seq_length())           # negative: tokens to remove from the end
+        self.kv, self.ids = None, []       # an error mid-generate must not leave a half-updated cache behind
+        self.reused, self.fed = n, len(ids) - n
+        out = model.generate(input_ids=x, cache=kv, **kw)      # `cache`: transformers 5 name of past_key_values
+        self.kv, self.ids = kv, out[0, :kv.get_seq_length()].tolist()
+        return out
+
+
+def _state_key(model):
+    """What the cached keys and values depend on besides the tokens: the model and the hooks on it."""
+    from convsim.models import decoder_layers
+    try:
+        hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in decoder_layers(model))
+    except Exception:
+        hooks = None
+    return id(model), hooks
+
+
+def _generate(model, x, cache: TurnCache | None, **kw):
+    """Plain or fast-path generate, or from `cache` where it applies (batch 1, not the CUDA fast path)."""
+    batch = x.shape[0] * kw.get("num_return_sequences", 1)
+    if cache is None or batch != 1 or fastgen.enabled(model, batch):
+        return fastgen.generate(model, x, **kw)
+    return cache.generate(model, x, **kw)

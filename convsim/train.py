@@ -69,7 +69,15 @@ def config_from_args(args) -> TrainConfig:
     keys = ["model", "targets", "epochs", "batch_size", "grad_accum", "learning_rate", "max_steps", "time_budget",
             "max_seq_length", "lora_r", "lora_alpha", "special_tokens", "include_mlp", "instruct_format", "loss",
             "quantization", "backend", "eval_steps", "save_steps", "seed", "max_val_examples"]
-    return resolve(TrainConfig, args.config, {k: getattr(args, k, None) for k in keys}).validate()
+    flags = {k: getattr(args, k, None) for k in keys}
+    saved = Path(args.out) / "config.yaml"
+    if getattr(args, "continue_training", False) and saved.exists():
+        # resuming: the interrupted run's settings, then --config, then the flags given now
+        from convsim.config import load_yaml
+        values = {**load_yaml(saved), **(load_yaml(args.config) if args.config else {}),
+                  **{k: v for k, v in flags.items() if v is not None}}
+        return TrainConfig(**values).validate()
+    return resolve(TrainConfig, args.config, flags).validate()
 
 
 # ----------------------------------------------------------------------------- data
@@ -165,40 +173,93 @@ def _load_quantized(cfg, device):
 
 # ----------------------------------------------------------------------------- loss
 
-def reply_loss(model, inputs, num_items_in_batch=None):
-    """Cross-entropy with the output head applied only where labels carry loss."""
+def _reply_loss_sum(base, input_ids, attention_mask, labels):
+    """Summed cross-entropy over label positions, the head applied only there."""
     import torch
     import torch.nn.functional as F
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     backbone = getattr(base, base.base_model_prefix)
-    labels = inputs["labels"]
-    out = backbone(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False)
+    out = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     hidden = out.last_hidden_state[:, :-1]
     target = labels[:, 1:]
     mask = target != -100
-    h = hidden[mask]
-    logits = base.get_output_embeddings()(h).float()
+    logits = base.get_output_embeddings()(hidden[mask]).float()
     cap = getattr(base.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
-    total = F.cross_entropy(logits, target[mask], reduction="sum")
-    denom = num_items_in_batch if num_items_in_batch is not None else mask.sum().clamp(min=1)
+    return F.cross_entropy(logits, target[mask], reduction="sum"), mask.sum()
+
+
+def install_reply_loss(model):
+    """Route training forwards (those given `labels` and `reply_loss_sum=True`) of the wrapped causal LM to
+    `_reply_loss_sum`. The call still enters through the outermost module (PEFT, and DDP/FSDP under
+    accelerate), so distributed gradient hooks fire as usual; generation and plain calls are untouched."""
+    import types
+    from transformers.modeling_outputs import CausalLMOutput
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(base, "_convsim_reply_loss", False):
+        return model
+    plain = base.forward
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, reply_loss_sum=False, **kw):
+        if not reply_loss_sum or labels is None:
+            return plain(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kw)
+        total, count = _reply_loss_sum(self, input_ids, attention_mask, labels)
+        out = CausalLMOutput(loss=total)
+        out.count = count
+        return out
+
+    base.forward = types.MethodType(forward, base)
+    base._convsim_reply_loss = True
+    return model
+
+
+def reply_loss(model, inputs, num_items_in_batch=None):
+    """Cross-entropy with the output head applied only where labels carry loss (mean over those tokens,
+    or over `num_items_in_batch` when the trainer counts them across accumulation steps/devices)."""
+    import torch
+    install_reply_loss(_unwrap(model))
+    out = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
+                labels=inputs["labels"], reply_loss_sum=True)
+    total = out.loss
+    denom = num_items_in_batch if num_items_in_batch is not None else out.count.clamp(min=1)
     if torch.is_tensor(denom):
         denom = denom.to(total.device)
     return total / denom
 
 
+def _unwrap(model):
+    while hasattr(model, "module") and not hasattr(model, "get_base_model"):
+        model = model.module          # DDP / FSDP wrappers
+    return model
+
+
 def make_trainer_class():
     from trl import SFTTrainer
 
-    class ConvsimTrainer(SFTTrainer):
+    class ConvsimTrainer(AtomicCheckpoints, SFTTrainer):
         """SFTTrainer whose loss computes the head at reply positions only."""
 
+        _tokens = 0          # real (non-pad) tokens trained on since the last log, kept on the device
+        _since = None
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if model.training:
+                m = inputs.get("attention_mask")
+                self._tokens = self._tokens + (m.sum() if m is not None else inputs["input_ids"].numel())
             loss = reply_loss(model, inputs, num_items_in_batch)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 loss = loss * self.accelerator.num_processes
             return (loss, {"loss": loss}) if return_outputs else loss
+
+        def log(self, logs, *args, **kwargs):
+            """Adds `tokens_per_s`: real tokens trained per second (this process) since the last log."""
+            import torch
+            now = time.perf_counter()
+            if "loss" in logs and self._since is not None and torch.is_tensor(self._tokens):
+                logs["tokens_per_s"] = round(float(self._tokens) / (now - self._since), 1)
+            if "loss" in logs or self._since is None:
+                self._tokens, self._since = 0, now
+            return super().log(logs, *args, **kwargs)
 
     return ConvsimTrainer
 
@@ -240,13 +301,15 @@ def make_callbacks(cfg, run_dir: Path, tok, fmt, val_examples):
         def on_evaluate(self, args, state, control, model=None, **kw):
             if not cfg.samples or not val_examples or not state.is_world_process_zero:
                 return
+            from convsim import fastgen
             from convsim.generate import SampleConfig, reply
             was_training = model.training
             model.eval()
             rows = []
             for e in val_examples[:cfg.samples]:
-                got = reply(model, tok, fmt, e.context, e.speaker,
-                            SampleConfig(temperature=0.7, max_new_tokens=48, seed=cfg.seed))[0]
+                with fastgen.disabled():     # weights change between evaluations: no compiled graphs here
+                    got = reply(model, tok, fmt, e.context, e.speaker,
+                                SampleConfig(temperature=0.7, max_new_tokens=48, seed=cfg.seed))[0]
                 rows.append({"step": state.global_step, "speaker": e.speaker,
                              "context": [f"[{m.speaker}] {m.text}" for m in e.context[-3:]],
                              "real": [m.text for m in e.reply], "sampled": got})
@@ -259,6 +322,162 @@ def make_callbacks(cfg, run_dir: Path, tok, fmt, val_examples):
     return [Budget(cfg.time_budget), Metrics(), Samples()]
 
 
+# ----------------------------------------------------------------------------- checkpoints
+# transformers writes checkpoint-N in place, file by file, and `get_last_checkpoint` takes the highest N
+# whether or not it is whole; a run killed mid-write would resume from a broken checkpoint. Here each
+# checkpoint is written into checkpoints/.staging/ and renamed into place when complete, old ones are
+# renamed away before they are deleted, and resuming takes the newest complete one.
+
+STAGING = ".staging"
+LOSS_FILE = "convsim_loss.json"      # summed step losses so far: the whole run's train loss after a resume
+
+
+def checkpoint_step(path: Path) -> int | None:
+    name = path.name
+    return int(name[len("checkpoint-"):]) if name.startswith("checkpoint-") and name[11:].isdigit() else None
+
+
+def complete_checkpoint(path: Path) -> bool:
+    """Everything resuming reads is there (ours are whole by the rename; this also rejects a checkpoint
+    half-written by an older convsim or copied in part)."""
+    try:
+        state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    weights = ("adapter_model.safetensors", "model.safetensors", "adapter_model.bin", "pytorch_model.bin")
+    return (state.get("global_step") == checkpoint_step(path)
+            and all((path / f).is_file() for f in ("optimizer.pt", "scheduler.pt"))
+            and any(path.glob("rng_state*.pth")) and any((path / f).is_file() for f in weights))
+
+
+def last_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The newest complete checkpoint-N in `ckpt_dir`, or None."""
+    if not ckpt_dir.is_dir():
+        return None
+    found = sorted((p for p in ckpt_dir.iterdir() if p.is_dir() and checkpoint_step(p) is not None),
+                   key=checkpoint_step, reverse=True)
+    return next((p for p in found if complete_checkpoint(p)), None)
+
+
+def _remove_dir(path: Path) -> None:
+    """Rename away, then delete: a kill during the delete leaves no half checkpoint-N behind."""
+    trash = path.with_name(f".trash-{path.name}")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def clean_checkpoints(ckpt_dir: Path) -> None:
+    """Before resuming: drop what a killed run left half-done (staging, incomplete checkpoint-N)."""
+    if not ckpt_dir.is_dir():
+        return
+    for p in ckpt_dir.iterdir():
+        if p.is_dir() and (p.name == STAGING or p.name.startswith(".trash-")):
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.is_dir() and checkpoint_step(p) is not None and not complete_checkpoint(p):
+            print(f"removing incomplete checkpoint {p} (a run stopped while writing it)", file=sys.stderr)
+            _remove_dir(p)
+
+
+def _fsync_tree(path: Path) -> None:
+    for f in path.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish_checkpoint(staged: Path, final: Path, keep: int | None) -> None:
+    """Rename a fully written checkpoint into place, then keep only the newest `keep` complete ones."""
+    _fsync_tree(staged)
+    if final.exists():
+        _remove_dir(final)
+    os.replace(staged, final)
+    fd = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if keep:
+        done = sorted((p for p in final.parent.iterdir() if p.is_dir() and checkpoint_step(p) is not None
+                       and complete_checkpoint(p)), key=checkpoint_step)
+        for old in done[:-keep]:
+            _remove_dir(old)
+
+
+def rewind_logs(run_dir: Path, step: int) -> None:
+    """Resuming from `step`: drop the log rows a killed run wrote after it (and a torn last line)."""
+    from convsim.fsutil import write_jsonl
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        path = run_dir / name
+        if not path.exists():
+            continue
+        rows = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and row.get("step", 0) <= step:
+                rows.append(row)
+        write_jsonl(path, rows)
+
+
+class AtomicCheckpoints:
+    """Trainer mixin: checkpoints are written into a staging dir and renamed into place whole, and the
+    summed step losses travel with them so a resumed run reports the whole run's train loss."""
+
+    _staging: str | None = None
+    loss_before = 0.0        # summed step losses up to the checkpoint this run resumed from
+    step_before = 0
+
+    def _get_output_dir(self, trial):
+        return self._staging or super()._get_output_dir(trial)
+
+    def _loss_sum(self) -> float | None:
+        if self.loss_before is None:
+            return None
+        pending = getattr(self, "_tr_loss", 0.0)      # transformers' running sums since this train() began
+        return self.loss_before + getattr(self, "_total_loss_scalar", 0.0) + float(pending)
+
+    def _save_checkpoint(self, model, trial):
+        root = Path(super()._get_output_dir(trial))
+        self._staging = str(root / STAGING)
+        staged = root / STAGING / f"checkpoint-{self.state.global_step}"
+        try:
+            super()._save_checkpoint(model, trial)
+            if self.args.should_save:
+                (staged / LOSS_FILE).write_text(json.dumps({"global_step": self.state.global_step,
+                                                            "loss_sum": self._loss_sum()}), encoding="utf-8")
+        finally:
+            self._staging = None
+        self.accelerator.wait_for_everyone()        # every process has written its RNG state
+        if self.args.should_save:
+            publish_checkpoint(staged, root / staged.name, self.args.save_total_limit)
+            shutil.rmtree(root / STAGING, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+
+    def resume_from(self, checkpoint: Path | None) -> None:
+        if checkpoint is None:
+            return
+        self.step_before = checkpoint_step(checkpoint)
+        try:
+            self.loss_before = json.loads((checkpoint / LOSS_FILE).read_text(encoding="utf-8"))["loss_sum"]
+        except (OSError, ValueError, KeyError):
+            self.loss_before = None          # a checkpoint from before this file existed
+
+    def run_loss(self, result) -> float:
+        """Mean step loss over the whole run, including the steps before a resume."""
+        steps = self.state.global_step
+        if not self.step_before or self.loss_before is None or not steps:
+            return result.training_loss
+        return (self.loss_before + result.training_loss * (steps - self.step_before)) / steps
+
+
 # ----------------------------------------------------------------------------- stage
 
 def write_meta(run_dir: Path, meta: dict) -> None:
@@ -269,7 +488,6 @@ def write_meta(run_dir: Path, meta: dict) -> None:
 def run(args) -> int:
     import torch
     from datasets import Dataset
-    from transformers.trainer_utils import get_last_checkpoint
     from trl import SFTConfig
 
     from convsim.chats.examples import PromptFormat
@@ -286,11 +504,15 @@ def run(args) -> int:
     ckpt_dir = run_dir / "checkpoints"
     resume = None
     if args.continue_training:
-        if ckpt_dir.exists():
-            resume = get_last_checkpoint(str(ckpt_dir))
+        resume = last_checkpoint(ckpt_dir)        # the newest complete one; half-written ones are skipped
+        if int(os.environ.get("RANK", "0")) == 0:
+            clean_checkpoints(ckpt_dir)
+            if resume is not None:
+                rewind_logs(run_dir, checkpoint_step(resume))
         if resume is None:
-            print(f"no checkpoint in {ckpt_dir}; starting from scratch", file=sys.stderr)
-    elif (run_dir / "run.json").exists() or ckpt_dir.exists():
+            print(f"no complete checkpoint in {ckpt_dir}; starting from scratch", file=sys.stderr)
+    elif int(os.environ.get("RANK", "0")) == 0 and ((run_dir / "run.json").exists() or ckpt_dir.exists()):
+        # rank 0 alone decides: the other ranks would otherwise see the run rank 0 has just started
         raise UserError(f"{run_dir} already holds a run; use --continue-training to resume or another --out")
 
     convs, speakers, targets, split, ex = prepare_data(cfg, args.data_dir)
@@ -307,16 +529,20 @@ def run(args) -> int:
         print(f"warning: --max-seq-length {cfg.max_seq_length} truncated {trunc} of {len(train_rows)} training "
               f"examples ({100 * trunc / len(train_rows):.0f}%)", file=sys.stderr)
 
-    private_dir(run_dir)
-    write_conversations(private_dir(run_dir / "data") / "conversations.jsonl", convs)
-    write_text(run_dir / "config.yaml", to_yaml(cfg))
+    main = int(os.environ.get("RANK", "0")) == 0       # under accelerate/torchrun only rank 0 writes files
+    if main:
+        private_dir(run_dir)
+        write_conversations(private_dir(run_dir / "data") / "conversations.jsonl", convs)
+        write_text(run_dir / "config.yaml", to_yaml(cfg))
     meta = {"model": cfg.model, "prompt_style": style, "special_tokens": cfg.special_tokens,
             "speakers": speakers, "targets": targets, "speaker_token_ids": ids, "loss": cfg.loss,
             "context_size": cfg.context_size, "max_burst": cfg.max_burst, "seed": cfg.seed,
             "split": {k: [c.id for c in v] for k, v in split.items()},
-            "examples": {k: len(v) for k, v in ex.items()}, "status": "training"}
-    write_meta(run_dir, meta)
-    tok.save_pretrained(run_dir / "tokenizer")
+            "examples": {k: len(v) for k, v in ex.items()}, "status": "training",
+            "resumed_from": resume.name if resume else None}
+    if main:
+        write_meta(run_dir, meta)
+        tok.save_pretrained(run_dir / "tokenizer")
 
     cuda = device.startswith("cuda")
     steps_per_epoch = math.ceil(len(train_rows) / (cfg.batch_size * cfg.grad_accum))
@@ -330,7 +556,7 @@ def run(args) -> int:
         save_steps=cfg.save_steps, save_total_limit=2, seed=cfg.seed, data_seed=cfg.seed, bf16=cuda,
         report_to=["tensorboard"], max_length=None,
         prediction_loss_only=True, remove_unused_columns=False, dataloader_num_workers=0,
-        disable_tqdm=False, use_cpu=not cuda, save_only_model=False,
+        disable_tqdm=False, use_cpu=not cuda, save_only_model=False, ddp_find_unused_parameters=False,
         dataset_kwargs={"skip_prepare_dataset": False},
     )
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "logs")
@@ -338,26 +564,35 @@ def run(args) -> int:
     trainer = Trainer(model=model, args=sft, train_dataset=Dataset.from_list(train_rows),
                       eval_dataset=Dataset.from_list(val_rows) if val_rows else None, processing_class=tok,
                       callbacks=make_callbacks(cfg, run_dir, tok, fmt, val_examples))
+    trainer.resume_from(resume)
     t0 = time.time()
-    result = trainer.train(resume_from_checkpoint=resume)
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    train_loss = trainer.run_loss(result)       # over the whole run, also when it resumed
     seconds = time.time() - t0
     final_eval = trainer.evaluate() if val_rows else {}
+    if not main:
+        return 0
     # the adapter is the product: write it whole or not at all
     with atomic_dir(run_dir / "adapter") as tmp:
         model.save_pretrained(tmp, save_embedding_layers=False)  # speaker rows live in the trainable-token delta
+    rates = sorted(r["tokens_per_s"] for r in trainer.state.log_history if "tokens_per_s" in r)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    tokens_per_s = round(rates[len(rates) // 2] * world, 1) if rates else None   # median interval, all processes
     meta.update(status="done", adapter_hash=dir_hash(run_dir / "adapter"), train_seconds=round(seconds, 1),
-                global_step=trainer.state.global_step, train_loss=result.training_loss,
+                tokens_per_s=tokens_per_s, world_size=world,
+                global_step=trainer.state.global_step, train_loss=train_loss,
                 eval_loss=final_eval.get("eval_loss"), device=device,
                 stop_reason=getattr(trainer.state, "stop_reason", "done"))
     write_meta(run_dir, meta)
-    summary = {"run_dir": str(run_dir), "steps": trainer.state.global_step, "train_loss": result.training_loss,
+    summary = {"run_dir": str(run_dir), "steps": trainer.state.global_step, "train_loss": train_loss,
                "eval_loss": final_eval.get("eval_loss"), "seconds": round(seconds, 1),
+               "tokens_per_s": tokens_per_s, "world_size": world,
                "examples": meta["examples"], "speakers": speakers, "targets": targets,
                "adapter_mb": round(sum(f.stat().st_size for f in (run_dir / "adapter").rglob("*") if f.is_file()) / 1e6, 2)}
     if args.json:
         print(json.dumps(summary))
     else:
-        print(f"trained {summary['steps']} steps in {seconds:.0f}s: train loss {result.training_loss:.3f}"
+        print(f"trained {summary['steps']} steps in {seconds:.0f}s: train loss {train_loss:.3f}"
               + (f", val loss {summary['eval_loss']:.3f}" if summary["eval_loss"] is not None else "")
               + f"; adapter {summary['adapter_mb']} MB in {run_dir}/adapter")
         print(f"next: convsim chat {run_dir} --as {targets[0]!r}")
