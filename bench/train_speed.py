@@ -1,0 +1,160 @@
+"""Training throughput: `convsim train` against a plain transformers + PEFT loop, side by side.
+
+Same model, same data (the run's rendered training examples), same batch size, same LoRA settings
+(r, targets, the speaker tokens trained through PEFT's `trainable_token_indices`), same device, in one
+process, one after the other. Tokens are real (non-pad) tokens of the batches.
+
+- ours: `convsim train` itself (convsim.cli.main), --max-steps N, evaluation off; tokens/s is the median
+  over its logging intervals after the first (the Trainer's own `tokens_per_s` log field).
+- plain: the loop a user would write: PEFT's stock layers, `model(input_ids, attention_mask, labels)`
+  (the head over every position), AdamW, fp32 weights with bf16 autocast on CUDA; median over the
+  same number of steps after warm-up.
+
+    python bench/train_speed.py --data DATA_DIR --device cuda --batch-size 32 --steps 40 --out speed.json
+    python bench/train_speed.py --data DATA_DIR --device cpu --batch-size 8 --steps 6 --warmup 1 --out cpu.json
+
+MFU counts the useful model FLOPs: 6 x (non-embedding parameters) per token plus 6 x hidden x vocab per
+token that carries loss, against the card's dense bf16 peak (`--peak-tflops`, default 989 for an H100 SXM).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def batches(rows, batch_size, pad_id, seed, device):
+    import random
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    for i in range(0, len(order) - batch_size + 1, batch_size):
+        chunk = [rows[j] for j in order[i:i + batch_size]]
+        width = max(len(r["input_ids"]) for r in chunk)
+        ids = torch.tensor([r["input_ids"] + [pad_id] * (width - len(r["input_ids"])) for r in chunk])
+        mask = torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in chunk])
+        lab = torch.tensor([r["labels"] + [-100] * (width - len(r["labels"])) for r in chunk])
+        yield ids.to(device), mask.to(device), lab.to(device)
+
+
+def plain_loop(cfg, data_dir, device, steps, warmup):
+    """The stock way: PEFT LoRA + trainable tokens, full-vocabulary logits, HF loss."""
+    from peft import LoraConfig, get_peft_model
+    from convsim.chats.examples import PromptFormat
+    from convsim.models import load_base, resolve
+    from convsim.speakers import add_speaker_tokens
+    from convsim.train import prepare_data, tokenize
+    convs, speakers, targets, split, ex = prepare_data(cfg, data_dir)
+    spec = resolve(cfg.model)
+    torch.manual_seed(cfg.seed)
+    model, tok = load_base(cfg.model, device=device, dtype=torch.float32)
+    ids = add_speaker_tokens(model, tok, speakers, {}, spec.reference_words, seed=cfg.seed)
+    fmt = PromptFormat(style=spec.prompt_style, speakers=tuple(speakers), special_tokens=True)
+    rows, _ = tokenize(tok, fmt, ex["train"], cfg)
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_r, use_rslora=True,
+                      target_modules=list(spec.attn_targets) + list(spec.mlp_targets),
+                      trainable_token_indices={"embed_tokens": sorted(ids.values())}, task_type="CAUSAL_LM")
+    model = get_peft_model(model, lora)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
+    cuda = device.startswith("cuda")
+    times, toks = [], []
+    it = batches(rows, cfg.batch_size, tok.pad_token_id, cfg.seed, device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    for step in range(warmup + steps):
+        x, m, y = next(it)
+        sync(device); t = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            loss = model(input_ids=x, attention_mask=m, labels=y).loss
+        loss.backward()
+        opt.step(); opt.zero_grad(set_to_none=True)
+        sync(device)
+        if step >= warmup:
+            times.append(time.perf_counter() - t); toks.append(int(m.sum()))
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    loss_tokens = sum(sum(1 for v in r["labels"] if v != -100) for r in rows) / sum(len(r["input_ids"]) for r in rows)
+    fpt = flops_per_token(model.get_base_model().config, loss_tokens)
+    del model, opt
+    if cuda:
+        torch.cuda.empty_cache()
+    return {"tokens_per_s": sum(toks) / sum(times), "step_s_median": statistics.median(times),
+            "peak_gib": peak, "steps": steps, "loss_token_fraction": loss_tokens, "final_loss": float(loss),
+            "useful_flops_per_token": fpt}
+
+
+def ours(cfg, data_dir, device, steps, work: Path):
+    """`convsim train` as users run it, with evaluation and checkpoints out of the way."""
+    from convsim.cli import main
+    conf = work / "bench.yaml"
+    conf.write_text(f"logging_steps: {max(2, steps // 8)}\neval_steps: 100000\nsave_steps: 100000\nsamples: 0\n"
+                    f"max_val_examples: 8\n")
+    out = work / "run"
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    rc = main(["train", str(data_dir), "--out", str(out), "--model", cfg.model, "--batch-size", str(cfg.batch_size),
+               "--max-steps", str(steps + steps // 4), "--lora-r", str(cfg.lora_r), "--config", str(conf),
+               "--seed", str(cfg.seed)])
+    assert rc == 0, rc
+    meta = json.loads((out / "run.json").read_text())
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
+    return {"tokens_per_s": meta["tokens_per_s"], "peak_gib": peak, "steps": meta["global_step"],
+            "train_loss": meta["train_loss"]}
+
+
+def flops_per_token(c, loss_fraction):
+    c = getattr(c, "text_config", c)
+    d, L, ff, V = c.hidden_size, c.num_hidden_layers, c.intermediate_size, c.vocab_size
+    heads, kv, hd = c.num_attention_heads, c.num_key_value_heads, getattr(c, "head_dim", d // c.num_attention_heads)
+    per_layer = d * heads * hd * 2 + d * kv * hd * 2 + 3 * d * ff
+    return 6 * L * per_layer + 6 * d * V * loss_fraction
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--model", default="gemma-3-270m")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--peak-tflops", type=float, default=989.0)
+    ap.add_argument("--out")
+    a = ap.parse_args()
+    from convsim.config import TrainConfig
+    cfg = TrainConfig(model=a.model, batch_size=a.batch_size)
+    card = torch.cuda.get_device_name() if a.device.startswith("cuda") else f"CPU x{os.cpu_count()}"
+    with tempfile.TemporaryDirectory() as tmp:
+        p = plain_loop(cfg, a.data, a.device, a.steps, a.warmup)
+        print(f"plain: {p['tokens_per_s']:.0f} tokens/s, peak {p['peak_gib']} GiB", flush=True)
+        o = ours(cfg, a.data, a.device, a.steps, Path(tmp))
+        print(f"ours:  {o['tokens_per_s']:.0f} tokens/s, peak {o['peak_gib']} GiB", flush=True)
+    fpt = p["useful_flops_per_token"]
+    res = {"card": card, "device": a.device, "model": a.model, "batch_size": a.batch_size, "steps": a.steps,
+           "plain": p, "ours": o, "speedup": o["tokens_per_s"] / p["tokens_per_s"],
+           "useful_flops_per_token": fpt,
+           "command": "python bench/train_speed.py " + " ".join(sys.argv[1:]),
+           "torch": torch.__version__}
+    if a.device.startswith("cuda"):
+        res["mfu_ours"] = o["tokens_per_s"] * fpt / (a.peak_tflops * 1e12)
+        res["mfu_plain"] = p["tokens_per_s"] * fpt / (a.peak_tflops * 1e12)
+    print(json.dumps({k: v for k, v in res.items() if k not in ("plain", "ours")}, indent=1))
+    if a.out:
+        Path(a.out).write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
