@@ -62,8 +62,8 @@ def argparse_bool():
 def nll(model, prompt: list[int], reply: list[int], text_mask: list[int]) -> tuple[float, int]:
     """Summed negative log-likelihood of the reply tokens with text_mask=1, and their count."""
     ids = torch.tensor([prompt + reply], device=next(model.parameters()).device)
-    with torch.inference_mode():
-        logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1].float()
+    with torch.inference_mode():   # the head only where the reply is predicted (it dominates on long prompts)
+        logits = model(input_ids=ids, logits_to_keep=len(reply) + 1).logits[0, :-1].float()
     target = ids[0, len(prompt):]
     lp = torch.log_softmax(logits, -1).gather(1, target[:, None])[:, 0]
     m = torch.tensor(text_mask, dtype=torch.bool, device=lp.device)

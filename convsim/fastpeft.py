@@ -59,3 +59,20 @@ def patch_trainable_tokens(model) -> int:
             mod.forward = types.MethodType(_fast_forward, mod)
             n += 1
     return n
+
+
+def head_weight(head):
+    """(weight, bias) that the output head `head` multiplies by, with the trained speaker rows in place: what
+    a fused linear + cross-entropy kernel (Liger) must be given instead of calling the module. Gradients reach
+    the trainable-token delta through `index_copy`."""
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+    if not isinstance(head, TrainableTokensLayer):
+        return head.weight, getattr(head, "bias", None)
+    base = head.base_layer
+    active = [a for a in head.active_adapters if a in head.token_indices] if not head.disable_adapters else []
+    w = base.weight
+    if not head.merged:
+        for name in active:
+            idx = torch.as_tensor(head.token_indices[name], device=w.device)
+            w = w.index_copy(0, idx, head.trainable_tokens_delta[name].to(w.dtype))
+    return w, getattr(base, "bias", None)

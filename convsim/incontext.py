@@ -55,7 +55,8 @@ def incontext_prompt(tok, fmt: PromptFormat, context: Sequence[Message], speaker
     base = render(tok, fmt, context, speaker).input_ids
     head = base[:1] if base and base[0] == tok.bos_token_id else []
     body = base[len(head):]
-    prefix = tok(description(fmt, speaker), add_special_tokens=False)["input_ids"] if describe else []
+    prefix = (tok(description(fmt, speaker), add_special_tokens=False, split_special_tokens=True)["input_ids"]
+              if describe else [])
     for e in retrieved:
         ids = []
         for m in list(e.context[-3:]) + list(e.reply):

@@ -82,6 +82,9 @@ def config_from_args(args) -> TrainConfig:
 
 # ----------------------------------------------------------------------------- data
 
+MAX_SPEAKERS = 256
+
+
 def prepare_data(cfg: TrainConfig, data_dir: str):
     """Conversations → split → examples; every way this can end empty is a clear error."""
     from convsim.chats.examples import build_examples, split_conversations
@@ -91,6 +94,10 @@ def prepare_data(cfg: TrainConfig, data_dir: str):
     if len(speakers) < 2:
         raise UserError(f"{data_dir}: the chat has only one speaker ({', '.join(speakers) or 'none'}); "
                         "convsim needs at least two people talking")
+    if len(speakers) > MAX_SPEAKERS:
+        raise UserError(f"{data_dir}: {len(speakers):,} speakers; convsim adds one token per speaker and trains at "
+                        f"most {MAX_SPEAKERS} (re-import with `convsim import --max-speakers N`, or keep the most "
+                        "active people)")
     targets = speakers if cfg.targets in (["all"], [], None) else cfg.targets
     for t in targets:
         if t not in speakers:
@@ -182,11 +189,35 @@ def _reply_loss_sum(base, input_ids, attention_mask, labels):
     hidden = out.last_hidden_state[:, :-1]
     target = labels[:, 1:]
     mask = target != -100
-    logits = base.get_output_embeddings()(hidden[mask]).float()
+    h, t = hidden[mask], target[mask]
     cap = getattr(base.config, "final_logit_softcapping", None)
+    fused = _liger_loss(cap) if h.is_cuda else None
+    if fused is not None:       # fused head + cross-entropy in chunks: the logits never exist in memory
+        from convsim.fastpeft import head_weight
+        w, bias = head_weight(base.get_output_embeddings())
+        dt = torch.bfloat16 if torch.is_autocast_enabled("cuda") else h.dtype
+        return fused(w.to(dt), h.to(dt), t, None if bias is None else bias.to(dt)), mask.sum()
+    logits = base.get_output_embeddings()(h).float()
     if cap:
         logits = torch.tanh(logits / cap) * cap
-    return F.cross_entropy(logits, target[mask], reduction="sum"), mask.sum()
+    return F.cross_entropy(logits, t, reduction="sum"), mask.sum()
+
+
+_LIGER: dict = {}
+
+
+def _liger_loss(cap):
+    """Liger's fused linear cross-entropy (sum over tokens) when liger-kernel is installed and not switched
+    off with CONVSIM_LIGER=0; else None (the plain head + cross-entropy is used)."""
+    if os.environ.get("CONVSIM_LIGER", "1") == "0":
+        return None
+    if cap not in _LIGER:
+        try:
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+            _LIGER[cap] = LigerFusedLinearCrossEntropyLoss(reduction="sum", softcap=cap)
+        except Exception:
+            _LIGER[cap] = None
+    return _LIGER[cap]
 
 
 def install_reply_loss(model):
@@ -532,6 +563,7 @@ def run(args) -> int:
     main = int(os.environ.get("RANK", "0")) == 0       # under accelerate/torchrun only rank 0 writes files
     if main:
         private_dir(run_dir)
+        private_dir(run_dir / "checkpoints"); private_dir(run_dir / "logs")   # owner-only even outside cli.main
         write_conversations(private_dir(run_dir / "data") / "conversations.jsonl", convs)
         write_text(run_dir / "config.yaml", to_yaml(cfg))
     meta = {"model": cfg.model, "prompt_style": style, "special_tokens": cfg.special_tokens,

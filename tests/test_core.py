@@ -119,3 +119,39 @@ def test_converse_and_compare(tiny_run):
     out = cli("converse", tiny_run, "--turns", "2", "--max-new-tokens", "6", "--seed", "1").stdout
     assert len(out.strip().splitlines()) >= 3
     cli("compare", tiny_run, "--n", "1", "--max-new-tokens", "6", "--json")
+
+
+def test_plain_prompts_never_contain_speaker_tokens(tiny_run):
+    """The base / in-context baselines read plain-text tags: the run's tokenizer must not turn "[Name]" (or a
+    message that quotes it) into the speaker token, whose row the base model never learned."""
+    from transformers import AutoTokenizer
+    from convsim.chats.examples import build_examples, render
+    from convsim.chats.schema import Message
+    from convsim.incontext import Retriever, incontext_prompt, plain
+    from convsim.runs import open_run
+    run = open_run(tiny_run)
+    tok = AutoTokenizer.from_pretrained(str(run.path / "tokenizer"))
+    special = set(run.meta["speaker_token_ids"].values())
+    pfmt = plain(run.fmt)
+    exs = build_examples(run.split("train"), run.targets, 8, 8)
+    e = exs[0]
+    quoted = list(e.context) + [Message(e.context[-1].speaker, f"did you say [{e.speaker}]?")]
+    ids = render(tok, pfmt, quoted, e.speaker, e.reply).input_ids
+    assert not special & set(ids)
+    ic = incontext_prompt(tok, pfmt, e.context, e.speaker, Retriever(exs).top(e.context, e.speaker, k=5), 512)
+    assert not special & set(ic)
+    assert special & set(render(tok, run.fmt, e.context, e.speaker, e.reply).input_ids)   # the run's own format does
+
+
+def test_nll_computes_the_head_only_on_the_reply_but_scores_the_same(tiny_run):
+    import torch
+    from convsim.evaluate import nll
+    from convsim.runs import open_run
+    model, tok = open_run(tiny_run).load()
+    prompt, reply = [2, 11, 12, 13, 14, 15], [16, 17, 18, 19]
+    mask = [1, 1, 0, 1]
+    s, c = nll(model, prompt, reply, mask)
+    with torch.inference_mode():
+        full = torch.log_softmax(model(input_ids=torch.tensor([prompt + reply])).logits[0].float(), -1)
+    want = -sum(full[len(prompt) - 1 + i, t].item() for i, (t, m) in enumerate(zip(reply, mask)) if m)
+    assert c == 3 and abs(s - want) < 1e-3

@@ -36,3 +36,28 @@ def test_fast_forward_matches_peft(name):
     assert sorted(g1) == sorted(g2)
     for k in g1:
         assert torch.allclose(g1[k], g2[k], atol=1e-5), k
+
+
+@pytest.mark.parametrize("name", ["tiny-gemma3", "tiny-llama"])
+def test_head_weight_is_what_the_head_multiplies_by(name):
+    """The weight handed to a fused head + cross-entropy kernel (Liger on CUDA) gives the head's own logits,
+    speaker columns included, and passes gradients to the speaker rows."""
+    from convsim.fastpeft import head_weight
+    model, tok = load(name, device="cpu")
+    ids = add_speaker_tokens(model, tok, ["Ana", "Ben"])
+    tt = {"embed_tokens": sorted(ids.values())}
+    if not model.config.tie_word_embeddings:
+        tt["lm_head"] = sorted(ids.values())
+    pm = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices=tt))
+    patch_trainable_tokens(pm)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "trainable_tokens_delta" in n:
+                p.add_(torch.randn_like(p))
+    head = pm.get_base_model().get_output_embeddings()
+    h = torch.randn(5, model.config.hidden_size)
+    w, b = head_weight(head)
+    assert torch.allclose(torch.nn.functional.linear(h, w, b), head(h), atol=1e-5)
+    torch.nn.functional.linear(h, w, b)[:, sorted(ids.values())].sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in pm.named_parameters()
+               if "trainable_tokens_delta" in n)

@@ -116,11 +116,14 @@ def tag_ids(tokenizer, fmt: PromptFormat, speaker: str) -> list[int]:
         i = tokenizer.convert_tokens_to_ids(speaker_token(speaker))
         assert i is not None and i != tokenizer.unk_token_id, f"no token for speaker {speaker!r}"
         return [i]
-    return tokenizer(speaker_token(speaker), add_special_tokens=False)["input_ids"]
+    # plain-text tags must stay text: the run's tokenizer would otherwise match "[Name]" to the speaker token
+    return tokenizer(speaker_token(speaker), add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
 
 def text_ids(tokenizer, text: str) -> list[int]:
-    return tokenizer(" " + text.strip() + "\n", add_special_tokens=False)["input_ids"]
+    """A message's own text: never turned into special tokens (a message that says "[Ana]" or
+    "<end_of_turn>" is text, not a speaker change or a control token)."""
+    return tokenizer(" " + text.strip() + "\n", add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
 
 def end_of_turn_id(tokenizer) -> int:
