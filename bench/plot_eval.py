@@ -21,7 +21,7 @@ def main(src: str, out: str) -> None:
     kinds = [("ppl_base", "base, context only"), ("ppl_in_context", "base + retrieved examples"),
              ("ppl_finetuned", "fine-tuned"), ("ppl_hybrid", "fine-tuned + retrieved")]
     whole = (d.get("ablations", {}).get("loss_whole_text") or {}).get("speakers") or {}
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.6))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 5.4))
     w = 0.8 / (len(kinds) + (1 if whole else 0))
     for i, (k, label) in enumerate(kinds):
         xs = [j + i * w for j in range(len(speakers))]
@@ -38,7 +38,7 @@ def main(src: str, out: str) -> None:
     a.set_xticks([j + w * (len(kinds) - (0 if whole else 1)) / 2 for j in range(len(speakers))], speakers)
     a.set_ylabel("perplexity of the real reply (lower is better)")
     a.set_title(f"held-out perplexity, {d['n_examples']} test examples")
-    a.legend(fontsize=8, loc="lower right")
+    a.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.09), ncol=2)
     ids = [("speaker_id_real", "real messages"), ("speaker_id_finetuned", "fine-tuned replies"),
            ("speaker_id_in_context", "in-context replies")]
     w2 = 0.8 / len(ids)
