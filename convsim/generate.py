@@ -139,14 +139,19 @@ def reply_from_prompt(model, tok, fmt: PromptFormat, ids: list[int], speaker: st
     with torch.inference_mode():
         out = fastgen.generate(model, x, attention_mask=torch.ones_like(x),
                                **_gen_kwargs(tok, cfg, stops, len(ids), texts))
-    cut, _ = _cut(out[0, len(ids):].tolist(), stops)
+    return _burst(tok, fmt, speaker, out[0, len(ids):].tolist(), stops, texts)
+
+
+def _burst(tok, fmt: PromptFormat, speaker: str, row: list[int], stops, texts) -> list[str]:
+    """Generated ids → messages: cut at the first stop; with plain-text tags also at another speaker's tag
+    text, and split on the speaker's own tag text."""
+    cut, _ = _cut(row, stops)
     if fmt.special_tokens:
         return split_messages(tok, fmt, speaker, cut)
     text = tok.decode(cut, skip_special_tokens=True)
     for t in texts:
         text = text.split(t)[0]
-    own = speaker_token(speaker)
-    return [m.strip() for m in text.split(own) if m.strip()]
+    return [m.strip() for m in text.split(speaker_token(speaker)) if m.strip()]
 
 
 def replies_from_prompts(model, tok, fmt: PromptFormat, prompts: Sequence[list[int]], speaker: str,
@@ -169,14 +174,7 @@ def replies_from_prompts(model, tok, fmt: PromptFormat, prompts: Sequence[list[i
         with torch.inference_mode():
             gen = model.generate(input_ids=x, attention_mask=mask, **_gen_kwargs(tok, cfg, stops, width, texts))
         for row, i in zip(gen[:, width:].tolist(), idx):
-            cut, _ = _cut(row, stops)
-            if fmt.special_tokens:
-                out[i] = split_messages(tok, fmt, speaker, cut)
-                continue
-            text = tok.decode(cut, skip_special_tokens=True)
-            for t in texts:
-                text = text.split(t)[0]
-            out[i] = [m.strip() for m in text.split(speaker_token(speaker)) if m.strip()]
+            out[i] = _burst(tok, fmt, speaker, row, stops, texts)
     return out
 
 

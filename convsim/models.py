@@ -134,6 +134,20 @@ def load_gguf(dtype=None):
     return model, tok
 
 
+def savable_copy(gguf_model):
+    """A model loaded from GGUF refuses save_pretrained: the same weights in a fresh model built from its
+    config (fp32, head tied as in the original)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    fresh.load_state_dict(gguf_model.state_dict(), strict=False)
+    fresh.tie_weights()
+    return fresh
+
+
 def ensure_embedded_cache(verbose: bool = True) -> Path:
     """Convert the embedded GGUF into the cache directory once; return the directory."""
     target = embedded_cache_dir()
@@ -144,7 +158,6 @@ def ensure_embedded_cache(verbose: bool = True) -> Path:
     import torch
     import transformers
     from tqdm.auto import tqdm
-    from transformers import AutoModelForCausalLM
 
     from convsim.fsutil import atomic_dir
 
@@ -154,13 +167,7 @@ def ensure_embedded_cache(verbose: bool = True) -> Path:
         steps.set_postfix_str("reading GGUF")
         gguf_model, tok = load_gguf(torch.float32)
         steps.update()
-        # A model loaded from GGUF refuses save_pretrained: rebuild it from its config instead.
-        config = gguf_model.config
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        fresh.load_state_dict(gguf_model.state_dict(), strict=False)
-        fresh.tie_weights()
+        fresh = savable_copy(gguf_model)
         steps.update()
         steps.set_postfix_str("writing safetensors")
         fresh.save_pretrained(tmp)

@@ -6,14 +6,9 @@ from transformers import AutoModelForCausalLM
 t0 = time.time()
 S = Path(os.environ.get("STAGE", "/root/stage"))
 target = Path(os.environ["CONVSIM_HOME"]) / "models" / "gemma-3-270m"
+from convsim.models import savable_copy          # the same rebuild ensure_embedded_cache does
 g = AutoModelForCausalLM.from_pretrained(str(S), gguf_file="g.gguf", dtype=torch.float32)
-config = g.config
-if hasattr(config, "quantization_config"):
-    del config.quantization_config
-fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-fresh.load_state_dict(g.state_dict(), strict=False)
-fresh.tie_weights()
-fresh.save_pretrained(target)
+savable_copy(g).save_pretrained(target)
 import gzip
 for f in Path(os.environ.get("CONVSIM_TOK", ".gpu-stage/run/tok")).iterdir():
     if f.suffix == ".gz":
