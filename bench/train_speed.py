@@ -4,8 +4,10 @@ Same model, same data (the run's rendered training examples), same batch size, s
 (r, targets, the speaker tokens trained through PEFT's `trainable_token_indices`), same device, in one
 process, one after the other. Tokens are real (non-pad) tokens of the batches.
 
-- ours: `convsim train` itself (convsim.cli.main), --max-steps N, evaluation off; tokens/s is the median
-  over its logging intervals after the first (the Trainer's own `tokens_per_s` log field).
+- ours: `convsim train` itself (convsim.cli.main) with its defaults, --max-steps N, evaluation off; tokens/s
+  is the median over its logging intervals (the Trainer's own `tokens_per_s` log field), so the compile
+  of the first steps is not counted. `--variants` adds arms that switch one speed-up off at a time
+  (compile, Liger's fused head + loss, activation checkpointing) to show what each is worth.
 - plain: the loop a user would write: PEFT's stock layers, `model(input_ids, attention_mask, labels)`
   (the head over every position), AdamW, fp32 weights with bf16 autocast on CUDA; median over the
   same number of steps after warm-up.
@@ -96,23 +98,60 @@ def plain_loop(cfg, data_dir, device, steps, warmup):
             "useful_flops_per_token": fpt}
 
 
-def ours(cfg, data_dir, device, steps, work: Path):
-    """`convsim train` as users run it, with evaluation and checkpoints out of the way."""
+def ours(cfg, data_dir, device, steps, work: Path, flags=(), env=None):
+    """`convsim train` as users run it (plus `flags`, with `env` set), evaluation and checkpoints out of the
+    way."""
+    from convsim.cli import main
+    saved = {k: os.environ.get(k) for k in (env or {})}
+    os.environ.update(env or {})
+    try:
+        return _ours(cfg, data_dir, device, steps, work, list(flags))
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _ours(cfg, data_dir, device, steps, work: Path, flags):
     from convsim.cli import main
     conf = work / "bench.yaml"
     conf.write_text(f"logging_steps: {max(2, steps // 8)}\neval_steps: 100000\nsave_steps: 100000\nsamples: 0\n"
                     f"max_val_examples: 8\n")
-    out = work / "run"
+    out = work / ("run" + "".join(f.replace("--", "_") for f in flags))
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     rc = main(["train", str(data_dir), "--out", str(out), "--model", cfg.model, "--batch-size", str(cfg.batch_size),
                "--max-steps", str(steps + steps // 4), "--lora-r", str(cfg.lora_r), "--config", str(conf),
-               "--seed", str(cfg.seed)])
+               "--seed", str(cfg.seed), *flags])
     assert rc == 0, rc
     meta = json.loads((out / "run.json").read_text())
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
     return {"tokens_per_s": meta["tokens_per_s"], "peak_gib": peak, "steps": meta["global_step"],
-            "train_loss": meta["train_loss"]}
+            "train_loss": meta["train_loss"], "flags": flags, "compiled_layers": meta.get("compiled_layers"),
+            "activation_checkpointing": meta.get("activation_checkpointing"),
+            "liger": _liger_used()}
+
+
+def _liger_used():
+    from convsim import train
+    return any(v is not None for v in train._LIGER.values()) and os.environ.get("CONVSIM_LIGER", "0") == "1"
+
+
+# the arms besides plain and the default: what each speed-up is worth on its own
+VARIANTS = {
+    "eager": (["--no-compile"], {"CONVSIM_LIGER": "0"}),
+    "eager+checkpointing": (["--no-compile", "--activation-checkpointing"], {"CONVSIM_LIGER": "0"}),
+    "compiled-no-liger": (["--compile"], {"CONVSIM_LIGER": "0"}),
+    "compiled+liger": (["--compile"], {"CONVSIM_LIGER": "1"}),
+}
+
+
+def ratio(a, b):
+    """a's tokens/s over b's, or None when either has none (a failed arm, a run too short to log twice)."""
+    x, y = a.get("tokens_per_s"), b.get("tokens_per_s")
+    return x / y if x and y else None
 
 
 def flops_per_token(c, loss_fraction):
@@ -132,6 +171,7 @@ def main():
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--peak-tflops", type=float, default=989.0)
+    ap.add_argument("--variants", default="", help="comma-separated extra arms: " + ", ".join(VARIANTS))
     ap.add_argument("--out")
     a = ap.parse_args()
     from convsim.config import TrainConfig
@@ -141,17 +181,27 @@ def main():
         p = plain_loop(cfg, a.data, a.device, a.steps, a.warmup)
         print(f"plain: {p['tokens_per_s']:.0f} tokens/s, peak {p['peak_gib']} GiB", flush=True)
         o = ours(cfg, a.data, a.device, a.steps, Path(tmp))
-        print(f"ours:  {o['tokens_per_s']:.0f} tokens/s, peak {o['peak_gib']} GiB", flush=True)
+        print(f"ours:  {o['tokens_per_s']} tokens/s, peak {o['peak_gib']} GiB", flush=True)
+        variants = {}
+        for name in filter(None, a.variants.split(",")):
+            try:
+                variants[name] = ours(cfg, a.data, a.device, a.steps, Path(tmp), *VARIANTS[name])
+                print(f"{name}: {variants[name]['tokens_per_s']} tokens/s, peak {variants[name]['peak_gib']} GiB",
+                      flush=True)
+            except Exception as e:          # one arm failing must not lose the others
+                variants[name] = {"error": f"{type(e).__name__}: {e}"}
+                print(f"{name}: failed: {e}", flush=True)
     fpt = p["useful_flops_per_token"]
     res = {"card": card, "device": a.device, "model": a.model, "batch_size": a.batch_size, "steps": a.steps,
-           "plain": p, "ours": o, "speedup": o["tokens_per_s"] / p["tokens_per_s"],
+           "plain": p, "ours": o, "speedup": ratio(o, p),
+           "variants": {k: {**v, "speedup": ratio(v, p)} for k, v in variants.items()},
            "useful_flops_per_token": fpt,
            "command": "python bench/train_speed.py " + " ".join(sys.argv[1:]),
            "torch": torch.__version__}
-    if a.device.startswith("cuda"):
+    if a.device.startswith("cuda") and o["tokens_per_s"]:
         res["mfu_ours"] = o["tokens_per_s"] * fpt / (a.peak_tflops * 1e12)
         res["mfu_plain"] = p["tokens_per_s"] * fpt / (a.peak_tflops * 1e12)
-    print(json.dumps({k: v for k, v in res.items() if k not in ("plain", "ours")}, indent=1))
+    print(json.dumps({k: v for k, v in res.items() if k not in ("plain", "ours", "variants")}, indent=1))
     if a.out:
         Path(a.out).write_text(json.dumps(res, indent=1))
 

@@ -46,6 +46,8 @@ class TrainConfig:
     seed: int = 0
     quantization: str | None = None           # "4bit" | "8bit" (CUDA)
     backend: str = "peft"                     # "peft" | "unsloth"
+    activation_checkpointing: bool | None = None   # default: on only for models of 1B parameters or more
+    compile: bool | None = None               # torch.compile each decoder layer; default: on CUDA
     speaker_references: dict[str, list[str]] = field(default_factory=dict)
 
     def validate(self) -> "TrainConfig":

@@ -58,6 +58,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--continue-training", action="store_true", help="resume from the latest checkpoint")
     p.add_argument("--quantization", choices=["4bit", "8bit"], help="QLoRA via bitsandbytes (CUDA only)")
     p.add_argument("--backend", choices=["peft", "unsloth"])
+    p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute activations in the backward pass to save memory (default: on for models "
+                        "of 1B parameters or more)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile each decoder layer (default: on CUDA; first steps are slower)")
     p.add_argument("--eval-steps", type=int)
     p.add_argument("--max-val-examples", type=int, help="validation examples used for the loss (default 200)")
     p.add_argument("--save-steps", type=int)
@@ -68,7 +73,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def config_from_args(args) -> TrainConfig:
     keys = ["model", "targets", "epochs", "batch_size", "grad_accum", "learning_rate", "max_steps", "time_budget",
             "max_seq_length", "lora_r", "lora_alpha", "special_tokens", "include_mlp", "instruct_format", "loss",
-            "quantization", "backend", "eval_steps", "save_steps", "seed", "max_val_examples"]
+            "quantization", "backend", "activation_checkpointing", "compile", "eval_steps", "save_steps", "seed", "max_val_examples"]
     flags = {k: getattr(args, k, None) for k in keys}
     saved = Path(args.out) / "config.yaml"
     if getattr(args, "continue_training", False) and saved.exists():
@@ -162,6 +167,93 @@ def build_model(cfg: TrainConfig, speakers, device):
     return model, tok, spec, ids
 
 
+CHECKPOINTING_FROM = 1e9      # parameters: below this, activations are small and recomputing them only costs time
+
+
+def wants_checkpointing(cfg: TrainConfig, model) -> bool:
+    """Activation checkpointing as asked, else only for models of 1B parameters or more: on Gemma 3 270M
+    with chat-sized batches it costs a third more compute to save memory nobody needs."""
+    if cfg.activation_checkpointing is not None:
+        return cfg.activation_checkpointing
+    return sum(p.numel() for p in model.parameters()) >= CHECKPOINTING_FROM
+
+
+def wants_compile(cfg: TrainConfig, device: str) -> bool:
+    """torch.compile as asked, else on CUDA (where a small model is bound by kernel launches, which
+    compiled, fused layers cut), not under FSDP, and never on CPU (compiling costs more there than it
+    saves). CONVSIM_COMPILE=0 turns the default off."""
+    if cfg.compile is not None:
+        return cfg.compile and _can_compile()
+    sharded = os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")   # FSDP wraps the layers itself
+    return (device.startswith("cuda") and not sharded and _can_compile()
+            and os.environ.get("CONVSIM_COMPILE", "1") != "0")
+
+
+def _can_compile() -> bool:
+    import torch
+    return hasattr(torch, "compile") and sys.platform != "win32"
+
+
+def decoder_layers(model):
+    """The decoder's list of layers of a (PEFT-wrapped) causal LM, or None."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    backbone = getattr(base, base.base_model_prefix, None)
+    layers = getattr(backbone, "layers", None)
+    return layers if layers is not None and len(layers) else None
+
+
+def compile_layers(model, probe: bool = True) -> int:
+    """Compile each decoder layer in place (regional compilation). The layers share their code, so one
+    graph serves them all; shapes are dynamic from the start, so batches of new lengths do not recompile.
+    The module tree and the state dict stay as they were (adapters save as usual). With `probe`, one
+    forward and backward pass on a fixed dummy batch compiles the graph now; if compiling fails, the layers
+    go back to eager with a warning (training must not die of an optimisation). Returns the count compiled."""
+    layers = decoder_layers(model)
+    if layers is None:
+        return 0
+    for layer in layers:
+        layer.compile(dynamic=True)
+    if not probe:
+        return len(layers)
+    try:
+        _probe(model)
+    except Exception as e:                      # noqa: BLE001 - any compiler failure means: train eagerly
+        for layer in layers:
+            layer._compiled_call_impl = None
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        print(f"warning: torch.compile of the decoder layers failed ({type(e).__name__}: {first}); "
+              "training without it (--no-compile skips the attempt)", file=sys.stderr)
+        return 0
+    return len(layers)
+
+
+def _probe(model) -> None:
+    """One training-mode forward + backward of a fixed 2 x 16 batch (no RNG drawn, gradients cleared)."""
+    import contextlib
+    import torch
+    device = next(p.device for p in model.parameters() if p.device.type != "meta")
+    x = (torch.arange(32, device=device).view(2, 16) % 64) + 10
+    batch = {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x}
+    cast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
+    was = model.training
+    model.train()
+    try:
+        with cast:
+            loss = reply_loss(model, batch)
+        loss.backward()
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was)
+
+
+def eager():
+    """Context: run compiled modules eagerly (generation inside training, whose shapes change each step)."""
+    import contextlib
+    import torch
+    stance = getattr(torch.compiler, "set_stance", None)
+    return stance("force_eager") if stance else contextlib.nullcontext()
+
+
 def _load_quantized(cfg, device):
     try:
         import bitsandbytes  # noqa: F401
@@ -207,9 +299,12 @@ _LIGER: dict = {}
 
 
 def _liger_loss(cap):
-    """Liger's fused linear cross-entropy (sum over tokens) when liger-kernel is installed and not switched
-    off with CONVSIM_LIGER=0; else None (the plain head + cross-entropy is used)."""
-    if os.environ.get("CONVSIM_LIGER", "1") == "0":
+    """Liger's fused linear cross-entropy (sum over tokens) when asked for with CONVSIM_LIGER=1 and
+    liger-kernel is installed; else None (the plain head + cross-entropy over the reply positions only).
+    Off by default because it was slower here: with the speaker rows trainable it differentiates the whole
+    262k x 640 head weight every step; measured on an H200, compiled layers without it 47.6k tokens/s, with
+    it 13.7k (bench/results/train-speed-gpu.json). Worth trying for models whose head is frozen."""
+    if os.environ.get("CONVSIM_LIGER", "0") != "1":
         return None
     if cap not in _LIGER:
         try:
@@ -235,9 +330,8 @@ def install_reply_loss(model):
         if not reply_loss_sum or labels is None:
             return plain(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kw)
         total, count = _reply_loss_sum(self, input_ids, attention_mask, labels)
-        out = CausalLMOutput(loss=total)
-        out.count = count
-        return out
+        # the count rides in a field: accelerate's mixed-precision wrapper rebuilds outputs from their fields
+        return CausalLMOutput(loss=total, logits=count.reshape(1))
 
     base.forward = types.MethodType(forward, base)
     base._convsim_reply_loss = True
@@ -252,7 +346,7 @@ def reply_loss(model, inputs, num_items_in_batch=None):
     out = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
                 labels=inputs["labels"], reply_loss_sum=True)
     total = out.loss
-    denom = num_items_in_batch if num_items_in_batch is not None else out.count.clamp(min=1)
+    denom = num_items_in_batch if num_items_in_batch is not None else out.logits.sum().clamp(min=1)
     if torch.is_tensor(denom):
         denom = denom.to(total.device)
     return total / denom
@@ -338,7 +432,7 @@ def make_callbacks(cfg, run_dir: Path, tok, fmt, val_examples):
             model.eval()
             rows = []
             for e in val_examples[:cfg.samples]:
-                with fastgen.disabled():     # weights change between evaluations: no compiled graphs here
+                with fastgen.disabled(), eager():     # weights and shapes change: no compiled graphs here
                     got = reply(model, tok, fmt, e.context, e.speaker,
                                 SampleConfig(temperature=0.7, max_new_tokens=48, seed=cfg.seed))[0]
                 rows.append({"step": state.global_step, "speaker": e.speaker,
@@ -577,6 +671,9 @@ def run(args) -> int:
         tok.save_pretrained(run_dir / "tokenizer")
 
     cuda = device.startswith("cuda")
+    checkpointing = wants_checkpointing(cfg, model)
+    compiled = compile_layers(model) if wants_compile(cfg, device) else 0
+    meta.update(activation_checkpointing=checkpointing, compiled_layers=compiled)
     steps_per_epoch = math.ceil(len(train_rows) / (cfg.batch_size * cfg.grad_accum))
     sft = SFTConfig(
         output_dir=str(ckpt_dir), per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
@@ -589,7 +686,7 @@ def run(args) -> int:
         report_to=["tensorboard"], max_length=None,
         prediction_loss_only=True, remove_unused_columns=False, dataloader_num_workers=0,
         disable_tqdm=False, use_cpu=not cuda, save_only_model=False, ddp_find_unused_parameters=False,
-        dataset_kwargs={"skip_prepare_dataset": False},
+        dataset_kwargs={"skip_prepare_dataset": False}, gradient_checkpointing=checkpointing,
     )
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "logs")
     Trainer = make_trainer_class()
