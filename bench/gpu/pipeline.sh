@@ -1,21 +1,25 @@
 #!/usr/bin/env bash
-# Every GPU figure of convsim, in one detached pipeline on the lent two-GPU machine (see shared/GPU.md).
-# Started by bench/gpu/start.sh under setsid, so it outlives one 10-minute call; bench/gpu/collect.sh
-# waits for it and packs what is ready into $OUT. Results go to $RES (default /root/res).
+# Every GPU figure of convsim, in one detached pipeline on a lent machine with four GPUs (two work too,
+# more slowly; see shared/GPU.md). Started by bench/gpu/start.sh under setsid, so it outlives one
+# 10-minute call; bench/gpu/collect.sh waits for it and packs what is ready into $OUT. Results go to $RES.
 #
-# Stages (GPU 0 | GPU 1):
-#   setup: carried wheels -> $S/site, GGUF parts -> converted model, parity with the CPU reference
-#   scaling (both GPUs): convsim train on 1 GPU (batch 64) vs accelerate DDP on 2 (32 each), same steps
-#   A (GPU 0): headline fine-tune -> eval (generation on) -> steering vector + sweeps
-#   C (GPU 0): planted-canary attribution benchmark (bench/tda_canary.py)
-#   B (GPU 1): train speed vs a plain PEFT loop -> ablations (loss on whole text; instruct rendering)
-#              -> their evals -> generation speed on the headline run
+#   setup            carried wheels -> $S/site, GGUF parts -> converted model, parity with the CPU reference
+#   GPUs 0+1 (#13)   scale1: convsim train, 1 GPU, batch 64 x 2 accumulation steps
+#                    scale2: the same under accelerate DDP on 2 GPUs, batch 64 each (same global batch 128)
+#                    fsdp-small: convsim train under configs/accelerate/fsdp.yaml (the real model, 2 GPUs)
+#                    fsdp-big: a random model too large for one GPU in plain bf16 training, FSDP2 on 2 GPUs
+#                    then gen-speed (GPU 0, #10) | steering candidates (GPU 1, #6)
+#   GPU 2 (#10)      train-speed: convsim train vs the plain PEFT loop (+ arms) -> Unsloth on the same card
+#   GPU 3 (#7, #9)   canaries (2 and 5 epochs) -> instruct-rendering ablation -> 3-epoch headline variant
+#
+# DRY=1 runs the same flow on the CPU with the tiny model and tiny sizes (checks this script, not numbers).
 set -u -o pipefail
 export PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
-# $S/run holds what bench/gpu/start.sh copied: src/ (a snapshot of the code), data/, tok/, whl/
-S=${STAGE:-/root/stage}; RES=${RES:-/root/res}; G=$S/run
+# $S/run holds what bench/gpu/start.sh copied: src/ (a snapshot of the code), data/, tok/, whl/, hl-adapter/;
+# earlier calls put the model parts, hl/ (the headline run's other files) and unsloth/ (wheels) into $S
+S=${STAGE:-/root/stage}; RES=${RES:-/root/res}; G=$S/run; DRY=${DRY:-0}
 cd $G/src || exit 1
-export STAGE=$S CONVSIM_HOME=$S/home CONVSIM_TOK=$G/tok PYTHONPATH=$G/src:$S/site
+export STAGE=$S CONVSIM_HOME=${CONVSIM_HOME:-$S/home} CONVSIM_TOK=$G/tok PYTHONPATH=$G/src:$S/site
 mkdir -p $RES; T0=$(date +%s)
 say() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a $RES/stages.log; }
 st() {  # st NAME TIMEOUT CMD...: one logged stage; output in $RES/NAME.log
@@ -23,56 +27,77 @@ st() {  # st NAME TIMEOUT CMD...: one logged stage; output in $RES/NAME.log
   timeout $lim "$@" > $RES/$name.log 2>&1; local rc=$?
   say "end $name rc=$rc"; return $rc
 }
-DATA=$G/data; BENCHCONF=$RES/bench.yaml
+DATA=$G/data; HL=$S/headline; BENCHCONF=$RES/bench.yaml
 printf 'logging_steps: 5\neval_steps: 100000\nsave_steps: 100000\nsamples: 0\nmax_val_examples: 8\n' > $BENCHCONF
+if [ $DRY = 1 ]; then   # tiny everything
+  M=(--model tiny-gemma3); EP=(--max-steps 2 --batch-size 4); STEPS=4; N=4; NSTEER=3; BIG=(--device cpu --tiny --steps 3)
+  PY=python3; TS=(--device cpu --batch-size 4 --steps 8 --warmup 1 --model tiny-gemma3)
+else
+  M=(); EP=(); STEPS=40; N=100; NSTEER=60; BIG=(--steps 6 --seq 1024 --batch 2 --try-single); PY=python3; TS=(--device cuda --batch-size 32 --steps 40)
+fi
+gpu() { local n; n=$(nvidia-smi -L 2>/dev/null | wc -l); [ "$n" -gt 0 ] || n=1; echo $(( $1 % n )); }
 
 # ------------------------------------------------------------------ setup
 say "setup"
-python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target $S/site $G/whl/*.whl > $RES/pip.log 2>&1
-[ -f $S/g.gguf ] || cat $S/part* > $S/g.gguf
-sha256sum $S/g.gguf | tee -a $RES/stages.log
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee $RES/gpus.txt
-python3 -c "import transformers, peft, trl, torch, accelerate; print('versions', transformers.__version__, peft.__version__, trl.__version__, accelerate.__version__, torch.__version__)" | tee -a $RES/stages.log
-[ -f $CONVSIM_HOME/models/gemma-3-270m/convsim-convert.json ] || st convert 400 python3 bench/gpu/convert.py || { say "CONVERT FAILED"; exit 1; }
-CUDA_VISIBLE_DEVICES=0 st parity 200 python3 bench/gpu/parity.py
-
-# ------------------------------------------------------------------ scaling (both GPUs)
-CUDA_VISIBLE_DEVICES=0 st scale1 400 python3 -m convsim train $DATA --out $RES/scale1 --batch-size 64 --max-steps 60 --config $BENCHCONF --json
-st scale2 400 accelerate launch --config_file configs/accelerate/ddp.yaml --num_processes 2 -m convsim train $DATA \
-  --out $RES/scale2 --batch-size 32 --max-steps 60 --config $BENCHCONF --json
+$PY -m pip install -q --no-index --no-deps --no-compile --upgrade --target $S/site $G/whl/*.whl > $RES/pip.log 2>&1
+if [ $DRY = 0 ]; then
+  [ -f $S/g.gguf ] || cat $S/part* > $S/g.gguf
+  sha256sum $S/g.gguf | tee -a $RES/stages.log
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee $RES/gpus.txt
+fi
+# the headline run of docs/RESULTS.md, carried in pieces (adapter, tokenizer.json.gz, run files)
+if [ $DRY = 1 ]; then   # a tiny run stands in for the headline run
+  HL=$S/headline-tiny
+  [ -f $HL/run.json ] || $PY -m convsim train $DATA "${M[@]}" --out $HL --max-steps 3 --batch-size 4 --config $BENCHCONF > $RES/hl-tiny.log 2>&1
+elif [ ! -f $HL/run.json ]; then
+  mkdir -p $HL && cp -r $S/hl/. $HL/ && cp -r $G/hl-adapter $HL/adapter
+  [ -f $HL/tokenizer/tokenizer.json.gz ] && gunzip -f $HL/tokenizer/tokenizer.json.gz
+fi
+$PY -c "import transformers, peft, trl, torch, accelerate; print('versions', transformers.__version__, peft.__version__, trl.__version__, accelerate.__version__, torch.__version__)" | tee -a $RES/stages.log
+if [ $DRY = 0 ]; then
+  [ -f $CONVSIM_HOME/models/gemma-3-270m/convsim-convert.json ] || st convert 400 $PY bench/gpu/convert.py || { say "CONVERT FAILED"; exit 1; }
+  CUDA_VISIBLE_DEVICES=0 st parity 200 $PY bench/gpu/parity.py
+fi
 
 # ------------------------------------------------------------------ chains
-chainA() {
-  export CUDA_VISIBLE_DEVICES=0
-  R=$RES/headline
-  st headline-train 900 python3 -m convsim train $DATA --out $R --epochs 2 --batch-size 32 --eval-steps 40 --save-steps 100000 --json || return
-  st headline-eval 900 python3 -m convsim eval $R --n 100 --batch-size 32 --json --out $RES/eval-headline.json
-  st steer-build 300 python3 -m convsim steer build $R --from-data sentiment --layer 13 --out $RES/sent-l13.safetensors --json
-  for s in 2 2.5 3; do
-    st steer-sweep-$s 900 python3 -m convsim steer sweep $R $RES/sent-l13.safetensors --strengths 0,$s --positions new --n 60 \
-      --samples 3 --max-new-tokens 40 --out $RES/sweep-$s --json &
+chain01() {   # GPUs 0 and 1: multi-GPU (#13), then generation speed and Unsloth (#10)
+  export CUDA_VISIBLE_DEVICES=$(gpu 0),$(gpu 1)
+  CUDA_VISIBLE_DEVICES=$(gpu 0) st scale1 300 $PY -m convsim train $DATA "${M[@]}" --out $RES/scale1 --batch-size 64 \
+    --grad-accum 2 --max-steps 40 --config $BENCHCONF "${EP[@]}" --json
+  if [ $DRY = 0 ]; then
+    st scale2 300 accelerate launch --config_file configs/accelerate/ddp.yaml --num_processes 2 -m convsim train $DATA \
+      --out $RES/scale2 --batch-size 64 --max-steps 40 --config $BENCHCONF --json
+    st fsdp-small 240 accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes 2 -m convsim train \
+      $DATA --out $RES/fsdp-small --batch-size 32 --max-steps 20 --config $BENCHCONF --json
+  fi
+  [ -f bench/fsdp_big.py ] && st fsdp-big 300 $PY -m torch.distributed.run --standalone --nproc_per_node 2 bench/fsdp_big.py "${BIG[@]}" --out $RES/fsdp-big.json
+  CUDA_VISIBLE_DEVICES=$(gpu 0) st gen-speed 400 $PY bench/generate_speed.py --run $HL --out $RES/gen-speed.json &
+  CUDA_VISIBLE_DEVICES=$(gpu 1) st steer 900 bash bench/gpu/steer.sh $HL $RES/steer $NSTEER &
+  wait
+}
+chain2() {    # GPU 2: training speed (#10): convsim train vs the plain loop, then Unsloth on the same card
+  export CUDA_VISIBLE_DEVICES=$(gpu 2)
+  st train-speed 600 $PY bench/train_speed.py --data $DATA "${TS[@]}" \
+    --variants eager,compiled-no-liger,eager+checkpointing --out $RES/train-speed.json
+  st unsloth 600 bash bench/gpu/unsloth.sh
+}
+chain3() {    # GPU 3: canaries (#7), the instruct ablation and a longer headline variant (#9)
+  export CUDA_VISIBLE_DEVICES=$(gpu 3)
+  for e in 2 5; do
+    st canary-e$e 900 $PY bench/tda_canary.py --data $DATA --model ${M[1]:-gemma-3-270m} --work $RES/canary-e$e \
+      --out $RES/tda-canary-e$e.json --canaries 20 \
+      --train-args "--epochs $e --batch-size 32 --save-steps 100000 --eval-steps 100000 ${EP[*]}" &
   done
   wait
-}
-chainC() {
-  export CUDA_VISIBLE_DEVICES=0
-  [ -f bench/tda_canary.py ] || { say "no bench/tda_canary.py"; return; }
-  st canary 1500 python3 bench/tda_canary.py --data $DATA --model gemma-3-270m --work $RES/canary \
-    --out $RES/tda-canary.json --train-args "--epochs 2 --batch-size 32 --save-steps 100000 --eval-steps 100000"
-}
-chainB() {
-  export CUDA_VISIBLE_DEVICES=1
-  [ -f $RES/train-speed.json ] || st train-speed 600 python3 bench/train_speed.py --data $DATA --device cuda --batch-size 32 --steps 40 --out $RES/train-speed.json
-  st abl-whole-train 900 python3 -m convsim train $DATA --out $RES/abl-whole --loss whole --epochs 2 --batch-size 32 --eval-steps 40 --save-steps 100000 --json &
-  st abl-instruct-train 900 python3 -m convsim train $DATA --out $RES/abl-instruct --instruct-format --epochs 2 --batch-size 32 --eval-steps 40 --save-steps 100000 --json &
+  st abl-instruct-train 600 $PY -m convsim train $DATA "${M[@]}" --out $RES/abl-instruct --instruct-format --epochs 2 \
+    --batch-size 32 --eval-steps 40 --save-steps 100000 "${EP[@]}" --json &&
+    st abl-instruct-eval 600 $PY -m convsim eval $RES/abl-instruct --n $N --no-generate --json --out $RES/eval-abl-instruct.json &
+  st e3-train 600 $PY -m convsim train $DATA "${M[@]}" --out $RES/e3 --epochs 3 --batch-size 32 --eval-steps 40 \
+    --save-steps 100000 "${EP[@]}" --json &&
+    st e3-eval 600 $PY -m convsim eval $RES/e3 --n $N --batch-size 32 --json --out $RES/eval-e3.json
   wait
-  st abl-whole-eval 600 python3 -m convsim eval $RES/abl-whole --n 100 --no-generate --json --out $RES/eval-abl-whole.json &
-  st abl-instruct-eval 600 python3 -m convsim eval $RES/abl-instruct --n 100 --no-generate --json --out $RES/eval-abl-instruct.json &
-  wait
-  while [ ! -f $RES/headline/adapter/adapter_config.json ] && [ $(( $(date +%s) - T0 )) -lt 1500 ]; do sleep 5; done
-  st gen-speed 600 python3 bench/generate_speed.py --run $RES/headline --out $RES/gen-speed.json
 }
-chainA & chainC & chainB &
+chain01 & chain2 & chain3 &
 wait
 say "all done"
 touch $RES/DONE
