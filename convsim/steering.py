@@ -138,6 +138,20 @@ class SteeringVector:
         built at -5 and applied at -2)."""
         return replace(self, directions={l: self.direction_for(l) for l in layers})
 
+    def normalized(self, fraction: float) -> "SteeringVector":
+        """Each layer's direction rescaled to `fraction` of that layer's residual-stream norm (as recorded
+        at build time in info["residual_norm"]), so that strength 1 adds that fraction at every layer; a
+        multi-layer vector then spreads its push evenly instead of by each layer's raw difference."""
+        res = self.info.get("residual_norm") or {}
+        missing = [l for l in self.layers if str(l) not in res]
+        if missing:
+            raise UserError(f"the vector has no recorded residual norm for layer(s) {missing}; rebuild it")
+        if not (math.isfinite(fraction) and fraction > 0):
+            raise UserError(f"the normalising fraction must be a positive number, not {fraction!r}")
+        dirs = {l: v * (float(fraction) * res[str(l)] / max(float(v.norm()), 1e-12))
+                for l, v in self.directions.items()}
+        return replace(self, directions=dirs, info={**self.info, "normalized": float(fraction)})
+
     def direction_for(self, layer: int) -> torch.Tensor:
         if layer in self.directions:
             return self.directions[layer]

@@ -264,3 +264,29 @@ def test_cli_build_sources_in_process(tiny_run, tmp_path, capsys):
     assert main(["steer", "build", str(tiny_run), "--phrases", str(tmp_path / "pairs.yaml"),
                  "--out", str(tmp_path / "x.safetensors")]) == 2
     assert "expected a mapping" in capsys.readouterr().err
+
+
+def test_normalized_scales_each_layer_to_a_fraction_of_its_residual_norm(tiny, tmp_path):
+    model, tok = tiny
+    v = from_phrases(model, tok, HAPPY, layers=[0, 1])
+    n = v.normalized(0.05)
+    for l in (0, 1):
+        assert abs(n.norms()[l] - 0.05 * v.info["residual_norm"][str(l)]) < 1e-4 * v.info["residual_norm"][str(l)]
+        assert torch.allclose(n.directions[l] / n.norms()[l], v.directions[l] / v.norms()[l], atol=1e-6)
+    assert n.info["normalized"] == 0.05 and "normalized" not in v.info
+    n.save(tmp_path / "n.safetensors")
+    assert SteeringVector.load(tmp_path / "n.safetensors").info["normalized"] == 0.05
+    with pytest.raises(UserError):
+        v.normalized(0.0)
+    with pytest.raises(UserError):
+        (v - v).normalized(0.05)           # arithmetic drops the build record
+
+
+def test_cli_build_normalize(tiny_run, tmp_path, capsys):
+    from convsim.cli import main
+    assert main(["steer", "build", str(tiny_run), "--phrases", str(EXAMPLE), "--layer=0,1", "--normalize", "0.1",
+                 "--out", str(tmp_path / "n.safetensors"), "--json"]) == 0
+    v = SteeringVector.load(tmp_path / "n.safetensors")
+    for l in (0, 1):
+        assert abs(v.norms()[l] - 0.1 * v.info["residual_norm"][str(l)]) < 1e-3 * v.info["residual_norm"][str(l)]
+    assert json.loads(capsys.readouterr().out)["norms"]
