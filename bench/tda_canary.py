@@ -1,14 +1,16 @@
 """Canary recall: does attribution find the training message a reply was learnt from?
 
     python bench/tda_canary.py --data data/chitchat --model gemma-3-270m --work /tmp/canary \\
-        --out bench/results/tda_canary.json --canaries 20 --train-args "--epochs 2 --batch-size 16"
+        --out bench/results/tda_canary.json --canaries 20 --repeat 8 --train-args "--epochs 2 --batch-size 32"
     python bench/tda_canary.py --data tests-data --model tiny-gemma3 --work /tmp/c --out /tmp/c.json \\
         --canaries 4 --train-args "--max-steps 20 --batch-size 8"          # a CPU smoke run (numbers meaningless)
 
 What it does, side by side in one run:
 1. plants M made-up messages (distinctive invented sentences, seeded) into train-split conversations of
    DATA_DIR, each replacing a one-message reply of a target speaker that follows another speaker's
-   message, so each canary is one training example with a real context (same split rule as `convsim
+   message, so each canary is a training example with a real context; with --repeat R each canary is
+   planted R times by one speaker in different places (said once, the 270M model learnt none of 20 in 2 or
+   5 epochs: bench/results/tda_canary_gpu.json), and finding any copy counts (same split rule as `convsim
    train`: the canaries' conversations are checked against the run's split afterwards);
 2. trains with `convsim train` (a subprocess; `--train-args` are passed through). An existing finished
    run in WORK/run made from the same planted data is reused;
@@ -100,8 +102,10 @@ def token_f1(a: str, b: str) -> float:
     return 2 * p * r / (p + r)
 
 
-def plant(convs, targets, split_ids: set[str], m: int, seed: int, context_size: int):
-    """Replace M single-message replies of target speakers in train conversations by canaries."""
+def plant(convs, targets, split_ids: set[str], m: int, seed: int, context_size: int, repeat: int = 1):
+    """Replace M x REPEAT single-message replies of target speakers in train conversations by M canaries,
+    each said REPEAT times by one speaker in different places (a message seen once is rarely learnt).
+    Copies are far apart: none inside another's context (one per conversation first, then spaced out)."""
     rng = random.Random(seed)
     slots = []
     for ci, c in enumerate(convs):
@@ -113,27 +117,42 @@ def plant(convs, targets, split_ids: set[str], m: int, seed: int, context_size: 
             if s in targets and msgs[i - 1].speaker != s and (i + 1 == len(msgs) or msgs[i + 1].speaker != s):
                 slots.append((ci, i))
     rng.shuffle(slots)
-    chosen: list[tuple[int, int]] = []
-    # Far apart: no canary inside another's context (one per conversation first, then spaced out).
-    for one_per_conv in (True, False):
-        for ci, i in slots:
-            if len(chosen) >= m:
-                break
-            near = [(cj, j) for cj, j in chosen if cj == ci and (one_per_conv or abs(j - i) <= context_size + 1)]
-            if not near and (ci, i) not in chosen:
-                chosen.append((ci, i))
-    if len(chosen) < m:
-        raise SystemExit(f"only {len(chosen)} places for canaries in the train split; use fewer --canaries")
+    taken: dict[int, list[int]] = {}                 # conversation -> indices already used
+
+    def free(ci, i, one_per_conv):
+        used = taken.get(ci, [])
+        return not used if one_per_conv else all(abs(j - i) > context_size + 1 for j in used)
+
+    groups: list[list[tuple[int, int]]] = []
+    for _ in range(m):
+        group: list[tuple[int, int]] = []
+        for one_per_conv in (True, False):
+            for ci, i in slots:
+                if len(group) >= repeat:
+                    break
+                if group and convs[ci].messages[i].speaker != convs[group[0][0]].messages[group[0][1]].speaker:
+                    continue
+                if free(ci, i, one_per_conv):
+                    taken.setdefault(ci, []).append(i)
+                    group.append((ci, i))
+        if len(group) < repeat:
+            raise SystemExit(f"only {len(groups)} canaries x {repeat} fit in the train split; use fewer "
+                             "--canaries or a smaller --repeat")
+        groups.append(group)
     from convsim.chats.schema import Message
-    texts = canary_texts(m, seed)
     canaries = []
-    for (ci, i), text in zip(sorted(chosen), texts):
-        msgs = convs[ci].messages
-        old = msgs[i]
-        msgs[i] = Message(old.speaker, text, old.time)
-        canaries.append({"conv": convs[ci].id, "index": i, "speaker": old.speaker, "time": old.time, "text": text,
-                         "replaced": old.text,
-                         "context": [[x.speaker, x.text, x.time] for x in msgs[max(0, i - context_size):i]]})
+    for group, text in zip(groups, canary_texts(m, seed)):
+        copies = []
+        for ci, i in group:
+            msgs = convs[ci].messages
+            old = msgs[i]
+            msgs[i] = Message(old.speaker, text, old.time)
+            copies.append({"conv": convs[ci].id, "index": i, "time": old.time, "replaced": old.text,
+                           "context": [[x.speaker, x.text, x.time] for x in msgs[max(0, i - context_size):i]]})
+        first = copies[0]                           # the copy whose context prompts the model
+        canaries.append({"conv": first["conv"], "index": first["index"], "speaker": convs[group[0][0]].messages[group[0][1]].speaker,
+                         "time": first["time"], "text": text, "replaced": first["replaced"], "context": first["context"],
+                         "copies": [{k: x[k] for k in ("conv", "index", "time")} for x in copies]})
     return canaries
 
 
@@ -159,6 +178,7 @@ def main(argv=None) -> int:
     p.add_argument("--work", required=True, help="working directory (planted data, run, indexes)")
     p.add_argument("--out", required=True, help="JSON results file")
     p.add_argument("--canaries", type=int, default=20)
+    p.add_argument("--repeat", type=int, default=1, help="copies of each canary planted (by one speaker, apart)")
     p.add_argument("--train-args", default="", help='passed to `convsim train`, e.g. "--epochs 2 --batch-size 16"')
     p.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma-separated, from {', '.join(VARIANTS)}")
     p.add_argument("--k", type=int, default=5)
@@ -188,9 +208,10 @@ def main(argv=None) -> int:
     convs = read_conversations(args.data)
     targets = targets or speakers_of(convs)
     split = split_conversations(convs, cfg.val_fraction, cfg.test_fraction)
-    canaries = plant(convs, set(targets), {c.id for c in split["train"]}, args.canaries, args.seed, cfg.context_size)
+    canaries = plant(convs, set(targets), {c.id for c in split["train"]}, args.canaries, args.seed, cfg.context_size,
+                     args.repeat)
     planted = json.dumps(canaries, sort_keys=True)
-    step(f"planted {len(canaries)} canaries into {len(split['train'])} train conversations "
+    step(f"planted {len(canaries)} canaries x {args.repeat} into {len(split['train'])} train conversations "
          f"({sum(len(c.messages) for c in convs)} messages); e.g. {canaries[0]['speaker']}: {canaries[0]['text']!r}")
     previous = work / "canaries.json"
     reuse = (run_dir / "run.json").exists() and previous.exists() and previous.read_text() == planted and \
@@ -223,8 +244,8 @@ def main(argv=None) -> int:
 
     run = open_run(run_dir)
     in_train = set(run.meta["split"]["train"])
-    dropped = [c for c in canaries if c["conv"] not in in_train]
-    canaries = [c for c in canaries if c["conv"] in in_train]
+    dropped = [c for c in canaries if any(x["conv"] not in in_train for x in c["copies"])]
+    canaries = [c for c in canaries if c not in dropped]
     if dropped:
         step(f"warning: {len(dropped)} canaries' conversations are not in the run's train split; left out")
     model, tok = run.load()
@@ -261,9 +282,9 @@ def main(argv=None) -> int:
         tda = Attributor(run, model, tok, method=spec.method, k=args.k, directory=where)
         hits = {"any": 0, "speaker": 0, "self": 0}
         for c in canaries:
-            key = (c["speaker"], c["time"], c["text"])
+            keys = {(c["speaker"], x["time"], c["text"]) for x in c["copies"]}     # any copy is the canary
             context = [Message(s, t, tm) for s, t, tm in c["context"]]
-            found = lambda res: any((h["speaker"], h["time"], h["text"]) == key for h in res)  # noqa: E731
+            found = lambda res: any((h["speaker"], h["time"], h["text"]) in keys for h in res)  # noqa: E731
             own = found(tda.query(c["generated"], c["speaker"], context=context)) if c["generated"] else False
             hits["any"] += own
             if c["generated"]:
@@ -290,6 +311,7 @@ def main(argv=None) -> int:
         "reproduced_token_f1": round(sum(c["token_f1"] for c in canaries) / max(n, 1), 3),
         "empty_replies": sum(not c["generated"] for c in canaries),
         "n_canaries": n,
+        "copies_per_canary": args.repeat,
         "index_seconds": index_seconds,
         "index_messages": n_messages,
         "variants": specs,

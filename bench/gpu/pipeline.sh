@@ -10,7 +10,7 @@
 #                    fsdp-big: a random model too large for one GPU in plain bf16 training, FSDP2 on 2 GPUs
 #                    then gen-speed (GPU 0, #10) | steering candidates (GPU 1, #6)
 #   GPU 2 (#10)      train-speed: convsim train vs the plain PEFT loop (+ arms) -> Unsloth on the same card
-#   GPU 3 (#7, #9)   canaries (2 and 5 epochs) -> instruct-rendering ablation -> 3-epoch headline variant
+#   GPU 3 (#7, #9)   canaries (planted once and 8 times) -> instruct-rendering ablation -> 3-epoch variant
 #
 # DRY=1 runs the same flow on the CPU with the tiny model and tiny sizes (checks this script, not numbers).
 set -u -o pipefail
@@ -78,15 +78,15 @@ chain01() {   # GPUs 0 and 1: multi-GPU (#13), then generation speed and Unsloth
 chain2() {    # GPU 2: training speed (#10): convsim train vs the plain loop, then Unsloth on the same card
   export CUDA_VISIBLE_DEVICES=$(gpu 2)
   st train-speed 600 $PY bench/train_speed.py --data $DATA "${TS[@]}" \
-    --variants eager,compiled-no-liger,eager+checkpointing --out $RES/train-speed.json
+    --variants eager,compiled+liger,eager+checkpointing --out $RES/train-speed.json
   st unsloth 600 bash bench/gpu/unsloth.sh
 }
 chain3() {    # GPU 3: canaries (#7), the instruct ablation and a longer headline variant (#9)
   export CUDA_VISIBLE_DEVICES=$(gpu 3)
-  for e in 2 5; do
-    st canary-e$e 900 $PY bench/tda_canary.py --data $DATA --model ${M[1]:-gemma-3-270m} --work $RES/canary-e$e \
-      --out $RES/tda-canary-e$e.json --canaries 20 \
-      --train-args "--epochs $e --batch-size 32 --save-steps 100000 --eval-steps 100000 ${EP[*]}" &
+  for r in 1 8; do      # each canary said once (not learnt in 2 or 5 epochs, 2026-11-26) and 8 times
+    st canary-r$r 1500 $PY bench/tda_canary.py --data $DATA --model ${M[1]:-gemma-3-270m} --work $RES/canary-r$r \
+      --out $RES/tda-canary-r$r.json --canaries 20 --repeat $r \
+      --train-args "--epochs 2 --batch-size 32 --save-steps 100000 --eval-steps 100000 ${EP[*]}" &
   done
   wait
   st abl-instruct-train 600 $PY -m convsim train $DATA "${M[@]}" --out $RES/abl-instruct --instruct-format --epochs 2 \
