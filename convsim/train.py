@@ -605,6 +605,16 @@ class AtomicCheckpoints:
 
 # ----------------------------------------------------------------------------- stage
 
+def finish_distributed() -> None:
+    """Under torchrun/accelerate: every rank meets here (rank 0 after writing the run) and the process
+    group is destroyed before exit. A rank that simply exited while another still used the group could be
+    aborted by the communication library ('terminate called without an active exception')."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def write_meta(run_dir: Path, meta: dict) -> None:
     from convsim.fsutil import write_json
     write_json(run_dir / "run.json", meta)
@@ -700,6 +710,7 @@ def run(args) -> int:
     seconds = time.time() - t0
     final_eval = trainer.evaluate() if val_rows else {}
     if not main:
+        finish_distributed()        # wait for rank 0 to write the run, then leave the group together
         return 0
     # the adapter is the product: write it whole or not at all
     with atomic_dir(run_dir / "adapter") as tmp:
@@ -713,6 +724,7 @@ def run(args) -> int:
                 eval_loss=final_eval.get("eval_loss"), device=device,
                 stop_reason=getattr(trainer.state, "stop_reason", "done"))
     write_meta(run_dir, meta)
+    finish_distributed()
     summary = {"run_dir": str(run_dir), "steps": trainer.state.global_step, "train_loss": train_loss,
                "eval_loss": final_eval.get("eval_loss"), "seconds": round(seconds, 1),
                "tokens_per_s": tokens_per_s, "world_size": world,
