@@ -142,6 +142,7 @@ def plant(convs, targets, split_ids: set[str], m: int, seed: int, context_size: 
     from convsim.chats.schema import Message
     canaries = []
     for group, text in zip(groups, canary_texts(m, seed)):
+        speaker = convs[group[0][0]].messages[group[0][1]].speaker       # every copy's (chosen so above)
         copies = []
         for ci, i in group:
             msgs = convs[ci].messages
@@ -150,7 +151,7 @@ def plant(convs, targets, split_ids: set[str], m: int, seed: int, context_size: 
             copies.append({"conv": convs[ci].id, "index": i, "time": old.time, "replaced": old.text,
                            "context": [[x.speaker, x.text, x.time] for x in msgs[max(0, i - context_size):i]]})
         first = copies[0]                           # the copy whose context prompts the model
-        canaries.append({"conv": first["conv"], "index": first["index"], "speaker": convs[group[0][0]].messages[group[0][1]].speaker,
+        canaries.append({"conv": first["conv"], "index": first["index"], "speaker": speaker,
                          "time": first["time"], "text": text, "replaced": first["replaced"], "context": first["context"],
                          "copies": [{k: x[k] for k in ("conv", "index", "time")} for x in copies]})
     return canaries

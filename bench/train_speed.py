@@ -101,37 +101,26 @@ def plain_loop(cfg, data_dir, device, steps, warmup):
 def ours(cfg, data_dir, device, steps, work: Path, flags=(), env=None):
     """`convsim train` as users run it (plus `flags`, with `env` set), evaluation and checkpoints out of the
     way."""
+    from unittest.mock import patch
     from convsim.cli import main
-    saved = {k: os.environ.get(k) for k in (env or {})}
-    os.environ.update(env or {})
-    try:
-        return _ours(cfg, data_dir, device, steps, work, list(flags))
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def _ours(cfg, data_dir, device, steps, work: Path, flags):
-    from convsim.cli import main
+    flags = list(flags)
     conf = work / "bench.yaml"
     conf.write_text(f"logging_steps: {max(2, steps // 8)}\neval_steps: 100000\nsave_steps: 100000\nsamples: 0\n"
                     f"max_val_examples: 8\n")
     out = work / ("run" + "".join(f.replace("--", "_") for f in flags))
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    rc = main(["train", str(data_dir), "--out", str(out), "--model", cfg.model, "--batch-size", str(cfg.batch_size),
-               "--max-steps", str(steps + steps // 4), "--lora-r", str(cfg.lora_r), "--config", str(conf),
-               "--seed", str(cfg.seed), *flags])
+    with patch.dict(os.environ, env or {}):
+        rc = main(["train", str(data_dir), "--out", str(out), "--model", cfg.model, "--batch-size",
+                   str(cfg.batch_size), "--max-steps", str(steps + steps // 4), "--lora-r", str(cfg.lora_r),
+                   "--config", str(conf), "--seed", str(cfg.seed), *flags])
+        liger = _liger_used()
     assert rc == 0, rc
     meta = json.loads((out / "run.json").read_text())
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
     return {"tokens_per_s": meta["tokens_per_s"], "peak_gib": peak, "steps": meta["global_step"],
             "train_loss": meta["train_loss"], "flags": flags, "compiled_layers": meta.get("compiled_layers"),
-            "activation_checkpointing": meta.get("activation_checkpointing"),
-            "liger": _liger_used()}
+            "activation_checkpointing": meta.get("activation_checkpointing"), "liger": liger}
 
 
 def _liger_used():

@@ -215,6 +215,8 @@ def compile_layers(model, probe: bool = True) -> int:
         layer.compile(dynamic=True)
     if not probe:
         return len(layers)
+    print(f"compiling the {len(layers)} decoder layers (about a minute the first time; --no-compile skips it)",
+          file=sys.stderr, flush=True)
     try:
         _probe(model)
     except Exception as e:                      # noqa: BLE001 - any compiler failure means: train eagerly
@@ -320,7 +322,6 @@ def install_reply_loss(model):
     `_reply_loss_sum`. The call still enters through the outermost module (PEFT, and DDP/FSDP under
     accelerate), so distributed gradient hooks fire as usual; generation and plain calls are untouched."""
     import types
-    from transformers.modeling_outputs import CausalLMOutput
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if getattr(base, "_convsim_reply_loss", False):
         return model
@@ -330,12 +331,30 @@ def install_reply_loss(model):
         if not reply_loss_sum or labels is None:
             return plain(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kw)
         total, count = _reply_loss_sum(self, input_ids, attention_mask, labels)
-        # the count rides in a field: accelerate's mixed-precision wrapper rebuilds outputs from their fields
-        return CausalLMOutput(loss=total, logits=count.reshape(1))
+        return reply_loss_output(total, count)
 
     base.forward = types.MethodType(forward, base)
     base._convsim_reply_loss = True
     return model
+
+
+_OUTPUT: list = []
+
+
+def reply_loss_output(loss, count):
+    """The training forward's output: summed loss and the number of tokens it covers, both as declared
+    fields (accelerate's mixed-precision wrapper rebuilds outputs from their fields, dropping anything else)."""
+    if not _OUTPUT:
+        from dataclasses import dataclass
+        import torch
+        from transformers.utils import ModelOutput
+
+        @dataclass
+        class ReplyLossOutput(ModelOutput):
+            loss: torch.Tensor | None = None
+            count: torch.Tensor | None = None
+        _OUTPUT.append(ReplyLossOutput)
+    return _OUTPUT[0](loss=loss, count=count)
 
 
 def reply_loss(model, inputs, num_items_in_batch=None):
@@ -346,7 +365,7 @@ def reply_loss(model, inputs, num_items_in_batch=None):
     out = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
                 labels=inputs["labels"], reply_loss_sum=True)
     total = out.loss
-    denom = num_items_in_batch if num_items_in_batch is not None else out.logits.sum().clamp(min=1)
+    denom = num_items_in_batch if num_items_in_batch is not None else out.count.clamp(min=1)
     if torch.is_tensor(denom):
         denom = denom.to(total.device)
     return total / denom
