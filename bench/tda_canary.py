@@ -1,9 +1,12 @@
 """Canary recall: does attribution find the training message a reply was learnt from?
 
     python bench/tda_canary.py --data data/chitchat --model gemma-3-270m --work /tmp/canary \\
-        --out bench/results/tda_canary.json --canaries 20 --repeat 8 --train-args "--epochs 2 --batch-size 32"
-    python bench/tda_canary.py --data tests-data --model tiny-gemma3 --work /tmp/c --out /tmp/c.json \\
-        --canaries 4 --train-args "--max-steps 20 --batch-size 8"          # a CPU smoke run (numbers meaningless)
+        --out bench/results/tda_canary.json --canaries 20 --repeat 8 --prefix-words 3 \\
+        --variants activations,activations-last-raw --train-args "--epochs 2 --batch-size 32"
+    python bench/tda_canary.py --data /tmp/small --model tiny-gemma3 --work /tmp/c --out /tmp/c.json \\
+        --canaries 4 --repeat 3 --prefix-words 3 --train-args "--max-steps 20 --batch-size 8"
+    # a CPU smoke run in about a minute (numbers meaningless); /tmp/small: a few conversations, e.g.
+    # tests/conftest.py's synthetic_conversations(20, 20) written with convsim.chats.schema.write_conversations
 
 What it does, side by side in one run:
 1. plants M made-up messages (distinctive invented sentences, seeded) into train-split conversations of
@@ -13,21 +16,42 @@ What it does, side by side in one run:
    5 epochs: bench/results/tda_canary_gpu.json), and finding any copy counts (same split rule as `convsim
    train`: the canaries' conversations are checked against the run's split afterwards);
 2. trains with `convsim train` (a subprocess; `--train-args` are passed through). An existing finished
-   run in WORK/run made from the same planted data is reused;
-3. for each canary, prompts the model with the canary's own context and generates its reply greedily;
-   the reply reproduces the canary when it equals it (case, spacing and punctuation aside);
+   run in WORK/run made from the same planted data (same --data, --canaries, --repeat, --seed, targets)
+   is reused, so runs that differ only in --prefix-words, --variants or --k do not train again;
+3. for each canary, prompts the model with the canary's own context and generates its reply greedily.
+   With --prefix-words K (the secret-sharer way of eliciting a memorised sequence), the prompt also has
+   the speaker's turn already begun with the canary's first K words, tokenised exactly as training renders
+   a reply that starts with them (checked: the prompt ids are a prefix of the rendered training example
+   with the canary as reply; where a tokeniser merges across the cut, the prompt takes the rendered
+   example's own tokens up to the last whole word, and `prompt_from_render` counts such canaries); the
+   model completes the turn, and the generated reply is prefix + completion. The canary is *reproduced*
+   when the completion equals the rest of the canary (case, spacing and punctuation aside); also reported:
+   the mean token F1 of the completion against that rest. K = 0 (default): no prefix, the whole reply is
+   generated and compared with the whole canary;
 4. indexes the training messages with each variant (`convsim.tda.index.update_index`, timed) and queries
-   each with the generated reply as the canary's speaker (the gradients methods also get the context);
-   a hit is the canary's own training message among the top 5. Also reported: the same with the search
-   restricted to the canary's speaker, and with the canary's own text as the query (a sanity check: it
-   should be about 1.0).
+   each with the generated reply (prefix + completion) as the canary's speaker (the gradients methods also
+   get the context); a hit is the canary's own training message (any copy) among the top 5. Reported per
+   variant, with hit counts: recall over all canaries; over the reproduced ones only
+   (`canary_recall_at_5_reproduced`); with the search restricted to the canary's speaker; with the canary's
+   own text as the query (a sanity check: it should be about 1.0); and, with K > 0, with the prefix alone
+   as the query (`canary_recall_at_5_prefix_only`, a control). The 8 templates share their first words,
+   but some put an invented word early (the ferry template's 2nd word, the festival template's 3rd, the
+   traded-jars template's number 3rd), so a prefix can identify a canary by itself: the recall the
+   completion earns is what exceeds the prefix-only control. K = 1 keeps every prefix generic.
 
-Variants (`--variants`, comma-separated): activations (the default index: middle layer, mean pool,
-centred), activations-last-raw (last layer, not centred: the naive choice), activations-last,
-activations-mid-raw, gradients (count-sketched LoRA gradients, centred), gradients-raw.
+Variants (`--variants`, comma-separated, run in the order given): activations (the default index: middle
+layer, mean pool, centred), activations-last-raw (last layer, not centred: the naive choice),
+activations-last, activations-mid-raw, gradients (count-sketched LoRA gradients, centred),
+gradients-raw. Indexing cost: an activations index is one forward pass per training message (14-34 s for
+7,290 messages on an H200), a gradients index a forward and backward pass each (267 s for the same 7,290,
+two runs sharing the card), and each variant is indexed again from scratch. Under a time limit, list the
+activations variants first, or run the gradients variants as a second invocation with the same --work
+(the trained run is reused) and another --out.
 
-Needs no faiss: queries fall back to exact numpy search. Prints progress and a table; writes JSON
-atomically (with the machine and card it ran on).
+Needs no faiss: queries fall back to exact numpy search. Prints progress and a table. Writes its JSON
+atomically (with the machine and card it ran on, and prefix_words) after the generation step and again
+after every variant, with "complete": false and "variants_done" until the last variant is done, so a run
+cut off by a time limit leaves the variants it finished.
 """
 from __future__ import annotations
 
@@ -100,6 +124,53 @@ def token_f1(a: str, b: str) -> float:
         return 0.0
     p, r = common / len(x), common / len(y)
     return 2 * p * r / (p + r)
+
+
+def prefix_prompt(tok, fmt, context, speaker: str, text: str, k: int, budget: int | None = None):
+    """The generation prompt for `speaker`'s reply to `context` already begun with the first `k` words of
+    `text`: (prompt ids, prefix text, whether the ids had to be taken from the rendered example).
+
+    The ids are those training renders for a reply that starts with `text` (`render` with `text` as the
+    reply), cut after the prefix: the context's prompt, then the prefix tokenised as `text_ids` tokenises
+    a message (leading space, no newline). Where that tokenisation is not a prefix of the rendered example
+    (a tokeniser that merges across the cut), the rendered example's own reply tokens are used, up to the
+    longest run of them that decodes to whole words of the prefix (the prefix then has fewer words).
+    With `budget`, the earliest context messages are dropped until the prompt fits, as `prompt_ids` does."""
+    from convsim.chats.examples import render
+    from convsim.chats.schema import Message
+    words = text.split()
+    if not 0 < k < len(words):
+        raise ValueError(f"--prefix-words {k} must leave words to complete in {text!r} ({len(words)} words)")
+    context = list(context)
+    while True:
+        full = render(tok, fmt, context, speaker, [Message(speaker, text)], next_speaker=None)
+        base = full.input_ids[:full.prompt_len]
+        prefix = " ".join(words[:k])
+        ids = base + tok(" " + prefix, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        from_render = full.input_ids[:len(ids)] != ids
+        if from_render:                     # the longest token prefix of the reply that is whole words
+            ids, prefix = None, ""
+            reply = full.input_ids[full.prompt_len:]
+            for j in range(1, len(reply)):
+                got = tok.decode(reply[:j], skip_special_tokens=True).strip()
+                n = len(got.split())
+                after = tok.decode(reply[:j + 1], skip_special_tokens=True).strip()   # the next token starts a word
+                if got and n <= k and got == " ".join(words[:n]) and after.startswith(got + " "):
+                    ids, prefix = base + reply[:j], got
+            if ids is None:
+                raise ValueError(f"no token boundary at a word boundary in the first {k} words of {text!r}")
+            assert full.input_ids[:len(ids)] == ids
+        if budget is None or len(ids) <= budget or not context:
+            return ids, prefix, from_render
+        context = context[1:]
+
+
+def completion_scores(burst: list[str], rest: str) -> tuple[bool, float]:
+    """(reproduced, token F1) of a generated burst against the words it should have produced: reproduced
+    when its first message, or the whole burst joined, equals `rest` (case, spacing, punctuation aside)."""
+    first = burst[0] if burst else ""
+    reproduced = bool(burst) and (normalise(first) == normalise(rest) or normalise(" ".join(burst)) == normalise(rest))
+    return reproduced, round(token_f1(first, rest), 3)
 
 
 def plant(convs, targets, split_ids: set[str], m: int, seed: int, context_size: int, repeat: int = 1):
@@ -182,6 +253,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=1, help="copies of each canary planted (by one speaker, apart)")
     p.add_argument("--train-args", default="", help='passed to `convsim train`, e.g. "--epochs 2 --batch-size 16"')
     p.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma-separated, from {', '.join(VARIANTS)}")
+    p.add_argument("--prefix-words", type=int, default=0, metavar="K",
+                   help="prompt with the canary's first K words already said (0: context only)")
     p.add_argument("--k", type=int, default=5)
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--seed", type=int, default=0)
@@ -193,6 +266,9 @@ def main(argv=None) -> int:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         p.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    shortest = min(len(t.split()) for t in canary_texts(args.canaries, args.seed))
+    if not 0 <= args.prefix_words < shortest:
+        p.error(f"--prefix-words must be 0 to {shortest - 1} (the shortest canary has {shortest} words)")
 
     from convsim.chats.examples import split_conversations
     from convsim.chats.schema import Message, read_conversations, speakers_of, write_conversations
@@ -238,7 +314,7 @@ def main(argv=None) -> int:
         train_summary = json.loads(lines[-1]) if lines else None
         step(f"trained in {train_seconds}s")
 
-    from convsim.generate import SampleConfig, reply
+    from convsim.generate import SampleConfig, reply, reply_from_prompt
     from convsim.runs import open_run
     from convsim.tda.index import IndexSpec, training_messages, update_index
     from convsim.tda.query import Attributor
@@ -253,24 +329,80 @@ def main(argv=None) -> int:
     device = str(next(model.parameters()).device)
 
     # 3. generate
-    step(f"generating {len(canaries)} greedy replies on {device}")
+    K = args.prefix_words
+    step(f"generating {len(canaries)} greedy replies on {device}"
+         + (f", each begun with its first {K} words" if K else ""))
     cfg_gen = SampleConfig(temperature=0.0, max_new_tokens=args.max_new_tokens)
     for c in canaries:
         context = [Message(s, t, tm) for s, t, tm in c["context"]]
-        texts = reply(model, tok, run.fmt, context, c["speaker"], cfg_gen)[0]
-        c["generated"] = texts
-        joined = " ".join(texts)
-        c["reproduced"] = bool(texts) and (normalise(joined) == normalise(c["text"])
-                                           or normalise(texts[0]) == normalise(c["text"]))
-        c["token_f1"] = round(token_f1(texts[0] if texts else "", c["text"]), 3)
+        if not K:
+            texts = reply(model, tok, run.fmt, context, c["speaker"], cfg_gen)[0]
+            c["generated"], c["prefix"], c["completion"], c["prompt_from_render"] = texts, "", texts, False
+            c["reproduced"], c["token_f1"] = completion_scores(texts, c["text"])
+            continue
+        ids, prefix, from_render = prefix_prompt(tok, run.fmt, context, c["speaker"], c["text"], K,
+                                                 cfg_gen.max_context_tokens)
+        burst = reply_from_prompt(model, tok, run.fmt, ids, c["speaker"], cfg_gen)
+        rest = c["text"].split()[len(prefix.split()):]
+        c["prefix"], c["completion"], c["prompt_from_render"] = prefix, burst, from_render
+        c["generated"] = [f"{prefix} {burst[0]}" if burst else prefix, *burst[1:]]
+        c["reproduced"], c["token_f1"] = completion_scores(burst, " ".join(rest))
     n = len(canaries)
-    reproduced = sum(c["reproduced"] for c in canaries) / max(n, 1)
-    step(f"reproduced {sum(c['reproduced'] for c in canaries)}/{n}; e.g. {canaries[0]['text']!r} -> "
-         f"{canaries[0]['generated']!r}")
+    n_reproduced = sum(c["reproduced"] for c in canaries)
+    reproduced = n_reproduced / max(n, 1)
+    from_render = sum(c["prompt_from_render"] for c in canaries)
+    if from_render:
+        step(f"warning: {from_render} prompts took the rendered example's tokens (prefix cut at a token boundary)")
+    step(f"reproduced {n_reproduced}/{n}; e.g. {canaries[0]['text']!r} -> {canaries[0]['generated']!r}")
+
+    try:
+        import faiss  # noqa: F401
+        search = "faiss"
+    except ImportError:
+        search = "numpy exact (faiss not installed)"
+    n_messages = len(training_messages(run))
+    recall, recall_spk, recall_rep, recall_pre, self_recall, hit_counts, index_seconds, specs = \
+        {}, {}, {}, {}, {}, {}, {}, {}
+    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])])
+
+    def save(complete: bool) -> None:
+        result = {
+            "complete": complete,
+            "variants_done": list(recall),
+            f"canary_recall_at_{args.k}": recall,
+            f"canary_recall_at_{args.k}_reproduced": recall_rep,
+            f"canary_recall_at_{args.k}_prefix_only": recall_pre if K else None,
+            f"canary_recall_at_{args.k}_speaker_filtered": recall_spk,
+            f"own_text_recall_at_{args.k}": self_recall,
+            f"canary_hits_at_{args.k}": hit_counts,
+            "prefix_words": K,
+            "prompt_from_render": from_render,
+            "reproduced": round(reproduced, 3),
+            "n_reproduced": n_reproduced,
+            "reproduced_token_f1": round(sum(c["token_f1"] for c in canaries) / max(n, 1), 3),
+            "empty_replies": sum(not c["completion"] for c in canaries),
+            "n_canaries": n,
+            "copies_per_canary": args.repeat,
+            "index_seconds": index_seconds,
+            "index_messages": n_messages,
+            "variants": specs,
+            "model": args.model,
+            "train_args": args.train_args,
+            "train_seconds": train_seconds,
+            "train": train_summary,
+            "search": search,
+            "device": device,
+            "machine": machine(),
+            "command": command,
+            "canaries": [{k: c.get(k, {}) for k in ("speaker", "text", "prefix", "completion", "generated",
+                                                     "reproduced", "token_f1", "found", "found_prefix_only")}
+                         for c in canaries],
+        }
+        write_json(args.out, result, private=False)
+
+    save(complete=False)
 
     # 4. index and query
-    n_messages = len(training_messages(run))
-    recall, recall_spk, self_recall, index_seconds, specs = {}, {}, {}, {}, {}
     for name in variants:
         spec = IndexSpec(**VARIANTS[name])
         where = run_dir / "tda-bench" / name
@@ -281,60 +413,49 @@ def main(argv=None) -> int:
         index_seconds[name] = round(time.time() - t0, 2)
         specs[name] = {**VARIANTS[name], "layer": stats["layer"], "dim": stats["dim"]}
         tda = Attributor(run, model, tok, method=spec.method, k=args.k, directory=where)
-        hits = {"any": 0, "speaker": 0, "self": 0}
+        hits = {"all": 0, "reproduced": 0, "prefix_only": 0, "speaker_filtered": 0, "own_text": 0}
         for c in canaries:
             keys = {(c["speaker"], x["time"], c["text"]) for x in c["copies"]}     # any copy is the canary
             context = [Message(s, t, tm) for s, t, tm in c["context"]]
             found = lambda res: any((h["speaker"], h["time"], h["text"]) in keys for h in res)  # noqa: E731
             own = found(tda.query(c["generated"], c["speaker"], context=context)) if c["generated"] else False
-            hits["any"] += own
+            hits["all"] += own
+            hits["reproduced"] += own and c["reproduced"]
             if c["generated"]:
-                hits["speaker"] += found(tda.query(c["generated"], c["speaker"], speaker=c["speaker"],
-                                                   context=context))
-            hits["self"] += found(tda.query(c["text"], c["speaker"], context=context))
+                hits["speaker_filtered"] += found(tda.query(c["generated"], c["speaker"], speaker=c["speaker"],
+                                                            context=context))
+            hits["own_text"] += found(tda.query(c["text"], c["speaker"], context=context))
             c.setdefault("found", {})[name] = own
-        recall[name] = round(hits["any"] / max(n, 1), 3)
-        recall_spk[name] = round(hits["speaker"] / max(n, 1), 3)
-        self_recall[name] = round(hits["self"] / max(n, 1), 3)
-        step(f"  {name}: recall@{args.k} {recall[name]:.2f} (speaker-filtered {recall_spk[name]:.2f}, "
-             f"own text {self_recall[name]:.2f}), indexed in {index_seconds[name]}s")
+            if K:
+                pre = found(tda.query(c["prefix"], c["speaker"], context=context))
+                hits["prefix_only"] += pre
+                c.setdefault("found_prefix_only", {})[name] = pre
+        recall[name] = round(hits["all"] / max(n, 1), 3)
+        recall_rep[name] = round(hits["reproduced"] / n_reproduced, 3) if n_reproduced else None
+        recall_pre[name] = round(hits["prefix_only"] / max(n, 1), 3)
+        recall_spk[name] = round(hits["speaker_filtered"] / max(n, 1), 3)
+        self_recall[name] = round(hits["own_text"] / max(n, 1), 3)
+        hit_counts[name] = {**hits, "n": n, "n_reproduced": n_reproduced}
+        if not K:
+            del hit_counts[name]["prefix_only"]
+        step(f"  {name}: recall@{args.k} {recall[name]:.2f} ({hits['all']}/{n}; reproduced "
+             f"{hits['reproduced']}/{n_reproduced}" + (f", prefix only {hits['prefix_only']}/{n}" if K else "") +
+             f"; speaker-filtered {recall_spk[name]:.2f}, own text {self_recall[name]:.2f}), "
+             f"indexed in {index_seconds[name]}s")
+        save(complete=name == variants[-1])
 
-    try:
-        import faiss  # noqa: F401
-        search = "faiss"
-    except ImportError:
-        search = "numpy exact (faiss not installed)"
-    result = {
-        f"canary_recall_at_{args.k}": recall,
-        f"canary_recall_at_{args.k}_speaker_filtered": recall_spk,
-        f"own_text_recall_at_{args.k}": self_recall,
-        "reproduced": round(reproduced, 3),
-        "reproduced_token_f1": round(sum(c["token_f1"] for c in canaries) / max(n, 1), 3),
-        "empty_replies": sum(not c["generated"] for c in canaries),
-        "n_canaries": n,
-        "copies_per_canary": args.repeat,
-        "index_seconds": index_seconds,
-        "index_messages": n_messages,
-        "variants": specs,
-        "model": args.model,
-        "train_args": args.train_args,
-        "train_seconds": train_seconds,
-        "train": train_summary,
-        "search": search,
-        "device": device,
-        "machine": machine(),
-        "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
-        "canaries": [{k: c[k] for k in ("speaker", "text", "generated", "reproduced", "token_f1", "found")}
-                     for c in canaries],
-    }
-    write_json(args.out, result, private=False)
-
-    width = max(len(v) for v in variants)
-    print(f"\n{'variant':<{width}}  recall@{args.k}  speaker-only  own-text  index s")
+    if not variants:
+        save(complete=True)
+    width = max([len(v) for v in variants] + [len("variant")])
+    fmt_r = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
+    print(f"\n{'variant':<{width}}  recall@{args.k}  reproduced-only  prefix-only  speaker-only  own-text  index s")
     for name in variants:
-        print(f"{name:<{width}}  {recall[name]:>8.2f}  {recall_spk[name]:>12.2f}  {self_recall[name]:>8.2f}  "
+        print(f"{name:<{width}}  {recall[name]:>8.2f}  {fmt_r(recall_rep[name]):>15}  "
+              f"{fmt_r(recall_pre[name] if K else None):>11}  {recall_spk[name]:>12.2f}  {self_recall[name]:>8.2f}  "
               f"{index_seconds[name]:>7}")
-    print(f"reproduced {reproduced:.2f} of {n} canaries; {n_messages} training messages; search: {search}; "
+    mean_f1 = sum(c["token_f1"] for c in canaries) / max(n, 1)
+    print(f"prefix words {K}; reproduced {n_reproduced}/{n} canaries (mean token F1 of the "
+          f"{'completion' if K else 'reply'} {mean_f1:.2f}); {n_messages} training messages; search: {search}; "
           f"wrote {args.out}")
     return 0
 
