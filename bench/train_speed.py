@@ -5,12 +5,14 @@ Same model, same data (the run's rendered training examples), same batch size, s
 process, one after the other. Tokens are real (non-pad) tokens of the batches.
 
 - ours: `convsim train` itself (convsim.cli.main) with its defaults, --max-steps N, evaluation off; tokens/s
-  is the median over its logging intervals (the Trainer's own `tokens_per_s` log field), so the compile
-  of the first steps is not counted. `--variants` adds arms that switch one speed-up off at a time
-  (compile, Liger's fused head + loss, activation checkpointing) to show what each is worth.
+  is real tokens over time across its logging intervals but the first (the Trainer's own per-interval
+  `tokens_per_s` weighted by interval length), so the compile of the first steps is not counted.
+  `--variants` adds arms that switch one speed-up off at a time (compiled layers, bf16 frozen weights,
+  length-grouped batches, Liger's fused head + loss, activation checkpointing) to show what each is worth.
 - plain: the loop a user would write: PEFT's stock layers, `model(input_ids, attention_mask, labels)`
-  (the head over every position), AdamW, fp32 weights with bf16 autocast on CUDA; median over the
-  same number of steps after warm-up.
+  (the head over every position), AdamW, fp32 weights with bf16 autocast on CUDA, random batches; tokens
+  over time for the same number of steps after warm-up. `--plain-bf16` adds the same loop with bf16 base
+  weights (PEFT keeps LoRA in float32), a second baseline for the weights' dtype alone.
 
     python bench/train_speed.py --data DATA_DIR --device cuda --batch-size 32 --steps 40 --out speed.json
     python bench/train_speed.py --data DATA_DIR --device cpu --batch-size 8 --steps 6 --warmup 1 --out cpu.json
@@ -52,8 +54,9 @@ def batches(rows, batch_size, pad_id, seed, device):
         yield ids.to(device), mask.to(device), lab.to(device)
 
 
-def plain_loop(cfg, data_dir, device, steps, warmup):
-    """The stock way: PEFT LoRA + trainable tokens, full-vocabulary logits, HF loss."""
+def plain_loop(cfg, data_dir, device, steps, warmup, dtype=torch.float32):
+    """The stock way: PEFT LoRA + trainable tokens, full-vocabulary logits, HF loss; base weights in
+    `dtype` (float32 with bf16 autocast by default; bfloat16 for the `--plain-bf16` arm)."""
     from peft import LoraConfig, get_peft_model
     from convsim.chats.examples import PromptFormat
     from convsim.models import load_base, resolve
@@ -62,14 +65,14 @@ def plain_loop(cfg, data_dir, device, steps, warmup):
     convs, speakers, targets, split, ex = prepare_data(cfg, data_dir)
     spec = resolve(cfg.model)
     torch.manual_seed(cfg.seed)
-    model, tok = load_base(cfg.model, device=device, dtype=torch.float32)
+    model, tok = load_base(cfg.model, device=device, dtype=dtype)
     ids = add_speaker_tokens(model, tok, speakers, {}, spec.reference_words, seed=cfg.seed)
     fmt = PromptFormat(style=spec.prompt_style, speakers=tuple(speakers), special_tokens=True)
     rows, _ = tokenize(tok, fmt, ex["train"], cfg)
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_r, use_rslora=True,
                       target_modules=list(spec.attn_targets) + list(spec.mlp_targets),
                       trainable_token_indices={"embed_tokens": sorted(ids.values())}, task_type="CAUSAL_LM")
-    model = get_peft_model(model, lora)
+    model = get_peft_model(model, lora)     # PEFT keeps LoRA in float32 over bf16 weights (autocast_adapter_dtype)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
     cuda = device.startswith("cuda")
@@ -95,7 +98,7 @@ def plain_loop(cfg, data_dir, device, steps, warmup):
         torch.cuda.empty_cache()
     return {"tokens_per_s": sum(toks) / sum(times), "step_s_median": statistics.median(times),
             "peak_gib": peak, "steps": steps, "loss_token_fraction": loss_tokens, "final_loss": float(loss),
-            "useful_flops_per_token": fpt}
+            "useful_flops_per_token": fpt, "dtype": str(dtype).replace("torch.", "")}
 
 
 def ours(cfg, data_dir, device, steps, work: Path, flags=(), env=None):
@@ -118,9 +121,26 @@ def ours(cfg, data_dir, device, steps, work: Path, flags=(), env=None):
     assert rc == 0, rc
     meta = json.loads((out / "run.json").read_text())
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
-    return {"tokens_per_s": meta["tokens_per_s"], "peak_gib": peak, "steps": meta["global_step"],
+    return {"tokens_per_s": interval_rate(out / "metrics.jsonl"), "tokens_per_s_median_interval": meta["tokens_per_s"],
+            "frozen_dtype": meta.get("frozen_dtype"), "group_by_length": meta.get("group_by_length"),
+            "peak_gib": peak, "steps": meta["global_step"],
             "train_loss": meta["train_loss"], "flags": flags, "compiled_layers": meta.get("compiled_layers"),
             "activation_checkpointing": meta.get("activation_checkpointing"), "liger": liger}
+
+
+def interval_rate(metrics: Path) -> float | None:
+    """Real tokens per second over all logging intervals but the first (compilation, warm-up): the
+    Trainer's per-interval `tokens_per_s` weighted by each interval's length, i.e. tokens / time. With
+    length-grouped batches intervals differ a lot, so this, not the median interval, is the run's rate."""
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "tokens_per_s" in r or "loss" in r]
+    tokens = seconds = 0.0
+    for prev, row in zip(rows, rows[1:]):
+        if "tokens_per_s" in row and "tokens_per_s" in prev:     # prev logged too: row's interval is steady
+            dt = row["time"] - prev["time"]
+            tokens += row["tokens_per_s"] * dt
+            seconds += dt
+    return round(tokens / seconds, 1) if seconds else None
 
 
 def _liger_used():
@@ -134,6 +154,10 @@ VARIANTS = {
     "eager+checkpointing": (["--no-compile", "--activation-checkpointing"], {"CONVSIM_LIGER": "0"}),
     "compiled-no-liger": (["--compile"], {"CONVSIM_LIGER": "0"}),
     "compiled+liger": (["--compile"], {"CONVSIM_LIGER": "1"}),
+    "fp32-frozen": (["--frozen-dtype", "float32"], {"CONVSIM_LIGER": "0"}),
+    "no-grouping": (["--no-group-by-length"], {"CONVSIM_LIGER": "0"}),
+    # the default of the previous release: compiled layers, float32 frozen weights, random batches
+    "compiled-fp32-random": (["--compile", "--frozen-dtype", "float32", "--no-group-by-length"], {"CONVSIM_LIGER": "0"}),
 }
 
 
@@ -161,6 +185,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--peak-tflops", type=float, default=989.0)
     ap.add_argument("--variants", default="", help="comma-separated extra arms: " + ", ".join(VARIANTS))
+    ap.add_argument("--plain-bf16", action="store_true",
+                    help="also run the plain loop with bf16 base weights (a second baseline)")
     ap.add_argument("--out")
     a = ap.parse_args()
     from convsim.config import TrainConfig
@@ -169,6 +195,11 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         p = plain_loop(cfg, a.data, a.device, a.steps, a.warmup)
         print(f"plain: {p['tokens_per_s']:.0f} tokens/s, peak {p['peak_gib']} GiB", flush=True)
+        plain_bf16 = None
+        if a.plain_bf16:
+            plain_bf16 = plain_loop(cfg, a.data, a.device, a.steps, a.warmup, dtype=torch.bfloat16)
+            print(f"plain (bf16 weights): {plain_bf16['tokens_per_s']:.0f} tokens/s, peak {plain_bf16['peak_gib']} GiB",
+                  flush=True)
         o = ours(cfg, a.data, a.device, a.steps, Path(tmp))
         print(f"ours:  {o['tokens_per_s']} tokens/s, peak {o['peak_gib']} GiB", flush=True)
         variants = {}
@@ -183,6 +214,7 @@ def main():
     fpt = p["useful_flops_per_token"]
     res = {"card": card, "device": a.device, "model": a.model, "batch_size": a.batch_size, "steps": a.steps,
            "plain": p, "ours": o, "speedup": ratio(o, p),
+           **({"plain_bf16": plain_bf16, "speedup_vs_plain_bf16": ratio(o, plain_bf16)} if plain_bf16 else {}),
            "variants": {k: {**v, "speedup": ratio(v, p)} for k, v in variants.items()},
            "useful_flops_per_token": fpt,
            "command": "python bench/train_speed.py " + " ".join(sys.argv[1:]),
@@ -190,7 +222,7 @@ def main():
     if a.device.startswith("cuda") and o["tokens_per_s"]:
         res["mfu_ours"] = o["tokens_per_s"] * fpt / (a.peak_tflops * 1e12)
         res["mfu_plain"] = p["tokens_per_s"] * fpt / (a.peak_tflops * 1e12)
-    print(json.dumps({k: v for k, v in res.items() if k not in ("plain", "ours", "variants")}, indent=1))
+    print(json.dumps({k: v for k, v in res.items() if k not in ("plain", "plain_bf16", "ours", "variants")}, indent=1))
     if a.out:
         Path(a.out).write_text(json.dumps(res, indent=1))
 

@@ -48,6 +48,8 @@ class TrainConfig:
     backend: str = "peft"                     # "peft" | "unsloth"
     activation_checkpointing: bool | None = None   # default: on only for models of 1B parameters or more
     compile: bool | None = None               # torch.compile each decoder layer; default: on CUDA
+    frozen_dtype: str | None = None           # "float32" | "bfloat16": the frozen base weights; default bf16 on CUDA
+    group_by_length: bool | None = None       # batches of similar lengths (less padding); default: on CUDA
     speaker_references: dict[str, list[str]] = field(default_factory=dict)
 
     def validate(self) -> "TrainConfig":
@@ -55,6 +57,8 @@ class TrainConfig:
             raise UserError(f"--loss must be reply or whole, not {self.loss!r}")
         if self.quantization not in (None, "4bit", "8bit"):
             raise UserError(f"--quantization must be 4bit or 8bit, not {self.quantization!r}")
+        if self.frozen_dtype not in (None, "float32", "bfloat16"):
+            raise UserError(f"--frozen-dtype must be float32 or bfloat16, not {self.frozen_dtype!r}")
         if self.backend not in ("peft", "unsloth"):
             raise UserError(f"--backend must be peft or unsloth, not {self.backend!r}")
         for name in ("batch_size", "grad_accum", "lora_r", "max_seq_length", "context_size", "max_burst"):

@@ -8,6 +8,8 @@ a speaker token; output logits are replaced in the speaker tokens' columns. Same
 the memory traffic. `tests/test_fastpeft.py` checks logits and gradients against PEFT's own forward.
 
     patch_trainable_tokens(peft_model)   # in place, per instance; returns how many layers were patched
+
+Under FSDP2 a tied head needs one more thing: `show_tied_weights(peft_model)` (see there).
 """
 from __future__ import annotations
 
@@ -66,6 +68,9 @@ def head_weight(head):
     a fused linear + cross-entropy kernel (Liger) must be given instead of calling the module. Gradients reach
     the trainable-token delta through `index_copy`."""
     from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+    from peft.utils.other import TrainableTokensWrapper
+    if isinstance(head, TrainableTokensWrapper):
+        head = head.token_adapter        # not `head.weight`: see show_tied_weights
     if not isinstance(head, TrainableTokensLayer):
         return head.weight, getattr(head, "bias", None)
     base = head.base_layer
@@ -76,3 +81,37 @@ def head_weight(head):
             idx = torch.as_tensor(head.token_indices[name], device=w.device)
             w = w.index_copy(0, idx, head.trainable_tokens_delta[name].to(w.dtype))
     return w, getattr(base, "bias", None)
+
+
+def _stored_weight(self, name, modules):
+    if name == "weight":
+        return self.token_adapter.base_layer.weight
+    return type(self)._getattr_wrapped(self, name, modules)
+
+
+def show_tied_weights(model) -> int:
+    """Make a tied embedding and head visible as tied to FSDP2 (accelerate's `fsdp2_prepare_model`).
+
+    PEFT wraps both the input embedding and the head tied to it in a `TrainableTokensWrapper` whose
+    `.weight` is a new merged matrix on every access, so accelerate's test `input.weight is output.weight`
+    fails; it then shards the embedding and the head as two FSDP units, and the one matrix they share is
+    sharded twice (a TypeError in `DeviceMesh._concatenate`). Here, on the wrappers whose layers share a
+    weight, `.weight` is the stored (base) Parameter itself, so accelerate shards embedding and head as one
+    unit, with the speaker-token rows they share. Forward, gradients and the saved adapter are unchanged:
+    they never read the wrapper's `.weight` (`head_weight` builds the merged matrix from the layer itself).
+    Returns how many wrappers were changed (0: nothing tied)."""
+    try:
+        from peft.utils.other import TrainableTokensWrapper
+    except ImportError:
+        return 0
+    by_weight: dict[int, list] = {}
+    for mod in model.modules():
+        if isinstance(mod, TrainableTokensWrapper):
+            by_weight.setdefault(id(mod.token_adapter.base_layer.weight), []).append(mod)
+    n = 0
+    for group in by_weight.values():
+        for mod in group if len(group) > 1 else ():
+            if "_getattr_wrapped" not in mod.__dict__:
+                mod._getattr_wrapped = types.MethodType(_stored_weight, mod)
+                n += 1
+    return n

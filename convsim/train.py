@@ -63,6 +63,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "of 1B parameters or more)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile each decoder layer (default: on CUDA; first steps are slower)")
+    p.add_argument("--frozen-dtype", choices=["float32", "bfloat16"],
+                   help="dtype of the frozen base weights (default: bfloat16 on CUDA, float32 elsewhere); the "
+                        "trained LoRA and speaker rows stay float32")
+    p.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=None,
+                   help="draw batches of similar lengths, so less compute goes to padding (default: on CUDA)")
     p.add_argument("--eval-steps", type=int)
     p.add_argument("--max-val-examples", type=int, help="validation examples used for the loss (default 200)")
     p.add_argument("--save-steps", type=int)
@@ -73,7 +78,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def config_from_args(args) -> TrainConfig:
     keys = ["model", "targets", "epochs", "batch_size", "grad_accum", "learning_rate", "max_steps", "time_budget",
             "max_seq_length", "lora_r", "lora_alpha", "special_tokens", "include_mlp", "instruct_format", "loss",
-            "quantization", "backend", "activation_checkpointing", "compile", "eval_steps", "save_steps", "seed", "max_val_examples"]
+            "quantization", "backend", "activation_checkpointing", "compile", "frozen_dtype", "group_by_length", "eval_steps", "save_steps", "seed", "max_val_examples"]
     flags = {k: getattr(args, k, None) for k in keys}
     saved = Path(args.out) / "config.yaml"
     if getattr(args, "continue_training", False) and saved.exists():
@@ -144,7 +149,7 @@ def build_model(cfg: TrainConfig, speakers, device):
         if not device.startswith("cuda"):
             raise UserError("--backend unsloth needs a CUDA GPU")
     import torch
-    dtype = torch.float32  # fp32 master weights; bf16 autocast on CUDA
+    dtype = getattr(torch, frozen_dtype(cfg, device))   # frozen weights; what trains is float32 (below)
     model, tok = load_base(cfg.model, device=device, dtype=dtype)
     if cfg.quantization:
         model, tok = _load_quantized(cfg, device)
@@ -162,9 +167,60 @@ def build_model(cfg: TrainConfig, speakers, device):
                       use_rslora=cfg.use_rslora, target_modules=targets, trainable_token_indices=tt,
                       task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
-    from convsim.fastpeft import patch_trainable_tokens
+    trainable_in_float32(model)
+    from convsim.fastpeft import patch_trainable_tokens, show_tied_weights
     patch_trainable_tokens(model)
+    if sharded_training():
+        show_tied_weights(model)      # else FSDP2 shards a tied head's weight twice (issue #13)
     return model, tok, spec, ids
+
+
+def sharded_training() -> bool:
+    """Launched by `accelerate launch` with an FSDP config (accelerate says so in the environment)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+
+
+def gathered_trained_state(model):
+    """Under FSDP2 the trained weights are sharded across the processes and `save_pretrained` on rank 0
+    alone fails (it reads storage the shards do not have). This gathers the trainable weights whole onto
+    rank 0's CPU (the frozen base stays sharded): a collective, so every process calls it, before rank 0
+    saves with `save_pretrained(..., state_dict=this)` (the adapter's format is unchanged). Returns None
+    when the model is not sharded (save as usual), and an empty dict on the other ranks."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return None
+    if not any(isinstance(m, FSDPModule) for m in model.modules()):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                ignore_frozen_params=True))
+
+
+def frozen_dtype(cfg: TrainConfig, device: str) -> str:
+    """The frozen base weights' dtype: as asked, else bfloat16 on a CUDA card that has it and float32
+    elsewhere. bf16 autocast casts every matmul's weight to bf16 anyway, so holding the frozen weights in
+    bf16 gives the matmuls the same inputs without re-casting 270M weights each step (and halves their
+    memory); norms, embeddings and the residual stream then run in bf16 as in bf16 inference. Under FSDP
+    float32, so each sharded unit holds one dtype."""
+    if cfg.frozen_dtype:
+        return cfg.frozen_dtype
+    import torch
+    if device.startswith("cuda") and not sharded_training() and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bfloat16"
+    return "float32"
+
+
+def trainable_in_float32(model) -> int:
+    """Every trainable parameter (LoRA matrices, speaker-token rows) in float32, whatever the frozen
+    weights' dtype: AdamW's small updates vanish in bf16 rounding. Returns how many were cast."""
+    import torch
+    n = 0
+    for p in model.parameters():
+        if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()
+            n += 1
+    return n
 
 
 CHECKPOINTING_FROM = 1e9      # parameters: below this, activations are small and recomputing them only costs time
@@ -184,9 +240,27 @@ def wants_compile(cfg: TrainConfig, device: str) -> bool:
     saves). CONVSIM_COMPILE=0 turns the default off."""
     if cfg.compile is not None:
         return cfg.compile and _can_compile()
-    sharded = os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")   # FSDP wraps the layers itself
-    return (device.startswith("cuda") and not sharded and _can_compile()
+    return (device.startswith("cuda") and not sharded_training() and _can_compile()   # FSDP wraps layers itself
             and os.environ.get("CONVSIM_COMPILE", "1") != "0")
+
+
+def wants_grouping(cfg: TrainConfig, device: str) -> bool:
+    """Batches of similar lengths as asked, else on CUDA: random batches of chat examples are about half
+    padding (the chitchat pair: 48 % real tokens at batch 32), which a GPU computes at full cost. The
+    grouping is seeded (resume replays it) and still random across groups. Off on the CPU by default, where
+    it is not needed for speed and the batches stay as they were."""
+    if cfg.group_by_length is not None:
+        return cfg.group_by_length
+    return device.startswith("cuda")
+
+
+def sampling_args(grouped: bool) -> dict:
+    """The Trainer argument for length-grouped sampling, in this transformers version's spelling."""
+    from trl import SFTConfig
+    fields = getattr(SFTConfig, "__dataclass_fields__", {})
+    if "train_sampling_strategy" in fields:
+        return {"train_sampling_strategy": "group_by_length" if grouped else "random"}
+    return {"group_by_length": grouped} if "group_by_length" in fields else {}
 
 
 def _can_compile() -> bool:
@@ -395,6 +469,14 @@ def make_trainer_class():
                 loss = loss * self.accelerator.num_processes
             return (loss, {"loss": loss}) if return_outputs else loss
 
+        def _get_eval_sampler(self, eval_dataset):
+            """Validation batches in order, also when training batches are grouped by length: the same
+            validation loss for the same weights, whatever the training sampler."""
+            if self.args.world_size <= 1 and eval_dataset is not None:
+                from torch.utils.data import SequentialSampler
+                return SequentialSampler(eval_dataset)
+            return super()._get_eval_sampler(eval_dataset)
+
         def log(self, logs, *args, **kwargs):
             """Adds `tokens_per_s`: real tokens trained per second (this process) since the last log."""
             import torch
@@ -443,8 +525,8 @@ def make_callbacks(cfg, run_dir: Path, tok, fmt, val_examples):
         """At each evaluation, sample replies for a few validation contexts into samples.jsonl."""
 
         def on_evaluate(self, args, state, control, model=None, **kw):
-            if not cfg.samples or not val_examples or not state.is_world_process_zero:
-                return
+            if not cfg.samples or not val_examples or not state.is_world_process_zero or sharded_training():
+                return          # under FSDP a forward on rank 0 alone would wait forever for the other shards
             from convsim import fastgen
             from convsim.generate import SampleConfig, reply
             was_training = model.training
@@ -463,7 +545,42 @@ def make_callbacks(cfg, run_dir: Path, tok, fmt, val_examples):
             if was_training:
                 model.train()
 
-    return [Budget(cfg.time_budget), Metrics(), Samples()]
+    class Profile(TrainerCallback):
+        """CONVSIM_PROFILE=DIR: torch.profiler over steps 11-15 (after compile and warm-up); writes the
+        busiest operators by device and by host time to DIR/profile.txt and a trace to DIR/trace.json."""
+
+        def __init__(self, where, first=10, count=5):
+            self.where, self.first, self.count, self.prof = Path(where), first, count, None
+
+        def on_step_begin(self, args, state, control, **kw):
+            import torch
+            if state.global_step == self.first and self.prof is None and state.is_world_process_zero:
+                acts = [torch.profiler.ProfilerActivity.CPU] + (
+                    [torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+                self.prof = torch.profiler.profile(activities=acts)
+                self.prof.__enter__()
+                self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            import torch
+            if self.prof is None or state.global_step != self.first + self.count:
+                return
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            wall = (time.perf_counter() - self.t0) / self.count
+            self.prof.__exit__(None, None, None)
+            self.where.mkdir(parents=True, exist_ok=True)
+            ka = self.prof.key_averages()
+            dev = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+            text = (f"steps {self.first + 1}-{self.first + self.count}: {1000 * wall:.1f} ms per step (wall)\n\n"
+                    f"by {dev}\n{ka.table(sort_by=dev, row_limit=40)}\n\n"
+                    f"by cpu_time_total\n{ka.table(sort_by='cpu_time_total', row_limit=40)}\n")
+            (self.where / "profile.txt").write_text(text, encoding="utf-8")
+            self.prof.export_chrome_trace(str(self.where / "trace.json"))
+            self.prof = None
+
+    profile = [Profile(os.environ["CONVSIM_PROFILE"])] if os.environ.get("CONVSIM_PROFILE") else []
+    return [Budget(cfg.time_budget), Metrics(), Samples(), *profile]
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -488,10 +605,14 @@ def complete_checkpoint(path: Path) -> bool:
         state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    weights = ("adapter_model.safetensors", "model.safetensors", "adapter_model.bin", "pytorch_model.bin")
-    return (state.get("global_step") == checkpoint_step(path)
-            and all((path / f).is_file() for f in ("optimizer.pt", "scheduler.pt"))
-            and any(path.glob("rng_state*.pth")) and any((path / f).is_file() for f in weights))
+    # FSDP's sharded checkpoints hold the model and optimizer as folders of shards (pytorch_model_fsdp_0/,
+    # optimizer_0/) or as one file each (pytorch_model_fsdp.bin, optimizer.bin)
+    weights = ("adapter_model.safetensors", "model.safetensors", "adapter_model.bin", "pytorch_model.bin",
+               "pytorch_model_fsdp_0", "pytorch_model_fsdp.bin")
+    optimizer = ("optimizer.pt", "optimizer_0", "optimizer.bin")
+    return (state.get("global_step") == checkpoint_step(path) and (path / "scheduler.pt").is_file()
+            and any((path / f).exists() for f in optimizer)
+            and any(path.glob("rng_state*.pth")) and any((path / f).exists() for f in weights))
 
 
 def last_checkpoint(ckpt_dir: Path) -> Path | None:
@@ -702,7 +823,9 @@ def run(args) -> int:
     cuda = device.startswith("cuda")
     checkpointing = wants_checkpointing(cfg, model)
     compiled = compile_layers(model) if wants_compile(cfg, device) else 0
-    meta.update(activation_checkpointing=checkpointing, compiled_layers=compiled)
+    grouped = wants_grouping(cfg, device)
+    meta.update(activation_checkpointing=checkpointing, compiled_layers=compiled, group_by_length=grouped,
+                frozen_dtype=str(next(p for p in model.parameters() if not p.requires_grad).dtype).replace("torch.", ""))
     steps_per_epoch = math.ceil(len(train_rows) / (cfg.batch_size * cfg.grad_accum))
     sft = SFTConfig(
         output_dir=str(ckpt_dir), per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
@@ -716,6 +839,7 @@ def run(args) -> int:
         prediction_loss_only=True, remove_unused_columns=False, dataloader_num_workers=0,
         disable_tqdm=False, use_cpu=not cuda, save_only_model=False, ddp_find_unused_parameters=False,
         dataset_kwargs={"skip_prepare_dataset": False}, gradient_checkpointing=checkpointing,
+        **sampling_args(grouped),
     )
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "logs")
     Trainer = make_trainer_class()
@@ -728,12 +852,14 @@ def run(args) -> int:
     train_loss = trainer.run_loss(result)       # over the whole run, also when it resumed
     seconds = time.time() - t0
     final_eval = trainer.evaluate() if val_rows else {}
+    gathered = gathered_trained_state(model)      # FSDP: every process takes part; None otherwise
     if not main:
         finish_distributed()        # wait for rank 0 to write the run, then leave the group together
         return 0
     # the adapter is the product: write it whole or not at all
     with atomic_dir(run_dir / "adapter") as tmp:
-        model.save_pretrained(tmp, save_embedding_layers=False)  # speaker rows live in the trainable-token delta
+        # speaker rows live in the trainable-token delta; under FSDP from the gathered weights
+        model.save_pretrained(tmp, state_dict=gathered, save_embedding_layers=False)
     rates = sorted(r["tokens_per_s"] for r in trainer.state.log_history if "tokens_per_s" in r)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     tokens_per_s = round(rates[len(rates) // 2] * world, 1) if rates else None   # median interval, all processes

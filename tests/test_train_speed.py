@@ -86,3 +86,47 @@ def test_a_failing_compile_falls_back_to_eager(monkeypatch, capsys):
     assert "inductor says no" in capsys.readouterr().err
     loss = reply_loss(model, _batch(ids, len(tok)))         # trains eagerly
     assert torch.isfinite(loss)
+
+
+def test_frozen_weights_dtype_defaults(monkeypatch):
+    from convsim.train import frozen_dtype
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    assert frozen_dtype(TrainConfig(), "cpu") == "float32"
+    assert frozen_dtype(TrainConfig(frozen_dtype="bfloat16"), "cpu") == "bfloat16"
+    assert frozen_dtype(TrainConfig(frozen_dtype="float32"), "cuda") == "float32"
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        assert frozen_dtype(TrainConfig(), "cuda") == "bfloat16"
+        monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")     # one dtype per sharded unit
+        assert frozen_dtype(TrainConfig(), "cuda") == "float32"
+
+
+def test_bf16_frozen_weights_train_float32_parameters_to_the_same_loss():
+    """Frozen weights in bf16: every trainable tensor is still float32 (AdamW updates survive), the frozen
+    ones are bf16, and the loss is the float32 model's within bf16 rounding."""
+    losses = {}
+    for dt in ("float32", "bfloat16"):
+        torch.manual_seed(0)
+        model, tok, spec, ids = build_model(TrainConfig(model="tiny-gemma3", lora_r=4, frozen_dtype=dt),
+                                            ["Ana", "Ben"], "cpu")
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        frozen = [p for p in model.parameters() if not p.requires_grad]
+        assert trainable and all(p.dtype == torch.float32 for p in trainable)
+        assert all(p.dtype == getattr(torch, dt) for p in frozen if p.is_floating_point())
+        model.train()
+        loss = reply_loss(model, _batch(ids, model.config.vocab_size))
+        loss.backward()
+        assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in trainable)
+        losses[dt] = float(loss)
+    assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=2e-2)
+
+
+def test_length_grouping_defaults_and_argument():
+    from convsim.train import sampling_args, wants_grouping
+    assert not wants_grouping(TrainConfig(), "cpu") and wants_grouping(TrainConfig(), "cuda:0")
+    assert wants_grouping(TrainConfig(group_by_length=True), "cpu")
+    assert not wants_grouping(TrainConfig(group_by_length=False), "cuda")
+    from trl import SFTConfig
+    on = SFTConfig(output_dir="/tmp/x", use_cpu=True, bf16=False, **sampling_args(True))
+    off = SFTConfig(output_dir="/tmp/x", use_cpu=True, bf16=False, **sampling_args(False))
+    assert getattr(on, "train_sampling_strategy", None) == "group_by_length" or getattr(on, "group_by_length", False)
+    assert getattr(off, "train_sampling_strategy", "random") == "random" and not getattr(off, "group_by_length", False)

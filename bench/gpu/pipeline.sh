@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
-# Every GPU figure of convsim, in one detached pipeline on a lent machine with four GPUs (two work too,
-# more slowly; see shared/GPU.md). Started by bench/gpu/start.sh under setsid, so it outlives one
+# This session's GPU figures, in one detached pipeline on a lent machine with two GPUs (see shared/GPU.md). Started by bench/gpu/start.sh under setsid, so it outlives one
 # 10-minute call; bench/gpu/collect.sh waits for it and packs what is ready into $OUT. Results go to $RES.
 #
 #   setup            carried wheels -> $S/site, GGUF parts -> converted model, parity with the CPU reference
-#   GPUs 0+1 (#13)   scale1: convsim train, 1 GPU, batch 64 x 2 accumulation steps
-#                    scale2: the same under accelerate DDP on 2 GPUs, batch 64 each (same global batch 128)
-#                    fsdp-small: convsim train under configs/accelerate/fsdp.yaml (the real model, 2 GPUs)
-#                    fsdp-big: a random model too large for one GPU in plain bf16 training, FSDP2 on 2 GPUs
-#                    then gen-speed (GPU 0, #10) | steering candidates (GPU 1, #6)
-#   GPU 2 (#10)      train-speed: convsim train vs the plain PEFT loop (+ arms) -> Unsloth on the same card
-#   GPU 3 (#7, #9)   canaries (planted once and 8 times) -> instruct-rendering ablation -> 3-epoch variant
+#   GPU 0 (#10)      profile of convsim train steps -> train-speed: convsim train vs the plain PEFT loop (+ arms)
+#                    -> Unsloth on the same card
+#   GPU 1 (#9)       hp-*: variants of the headline training command side by side; the lowest validation loss
+#                    is evaluated on the test split
+#   GPU 1 (#7)       meanwhile, canaries planted 8 times, prompted with their first word, then first three
+#   (FSDP through convsim train, #13, ran in bench/gpu/quick.sh on a model of the same shapes)
+# (The chains of earlier sessions - scaling, the 16.6B FSDP model, steering, generation speed, ablations - are
+# in this file's history: git log -p bench/gpu/pipeline.sh.)
 #
 # DRY=1 runs the same flow on the CPU with the tiny model and tiny sizes (checks this script, not numbers).
 set -u -o pipefail
@@ -60,44 +60,41 @@ if [ $DRY = 0 ]; then
 fi
 
 # ------------------------------------------------------------------ chains
-chain01() {   # GPUs 0 and 1: multi-GPU (#13), then generation speed and Unsloth (#10)
-  export CUDA_VISIBLE_DEVICES=$(gpu 0),$(gpu 1)
-  CUDA_VISIBLE_DEVICES=$(gpu 0) st scale1 300 $PY -m convsim train $DATA "${M[@]}" --out $RES/scale1 --batch-size 64 \
-    --grad-accum 2 --max-steps 40 --config $BENCHCONF "${EP[@]}" --json
-  if [ $DRY = 0 ]; then
-    st scale2 300 accelerate launch --config_file configs/accelerate/ddp.yaml --num_processes 2 -m convsim train $DATA \
-      --out $RES/scale2 --batch-size 64 --max-steps 40 --config $BENCHCONF --json
-    st fsdp-small 240 accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes 2 -m convsim train \
-      $DATA --out $RES/fsdp-small --batch-size 32 --max-steps 20 --config $BENCHCONF --json
-  fi
-  [ -f bench/fsdp_big.py ] && st fsdp-big 300 $PY -m torch.distributed.run --standalone --nproc_per_node 2 bench/fsdp_big.py "${BIG[@]}" --out $RES/fsdp-big.json
-  CUDA_VISIBLE_DEVICES=$(gpu 0) st gen-speed 400 $PY bench/generate_speed.py --run $HL --out $RES/gen-speed.json &
-  CUDA_VISIBLE_DEVICES=$(gpu 1) st steer 900 bash bench/gpu/steer.sh $HL $RES/steer $NSTEER &
-  wait
+HP=(--epochs 2 --batch-size 32 --eval-steps 40 --save-steps 100000)      # the headline's training command
+declare -A HPV=([ref]="seed: 0" [lr4]="learning_rate: 0.0004" [drop]="lora_dropout: 0.1"
+                [lr4drop]="learning_rate: 0.0004
+lora_dropout: 0.1")
+chain0() {    # GPU 0: where a training step's time goes, then convsim train vs the plain loop (#10), then Unsloth
+  export CUDA_VISIBLE_DEVICES=$(gpu 0)
+  CONVSIM_PROFILE=$RES/profile st profile 400 $PY -m convsim train $DATA "${M[@]}" --out $RES/profile-run \
+    --batch-size 32 --max-steps 30 --config $BENCHCONF "${EP[@]}" --json
+  st train-speed 900 $PY bench/train_speed.py --data $DATA "${TS[@]}" --plain-bf16 \
+    --variants compiled-fp32-random,no-grouping --out $RES/train-speed.json
+  [ $DRY = 0 ] && st unsloth 600 bash bench/gpu/unsloth.sh
 }
-chain2() {    # GPU 2: training speed (#10): convsim train vs the plain loop, then Unsloth on the same card
-  export CUDA_VISIBLE_DEVICES=$(gpu 2)
-  st train-speed 600 $PY bench/train_speed.py --data $DATA "${TS[@]}" \
-    --variants eager,compiled+liger,eager+checkpointing --out $RES/train-speed.json
-  st unsloth 600 bash bench/gpu/unsloth.sh
-}
-chain3() {    # GPU 3: canaries (#7), the instruct ablation and a longer headline variant (#9)
-  export CUDA_VISIBLE_DEVICES=$(gpu 3)
-  for r in 1 8; do      # each canary said once (not learnt in 2 or 5 epochs, 2026-11-26) and 8 times
-    st canary-r$r 1500 $PY bench/tda_canary.py --data $DATA --model ${M[1]:-gemma-3-270m} --work $RES/canary-r$r \
-      --out $RES/tda-canary-r$r.json --canaries 20 --repeat $r \
-      --train-args "--epochs 2 --batch-size 32 --save-steps 100000 --eval-steps 100000 ${EP[*]}" &
+hp() {        # GPU 1: variants of the headline command side by side; the one with the lowest validation loss
+  export CUDA_VISIBLE_DEVICES=$(gpu 1)   # (the rule fixed before any test number is seen) is evaluated on test
+  local v
+  for v in "${!HPV[@]}"; do
+    printf '%s\n' "${HPV[$v]}" > $RES/hp-$v.yaml
+    st hp-$v 900 $PY -m convsim train $DATA "${M[@]}" --out $RES/hp-$v --config $RES/hp-$v.yaml "${HP[@]}" \
+      "${EP[@]}" --json &
   done
   wait
-  st abl-instruct-train 600 $PY -m convsim train $DATA "${M[@]}" --out $RES/abl-instruct --instruct-format --epochs 2 \
-    --batch-size 32 --eval-steps 40 --save-steps 100000 "${EP[@]}" --json &&
-    st abl-instruct-eval 600 $PY -m convsim eval $RES/abl-instruct --n $N --no-generate --json --out $RES/eval-abl-instruct.json &
-  st e3-train 600 $PY -m convsim train $DATA "${M[@]}" --out $RES/e3 --epochs 3 --batch-size 32 --eval-steps 40 \
-    --save-steps 100000 "${EP[@]}" --json &&
-    st e3-eval 600 $PY -m convsim eval $RES/e3 --n $N --batch-size 32 --json --out $RES/eval-e3.json
-  wait
+  best=$($PY bench/gpu/pick.py $RES/hp-*/ --out $RES/hp-selection.json) &&
+    st hp-eval 900 $PY -m convsim eval $best --n $N --batch-size 32 --json --out $RES/eval-hp-best.json
 }
-chain01 & chain2 & chain3 &
+canary() {    # GPU 1: canaries planted 8 times, prompted with their first word; then (same run) first three (#7)
+  export CUDA_VISIBLE_DEVICES=$(gpu 1)
+  st canary-k1 1500 $PY bench/tda_canary.py --data $DATA --model ${M[1]:-gemma-3-270m} --work $RES/canary \
+    --out $RES/tda-canary-k1.json --canaries 20 --repeat 8 --prefix-words 1 \
+    --variants activations,activations-last,gradients \
+    --train-args "--epochs 2 --batch-size 32 --save-steps 100000 --eval-steps 100000 ${EP[*]}"
+  st canary-k3 900 $PY bench/tda_canary.py --data $DATA --model ${M[1]:-gemma-3-270m} --work $RES/canary \
+    --out $RES/tda-canary-k3.json --canaries 20 --repeat 8 --prefix-words 3 --variants activations,activations-last \
+    --train-args "--epochs 2 --batch-size 32 --save-steps 100000 --eval-steps 100000 ${EP[*]}"
+}
+chain0 & hp & canary &
 wait
 say "all done"
 touch $RES/DONE

@@ -6,5 +6,5 @@
 set -u
 S=${STAGE:-/root/stage}; G=$S/run; RES=${RES:-/root/res}
 python3 -m pip install -q --no-index --no-deps --no-compile --target $S/unsloth-site $S/unsloth/*.whl || exit 1
-python3 bench/unsloth_speed.py dump --data $G/data --out $S/unsloth-dump --batch-size 32 --steps 40 --warmup 5 || exit 1
+python3 bench/unsloth_speed.py dump --data $G/data --model ${MODEL:-gemma-3-270m} --out $S/unsloth-dump --batch-size 32 --steps 40 --warmup 5 || exit 1
 env -u PYTHONPATH python3 bench/unsloth_speed.py train --dump $S/unsloth-dump --site $S/unsloth-site --out $RES/unsloth-speed.json

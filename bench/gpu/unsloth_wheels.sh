@@ -18,8 +18,11 @@
 #                                   unconditionally (only carried in case the machine lacks them)
 #   cut_cross_entropy==25.1.1       optional: Apple's fused linear+cross-entropy, which unsloth_zoo uses
 #                                   when importable (pure Python + Triton)
-# Not carried, because unsloth guards their imports and 16-bit LoRA runs without them: bitsandbytes
-# (4-bit only), xformers (falls back to SDPA), torchvision, torchao, flash-attn, vllm, tyro, diffusers,
+#   bitsandbytes==0.50.2 (slim)     FastLanguageModel.from_pretrained imports it even for a 16-bit LoRA
+#                                   (measured 2026-11-26: "requires bitsandbytes"); the wheel is 43 MB for
+#                                   its CUDA 11.8-13.2 and ROCm builds; the slim copy keeps only the CUDA 13
+#                                   libraries (the machine's torch is cu130)
+# Not carried, because unsloth guards their imports and 16-bit LoRA runs without them: xformers (falls back to SDPA), torchvision, torchao, flash-attn, vllm, tyro, diffusers,
 # hf_transfer, msgspec (vLLM only), einops (vendored fla, Qwen3-Next only).
 #
 # Install there:  python3 -m pip install -q --no-index --no-deps --no-compile --target $STAGE/unsloth-site .gpu-stage/unsloth/*.whl
@@ -38,6 +41,8 @@ dl() {  # dl DIR SPEC...: wheels for the GPU image (CPython 3.12, x86_64 Linux),
     --platform any -d "$dir" "$@" 2> >(grep -v "^WARNING: Location" >&2)
 }
 dl "$tmp" unsloth==2026.10.9
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_24_x86_64 \
+  -d "$tmp" bitsandbytes==0.50.2 2> >(grep -v "^WARNING: Location" >&2)
 dl "$D" unsloth_zoo==2026.10.9 trl==1.15.0 datasets==4.8.5 dill==0.4.1 multiprocess==0.70.19 \
   cut_cross_entropy==25.1.1 requests==2.34.2 urllib3==2.8.0 idna==3.20 certifi==2026.10.19.post1 \
   charset_normalizer==3.5.3
@@ -57,6 +62,21 @@ with zipfile.ZipFile(src) as zi, zipfile.ZipFile(dst, "w", zipfile.ZIP_DEFLATED)
             data = "".join(l for l in data.decode().splitlines(True) if not l.startswith(drop)).encode()
         elif name.endswith(".dist-info/entry_points.txt"):
             data = "".join(l for l in data.decode().splitlines(True) if "unsloth_cli" not in l).encode()
+        zo.writestr(info, data)
+PY
+# The slim bitsandbytes wheel: only the CUDA 13 libraries (and the RECORD lines of what stays).
+python3 - "$tmp"/bitsandbytes-0.50.2-*.whl "$D" <<'PY'
+import re, sys, zipfile
+from pathlib import Path
+src, dst = sys.argv[1], Path(sys.argv[2]) / Path(sys.argv[1]).name
+gone = lambda n: re.search(r"libbitsandbytes_(cuda(?!13)\d+|rocm\d+|xpu\d+)", n) is not None  # noqa: E731
+with zipfile.ZipFile(src) as zi, zipfile.ZipFile(dst, "w", zipfile.ZIP_DEFLATED) as zo:
+    for info in zi.infolist():
+        if gone(info.filename):
+            continue
+        data = zi.read(info.filename)
+        if info.filename.endswith(".dist-info/RECORD"):
+            data = "".join(l for l in data.decode().splitlines(True) if not gone(l)).encode()
         zo.writestr(info, data)
 PY
 ls -l "$D"
