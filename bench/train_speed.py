@@ -156,6 +156,7 @@ VARIANTS = {
     "compiled+liger": (["--compile"], {"CONVSIM_LIGER": "1"}),
     "fp32-frozen": (["--frozen-dtype", "float32"], {"CONVSIM_LIGER": "0"}),
     "no-grouping": (["--no-group-by-length"], {"CONVSIM_LIGER": "0"}),
+    "grouped": (["--group-by-length"], {"CONVSIM_LIGER": "0"}),
     # the default of the previous release: compiled layers, float32 frozen weights, random batches
     "compiled-fp32-random": (["--compile", "--frozen-dtype", "float32", "--no-group-by-length"], {"CONVSIM_LIGER": "0"}),
 }

@@ -49,7 +49,7 @@ class TrainConfig:
     activation_checkpointing: bool | None = None   # default: on only for models of 1B parameters or more
     compile: bool | None = None               # torch.compile each decoder layer; default: on CUDA
     frozen_dtype: str | None = None           # "float32" | "bfloat16": the frozen base weights; default bf16 on CUDA
-    group_by_length: bool | None = None       # batches of similar lengths (less padding); default: on CUDA
+    group_by_length: bool | None = None       # batches of similar lengths (less padding); default: off
     speaker_references: dict[str, list[str]] = field(default_factory=dict)
 
     def validate(self) -> "TrainConfig":

@@ -68,7 +68,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="dtype of the frozen base weights (default: bfloat16 on CUDA, float32 elsewhere); the "
                         "trained LoRA and speaker rows stay float32")
     p.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=None,
-                   help="draw batches of similar lengths, so less compute goes to padding (default: on CUDA)")
+                   help="draw batches of similar lengths, so less compute goes to padding (default: off; measured no faster "
+                        "on an H200 at 2x the peak memory)")
     p.add_argument("--eval-steps", type=int)
     p.add_argument("--max-val-examples", type=int, help="validation examples used for the loss (default 200)")
     p.add_argument("--save-steps", type=int)
@@ -246,13 +247,12 @@ def wants_compile(cfg: TrainConfig, device: str) -> bool:
 
 
 def wants_grouping(cfg: TrainConfig, device: str) -> bool:
-    """Batches of similar lengths as asked, else on CUDA: random batches of chat examples are about half
-    padding (the chitchat pair: 48 % real tokens at batch 32), which a GPU computes at full cost. The
-    grouping is seeded (resume replays it) and still random across groups. Off on the CPU by default, where
-    it is not needed for speed and the batches stay as they were."""
-    if cfg.group_by_length is not None:
-        return cfg.group_by_length
-    return device.startswith("cuda")
+    """Batches of similar lengths only when asked (--group-by-length). Random batches of chat examples are
+    about half padding (the chitchat pair: 48 % real tokens at batch 32), but on an H200 grouping did not pay:
+    39.2k tokens/s grouped vs 42.0k random, at twice the peak memory (the longest group sets it), and the
+    grouped fine-tune's validation loss was higher (bench/results/train-speed-gpu.json, eval-chitchat.json).
+    The grouping is seeded (resume replays it)."""
+    return bool(cfg.group_by_length)
 
 
 def sampling_args(grouped: bool) -> dict:

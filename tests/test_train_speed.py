@@ -122,7 +122,7 @@ def test_bf16_frozen_weights_train_float32_parameters_to_the_same_loss():
 
 def test_length_grouping_defaults_and_argument():
     from convsim.train import sampling_args, wants_grouping
-    assert not wants_grouping(TrainConfig(), "cpu") and wants_grouping(TrainConfig(), "cuda:0")
+    assert not wants_grouping(TrainConfig(), "cpu") and not wants_grouping(TrainConfig(), "cuda:0")
     assert wants_grouping(TrainConfig(group_by_length=True), "cpu")
     assert not wants_grouping(TrainConfig(group_by_length=False), "cuda")
     from trl import SFTConfig

@@ -69,7 +69,7 @@ chain0() {    # GPU 0: where a training step's time goes, then convsim train vs 
   CONVSIM_PROFILE=$RES/profile st profile 400 $PY -m convsim train $DATA "${M[@]}" --out $RES/profile-run \
     --batch-size 32 --max-steps 30 --config $BENCHCONF "${EP[@]}" --json
   st train-speed 900 $PY bench/train_speed.py --data $DATA "${TS[@]}" --plain-bf16 \
-    --variants compiled-fp32-random,no-grouping --out $RES/train-speed.json
+    --variants compiled-fp32-random,grouped --out $RES/train-speed.json
   [ $DRY = 0 ] && st unsloth 600 bash bench/gpu/unsloth.sh
 }
 hp() {        # GPU 1: variants of the headline command side by side; the one with the lowest validation loss
