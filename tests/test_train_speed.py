@@ -130,3 +130,22 @@ def test_length_grouping_defaults_and_argument():
     off = SFTConfig(output_dir="/tmp/x", use_cpu=True, bf16=False, **sampling_args(False))
     assert getattr(on, "train_sampling_strategy", None) == "group_by_length" or getattr(on, "group_by_length", False)
     assert getattr(off, "train_sampling_strategy", "random") == "random" and not getattr(off, "group_by_length", False)
+
+
+def test_cudnn_attention_off_while_training_and_restored(monkeypatch):
+    """On CUDA, training runs without cuDNN's SDPA backend (host-bound there) and puts the flag back after,
+    also when training fails; on a machine without CUDA nothing is touched."""
+    from convsim.train import fused_attention_kernels
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    with fused_attention_kernels():
+        assert torch.backends.cuda.cudnn_sdp_enabled() == before or torch.cuda.is_available()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    try:
+        with pytest.raises(RuntimeError):
+            with fused_attention_kernels():
+                assert not torch.backends.cuda.cudnn_sdp_enabled()
+                raise RuntimeError("training failed")
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
