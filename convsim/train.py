@@ -30,6 +30,7 @@ EXAMPLES = """
   convsim train data/ --out runs/tiny --model tiny-llama --max-steps 20   # smoke test in seconds
   convsim train data/ --out runs/me --continue-training   # resume from the latest checkpoint
   convsim train data/ --out runs/me --config train.yaml --learning-rate 1e-4   # flags override YAML
+  CONVSIM_PROFILE=prof convsim train data/ --out runs/p --max-steps 20   # torch.profiler table of steps 11-15
 """
 
 
@@ -151,10 +152,11 @@ def build_model(cfg: TrainConfig, speakers, device):
         if not device.startswith("cuda"):
             raise UserError("--backend unsloth needs a CUDA GPU")
     import torch
-    dtype = getattr(torch, frozen_dtype(cfg, device))   # frozen weights; what trains is float32 (below)
-    model, tok = load_base(cfg.model, device=device, dtype=dtype)
-    if cfg.quantization:
+    if cfg.quantization:            # the base is loaded once, quantized (not loaded whole and then again)
         model, tok = _load_quantized(cfg, device)
+    else:
+        dtype = getattr(torch, frozen_dtype(cfg, device))   # frozen weights; what trains is float32 (below)
+        model, tok = load_base(cfg.model, device=device, dtype=dtype)
     ids = {}
     if cfg.special_tokens:
         ids = add_speaker_tokens(model, tok, speakers, cfg.speaker_references, spec.reference_words, seed=cfg.seed)
@@ -344,7 +346,10 @@ def _load_quantized(cfg, device):
     q = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_type="nf4")
          if cfg.quantization == "4bit" else BitsAndBytesConfig(load_in_8bit=True))
     model = AutoModelForCausalLM.from_pretrained(where, quantization_config=q, device_map={"": device})
-    return model, AutoTokenizer.from_pretrained(where)
+    tok = AutoTokenizer.from_pretrained(where)
+    if tok.pad_token is None:       # as load_base does
+        tok.pad_token = tok.eos_token
+    return model, tok
 
 
 # ----------------------------------------------------------------------------- loss
@@ -579,6 +584,11 @@ def make_callbacks(cfg, run_dir: Path, tok, fmt, val_examples):
             (self.where / "profile.txt").write_text(text, encoding="utf-8")
             self.prof.export_chrome_trace(str(self.where / "trace.json"))
             self.prof = None
+
+        def on_train_end(self, args, state, control, **kw):
+            if state.is_world_process_zero and not (self.where / "profile.txt").exists():
+                print(f"warning: CONVSIM_PROFILE wrote nothing: training ended at step {state.global_step}, before "
+                      f"the profiled steps {self.first + 1}-{self.first + self.count}", file=sys.stderr)
 
     profile = [Profile(os.environ["CONVSIM_PROFILE"])] if os.environ.get("CONVSIM_PROFILE") else []
     return [Budget(cfg.time_budget), Metrics(), Samples(), *profile]
