@@ -8,7 +8,8 @@ process, one after the other. Tokens are real (non-pad) tokens of the batches.
   is real tokens over time across its logging intervals but the first (the Trainer's own per-interval
   `tokens_per_s` weighted by interval length), so the compile of the first steps is not counted.
   `--variants` adds arms that switch one speed-up off at a time (compiled layers, bf16 frozen weights,
-  length-grouped batches, Liger's fused head + loss, activation checkpointing) to show what each is worth.
+  length-grouped batches, padding-free batches, Liger's fused head + loss, activation checkpointing) to show
+  what each is worth.
 - plain: the loop a user would write: PEFT's stock layers, `model(input_ids, attention_mask, labels)`
   (the head over every position), AdamW, fp32 weights with bf16 autocast on CUDA, random batches; tokens
   over time for the same number of steps after warm-up. `--plain-bf16` adds the same loop with bf16 base
@@ -157,6 +158,7 @@ VARIANTS = {
     "fp32-frozen": (["--frozen-dtype", "float32"], {"CONVSIM_LIGER": "0"}),
     "no-grouping": (["--no-group-by-length"], {"CONVSIM_LIGER": "0"}),
     "grouped": (["--group-by-length"], {"CONVSIM_LIGER": "0"}),
+    "packed": (["--packing"], {"CONVSIM_LIGER": "0"}),          # padding-free batches
     # the default of the previous release: compiled layers, float32 frozen weights, random batches
     "compiled-fp32-random": (["--compile", "--frozen-dtype", "float32", "--no-group-by-length"], {"CONVSIM_LIGER": "0"}),
 }

@@ -50,6 +50,8 @@ class TrainConfig:
     compile: bool | None = None               # torch.compile each decoder layer; default: on CUDA
     frozen_dtype: str | None = None           # "float32" | "bfloat16": the frozen base weights; default bf16 on CUDA
     group_by_length: bool | None = None       # batches of similar lengths (less padding); default: off
+    packing: bool | None = None               # padding-free batches: a batch's examples in one row; default: off
+    keep_best: bool = False                   # end with the weights of the lowest validation loss seen
     speaker_references: dict[str, list[str]] = field(default_factory=dict)
 
     def validate(self) -> "TrainConfig":

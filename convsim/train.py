@@ -71,6 +71,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=None,
                    help="draw batches of similar lengths, so less compute goes to padding (default: off; measured no faster "
                         "on an H200 at 2x the peak memory)")
+    p.add_argument("--packing", action=argparse.BooleanOptionalAction, default=None,
+                   help="padding-free batches: a batch's examples side by side in one row, each attending only to "
+                        "itself (same examples per step, no compute on padding; default: off)")
+    p.add_argument("--keep-best", action=argparse.BooleanOptionalAction, default=None,
+                   help="end with the weights of the evaluation with the lowest validation loss (kept in "
+                        "RUN_DIR/best/, resumable), not the last step's (default: off)")
     p.add_argument("--eval-steps", type=int)
     p.add_argument("--max-val-examples", type=int, help="validation examples used for the loss (default 200)")
     p.add_argument("--save-steps", type=int)
@@ -81,7 +87,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def config_from_args(args) -> TrainConfig:
     keys = ["model", "targets", "epochs", "batch_size", "grad_accum", "learning_rate", "max_steps", "time_budget",
             "max_seq_length", "lora_r", "lora_alpha", "special_tokens", "include_mlp", "instruct_format", "loss",
-            "quantization", "backend", "activation_checkpointing", "compile", "frozen_dtype", "group_by_length", "eval_steps", "save_steps", "seed", "max_val_examples"]
+            "quantization", "backend", "activation_checkpointing", "compile", "frozen_dtype", "group_by_length", "packing", "keep_best", "eval_steps", "save_steps", "seed", "max_val_examples"]
     flags = {k: getattr(args, k, None) for k in keys}
     saved = Path(args.out) / "config.yaml"
     if getattr(args, "continue_training", False) and saved.exists():
@@ -257,6 +263,15 @@ def wants_grouping(cfg: TrainConfig, device: str) -> bool:
     return bool(cfg.group_by_length)
 
 
+def wants_packing(cfg: TrainConfig) -> bool:
+    """Padding-free batches (TRL's `padding_free`) only when asked (--packing). A batch keeps its examples,
+    so the optimisation is the same as with padded batches; they are laid side by side in one row with
+    positions restarting at each example, and transformers builds a block-diagonal causal mask from those
+    positions (no attention across examples: tests/test_packing.py). No compute goes to padding, but the
+    attention kernels then see one long row with a dense mask."""
+    return bool(cfg.packing)
+
+
 def sampling_args(grouped: bool) -> dict:
     """The Trainer argument for length-grouped sampling, in this transformers version's spelling."""
     from trl import SFTConfig
@@ -354,12 +369,15 @@ def _load_quantized(cfg, device):
 
 # ----------------------------------------------------------------------------- loss
 
-def _reply_loss_sum(base, input_ids, attention_mask, labels):
-    """Summed cross-entropy over label positions, the head applied only there."""
+def _reply_loss_sum(base, input_ids, attention_mask, labels, position_ids=None):
+    """Summed cross-entropy over label positions, the head applied only there. With padding-free batches
+    (`position_ids` restarting at each packed example, no attention mask) each example attends only to
+    itself, and an example's first position never carries a label (the collator masks it), so no loss
+    crosses an example boundary."""
     import torch
     import torch.nn.functional as F
     backbone = getattr(base, base.base_model_prefix)
-    out = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    out = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     hidden = out.last_hidden_state[:, :-1]
     target = labels[:, 1:]
     mask = target != -100
@@ -410,7 +428,7 @@ def install_reply_loss(model):
     def forward(self, input_ids=None, attention_mask=None, labels=None, reply_loss_sum=False, **kw):
         if not reply_loss_sum or labels is None:
             return plain(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kw)
-        total, count = _reply_loss_sum(self, input_ids, attention_mask, labels)
+        total, count = _reply_loss_sum(self, input_ids, attention_mask, labels, kw.get("position_ids"))
         return reply_loss_output(total, count)
 
     base.forward = types.MethodType(forward, base)
@@ -442,8 +460,9 @@ def reply_loss(model, inputs, num_items_in_batch=None):
     or over `num_items_in_batch` when the trainer counts them across accumulation steps/devices)."""
     import torch
     install_reply_loss(_unwrap(model))
+    extra = {"position_ids": inputs["position_ids"]} if "position_ids" in inputs else {}   # padding-free
     out = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
-                labels=inputs["labels"], reply_loss_sum=True)
+                labels=inputs["labels"], reply_loss_sum=True, **extra)
     total = out.loss
     denom = num_items_in_batch if num_items_in_batch is not None else out.count.clamp(min=1)
     if torch.is_tensor(denom):
@@ -469,7 +488,9 @@ def make_trainer_class():
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if model.training:
                 m = inputs.get("attention_mask")
-                self._tokens = self._tokens + (m.sum() if m is not None else inputs["input_ids"].numel())
+                if m is None:       # padding-free: one row, padded at its end only up to a multiple of 8
+                    m = inputs["input_ids"] != self.processing_class.pad_token_id
+                self._tokens = self._tokens + m.sum()
             loss = reply_loss(model, inputs, num_items_in_batch)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 loss = loss * self.accelerator.num_processes
@@ -590,8 +611,61 @@ def make_callbacks(cfg, run_dir: Path, tok, fmt, val_examples):
                 print(f"warning: CONVSIM_PROFILE wrote nothing: training ended at step {state.global_step}, before "
                       f"the profiled steps {self.first + 1}-{self.first + self.count}", file=sys.stderr)
 
+    class KeepBest(TrainerCallback):
+        """--keep-best: after each evaluation with a lower validation loss than any before, the trained
+        tensors (LoRA and speaker rows, a few MB) are written to RUN_DIR/best/ whole or not at all."""
+
+        def on_evaluate(self, args, state, control, metrics=None, model=None, **kw):
+            loss = (metrics or {}).get("eval_loss")
+            if loss is None or not state.is_world_process_zero:
+                return
+            best = best_record(run_dir)
+            if best is None or loss < best["eval_loss"]:
+                save_best(run_dir, model, state.global_step, loss)
+
     profile = [Profile(os.environ["CONVSIM_PROFILE"])] if os.environ.get("CONVSIM_PROFILE") else []
-    return [Budget(cfg.time_budget), Metrics(), Samples(), *profile]
+    keep = [KeepBest()] if cfg.keep_best else []
+    return [Budget(cfg.time_budget), Metrics(), Samples(), *keep, *profile]
+
+
+BEST = "best"
+
+
+def trained_tensors(model) -> dict:
+    """The tensors that training changes, by parameter name, copied to the CPU."""
+    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_best(run_dir: Path, model, step: int, eval_loss: float) -> None:
+    import torch
+    from convsim.fsutil import atomic_dir
+    with atomic_dir(run_dir / BEST) as tmp:
+        torch.save(trained_tensors(model), tmp / "trained.pt")
+        (tmp / "best.json").write_text(json.dumps({"step": step, "eval_loss": eval_loss}))
+
+
+def best_record(run_dir: Path) -> dict | None:
+    """{"step", "eval_loss"} of the kept best weights, or None."""
+    try:
+        return json.loads((run_dir / BEST / "best.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def restore_best(run_dir: Path, model) -> dict | None:
+    """Load the kept best tensors into `model` (by parameter name); their record, or None if none kept."""
+    import torch
+    rec = best_record(run_dir)
+    if rec is None:
+        return None
+    saved = torch.load(run_dir / BEST / "trained.pt", map_location="cpu", weights_only=True)
+    params = dict(model.named_parameters())
+    if set(saved) != {n for n, p in params.items() if p.requires_grad}:
+        raise RuntimeError(f"{run_dir / BEST} does not match this model's trained tensors")
+    with torch.no_grad():
+        for n, t in saved.items():
+            params[n].copy_(t.to(params[n].device, params[n].dtype))
+    return rec
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -686,8 +760,12 @@ def publish_checkpoint(staged: Path, final: Path, keep: int | None) -> None:
 
 
 def rewind_logs(run_dir: Path, step: int) -> None:
-    """Resuming from `step`: drop the log rows a killed run wrote after it (and a torn last line)."""
+    """Resuming from `step`: drop the log rows a killed run wrote after it (and a torn last line), and kept
+    best weights from after it (the resumed run meets that evaluation again)."""
     from convsim.fsutil import write_jsonl
+    best = best_record(run_dir)
+    if best is not None and best["step"] > step:
+        _remove_dir(run_dir / BEST)
     for name in ("metrics.jsonl", "samples.jsonl"):
         path = run_dir / name
         if not path.exists():
@@ -826,6 +904,8 @@ def _run(args) -> int:
         # rank 0 alone decides: the other ranks would otherwise see the run rank 0 has just started
         raise UserError(f"{run_dir} already holds a run; use --continue-training to resume or another --out")
 
+    if cfg.keep_best and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("--keep-best runs in one process only for now (not under accelerate launch / torchrun)")
     convs, speakers, targets, split, ex = prepare_data(cfg, args.data_dir)
     torch.manual_seed(cfg.seed)
     device = default_device()
@@ -860,7 +940,8 @@ def _run(args) -> int:
     checkpointing = wants_checkpointing(cfg, model)
     compiled = compile_layers(model) if wants_compile(cfg, device) else 0
     grouped = wants_grouping(cfg, device)
-    meta.update(activation_checkpointing=checkpointing, compiled_layers=compiled, group_by_length=grouped,
+    packed = wants_packing(cfg)
+    meta.update(activation_checkpointing=checkpointing, compiled_layers=compiled, group_by_length=grouped, packing=packed,
                 frozen_dtype=str(next(p for p in model.parameters() if not p.requires_grad).dtype).replace("torch.", ""))
     steps_per_epoch = math.ceil(len(train_rows) / (cfg.batch_size * cfg.grad_accum))
     sft = SFTConfig(
@@ -876,6 +957,7 @@ def _run(args) -> int:
         disable_tqdm=False, use_cpu=not cuda, save_only_model=False, ddp_find_unused_parameters=False,
         dataset_kwargs={"skip_prepare_dataset": False}, gradient_checkpointing=checkpointing,
         pad_to_multiple_of=8 if cuda else None,      # aligned widths: the attention kernels' mask needs them
+        padding_free=packed,
         **sampling_args(grouped),
     )
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "logs")
@@ -888,7 +970,16 @@ def _run(args) -> int:
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     train_loss = trainer.run_loss(result)       # over the whole run, also when it resumed
     seconds = time.time() - t0
-    final_eval = trainer.evaluate() if val_rows else {}
+    kept = None
+    if cfg.keep_best and val_rows:
+        final_eval = trainer.evaluate()      # the last step is a candidate too
+        kept = restore_best(run_dir, model) if main else None
+        if kept is not None and kept["step"] != trainer.state.global_step:
+            for cb in [c for c in trainer.callback_handler.callbacks if type(c).__name__ == "KeepBest"]:
+                trainer.remove_callback(cb)  # this evaluation is of the kept weights, not a new candidate
+            final_eval = trainer.evaluate()  # now of the restored weights (equal to kept["eval_loss"])
+    else:
+        final_eval = trainer.evaluate() if val_rows else {}
     gathered = gathered_trained_state(model)      # FSDP: every process takes part; None otherwise
     if not main:
         finish_distributed()        # wait for rank 0 to write the run, then leave the group together
@@ -904,6 +995,7 @@ def _run(args) -> int:
                 tokens_per_s=tokens_per_s, world_size=world,
                 global_step=trainer.state.global_step, train_loss=train_loss,
                 eval_loss=final_eval.get("eval_loss"), device=device,
+                kept_best=kept,
                 stop_reason=getattr(trainer.state, "stop_reason", "done"))
     write_meta(run_dir, meta)
     finish_distributed()
