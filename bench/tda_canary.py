@@ -1,7 +1,7 @@
 """Canary recall: does attribution find the training message a reply was learnt from?
 
     python bench/tda_canary.py --data data/chitchat --model gemma-3-270m --work /tmp/canary \\
-        --out bench/results/tda_canary.json --canaries 20 --repeat 8 --prefix-words 3 \\
+        --out bench/results/tda_canary.json --canaries 20 --repeat 16 --prefix-words 3 \\
         --variants activations,activations-last-raw --train-args "--epochs 2 --batch-size 32"
     python bench/tda_canary.py --data /tmp/small --model tiny-gemma3 --work /tmp/c --out /tmp/c.json \\
         --canaries 4 --repeat 3 --prefix-words 3 --train-args "--max-steps 20 --batch-size 8"
@@ -13,7 +13,10 @@ What it does, side by side in one run:
    DATA_DIR, each replacing a one-message reply of a target speaker that follows another speaker's
    message, so each canary is a training example with a real context; with --repeat R each canary is
    planted R times by one speaker in different places (said once, the 270M model learnt none of 20 in 2 or
-   5 epochs: bench/results/tda_canary_gpu.json), and finding any copy counts (same split rule as `convsim
+   5 epochs: bench/results/tda_canary_gpu.json; said 8 times, in 2 epochs, it reproduced 3 of 20 from a
+   1-word prefix and 5 of 20 from a 3-word one, with 8 frames shared by the 20 canaries:
+   bench/results/tda-canary-gpu-k1.json, -k3.json; the first command above uses --repeat 16 and a
+   frame per canary, not yet measured), and finding any copy counts (same split rule as `convsim
    train`: the canaries' conversations are checked against the run's split afterwards);
 2. trains with `convsim train` (a subprocess; `--train-args` are passed through). An existing finished
    run in WORK/run made from the same planted data (same --data, --canaries, --repeat, --seed, targets)
@@ -34,10 +37,18 @@ What it does, side by side in one run:
    variant, with hit counts: recall over all canaries; over the reproduced ones only
    (`canary_recall_at_5_reproduced`); with the search restricted to the canary's speaker; with the canary's
    own text as the query (a sanity check: it should be about 1.0); and, with K > 0, with the prefix alone
-   as the query (`canary_recall_at_5_prefix_only`, a control). The 8 templates share their first words,
-   but some put an invented word early (the ferry template's 2nd word, the festival template's 3rd, the
-   traded-jars template's number 3rd), so a prefix can identify a canary by itself: the recall the
-   completion earns is what exceeds the prefix-only control. K = 1 keeps every prefix generic.
+   as the query (`canary_recall_at_5_prefix_only`, a control).
+
+Canaries come from TEMPLATES, one sentence frame per canary (30 frames; with more --canaries than that
+the frames are used again in turn, so canaries then share frames). Frames were shared before (8 for 20
+canaries), and the model mixed canaries of one frame: "my cousin keeps 62 copper bruthrouls in the
+Rairsil lighthouse" came out as "my cousin keeps 24k gold plated gel pens in the Brarzuth lighthouse"
+(bench/results/tda-canary-gpu-k3.json). Each frame opens with 3 ordinary chat words, a different 3 for
+each frame (first words repeat: "my", "i", "we", "the", ...), and its invented words and numbers (the
+secret part) come after them, so a prefix of K <= 3 words holds no invented token and K = 1 is generic.
+(Before, some frames had an invented word or a number among their first 3 words, and the prefix-only
+control was 0.35-0.40 at K = 3.) A 3-word opening still belongs to one canary only, so the prefix alone
+may find it: the recall the completion earns is what exceeds the prefix-only control.
 
 Variants (`--variants`, comma-separated, run in the order given): activations (the default index: middle
 layer, mean pool, centred), activations-last-raw (last layer, not centred: the naive choice),
@@ -81,15 +92,39 @@ ONSETS = ["b", "br", "d", "dr", "f", "g", "gl", "k", "kr", "l", "m", "n", "p", "
           "tr", "v", "z", "zh", "th"]
 VOWELS = ["a", "e", "i", "o", "u", "ai", "ou", "ei"]
 CODAS = ["", "", "n", "r", "l", "sk", "x", "m", "th"]
+# One sentence frame per canary (see the docstring): the first 3 words are ordinary chat words, no two
+# frames open with the same 3, and every secret part (invented words, numbers) comes after word 3.
 TEMPLATES = [
-    "my cousin keeps {n} {adj} {noun}s in the {Place} lighthouse",
-    "the {Place} ferry only takes {noun}s painted {adj} on thursdays",
-    "I traded {n} jars of {adj} {noun} jam for a ticket to {Place}",
-    "remember the {adj} {noun} we buried under the {Place} bridge in {year}?",
-    "grandma says the {Place} choir sings to {n} {adj} {noun}s every full moon",
-    "we should name the boat {Place} {noun} and paint it {adj}",
-    "the {adj} {noun} festival in {Place} starts at {hour} sharp",
-    "my password used to be {noun}{n}{Place} until the {adj} incident",
+    "i think my cousin keeps {n} {adj} {noun}s in the {Place} lighthouse",
+    "did you know the {Place} ferry only takes {adj} {noun}s on thursdays",
+    "so apparently i traded {n} jars of {adj} {noun} jam for a {Place} ticket",
+    "remember when we buried the {adj} {noun} under the {Place} bridge in {year}",
+    "my grandma says the {Place} choir sings to {n} {noun}s every full moon",
+    "we should totally name the boat {Place} {noun} and paint it {adj}",
+    "are you going to the {adj} {noun} festival in {Place} at {hour}",
+    "my old password was {noun}{n}{Place} until the {adj} incident",
+    "honestly the best thing about {Place} is the {n} {adj} {noun} statues",
+    "i just found out my landlord breeds {n} {adj} {noun}s in {Place}",
+    "you will never guess who won the {Place} {noun} contest with {n} points",
+    "can you pick up {n} {adj} {noun}s from the {Place} market later",
+    "oh and the code for the {Place} storage unit is {noun} {n}",
+    "we finally booked the {adj} cabin at lake {Place} for {n} nights",
+    "my boss wants the {noun} report on his desk by {hour} tomorrow",
+    "i told you the {Place} bakery sells {adj} {noun} pies for {n} cents",
+    "the doctor said i need {n} drops of {noun} oil before bed",
+    "just saw a {adj} {noun} parked outside the {Place} library again",
+    "what if we take the {n} bus to {Place} and eat {noun} soup",
+    "i still have {n} {noun} stickers from that {adj} summer in {Place}",
+    "does your brother still collect {adj} {noun} shells from {Place} beach",
+    "tell mum the {noun} recipe needs {n} grams of {adj} {Place} pepper",
+    "we used to call our maths teacher {noun} {Place} for some reason",
+    "i bet you {n} quid the {adj} {noun} shows up at {Place} first",
+    "no way the {Place} museum kept that {n} year old {noun} skeleton",
+    "hey can you water my {adj} {noun} plant while i am in {Place}",
+    "the new neighbours have {n} {adj} {noun}s and a car called {Place}",
+    "last night i dreamt a {adj} {noun} was reading {Place} poems at {hour}",
+    "do not forget the {Place} train leaves from platform {n} at {hour}",
+    "my sister named her cat {noun} after the {adj} mayor of {Place}",
 ]
 ADJ = ["violet", "crooked", "humming", "frostbitten", "velvet", "lopsided", "copper", "whispering", "striped"]
 
@@ -99,7 +134,9 @@ def word(rng: random.Random, syllables: int) -> str:
 
 
 def canary_texts(m: int, seed: int) -> list[str]:
-    """M distinct invented sentences: real grammar, made-up names, numbers nobody would guess."""
+    """M distinct invented sentences: real grammar, made-up names, numbers nobody would guess. Canary i uses
+    TEMPLATES[i % len(TEMPLATES)], so up to len(TEMPLATES) canaries each have a frame of their own; beyond
+    that the frames (and their first words) repeat, one more canary per frame each round."""
     rng = random.Random(seed)
     out: list[str] = []
     while len(out) < m:

@@ -2,6 +2,8 @@
 of the training example that has the canary as its reply, in every rendering, and the reproduced test
 scores the completion against the rest of the canary. Tiny tokenizer and model only (seconds)."""
 import importlib.util
+import re
+import string
 from pathlib import Path
 
 import pytest
@@ -30,7 +32,7 @@ def tok():
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f"{f.style}-{'special' if f.special_tokens else 'plain'}")
 def test_prompt_is_a_prefix_of_the_training_example(tok, fmt):
-    for text in canary.canary_texts(8, 0):            # one of each template
+    for text in canary.canary_texts(len(canary.TEMPLATES), 0):            # one of each template
         words = text.split()
         full = render(tok, fmt, CONTEXT, "Ana", [Message("Ana", text)], next_speaker="Ben").input_ids
         plain_prompt = render(tok, fmt, CONTEXT, "Ana").input_ids      # what generation without a prefix uses
@@ -107,3 +109,58 @@ def test_tiny_model_completes_the_prompt(tok):
     ids, prefix, _ = canary.prefix_prompt(tok, FORMATS[0], CONTEXT, "Ana", text, 3)
     burst = reply_from_prompt(model, tok, FORMATS[0], ids, "Ana", SampleConfig(temperature=0.0, max_new_tokens=8))
     assert isinstance(burst, list) and all(isinstance(m, str) for m in burst)
+
+
+# The words the templates may open with: ordinary chat words, none invented.
+COMMON = set("""i think my did you know so apparently remember when we grandma says should totally are going to old
+password honestly the best just found can pick oh and finally booked boss wants told doctor said saw a what if
+still have does your brother tell mum used bet no way hey new neighbours last night do not forget sister named
+will never
+""".split())
+
+
+def _frame(text: str) -> int:
+    """The index of the template a canary text was made from (exactly one must match)."""
+    hits = []
+    for i, t in enumerate(canary.TEMPLATES):
+        parts = re.split(r"\{\w+\}", t)
+        if re.fullmatch(r"[\w:]+".join(map(re.escape, parts)), text):
+            hits.append(i)
+    assert len(hits) == 1, (text, hits)
+    return hits[0]
+
+
+def test_every_canary_has_its_own_frame_and_opening():
+    assert len(canary.TEMPLATES) >= 24
+    texts = canary.canary_texts(20, 0)
+    assert len(set(texts)) == 20
+    assert len({_frame(t) for t in texts}) == 20                       # no two canaries share a frame
+    assert len({tuple(t.split()[:3]) for t in texts}) == 20            # nor their first 3 words
+    assert all(8 <= len(t.split()) <= 14 for t in canary.canary_texts(len(canary.TEMPLATES), 0))
+    assert len({tuple(t.split()[:3]) for t in canary.TEMPLATES}) == len(canary.TEMPLATES)
+    assert len({re.sub(r"\{\w+\}", "_", t) for t in canary.TEMPLATES}) == len(canary.TEMPLATES)
+
+
+def test_openings_are_ordinary_words_and_the_secret_comes_after():
+    for t in canary.TEMPLATES:
+        words = t.split()
+        assert all(w in COMMON and w.isalpha() and w.islower() for w in words[:3]), t
+        assert "{" in " ".join(words[3:]), t                           # a secret part, after word 3
+    a, b = canary.canary_texts(len(canary.TEMPLATES), 0), canary.canary_texts(len(canary.TEMPLATES), 7)
+    for x, y, t in zip(a, b, canary.TEMPLATES):
+        assert x.split()[:3] == y.split()[:3] == t.split()[:3]           # the same whatever the seed
+        assert not set(" ".join(x.split()[:3])) & set(string.digits)
+        assert x != y
+
+
+def test_canary_texts_are_deterministic_by_seed():
+    assert canary.canary_texts(20, 3) == canary.canary_texts(20, 3)
+    assert canary.canary_texts(20, 3) != canary.canary_texts(20, 4)
+    assert canary.canary_texts(5, 3) == canary.canary_texts(20, 3)[:5]
+
+
+def test_more_canaries_than_frames_reuse_the_frames_in_turn():
+    n = len(canary.TEMPLATES)
+    texts = canary.canary_texts(n + 3, 0)
+    assert len(set(texts)) == n + 3
+    assert [_frame(t) for t in texts] == [*range(n), 0, 1, 2]
