@@ -76,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     if name not in commands:
         print(f"error: unknown command {name!r}; try `convsim --help`", file=sys.stderr)
         return 2
+    if name == "train":     # --backend unsloth: unsloth must be imported before transformers/peft/trl
+        from convsim.unsloth_backend import import_first
+        import_first(argv[1:])
     parser, module = build_parser(name)
     args = parser.parse_args(argv[1:])
     # Everything convsim writes (data dirs, run dirs, checkpoints, logs, plots, databases) holds or is

@@ -329,9 +329,22 @@ class TurnCache:
             kv.crop(n - kv.get_seq_length())           # negative: tokens to remove from the end
         self.kv, self.ids = None, []       # an error mid-generate must not leave a half-updated cache behind
         self.reused, self.fed = n, len(ids) - n
-        out = model.generate(input_ids=x, cache=kv, **kw)      # `cache`: transformers 5 name of past_key_values
+        out = model.generate(input_ids=x, **{cache_argument(model): kv}, **kw)
         self.kv, self.ids = kv, out[0, :kv.get_seq_length()].tolist()
         return out
+
+
+def cache_argument(model) -> str:
+    """What this transformers version calls the cache a forward pass takes: `cache` (5.24) or
+    `past_key_values` (5.17, which the GPU machine and Unsloth use), read from the model's forward."""
+    import inspect
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:       # the class's forward: training may have wrapped the instance's (train.install_reply_loss)
+        params = inspect.signature(type(base).forward).parameters
+    except (TypeError, ValueError):
+        return "cache"
+    return "cache" if "cache" in params else "past_key_values"
+
 
 
 def _state_key(model):

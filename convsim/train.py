@@ -150,13 +150,10 @@ def build_model(cfg: TrainConfig, speakers, device):
     spec = resolve_model(cfg.model)
     if cfg.quantization and not device.startswith("cuda"):
         raise UserError(f"--quantization {cfg.quantization} needs a CUDA GPU (bitsandbytes); on CPU train without it")
-    if cfg.backend == "unsloth":
-        try:
-            import unsloth  # noqa: F401
-        except ImportError:
-            raise UserError("--backend unsloth needs the unsloth package on a CUDA machine (pip install unsloth)") from None
-        if not device.startswith("cuda"):
-            raise UserError("--backend unsloth needs a CUDA GPU")
+    if cfg.backend == "unsloth":    # Unsloth loads the base and wraps it in LoRA (convsim/unsloth_backend.py)
+        from convsim.unsloth_backend import load_unsloth
+        model, tok, ids = load_unsloth(cfg, speakers, device, spec)
+        return model, tok, spec, ids
     import torch
     if cfg.quantization:            # the base is loaded once, quantized (not loaded whole and then again)
         model, tok = _load_quantized(cfg, device)
@@ -250,6 +247,8 @@ def wants_compile(cfg: TrainConfig, device: str) -> bool:
     saves). CONVSIM_COMPILE=0 turns the default off."""
     if cfg.compile is not None:
         return cfg.compile and _can_compile()
+    if cfg.backend == "unsloth":        # Unsloth compiles its own kernels; not ours on top unless asked
+        return False
     return (device.startswith("cuda") and not sharded_training() and _can_compile()   # FSDP wraps layers itself
             and os.environ.get("CONVSIM_COMPILE", "1") != "0")
 
@@ -829,7 +828,11 @@ class AtomicCheckpoints:
         steps = self.state.global_step
         if not self.step_before or self.loss_before is None or not steps:
             return result.training_loss
-        return (self.loss_before + result.training_loss * (steps - self.step_before)) / steps
+        since = getattr(self, "_total_loss_scalar", None)   # summed step losses since the resume
+        if since is None:
+            since = result.training_loss * (steps - self.step_before)
+        # (not training_loss x steps since: transformers 5.17 divides that sum by global_step, 5.24 by the steps run)
+        return (self.loss_before + since) / steps
 
 
 # ----------------------------------------------------------------------------- stage

@@ -122,3 +122,24 @@ def test_hooks_or_another_history_reset_it(model_tok):
     assert cache.reused <= 2 and cache.start == 0                 # BOS (and perhaps a tag) in common
     sampled = SampleConfig(temperature=0.7, max_new_tokens=8, seed=0)
     assert len(reply(model, tok, fmt, msgs[:5], "Ana", sampled, n=2, cache=cache)) == 2   # n > 1: plain generate
+
+
+def test_cache_argument_follows_the_model_forward_not_a_training_wrapper():
+    """generate's cache keyword is read from the model class: `cache` on transformers 5.24, `past_key_values` on
+    5.17 (the GPU machine's); training's reply-loss wrapper on the instance must not change the answer."""
+    import torch
+    from convsim.config import TrainConfig
+    from convsim.generate import cache_argument
+    from convsim.train import build_model, install_reply_loss
+
+    model, tok, spec, ids = build_model(TrainConfig(model="tiny-gemma3", lora_r=4), ["Ana", "Ben"], "cpu")
+    import inspect
+    want = "cache" if "cache" in inspect.signature(type(model.get_base_model()).forward).parameters else "past_key_values"
+    assert cache_argument(model) == want
+    install_reply_loss(model)
+    assert cache_argument(model) == want
+
+    class Old(torch.nn.Module):        # a 5.17-style forward
+        def forward(self, input_ids=None, past_key_values=None, **kw):
+            return None
+    assert cache_argument(Old()) == "past_key_values"
