@@ -3,12 +3,14 @@
 # 10-minute call; bench/gpu/collect.sh waits for it and packs what is ready into $OUT. Results go to $RES.
 #
 #   setup            carried wheels -> $S/site, GGUF parts -> converted model, parity with the CPU reference
-#   GPU 0 (#10)      profile of convsim train steps -> train-speed: convsim train vs the plain PEFT loop (+ arms)
-#                    -> Unsloth on the same card
-#   GPU 1 (#9)       hp-*: variants of the headline training command side by side; the lowest validation loss
-#                    is evaluated on the test split
-#   GPU 1 (#7)       meanwhile, canaries planted 8 times, prompted with their first word, then first three
-#   (FSDP through convsim train, #13, ran in bench/gpu/quick.sh on a model of the same shapes)
+#   GPU 0 (#10, #4)  train-speed: convsim train vs the plain PEFT loop (+ the padding-free arm) -> Unsloth on the
+#                    plain loop's batches -> convsim train --backend unsloth; then the hp evaluation
+#   GPU 1 (#9)       hp-*: variants of the headline training command side by side (3 epochs with --keep-best, a
+#                    lower learning rate, r 32); the lowest validation loss is evaluated on the test split
+#   GPU 1 (#7)       meanwhile, canaries with a sentence frame each, planted 16 times, prompted with their first
+#                    word, then first three
+#   (FSDP through convsim train, #13, ran in bench/gpu/quick.sh on a model of the same shapes; the profile of
+#   2026-11-26 is bench/results/train-profile-gpu.txt)
 # (The chains of earlier sessions - scaling, the 16.6B FSDP model, steering, generation speed, ablations - are
 # in this file's history: git log -p bench/gpu/pipeline.sh.)
 #
@@ -60,41 +62,47 @@ if [ $DRY = 0 ]; then
 fi
 
 # ------------------------------------------------------------------ chains
-HP=(--epochs 2 --batch-size 32 --eval-steps 40 --save-steps 100000)      # the headline's training command
-declare -A HPV=([ref]="seed: 0" [lr4]="learning_rate: 0.0004" [drop]="lora_dropout: 0.1"
-                [lr4drop]="learning_rate: 0.0004
-lora_dropout: 0.1")
-chain0() {    # GPU 0: where a training step's time goes, then convsim train vs the plain loop (#10), then Unsloth
-  export CUDA_VISIBLE_DEVICES=$(gpu 0)
-  CONVSIM_PROFILE=$RES/profile st profile 400 $PY -m convsim train $DATA "${M[@]}" --out $RES/profile-run \
-    --batch-size 32 --max-steps 30 --config $BENCHCONF "${EP[@]}" --json
-  st train-speed 900 $PY bench/train_speed.py --data $DATA "${TS[@]}" --plain-bf16 \
-    --variants compiled-fp32-random,grouped --out $RES/train-speed.json
+HPBASE='epochs: 2
+batch_size: 32
+eval_steps: 40
+save_steps: 100000'                       # the headline's training command, as a config
+declare -A HPV=([ref]="" [lr1e4e3]="learning_rate: 0.0001
+epochs: 3
+keep_best: true" [r32lr1e4e3]="lora_r: 32
+learning_rate: 0.0001
+epochs: 3
+keep_best: true")
+speed() {     # GPU 0 (#10, #4): convsim train vs the plain PEFT loop (+ the padding-free arm), then Unsloth on the
+  export CUDA_VISIBLE_DEVICES=$(gpu 0)   # plain loop's batches, then convsim train --backend unsloth, all one card
+  st train-speed 900 $PY bench/train_speed.py --data $DATA "${TS[@]}" --variants packed --out $RES/train-speed.json
   [ $DRY = 0 ] && st unsloth 600 bash bench/gpu/unsloth.sh
+  [ $DRY = 0 ] && S=$S DATA=$DATA MODEL=$CONVSIM_HOME/models/gemma-3-270m SITE=$S/unsloth-site OUT=$RES/unsloth-train \
+    st unsloth-train 500 bash bench/gpu/unsloth_train.sh
+  touch $RES/SPEED_DONE
 }
-hp() {        # GPU 1: variants of the headline command side by side; the one with the lowest validation loss
-  export CUDA_VISIBLE_DEVICES=$(gpu 1)   # (the rule fixed before any test number is seen) is evaluated on test
-  local v
-  for v in "${!HPV[@]}"; do
-    printf '%s\n' "${HPV[$v]}" > $RES/hp-$v.yaml
-    st hp-$v 900 $PY -m convsim train $DATA "${M[@]}" --out $RES/hp-$v --config $RES/hp-$v.yaml "${HP[@]}" \
-      "${EP[@]}" --json &
+hp() {        # GPU 1 (#9): variants of the headline command side by side, OMP threads capped so the speed arms
+  export CUDA_VISIBLE_DEVICES=$(gpu 1) OMP_NUM_THREADS=4   # on GPU 0 keep their host cores; the lowest final
+  local v                                                  # validation loss (rule fixed before any test number)
+  for v in "${!HPV[@]}"; do                                # is evaluated on test, on GPU 0 once it is free
+    printf '%s\n%s\n' "$HPBASE" "${HPV[$v]}" > $RES/hp-$v.yaml
+    st hp-$v 900 $PY -m convsim train $DATA "${M[@]}" --out $RES/hp-$v --config $RES/hp-$v.yaml "${EP[@]}" --json &
   done
   wait
-  best=$($PY bench/gpu/pick.py $RES/hp-*/ --out $RES/hp-selection.json) &&
-    st hp-eval 900 $PY -m convsim eval $best --n $N --batch-size 32 --json --out $RES/eval-hp-best.json
+  best=$($PY bench/gpu/pick.py $RES/hp-*/ --out $RES/hp-selection.json) || return 1
+  while [ ! -f $RES/SPEED_DONE ]; do sleep 5; done
+  CUDA_VISIBLE_DEVICES=$(gpu 0) st hp-eval 900 $PY -m convsim eval $best --n $N --batch-size 32 --json --out $RES/eval-hp-best.json
 }
-canary() {    # GPU 1: canaries planted 8 times, prompted with their first word; then (same run) first three (#7)
-  export CUDA_VISIBLE_DEVICES=$(gpu 1)
+canary() {    # GPU 1 (#7): 20 canaries, each its own sentence frame, planted 16 times; prompted with their first
+  export CUDA_VISIBLE_DEVICES=$(gpu 1) OMP_NUM_THREADS=4   # word, then (same trained run) their first three
+  local TA="--epochs 2 --batch-size 32 --save-steps 100000 --eval-steps 100000 ${EP[*]}"
   st canary-k1 1500 $PY bench/tda_canary.py --data $DATA --model ${M[1]:-gemma-3-270m} --work $RES/canary \
-    --out $RES/tda-canary-k1.json --canaries 20 --repeat 8 --prefix-words 1 \
-    --variants activations,activations-last,gradients \
-    --train-args "--epochs 2 --batch-size 32 --save-steps 100000 --eval-steps 100000 ${EP[*]}"
+    --out $RES/tda-canary-k1.json --canaries 20 --repeat 16 --prefix-words 1 \
+    --variants activations,activations-last,gradients --train-args "$TA"
   st canary-k3 900 $PY bench/tda_canary.py --data $DATA --model ${M[1]:-gemma-3-270m} --work $RES/canary \
-    --out $RES/tda-canary-k3.json --canaries 20 --repeat 8 --prefix-words 3 --variants activations,activations-last \
-    --train-args "--epochs 2 --batch-size 32 --save-steps 100000 --eval-steps 100000 ${EP[*]}"
+    --out $RES/tda-canary-k3.json --canaries 20 --repeat 16 --prefix-words 3 --variants activations,activations-last \
+    --train-args "$TA"
 }
-chain0 & hp & canary &
+speed & hp & canary &
 wait
 say "all done"
 touch $RES/DONE
