@@ -15,8 +15,9 @@ What it does, side by side in one run:
    planted R times by one speaker in different places (said once, the 270M model learnt none of 20 in 2 or
    5 epochs: bench/results/tda_canary_gpu.json; said 8 times, in 2 epochs, it reproduced 3 of 20 from a
    1-word prefix and 5 of 20 from a 3-word one, with 8 frames shared by the 20 canaries:
-   bench/results/tda-canary-gpu-k1.json, -k3.json; the first command above uses --repeat 16 and a
-   frame per canary, not yet measured), and finding any copy counts (same split rule as `convsim
+   bench/results/tda-canary-gpu-r8-k1.json, -r8-k3.json; said 16 times with a frame per canary, as in
+   the first command above, it reproduced 5 of 20 from 1 word and 16 of 20 from 3 words:
+   bench/results/tda-canary-gpu-k1.json, -k3.json), and finding any copy counts (same split rule as `convsim
    train`: the canaries' conversations are checked against the run's split afterwards);
 2. trains with `convsim train` (a subprocess; `--train-args` are passed through). An existing finished
    run in WORK/run made from the same planted data (same --data, --canaries, --repeat, --seed, targets)
@@ -43,7 +44,7 @@ Canaries come from TEMPLATES, one sentence frame per canary (30 frames; with mor
 the frames are used again in turn, so canaries then share frames). Frames were shared before (8 for 20
 canaries), and the model mixed canaries of one frame: "my cousin keeps 62 copper bruthrouls in the
 Rairsil lighthouse" came out as "my cousin keeps 24k gold plated gel pens in the Brarzuth lighthouse"
-(bench/results/tda-canary-gpu-k3.json). Each frame opens with 3 ordinary chat words, a different 3 for
+(bench/results/tda-canary-gpu-r8-k3.json). Each frame opens with 3 ordinary chat words, a different 3 for
 each frame (first words repeat: "my", "i", "we", "the", ...), and its invented words and numbers (the
 secret part) come after them, so a prefix of K <= 3 words holds no invented token and K = 1 is generic.
 (Before, some frames had an invented word or a number among their first 3 words, and the prefix-only

@@ -257,7 +257,7 @@ def wants_grouping(cfg: TrainConfig, device: str) -> bool:
     """Batches of similar lengths only when asked (--group-by-length). Random batches of chat examples are
     about half padding (the chitchat pair: 48 % real tokens at batch 32), but on an H200 grouping did not pay:
     39.2k tokens/s grouped vs 42.0k random, at twice the peak memory (the longest group sets it), and the
-    grouped fine-tune's validation loss was higher (bench/results/train-speed-gpu.json, eval-chitchat.json).
+    grouped fine-tune's validation loss was higher (bench/results/train-speed-gpu-random-h200.json, eval-chitchat.json).
     The grouping is seeded (resume replays it)."""
     return bool(cfg.group_by_length)
 
@@ -402,7 +402,7 @@ def _liger_loss(cap):
     liger-kernel is installed; else None (the plain head + cross-entropy over the reply positions only).
     Off by default because it was slower here: with the speaker rows trainable it differentiates the whole
     262k x 640 head weight every step; measured on an H200, compiled layers without it 47.6k tokens/s, with
-    it 13.7k (bench/results/train-speed-gpu.json). Worth trying for models whose head is frozen."""
+    it 13.7k (bench/results/train-speed-gpu-compiled-only.json). Worth trying for models whose head is frozen."""
     if os.environ.get("CONVSIM_LIGER", "0") != "1":
         return None
     if cap not in _LIGER:

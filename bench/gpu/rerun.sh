@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Second pass of bench/gpu/pipeline.sh on the same warm machine: the training stages again, after a fix
 # (every GPU free: steering and generation speed are done). Same $S, $RES; new out dirs. Kept as the record
-# of the run behind bench/results/multigpu.json, train-speed-gpu.json and the RESULTS.md ablations.
+# of the run behind bench/results/multigpu.json, train-speed-gpu.json of that session (see git history) and the RESULTS.md ablations.
 set -u -o pipefail
 export PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 S=${STAGE:-/root/stage}; RES=${RES:-/root/res}; G=$S/run

@@ -5,7 +5,7 @@
 # the real chat data and tokenizer, then on one card: bench/train_speed.py (the plain loop vs convsim train,
 # + the length-grouped arm) and Unsloth on the plain loop's batches (bench/gpu/unsloth.sh).
 #     bash bench/gpu/stage.sh; carry .gpu-stage/quick; bash .gpu-stage/quick/src/bench/gpu/speed.sh
-# (2026-11-26's run, bench/results/train-speed-gpu.json, had `--variants no-grouping` when grouping was the
+# (2026-11-26's run, bench/results/train-speed-gpu-random-h200.json, had `--variants no-grouping` when grouping was the
 # default, and no Unsloth stage.)
 set -u -o pipefail
 export PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
