@@ -9,6 +9,7 @@
 #                    lower learning rate, r 32); the lowest validation loss is evaluated on the test split
 #   GPU 1 (#7)       meanwhile, canaries with a sentence frame each, planted 16 times, prompted with their first
 #                    word, then first three
+#   CHAINS=frozen   one card: the headline command with float32 vs bf16 frozen weights (#9)
 #   (FSDP through convsim train, #13, ran in bench/gpu/quick.sh on a model of the same shapes; the profile of
 #   2026-11-26 is bench/results/train-profile-gpu.txt)
 # (The chains of earlier sessions - scaling, the 16.6B FSDP model, steering, generation speed, ablations - are
@@ -102,7 +103,21 @@ canary() {    # GPU 1 (#7): 20 canaries, each its own sentence frame, planted 16
     --out $RES/tda-canary-k3.json --canaries 20 --repeat 16 --prefix-words 3 --variants activations,activations-last \
     --train-args "$TA"
 }
-speed & hp & canary &
+frozen() {    # one card (#9): the headline command with float32 vs bf16 (the default) frozen weights, side by side;
+  export CUDA_VISIBLE_DEVICES=$(gpu 0)   # rule fixed first: the lower validation loss is evaluated on test only if it
+  local v                                # is below the headline run's 2.8085
+  for v in float32 bfloat16; do
+    printf '%s\nfrozen_dtype: %s\n' "$HPBASE" $v > $RES/fz-$v.yaml
+    st fz-$v 900 $PY -m convsim train $DATA "${M[@]}" --out $RES/fz-$v --config $RES/fz-$v.yaml "${EP[@]}" --json &
+  done
+  wait
+  best=$($PY bench/gpu/pick.py $RES/fz-*/ --out $RES/fz-selection.json) || return 1
+  if $PY -c "import json,sys; sys.exit(0 if json.load(open('$best/run.json'))['eval_loss'] < ${HEADLINE_VAL:-2.8085} else 1)"; then
+    st fz-eval 900 $PY -m convsim eval $best --n $N --batch-size 32 --json --out $RES/eval-fz-best.json
+  else say "fz: no run below the headline's validation loss; no test evaluation"; fi
+}
+# CHAINS picks what runs (default: this session's three; CHAINS=frozen for the dtype comparison alone)
+for c in ${CHAINS:-speed hp canary}; do $c & done
 wait
 say "all done"
 touch $RES/DONE
