@@ -73,7 +73,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "on an H200 at 2x the peak memory)")
     p.add_argument("--packing", action=argparse.BooleanOptionalAction, default=None,
                    help="padding-free batches: a batch's examples side by side in one row, each attending only to "
-                        "itself (same examples per step, no compute on padding; default: off)")
+                        "itself (same examples per step and losses, no compute on padding; default: off, as it measured slower "
+                        "with PyTorch's attention kernels: docs/PERFORMANCE.md)")
     p.add_argument("--keep-best", action=argparse.BooleanOptionalAction, default=None,
                    help="end with the weights of the evaluation with the lowest validation loss (kept in "
                         "RUN_DIR/best/, resumable), not the last step's (default: off)")
@@ -267,7 +268,9 @@ def wants_packing(cfg: TrainConfig) -> bool:
     so the optimisation is the same as with padded batches; they are laid side by side in one row with
     positions restarting at each example, and transformers builds a block-diagonal causal mask from those
     positions (no attention across examples: tests/test_packing.py). No compute goes to padding, but the
-    attention kernels then see one long row with a dense mask."""
+    attention kernels then see one long row with a dense mask, which cost more than the padding saved:
+    0.35x the default's tokens/s on an H100, 0.51x on the 2-core CPU (bench/results/train-speed-gpu.json,
+    packing-cpu.json)."""
     return bool(cfg.packing)
 
 
