@@ -7,6 +7,7 @@ comes. No speaker token, whole or partial, ever reaches the caller.
 """
 from __future__ import annotations
 
+import functools
 import queue
 import threading
 from dataclasses import dataclass
@@ -336,11 +337,17 @@ class TurnCache:
 
 def cache_argument(model) -> str:
     """What this transformers version calls the cache a forward pass takes: `cache` (5.24) or
-    `past_key_values` (5.17, which the GPU machine and Unsloth use), read from the model's forward."""
-    import inspect
+    `past_key_values` (5.17, which the GPU machine and Unsloth use), read from the model's class (training
+    may have wrapped the instance's forward: train.install_reply_loss)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    try:       # the class's forward: training may have wrapped the instance's (train.install_reply_loss)
-        params = inspect.signature(type(base).forward).parameters
+    return _cache_argument(type(base))
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_argument(cls) -> str:
+    import inspect
+    try:
+        params = inspect.signature(cls.forward).parameters
     except (TypeError, ValueError):
         return "cache"
     return "cache" if "cache" in params else "past_key_values"

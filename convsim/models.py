@@ -312,6 +312,19 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError"
 
 
+def weights_location(spec: ModelSpec) -> str:
+    """Where a table row's weights load from: the embedded model's converted cache (converted on first use),
+    else its local path or hub id. (Tiny rows have no weights on disk: `_tiny_model` builds them.)"""
+    return str(ensure_embedded_cache()) if spec.source == "embedded" else spec.location
+
+
+def with_pad_token(tok):
+    """convsim's pad-token rule for every way a tokenizer is loaded: the eos token where there is none."""
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
 def load_base(name: str, device: str | None = None, dtype=None, verbose: bool = True):
     """Model + tokenizer for a table row, hub id or local path (no adapter). A model that does not fit
     the device's free memory is a `UserError` with the numbers, checked before loading where the
@@ -342,8 +355,7 @@ def load_base(name: str, device: str | None = None, dtype=None, verbose: bool = 
                 raise UserError(
                     f"cannot load {spec.name} from {where}: {first[:200]}. Download the weights where you have "
                     f"a network (e.g. `hf download {spec.location}`) or pass --model /path/to/weights") from None
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token
+        with_pad_token(tok)
         model.to(device)
     except (MemoryError, RuntimeError) as e:
         if not _is_oom(e):

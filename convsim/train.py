@@ -164,16 +164,9 @@ def build_model(cfg: TrainConfig, speakers, device):
     ids = {}
     if cfg.special_tokens:
         ids = add_speaker_tokens(model, tok, speakers, cfg.speaker_references, spec.reference_words, seed=cfg.seed)
-    targets = list(spec.attn_targets) + (list(spec.mlp_targets) if cfg.include_mlp else [])
-    tt = None
-    if ids:
-        tt = {"embed_tokens": sorted(ids.values())}
-        out, emb = model.get_output_embeddings(), model.get_input_embeddings()
-        if out is not None and out.weight.data_ptr() != emb.weight.data_ptr():
-            tt["lm_head"] = sorted(ids.values())
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha or cfg.lora_r, lora_dropout=cfg.lora_dropout,
-                      use_rslora=cfg.use_rslora, target_modules=targets, trainable_token_indices=tt,
-                      task_type="CAUSAL_LM")
+                      use_rslora=cfg.use_rslora, target_modules=lora_targets(cfg, spec),
+                      trainable_token_indices=speaker_rows(ids, head_is_tied(model)), task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
     trainable_in_float32(model)
     from convsim.fastpeft import patch_trainable_tokens, show_tied_weights
@@ -181,6 +174,25 @@ def build_model(cfg: TrainConfig, speakers, device):
     if sharded_training():
         show_tied_weights(model)      # else FSDP2 shards a tied head's weight twice (issue #13)
     return model, tok, spec, ids
+
+
+def lora_targets(cfg: TrainConfig, spec) -> list[str]:
+    """The projections LoRA adapts: the model row's attention ones, and its MLP ones with --include-mlp."""
+    return list(spec.attn_targets) + (list(spec.mlp_targets) if cfg.include_mlp else [])
+
+
+def head_is_tied(model) -> bool:
+    out, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    return out is None or out.weight.data_ptr() == emb.weight.data_ptr()
+
+
+def speaker_rows(ids: dict, tied: bool) -> dict | None:
+    """PEFT's `trainable_token_indices` for the speaker tokens: their input-embedding rows, and their
+    output-head rows too when the head is not tied to the embedding. None without speaker tokens."""
+    if not ids:
+        return None
+    rows = sorted(ids.values())
+    return {"embed_tokens": rows} if tied else {"embed_tokens": rows, "lm_head": list(rows)}
 
 
 def sharded_training() -> bool:
@@ -357,16 +369,13 @@ def _load_quantized(cfg, device):
         raise UserError("--quantization needs the bitsandbytes package (pip install bitsandbytes)") from None
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
-    from convsim.models import ensure_embedded_cache, resolve as resolve_model
+    from convsim.models import resolve as resolve_model, weights_location, with_pad_token
     spec = resolve_model(cfg.model)
-    where = str(ensure_embedded_cache()) if spec.source == "embedded" else spec.location
+    where = weights_location(spec)
     q = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_type="nf4")
          if cfg.quantization == "4bit" else BitsAndBytesConfig(load_in_8bit=True))
     model = AutoModelForCausalLM.from_pretrained(where, quantization_config=q, device_map={"": device})
-    tok = AutoTokenizer.from_pretrained(where)
-    if tok.pad_token is None:       # as load_base does
-        tok.pad_token = tok.eos_token
-    return model, tok
+    return model, with_pad_token(AutoTokenizer.from_pretrained(where))
 
 
 # ----------------------------------------------------------------------------- loss
@@ -922,6 +931,9 @@ def _run(args) -> int:
     train_rows, trunc = tokenize(tok, fmt, ex["train"], cfg, whole=cfg.loss == "whole")
     val_examples = ex["val"][:cfg.max_val_examples]
     val_rows, _ = tokenize(tok, fmt, val_examples, cfg, whole=False)
+    if cfg.keep_best and not val_rows:
+        print("warning: --keep-best needs validation examples and there are none; the run ends with its last "
+              "weights", file=sys.stderr)
     if trunc > 0.05 * len(train_rows):
         print(f"warning: --max-seq-length {cfg.max_seq_length} truncated {trunc} of {len(train_rows)} training "
               f"examples ({100 * trunc / len(train_rows):.0f}%)", file=sys.stderr)

@@ -136,25 +136,13 @@ def require_unsloth(device: str):
 
 # ----------------------------------------------------------------------------- settings (pure)
 
-def trainable_tokens(ids: dict, tied: bool) -> dict | None:
-    """PEFT's `trainable_token_indices` for the speaker rows, as `build_model` builds it: the input
-    embedding, and the output head too when it is not tied to it. None without speaker tokens."""
-    if not ids:
-        return None
-    rows = sorted(ids.values())
-    return {"embed_tokens": rows} if tied else {"embed_tokens": rows, "lm_head": list(rows)}
-
-
-def target_modules(cfg, spec) -> list[str]:
-    return list(spec.attn_targets) + (list(spec.mlp_targets) if cfg.include_mlp else [])
-
-
 def peft_kwargs(cfg, spec, ids: dict, tied: bool = True, checkpointing: bool = False) -> dict:
     """Keywords for `FastLanguageModel.get_peft_model`: the LoRA `build_model` gives `peft.LoraConfig`."""
+    from convsim.train import lora_targets, speaker_rows
     kw = dict(r=cfg.lora_r, lora_alpha=cfg.lora_alpha or cfg.lora_r, lora_dropout=cfg.lora_dropout,
-              use_rslora=cfg.use_rslora, target_modules=target_modules(cfg, spec), bias="none",
+              use_rslora=cfg.use_rslora, target_modules=lora_targets(cfg, spec), bias="none",
               random_state=cfg.seed, use_gradient_checkpointing=bool(checkpointing))
-    tt = trainable_tokens(ids, tied)
+    tt = speaker_rows(ids, tied)
     if tt:
         kw["trainable_token_indices"] = tt
     return kw
@@ -171,34 +159,28 @@ def load_kwargs(cfg, where: str, dtype, checkpointing: bool = False) -> dict:
 # ----------------------------------------------------------------------------- model
 
 def model_dir(spec) -> str:
-    """Where Unsloth loads `spec` from: the embedded model's converted cache (converted on first use),
-    a local path, a hub id (from the Hugging Face cache), or a tiny test model saved once."""
+    """Where Unsloth loads `spec` from: `models.weights_location`, or for a tiny test model (built in memory
+    by `load_base`) a copy saved once under $CONVSIM_HOME/models/."""
     from convsim import models
-    if spec.source == "embedded":
-        return str(models.ensure_embedded_cache())
-    if spec.source == "tiny":
-        target = models.convsim_home() / "models" / spec.name
-        if not (target / "config.json").is_file():
-            import torch
-            from convsim.fsutil import atomic_dir
-            with atomic_dir(target) as tmp:
-                models._tiny_model(spec, torch.float32).save_pretrained(tmp)
-                models.tiny_tokenizer().save_pretrained(tmp)
-        return str(target)
-    return str(spec.location)
+    if spec.source != "tiny":
+        return models.weights_location(spec)
+    target = models.convsim_home() / "models" / spec.name
+    if not (target / "config.json").is_file():
+        import torch
+        from convsim.fsutil import atomic_dir
+        with atomic_dir(target) as tmp:
+            models._tiny_model(spec, torch.float32).save_pretrained(tmp)
+            models.tiny_tokenizer().save_pretrained(tmp)
+    return str(target)
 
 
 def convsim_tokenizer(spec, where: str):
-    """The tokenizer `models.load_base` would give (pad = eos where the tokenizer has none)."""
+    """The tokenizer `models.load_base` would give, with its pad-token rule."""
     from convsim import models
     if spec.source == "tiny":
-        tok = models.tiny_tokenizer()
-    else:
-        from transformers import AutoTokenizer
-        tok = AutoTokenizer.from_pretrained(where)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok
+        return models.with_pad_token(models.tiny_tokenizer())
+    from transformers import AutoTokenizer
+    return models.with_pad_token(AutoTokenizer.from_pretrained(where))
 
 
 def load_unsloth(cfg, speakers, device: str, spec):
@@ -208,7 +190,7 @@ def load_unsloth(cfg, speakers, device: str, spec):
     import torch
     from convsim.fastpeft import patch_trainable_tokens
     from convsim.speakers import add_speaker_tokens
-    from convsim.train import frozen_dtype, trainable_in_float32, wants_checkpointing
+    from convsim.train import frozen_dtype, head_is_tied, trainable_in_float32, wants_checkpointing
 
     where = model_dir(spec)
     tok = convsim_tokenizer(spec, where)
@@ -225,8 +207,7 @@ def load_unsloth(cfg, speakers, device: str, spec):
     ids = {}
     if cfg.special_tokens:
         ids = add_speaker_tokens(model, tok, speakers, cfg.speaker_references, spec.reference_words, seed=cfg.seed)
-    out, emb = model.get_output_embeddings(), model.get_input_embeddings()
-    tied = out is None or out.weight.data_ptr() == emb.weight.data_ptr()
+    tied = head_is_tied(model)
     checkpointing = wants_checkpointing(cfg, model)            # as asked, else for models of 1B parameters or more
     model = FastLanguageModel.get_peft_model(model, **peft_kwargs(cfg, spec, ids, tied, checkpointing))
     frozen = sum(1 for n, p in model.named_parameters() if "trainable_tokens_delta" in n and not p.requires_grad)

@@ -43,6 +43,21 @@ def data_dir(tmp_path_factory) -> Path:
     return d
 
 
+def tiny_trained_model(lora_r=4, seed=0):
+    """build_model's tiny-gemma3 PEFT model for speakers Ana and Ben, with its trainable tensors moved off their
+    initial values (zeros for LoRA's B), as after some training: (model, tok, ids)."""
+    import torch
+    from convsim.config import TrainConfig
+    from convsim.train import build_model
+    torch.manual_seed(seed)
+    model, tok, spec, ids = build_model(TrainConfig(model="tiny-gemma3", lora_r=lora_r), ["Ana", "Ben"], "cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    return model, tok, ids
+
+
 def cli(*args, check=True, input=None, timeout=600):
     """Run `python -m convsim ARGS` and return the CompletedProcess."""
     p = subprocess.run([sys.executable, "-m", "convsim", *map(str, args)], capture_output=True, text=True,

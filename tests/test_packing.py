@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from convsim.config import TrainConfig
-from convsim.train import build_model, reply_loss, wants_packing
-from conftest import cli
+from convsim.train import reply_loss, wants_packing
+from conftest import cli, tiny_trained_model
 
 
 def _examples(ids, vocab, lengths=(30, 90, 150), seed=0):
@@ -43,12 +43,7 @@ def _packed(examples, pad_id):
 
 @pytest.fixture(scope="module")
 def model_and_ids():
-    torch.manual_seed(0)
-    model, tok, spec, ids = build_model(TrainConfig(model="tiny-gemma3", lora_r=4), ["Ana", "Ben"], "cpu")
-    with torch.no_grad():                                      # a trained-looking adapter, not zeros
-        for n, p in model.named_parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn_like(p))
+    model, tok, ids = tiny_trained_model()
     assert model.config.sliding_window < 150                  # the examples cross the window
     return model, tok, ids
 

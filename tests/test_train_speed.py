@@ -3,6 +3,8 @@ activation checkpointing and compilation default to what pays off on each machin
 import pytest
 import torch
 
+from conftest import tiny_trained_model
+
 from convsim.config import TrainConfig
 from convsim.train import build_model, compile_layers, decoder_layers, reply_loss, wants_checkpointing, wants_compile
 
@@ -46,12 +48,7 @@ def _batch(ids, vocab, seed=0):
 
 
 def test_compiled_layers_give_the_eager_loss_and_gradients():
-    torch.manual_seed(0)
-    model, tok, spec, ids = build_model(TrainConfig(model="tiny-gemma3", lora_r=4), ["Ana", "Ben"], "cpu")
-    with torch.no_grad():                                      # a trained-looking adapter, not zeros
-        for n, p in model.named_parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn_like(p))
+    model, tok, ids = tiny_trained_model()
     model.train()
 
     def step(batch):
