@@ -17,6 +17,7 @@ from convsim.errors import UserError, brief
 class TrainConfig:
     model: str = "gemma-3-270m"
     targets: list[str] = field(default_factory=lambda: ["all"])
+    extra_data: list[str] = field(default_factory=list)   # training-only data dirs (see `convsim train --help`)
     epochs: float = 1.0
     batch_size: int = 8
     grad_accum: int = 1

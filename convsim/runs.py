@@ -25,6 +25,11 @@ from convsim.chats.schema import Conversation, read_conversations
 from convsim.errors import UserError
 
 
+def extra_prefixes(n_dirs: int) -> tuple[str, ...]:
+    """The id prefixes of `convsim train --extra-data` conversations in a run's data (`x0:`, `x1:`, ...)."""
+    return tuple(f"x{k}:" for k in range(n_dirs))
+
+
 def dir_hash(path: Path) -> str:
     """sha256 over the adapter's files (names + bytes), to tie artifacts to one adapter."""
     h = hashlib.sha256()
@@ -71,6 +76,11 @@ class Run:
     def split(self, name: str) -> list[Conversation]:
         ids = set(self.meta["split"][name])
         return [c for c in self.conversations if c.id in ids]
+
+    def is_extra(self, c: Conversation) -> bool:
+        """Whether a conversation came from `--extra-data` (training only, not the chat the run is about)."""
+        n = len((self.meta.get("extra_data") or {}).get("dirs", []))
+        return n > 0 and c.id.startswith(extra_prefixes(n))
 
     def check_speaker(self, name: str) -> str:
         if name not in self.speakers:

@@ -30,6 +30,7 @@ EXAMPLES = """
   convsim train data/ --out runs/tiny --model tiny-llama --max-steps 20   # smoke test in seconds
   convsim train data/ --out runs/me --continue-training   # resume from the latest checkpoint
   convsim train data/ --out runs/me --config train.yaml --learning-rate 1e-4   # flags override YAML
+  convsim train data/pair --extra-data data/their-other-chats --out runs/more   # more of the same people
   CONVSIM_PROFILE=prof convsim train data/ --out runs/p --max-steps 20   # torch.profiler table of steps 11-15
 """
 
@@ -41,6 +42,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="model table row, hub id or local path (default gemma-3-270m)")
     p.add_argument("--target", action="append", dest="targets", metavar="NAME",
                    help="train on this person's replies (repeatable); default: all")
+    p.add_argument("--extra-data", action="append", metavar="DATA_DIR",
+                   help="more conversations of the same people (e.g. their chats with others), for training "
+                        "only: never validation or test, and none from the held-out period (repeatable)")
+    p.add_argument("--context-size", type=int, metavar="N", help="earlier messages shown before each reply (default 8)")
     p.add_argument("--epochs", type=float)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--grad-accum", type=int)
@@ -86,7 +91,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args) -> TrainConfig:
-    keys = ["model", "targets", "epochs", "batch_size", "grad_accum", "learning_rate", "max_steps", "time_budget",
+    keys = ["model", "targets", "extra_data", "context_size", "epochs", "batch_size", "grad_accum", "learning_rate", "max_steps", "time_budget",
             "max_seq_length", "lora_r", "lora_alpha", "special_tokens", "include_mlp", "instruct_format", "loss",
             "quantization", "backend", "activation_checkpointing", "compile", "frozen_dtype", "group_by_length", "packing", "keep_best", "eval_steps", "save_steps", "seed", "max_val_examples"]
     flags = {k: getattr(args, k, None) for k in keys}
@@ -119,15 +124,63 @@ def prepare_data(cfg: TrainConfig, data_dir: str):
                         f"most {MAX_SPEAKERS} (re-import with `convsim import --max-speakers N`, or keep the most "
                         "active people)")
     targets = speakers if cfg.targets in (["all"], [], None) else cfg.targets
+    split = split_conversations(convs, cfg.val_fraction, cfg.test_fraction)
+    if cfg.extra_data:
+        extra = extra_conversations(cfg.extra_data, split)
+        split["train"] = split["train"] + extra
+        convs = convs + extra
+        speakers = speakers + [s for s in speakers_of(extra) if s not in speakers]
+        if len(speakers) > MAX_SPEAKERS:
+            raise UserError(f"--extra-data brings the speakers to {len(speakers):,}, more than {MAX_SPEAKERS} "
+                            "(merge the people who are not simulated into one name with `convsim import --speaker`)")
     for t in targets:
         if t not in speakers:
             raise UserError(f"unknown target speaker {t!r}; the data has {', '.join(speakers[:20])}")
-    split = split_conversations(convs, cfg.val_fraction, cfg.test_fraction)
     ex = {name: build_examples(cs, targets, cfg.context_size, cfg.max_burst) for name, cs in split.items()}
     for t in targets:
         if not any(e.speaker == t for e in ex["train"]):
             raise UserError(f"target {t!r} has no training examples (no reply of theirs follows a message)")
     return convs, speakers, targets, split, ex
+
+
+def extra_summary(cfg: TrainConfig, convs, speakers) -> dict:
+    """run.json's record of `--extra-data`: the dirs, how many conversations came from them, and the speakers
+    found only there (people the run was not made to simulate)."""
+    from convsim.runs import extra_prefixes
+    prefixes = extra_prefixes(len(cfg.extra_data))
+    extra = [c for c in convs if c.id.startswith(prefixes)]
+    main = {m.speaker for c in convs if not c.id.startswith(prefixes) for m in c.messages}
+    return {"dirs": list(cfg.extra_data), "conversations": len(extra),
+            "messages": sum(len(c.messages) for c in extra), "speakers_only_here": [s for s in speakers if s not in main]}
+
+
+def extra_conversations(dirs, split) -> list:
+    """`--extra-data`: more conversations of the same people (their chats with others), for training only.
+    They never enter validation or test, and their messages from the start of the first held-out conversation
+    on are left out, so no training message comes from the held-out period. Ids get an `x<k>:` prefix."""
+    from convsim.chats.examples import start_time
+    from convsim.chats.schema import read_conversations
+    held = [start_time(c) for c in split["val"] + split["test"] if start_time(c)]
+    main_ids = {c.id for v in split.values() for c in v}
+    cutoff = min(held) if held else None
+    out = []
+    for k, d in enumerate(dirs):
+        got = read_conversations(d)
+        n_read = sum(len(c.messages) for c in got)
+        if cutoff:   # messages from the held-out period on are dropped (whole conversations, or their ends)
+            for c in got:
+                c.messages = [m for m in c.messages if not (m.time and m.time >= cutoff)]
+        kept = [c for c in got if c.messages]
+        for c in kept:
+            c.id = f"x{k}:{c.id}"
+            if c.id in main_ids:
+                raise UserError(f"{d}: conversation id {c.id!r} clashes with one of the main data's ids")
+        n_msgs = sum(len(c.messages) for c in kept)
+        print(f"extra data {d}: {len(kept):,} conversations ({n_msgs:,} messages) added to training"
+              + (f"; {n_read - n_msgs:,} messages from the held-out period on ({cutoff}) left out"
+                 if n_read > n_msgs else ""), file=sys.stderr)
+        out.extend(kept)
+    return out
 
 
 def tokenize(tok, fmt, examples, cfg: TrainConfig, whole: bool = False):
@@ -949,7 +1002,8 @@ def _run(args) -> int:
             "context_size": cfg.context_size, "max_burst": cfg.max_burst, "seed": cfg.seed,
             "split": {k: [c.id for c in v] for k, v in split.items()},
             "examples": {k: len(v) for k, v in ex.items()}, "status": "training",
-            "resumed_from": resume.name if resume else None}
+            "resumed_from": resume.name if resume else None,
+            "extra_data": extra_summary(cfg, convs, speakers)}
     if main:
         write_meta(run_dir, meta)
         tok.save_pretrained(run_dir / "tokenizer")

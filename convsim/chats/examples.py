@@ -90,7 +90,8 @@ def build_examples(convs: Sequence[Conversation], targets: Sequence[str] | None 
     return out
 
 
-def _start(c: Conversation) -> str:
+def start_time(c: Conversation) -> str:
+    """The time of a conversation's first timed message ("" when none has a time)."""
     return next((m.time for m in c.messages if m.time), "") or ""
 
 
@@ -98,7 +99,7 @@ def split_conversations(convs: Sequence[Conversation], val: float = 0.1, test: f
                         ) -> dict[str, list[Conversation]]:
     """Split by time: the latest sessions are test, the ones before them validation, the rest train.
     Sessions without times keep their order. A session is never in two splits."""
-    order = sorted(range(len(convs)), key=lambda i: (_start(convs[i]), i))
+    order = sorted(range(len(convs)), key=lambda i: (start_time(convs[i]), i))
     n = len(order)
     n_test = max(1, round(n * test)) if n >= 3 and test > 0 else 0
     n_val = max(1, round(n * val)) if n - n_test >= 2 and val > 0 else 0

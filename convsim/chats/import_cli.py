@@ -41,6 +41,7 @@ EXAMPLES = """
   convsim import train.json --out data/seed             # the seed project's prompt/response pairs
   convsim import chitchat --top-pair --out data/demo    # embedded demo data: 11,431 messages, 2 people
   convsim import chitchat --pair 549cc1d1,a54af4d5 --out data/demo
+  convsim import chitchat --top-pair --other-chats --out data/demo-others   # the same two with everyone else
   convsim import data/old/conversations.jsonl --no-scrub --gap-minutes 0 --out data/new
 
 Dropped and counted in import.json: system events, media without a caption, deleted-message markers,
@@ -62,6 +63,9 @@ def add_arguments(p) -> None:
                    help="Telegram: import only this chat (name or id; repeatable)")
     p.add_argument("--pair", metavar="A,B", help="chitchat: only the chats between these two senders")
     p.add_argument("--top-pair", action="store_true", help="chitchat: only the chats of the two people who talked most")
+    p.add_argument("--other-chats", action="store_true",
+                   help="chitchat, with --pair or --top-pair: instead, the two people's chats with everyone else, "
+                        "each partner named 'stranger' (training data for `convsim train --extra-data`)"),
     p.add_argument("--no-scrub", action="store_true", help="keep e-mails, phone numbers, URLs, IPs and card numbers")
     p.add_argument("--max-message-chars", type=int, default=20_000, metavar="N",
                    help="truncate longer messages (counted in import.json; default 20000)")
@@ -93,7 +97,8 @@ def run(args) -> int:
 def _import_and_write(args, out: Path) -> tuple[list[Conversation], dict]:
     convs, summary = import_chats(
         args.src, fmt=args.format, aliases=_aliases(args.speaker), gap_minutes=args.gap_minutes,
-        chats=args.chat, pair=_pair(args.pair), top_pair=args.top_pair, scrub=not args.no_scrub,
+        chats=args.chat, pair=_pair(args.pair), top_pair=args.top_pair, other_chats=args.other_chats,
+        scrub=not args.no_scrub,
         max_message_chars=args.max_message_chars, max_messages=args.max_messages,
         max_speakers=args.max_speakers, max_input_mb=args.max_input_mb)
     write_data_dir(out, convs, summary)
@@ -115,7 +120,7 @@ def _gc_paused():
 
 def import_chats(srcs: list[str], *, fmt: str = "auto", aliases: dict[str, str] | None = None,
                  gap_minutes: float = 120.0, chats: list[str] | None = None, pair: tuple[str, str] | None = None,
-                 top_pair: bool = False, scrub: bool = True, max_message_chars: int = 20_000,
+                 top_pair: bool = False, other_chats: bool = False, scrub: bool = True, max_message_chars: int = 20_000,
                  max_messages: int = 5_000_000, max_speakers: int = 10_000,
                  max_input_mb: int = 1024) -> tuple[list[Conversation], dict]:
     """Read, parse, clean and split; returns (conversations, the import.json summary). Writes nothing."""
@@ -128,6 +133,8 @@ def import_chats(srcs: list[str], *, fmt: str = "auto", aliases: dict[str, str] 
             raise UserError(f"{flag} must be at least 1, not {value}")
     if pair and top_pair:
         raise UserError("give --pair or --top-pair, not both")
+    if other_chats and not (pair or top_pair):
+        raise UserError("--other-chats needs --pair or --top-pair (whose other chats?)")
 
     blobs = read_sources(list(srcs), max_input_mb << 20)
     convs: list[Conversation] = []
@@ -148,7 +155,7 @@ def import_chats(srcs: list[str], *, fmt: str = "auto", aliases: dict[str, str] 
             continue
         blob.data = b""  # the text or JSON is all that is needed from here; let the bytes go
         got = parse_payload(found, payload, blob.name, report, chats=chats, pair=pair, top_pair=top_pair,
-                            max_speakers=max_speakers)
+                            other_chats=other_chats, max_speakers=max_speakers)
         del payload
         if blob.container is not None:
             found_in.add(blob.container)
@@ -209,7 +216,8 @@ def import_chats(srcs: list[str], *, fmt: str = "auto", aliases: dict[str, str] 
         "sources": sources,
         "skipped": {name: reasons for name, reasons in skipped.items()},  # files in a SRC dir/zip that were no export
         "options": {"format": fmt, "gap_minutes": gap_minutes, "speaker_aliases": aliases, "chats": chats or [],
-                    "pair": list(pair) if pair else None, "top_pair": top_pair, "scrub": scrub,
+                    "pair": list(pair) if pair else None, "top_pair": top_pair, "other_chats": other_chats,
+                    "scrub": scrub,
                     "max_message_chars": max_message_chars, "max_messages": max_messages,
                     "max_speakers": max_speakers, "max_input_mb": max_input_mb},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -10,6 +10,8 @@ and `report.notes["speaker_names"]` maps names back to UUIDs. `top_pair=True` ke
 the two people who talked most (11,431 messages in 62 chats); `pair=("549cc1d1", "a54af4d5")` keeps the
 chats between those two (names, UUIDs or unique UUID prefixes); neither keeps every chat. A chat is
 between a pair when exactly those two wrote in it. Chats left out are counted as "pair_not_selected".
+With `other_chats=True` it keeps the opposite: the chats of either person of the pair with someone else,
+every partner named "stranger" (1,541 chats for the top pair: extra training data, `convsim train --extra-data`).
 """
 from __future__ import annotations
 
@@ -36,8 +38,11 @@ def parse(data: bytes | str | Path, source: str, report, **options) -> list[Conv
     return parse_obj(load_json(as_text(data, source, report.notes), source), source, report, **options)
 
 
+STRANGER = "stranger"   # everyone but the pair, in `other_chats` imports
+
+
 def parse_obj(obj: Any, source: str, report, pair: tuple[str, str] | None = None, top_pair: bool = False,
-              **_options) -> list[Conversation]:
+              other_chats: bool = False, **_options) -> list[Conversation]:
     if not isinstance(obj, dict) or not obj:
         raise UserError(f"{source}: not chitchat data (expected a JSON object of chat id -> chat)")
     chats = []  # (chat id, [(sender, text, time)])
@@ -82,11 +87,22 @@ def parse_obj(obj: Any, source: str, report, pair: tuple[str, str] | None = None
         report.notes["pair"] = {"senders": sorted(chosen), "messages": per_pair[chosen], "chats": per_pair_chats[chosen]}
         kept = []
         for cid, msgs in chats:
-            if frozenset(s for s, _, _ in msgs) == chosen:
+            who = frozenset(s for s, _, _ in msgs)
+            if (len(who & chosen) == 1 and len(who) > 1) if other_chats else who == chosen:
                 kept.append((cid, msgs))
             else:
                 dropped["pair_not_selected"] += len(msgs)
         chats = kept
+        if other_chats:   # the pair keep their names; their partners become one speaker
+            names = {**{s: STRANGER for _, msgs in chats for s, _, _ in msgs}, **_short_names(sorted(chosen))}
+            report.notes["other_chats"] = {"chats": len(chats), "partners": len({s for _, msgs in chats
+                                                                                 for s, _, _ in msgs} - chosen)}
+            report.notes["speaker_names"] = {v: k for k, v in names.items() if v != STRANGER}
+            report.notes["chats"] = len(chats)
+            return [Conversation(id="", messages=[Message(names[s], t, w) for s, t, w in msgs],
+                                 source=f"chitchat:{cid}") for cid, msgs in chats if msgs]
+    elif other_chats:
+        raise UserError("--other-chats needs --pair or --top-pair (whose other chats?)")
 
     names = _short_names(sorted({s for _, msgs in chats for s, _, _ in msgs}))
     report.notes["speaker_names"] = {v: k for k, v in names.items()}
