@@ -13,5 +13,6 @@ echo "== stages"; cat $RES/stages.log
 tar czf $OUT/results.tar.gz --exclude='checkpoints' --exclude='*.safetensors' --exclude='tokenizer.json' \
   --exclude='*.npy' --exclude='*.f16' -C $(dirname $RES) $(basename $RES) 2>/dev/null
 for v in $RES/steer/*.safetensors; do [ -f "$v" ] && cp "$v" $OUT/steer-$(basename "$v"); done
+[ -f $RES/best-adapter.safetensors ] && cp $RES/best-adapter.safetensors $OUT/
 [ -f $RES/e3/adapter/adapter_model.safetensors ] && cp $RES/e3/adapter/adapter_model.safetensors $OUT/e3-adapter.safetensors
 ls -la $OUT

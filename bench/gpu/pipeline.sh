@@ -10,6 +10,9 @@
 #   GPU 1 (#7)       meanwhile, canaries with a sentence frame each, planted 16 times, prompted with their first
 #                    word, then first three
 #   CHAINS=frozen   one card: the headline command with float32 vs bf16 frozen weights (#9)
+#   CHAINS=more     one card: the headline command with 16 messages of context, with each person's other chats as
+#                   training-only data, and both; the lowest validation loss is tested if below the headline's (#9)
+#   CHAINS=evalrun  one card: `convsim eval` of a run dir staged in $S/evalrun
 #   (FSDP through convsim train, #13, ran in bench/gpu/quick.sh on a model of the same shapes; the profile of
 #   2026-11-26 is bench/results/train-profile-gpu.txt)
 # (The chains of earlier sessions - scaling, the 16.6B FSDP model, steering, generation speed, ablations - are
@@ -115,6 +118,26 @@ frozen() {    # one card (#9): the headline command with float32 vs bf16 (the de
   if $PY -c "import json,sys; sys.exit(0 if json.load(open('$best/run.json'))['eval_loss'] < ${HEADLINE_VAL:-2.8085} else 1)"; then
     st fz-eval 900 $PY -m convsim eval $best --n $N --batch-size 32 --json --out $RES/eval-fz-best.json
   else say "fz: no run below the headline's validation loss; no test evaluation"; fi
+}
+more() {      # one card (#9): beyond hyperparameters, the headline command with more context per example (16
+  export CUDA_VISIBLE_DEVICES=$(gpu 0)   # earlier messages, not 8; both methods get it), with each person's other
+  local v                                # chats as training-only data (--extra-data), and both, side by side.
+  declare -A MV=([ctx16]="context_size: 16" [others]="extra_data: [$G/data-others]" [others-ctx16]="context_size: 16
+extra_data: [$G/data-others]")
+  for v in "${!MV[@]}"; do   # rule fixed before any number: the lowest validation loss (the same val replies in
+    printf '%s\n%s\n' "$HPBASE" "${MV[$v]}" > $RES/more-$v.yaml   # all three) is evaluated on test, only if it is
+    st more-$v 2400 $PY -m convsim train $DATA "${M[@]}" --out $RES/more-$v --config $RES/more-$v.yaml "${EP[@]}" --json &
+  done                                                     # below the headline run's 2.8085
+  wait
+  best=$($PY bench/gpu/pick.py $RES/more-*/ --out $RES/more-selection.json) || return 1
+  if $PY -c "import json,sys; sys.exit(0 if json.load(open('$best/run.json'))['eval_loss'] < ${HEADLINE_VAL:-2.8085} else 1)"; then
+    st more-eval 1200 $PY -m convsim eval $best --n $N --batch-size 32 --json --out $RES/eval-more-best.json
+    cp $best/adapter/adapter_model.safetensors $RES/best-adapter.safetensors
+  else say "more: no run below the headline's validation loss; no test evaluation"; fi
+}
+evalrun() {   # one card: `convsim eval` of a run dir carried to $S/evalrun (the headline's settings: 100 replies a
+  export CUDA_VISIBLE_DEVICES=$(gpu 0)   # person, batch 32); used for the --extra-data run after the classifier fix
+  st eval-run 1200 $PY -m convsim eval ${EVALRUN:-$S/evalrun} --n $N --batch-size 32 --json --out $RES/eval-run.json
 }
 # CHAINS picks what runs (default: this session's three; CHAINS=frozen for the dtype comparison alone)
 for c in ${CHAINS:-speed hp canary}; do $c & done

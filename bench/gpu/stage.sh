@@ -24,6 +24,8 @@ if [ -d "$HLRUN/adapter" ]; then
   gzip -c $HLRUN/tokenizer/tokenizer.json > $ST/hl/tokenizer/tokenizer.json.gz
   cp $HLRUN/tokenizer/tokenizer_config.json $ST/hl/tokenizer/
 fi
+# the top pair's chats with everyone else, training-only data for CHAINS=more (#9)
+[ -f $ST/run/data-others/conversations.jsonl ] || python -m convsim import chitchat --top-pair --other-chats --out $ST/run/data-others
 # quick/: what bench/gpu/quick.sh needs in its one call (no model parts, no headline run)
 rm -rf $ST/quick && mkdir -p $ST/quick && cp -r $ST/run/src $ST/run/data $ST/run/tok $ST/run/whl $ST/unsloth $ST/quick/
 du -sh $ST/* $ST/run/*
