@@ -20,22 +20,25 @@ def main(src: str, out: str) -> None:
     speakers = list(d["speakers"])
     kinds = [("ppl_base", "base, context only"), ("ppl_in_context", "base + retrieved examples"),
              ("ppl_finetuned", "fine-tuned"), ("ppl_hybrid", "fine-tuned + retrieved")]
-    whole = (d.get("ablations", {}).get("loss_whole_text") or {}).get("speakers") or {}
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 5.4))
-    w = 0.8 / (len(kinds) + (1 if whole else 0))
+    extra = [(rows, label) for rows, label in (
+        ((d.get("pair_only_headline") or {}).get("speakers"), "fine-tuned on the pair only, 8 messages of context (before)"),
+        ((d.get("ablations", {}).get("loss_whole_text") or {}).get("speakers"), "… and loss on the whole text (ablation)"))
+        if rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 5.6))
+    w = 0.8 / (len(kinds) + len(extra))
     for i, (k, label) in enumerate(kinds):
         xs = [j + i * w for j in range(len(speakers))]
         vals = [d["speakers"][s][k] for s in speakers]
         a.bar(xs, vals, w, label=label)
         for x, v in zip(xs, vals):
-            a.text(x, v + 0.3, f"{v:.1f}", ha="center", fontsize=8)
-    if whole:
-        xs = [j + len(kinds) * w for j in range(len(speakers))]
-        vals = [whole[s]["ppl_finetuned"] for s in speakers]
-        a.bar(xs, vals, w, label="fine-tuned, loss on whole text (ablation)", color="0.6")
+            a.text(x, v + 0.3, f"{v:.1f}", ha="center", fontsize=7)
+    for i, ((rows, label), shade) in enumerate(zip(extra, ("0.45", "0.7"))):
+        xs = [j + (len(kinds) + i) * w for j in range(len(speakers))]
+        vals = [rows[s]["ppl_finetuned"] for s in speakers]
+        a.bar(xs, vals, w, label=label, color=shade)
         for x, v in zip(xs, vals):
-            a.text(x, v + 0.3, f"{v:.1f}", ha="center", fontsize=8)
-    a.set_xticks([j + w * (len(kinds) - (0 if whole else 1)) / 2 for j in range(len(speakers))], speakers)
+            a.text(x, v + 0.3, f"{v:.1f}", ha="center", fontsize=7)
+    a.set_xticks([j + w * (len(kinds) + len(extra) - 1) / 2 for j in range(len(speakers))], speakers)
     a.set_ylabel("perplexity of the real reply (lower is better)")
     a.set_title(f"held-out perplexity, {d['n_examples']} test examples")
     a.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.09), ncol=2)
