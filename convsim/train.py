@@ -41,7 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file with TrainConfig fields (flags override it)")
     p.add_argument("--model", help="model table row, hub id or local path (default gemma-3-270m)")
     p.add_argument("--target", action="append", dest="targets", metavar="NAME",
-                   help="train on this person's replies (repeatable); default: all")
+                   help="train on this person's replies (repeatable); default: everyone in DATA_DIR (not the people "
+                        "found only in --extra-data)")
     p.add_argument("--extra-data", action="append", metavar="DATA_DIR",
                    help="more conversations of the same people (e.g. their chats with others), for training "
                         "only: never validation or test, and none from the held-out period (repeatable)")

@@ -130,3 +130,30 @@ def test_incomplete_checkpoints_are_skipped_and_replaced(tmp_path):
     assert complete_checkpoint(ck / "checkpoint-9")
     assert sorted(p.name for p in ck.iterdir()) == [".staging", "checkpoint-6", "checkpoint-9"]
     assert last_checkpoint(tmp_path / "missing") is None
+
+
+def test_keep_best_survives_kill_and_resume(tmp_path, data_dir):
+    """--keep-best killed mid-run and resumed ends with the same kept weights as an uninterrupted run. A kept
+    best newer than the checkpoint resumed from is dropped (the resumed run meets that evaluation again): one
+    is planted with a loss nothing can beat, and must not survive."""
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text("logging_steps: 1\nsamples: 0\nmax_val_examples: 8\nlearning_rate: 0.05\n")
+
+    def args(out):
+        return ["train", data_dir, "--out", out, "--model", "tiny-gemma3", "--max-steps", 18, "--save-steps", SAVE,
+                "--eval-steps", 2, "--batch-size", 4, "--seed", 7, "--config", cfg, "--keep-best", "--json"]
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "killed"
+    convsim(*args(ref_dir))
+    ref = json.loads((ref_dir / "run.json").read_text())
+    kill_after_checkpoint(args(run_dir), run_dir / "checkpoints", 2 * SAVE)
+    resume_step = int(last_checkpoint(run_dir / "checkpoints").name.split("-")[1])
+    planted = {"step": resume_step + 1, "eval_loss": -1.0}
+    assert (run_dir / "best" / "best.json").exists()
+    (run_dir / "best" / "best.json").write_text(json.dumps(planted))
+    convsim("train", data_dir, "--out", run_dir, "--continue-training", "--json")
+    got = json.loads((run_dir / "run.json").read_text())
+    assert got["kept_best"] != planted and got["kept_best"]["step"] == ref["kept_best"]["step"], (got, ref)
+    assert abs(got["eval_loss"] - ref["eval_loss"]) < 1e-3
+    a = load_file(ref_dir / "adapter" / "adapter_model.safetensors")
+    b = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4

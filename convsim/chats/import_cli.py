@@ -65,7 +65,7 @@ def add_arguments(p) -> None:
     p.add_argument("--top-pair", action="store_true", help="chitchat: only the chats of the two people who talked most")
     p.add_argument("--other-chats", action="store_true",
                    help="chitchat, with --pair or --top-pair: instead, the two people's chats with everyone else, "
-                        "each partner named 'stranger' (training data for `convsim train --extra-data`)"),
+                        "each partner named 'stranger' (training data for `convsim train --extra-data`)")
     p.add_argument("--no-scrub", action="store_true", help="keep e-mails, phone numbers, URLs, IPs and card numbers")
     p.add_argument("--max-message-chars", type=int, default=20_000, metavar="N",
                    help="truncate longer messages (counted in import.json; default 20000)")

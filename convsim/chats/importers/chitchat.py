@@ -11,7 +11,8 @@ the two people who talked most (11,431 messages in 62 chats); `pair=("549cc1d1",
 chats between those two (names, UUIDs or unique UUID prefixes); neither keeps every chat. A chat is
 between a pair when exactly those two wrote in it. Chats left out are counted as "pair_not_selected".
 With `other_chats=True` it keeps the opposite: the chats of either person of the pair with someone else,
-every partner named "stranger" (1,541 chats for the top pair: extra training data, `convsim train --extra-data`).
+every partner named "stranger" (565 chats with 154 people for the top pair: training-only data for
+`convsim train --extra-data`).
 """
 from __future__ import annotations
 
