@@ -13,6 +13,7 @@
 #   CHAINS=more     one card: the headline command with 16 messages of context, with each person's other chats as
 #                   training-only data, and both; the lowest validation loss is tested if below the headline's (#9)
 #   CHAINS=evalrun  one card: `convsim eval` of a run dir staged in $S/evalrun
+#   CHAINS=unslothreal  one card: the headline training command through --backend unsloth, real weights (#4)
 #   (FSDP through convsim train, #13, ran in bench/gpu/quick.sh on a model of the same shapes; the profile of
 #   2026-11-26 is bench/results/train-profile-gpu.txt)
 # (The chains of earlier sessions - scaling, the 16.6B FSDP model, steering, generation speed, ablations - are
@@ -138,6 +139,11 @@ extra_data: [$G/data-others]")
 evalrun() {   # one card: `convsim eval` of a run dir carried to $S/evalrun (the headline's settings: 100 replies a
   export CUDA_VISIBLE_DEVICES=$(gpu 0)   # person, batch 32); used for the --extra-data run after the classifier fix
   st eval-run 1200 $PY -m convsim eval ${EVALRUN:-$S/evalrun} --n $N --batch-size 32 --json --out $RES/eval-run.json
+}
+unslothreal() {  # one card (#4): the headline training command (2 epochs, batch 32, validation every 40 steps on
+  export CUDA_VISIBLE_DEVICES=$(gpu 0)   # 200 examples) through --backend unsloth, with the embedded model's real weights
+  S=$S DATA=$DATA MODEL=$CONVSIM_HOME/models/gemma-3-270m SITE=$S/unsloth-site OUT=$RES/unsloth-real LIMIT=800 \
+    EXTRA="--max-steps -1 --epochs 2 --eval-steps 40 --max-val-examples 200" st unsloth-real 900 bash bench/gpu/unsloth_train.sh
 }
 # CHAINS picks what runs (default: this session's three; CHAINS=frozen for the dtype comparison alone)
 for c in ${CHAINS:-speed hp canary}; do $c & done

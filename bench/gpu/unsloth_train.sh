@@ -56,6 +56,7 @@ line=$(grep -E '^\{' $LOG | tail -1)
 [ -n "$line" ] || fail "no JSON result line in $LOG"
 echo "$line" > "$OUT/unsloth-train.json"
 cp "$RUN/run.json" "$OUT/unsloth-train-run.json" 2>/dev/null
+cp "$RUN/metrics.jsonl" "$OUT/unsloth-train-metrics.jsonl" 2>/dev/null
 echo "$banner"
 echo "result: $line"
 python3 -c 'import json, sys; r = json.loads(sys.argv[1]); print("tokens_per_s", r["tokens_per_s"])' "$line" ||
