@@ -353,7 +353,6 @@ def _cache_argument(cls) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-
 def _state_key(model):
     """What the cached keys and values depend on besides the tokens: the model and the hooks on it."""
     from convsim.models import decoder_layers

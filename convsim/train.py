@@ -159,14 +159,16 @@ def extra_summary(cfg: TrainConfig, convs, speakers) -> dict:
 def extra_conversations(dirs, split) -> list:
     """`--extra-data`: more conversations of the same people (their chats with others), for training only.
     They never enter validation or test, and their messages from the start of the first held-out conversation
-    on are left out, so no training message comes from the held-out period. Ids get an `x<k>:` prefix."""
+    on are left out, so no training message comes from the held-out period. Ids get a prefix
+    (`runs.extra_prefixes`: `x0:` for the first dir), which is how a run tells them apart later."""
     from convsim.chats.examples import start_time
     from convsim.chats.schema import read_conversations
+    from convsim.runs import extra_prefixes
     held = [start_time(c) for c in split["val"] + split["test"] if start_time(c)]
     main_ids = {c.id for v in split.values() for c in v}
     cutoff = min(held) if held else None
     out = []
-    for k, d in enumerate(dirs):
+    for d, prefix in zip(dirs, extra_prefixes(len(dirs))):
         got = read_conversations(d)
         n_read = sum(len(c.messages) for c in got)
         if cutoff:   # messages from the held-out period on are dropped (whole conversations, or their ends)
@@ -174,7 +176,7 @@ def extra_conversations(dirs, split) -> list:
                 c.messages = [m for m in c.messages if not (m.time and m.time >= cutoff)]
         kept = [c for c in got if c.messages]
         for c in kept:
-            c.id = f"x{k}:{c.id}"
+            c.id = prefix + c.id
             if c.id in main_ids:
                 raise UserError(f"{d}: conversation id {c.id!r} clashes with one of the main data's ids")
         n_msgs = sum(len(c.messages) for c in kept)
@@ -865,8 +867,9 @@ def adapter_only(*models):
 
 
 class AtomicCheckpoints:
-    """Trainer mixin: checkpoints are written into a staging dir and renamed into place whole, and the
-    summed step losses travel with them so a resumed run reports the whole run's train loss."""
+    """Trainer mixin: checkpoints are written into a staging dir and renamed into place whole, hold the
+    adapter without the embedding (`adapter_only`), and carry the summed step losses so a resumed run
+    reports the whole run's train loss."""
 
     _staging: str | None = None
     loss_before = 0.0        # summed step losses up to the checkpoint this run resumed from

@@ -94,19 +94,16 @@ def parse_obj(obj: Any, source: str, report, pair: tuple[str, str] | None = None
             else:
                 dropped["pair_not_selected"] += len(msgs)
         chats = kept
-        if other_chats:   # the pair keep their names; their partners become one speaker
-            names = {**{s: STRANGER for _, msgs in chats for s, _, _ in msgs}, **_short_names(sorted(chosen))}
-            report.notes["other_chats"] = {"chats": len(chats), "partners": len({s for _, msgs in chats
-                                                                                 for s, _, _ in msgs} - chosen)}
-            report.notes["speaker_names"] = {v: k for k, v in names.items() if v != STRANGER}
-            report.notes["chats"] = len(chats)
-            return [Conversation(id="", messages=[Message(names[s], t, w) for s, t, w in msgs],
-                                 source=f"chitchat:{cid}") for cid, msgs in chats if msgs]
     elif other_chats:
         raise UserError("--other-chats needs --pair or --top-pair (whose other chats?)")
 
-    names = _short_names(sorted({s for _, msgs in chats for s, _, _ in msgs}))
-    report.notes["speaker_names"] = {v: k for k, v in names.items()}
+    writers = sorted({s for _, msgs in chats for s, _, _ in msgs})   # of the chats kept
+    if other_chats:   # the pair keep the names of their own import; their partners become one speaker
+        names = {**{s: STRANGER for s in writers}, **_short_names(sorted(chosen))}
+        report.notes["other_chats"] = {"chats": len(chats), "partners": len(set(writers) - chosen)}
+    else:
+        names = _short_names(writers)
+    report.notes["speaker_names"] = {v: k for k, v in names.items() if v != STRANGER}
     report.notes["chats"] = len(chats)
     return [Conversation(id="", messages=[Message(names[s], t, w) for s, t, w in msgs], source=f"chitchat:{cid}")
             for cid, msgs in chats if msgs]
