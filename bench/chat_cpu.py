@@ -1,5 +1,5 @@
 """Chat on the CPU: time to the first token and decode speed of the embedded Gemma 3 270M over a
-multi-turn chat, with and without reusing the last turn's KV cache (convsim.generate.TurnCache).
+multi-turn chat, with and without reusing the last turn's KV cache (convsim.inference.generate.TurnCache).
 
     python bench/chat_cpu.py                          # base model, plain-text speaker tags
     python bench/chat_cpu.py --run runs/me            # a fine-tuned run: its adapter, tokenizer, speakers, chat
@@ -29,9 +29,9 @@ from pathlib import Path
 
 import torch
 
-from convsim.chats.examples import PromptFormat
-from convsim.chats.schema import Message
-from convsim.generate import SampleConfig, TurnCache, reply
+from convsim.data.examples import PromptFormat
+from convsim.data.schema import Message
+from convsim.inference.generate import SampleConfig, TurnCache, reply
 
 OUT = Path(__file__).parent / "results" / "chat_cpu.json"
 A = ["hey how are you", "lol yes", "i love pizza so much", "are you coming tonight?", "haha ok", "omg that is amazing",
@@ -109,7 +109,7 @@ def main(argv=None) -> int:
         fmt = run.fmt
         speakers, history, lines, as_, me = script(args, run)
     else:
-        from convsim.models import load
+        from convsim.modeling.models import load
         run = None
         model, tok = load("gemma-3-270m", device="cpu")
         speakers, history, lines, as_, me = script(args, None)

@@ -1,11 +1,11 @@
 """Generation speed: convsim's generation path against plain `generate`, side by side on one device.
 
 - batch 1, greedy, a fixed number of new tokens (stopping disabled so both make the same count):
-  plain `model.generate` vs `convsim.fastgen.generate` (static cache reused across calls, compiled decode
+  plain `model.generate` vs `convsim.inference.fastgen.generate` (static cache reused across calls, compiled decode
   step replayed as a CUDA graph); medians over repeats after warm-up; the greedy tokens are compared.
-- time to first token and tokens/s of a chat reply through `convsim.generate.stream_reply` (the path
+- time to first token and tokens/s of a chat reply through `convsim.inference.generate.stream_reply` (the path
   `convsim chat --stream` uses), fast path on and off.
-- batched reply throughput: `convsim.generate.replies_from_prompts` (the path `convsim eval` uses).
+- batched reply throughput: `convsim.inference.generate.replies_from_prompts` (the path `convsim eval` uses).
 
     python bench/generate_speed.py --run RUN_DIR --out gen.json          # a trained run (adapter applied)
     python bench/generate_speed.py --model gemma-3-270m --out gen.json   # the base model
@@ -48,9 +48,9 @@ def main():
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--out")
     a = ap.parse_args()
-    from convsim import fastgen
-    from convsim.chats.examples import PromptFormat, build_examples
-    from convsim.generate import SampleConfig, prompt_ids, replies_from_prompts, stream_reply
+    from convsim.inference import fastgen
+    from convsim.data.examples import PromptFormat, build_examples
+    from convsim.inference.generate import SampleConfig, prompt_ids, replies_from_prompts, stream_reply
     if a.run:
         from convsim.runs import open_run
         run = open_run(a.run)
@@ -58,10 +58,10 @@ def main():
         fmt = run.fmt
         exs = build_examples(run.split("test"), run.targets, 8, 8)
     else:
-        from convsim.models import load
+        from convsim.modeling.models import load
         model, tok = load(a.model)
         fmt = PromptFormat(style="base", speakers=("Ana", "Ben"), special_tokens=False)
-        from convsim.chats.schema import Message
+        from convsim.data.schema import Message
         hist = [Message("Ana" if i % 2 else "Ben", t, None) for i, t in
                 enumerate(["hey", "how was the trip?", "long but fun", "did you see the lake?"])]
         exs = [type("E", (), {"context": hist, "speaker": "Ana"})()]

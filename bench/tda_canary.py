@@ -6,7 +6,7 @@
     python bench/tda_canary.py --data /tmp/small --model tiny-gemma3 --work /tmp/c --out /tmp/c.json \\
         --canaries 4 --repeat 3 --prefix-words 3 --train-args "--max-steps 20 --batch-size 8"
     # a CPU smoke run in about a minute (numbers meaningless); /tmp/small: a few conversations, e.g.
-    # tests/conftest.py's synthetic_conversations(20, 20) written with convsim.chats.schema.write_conversations
+    # tests/conftest.py's synthetic_conversations(20, 20) written with convsim.data.schema.write_conversations
 
 What it does, side by side in one run:
 1. plants M made-up messages (distinctive invented sentences, seeded) into train-split conversations of
@@ -174,8 +174,8 @@ def prefix_prompt(tok, fmt, context, speaker: str, text: str, k: int, budget: in
     (a tokeniser that merges across the cut), the rendered example's own reply tokens are used, up to the
     longest run of them that decodes to whole words of the prefix (the prefix then has fewer words).
     With `budget`, the earliest context messages are dropped until the prompt fits, as `prompt_ids` does."""
-    from convsim.chats.examples import render
-    from convsim.chats.schema import Message
+    from convsim.data.examples import render
+    from convsim.data.schema import Message
     words = text.split()
     if not 0 < k < len(words):
         raise ValueError(f"--prefix-words {k} must leave words to complete in {text!r} ({len(words)} words)")
@@ -248,7 +248,7 @@ def plant(convs, targets, split_ids: set[str], m: int, seed: int, context_size: 
             raise SystemExit(f"only {len(groups)} canaries x {repeat} fit in the train split; use fewer "
                              "--canaries or a smaller --repeat")
         groups.append(group)
-    from convsim.chats.schema import Message
+    from convsim.data.schema import Message
     canaries = []
     for group, text in zip(groups, canary_texts(m, seed)):
         speaker = convs[group[0][0]].messages[group[0][1]].speaker       # every copy's (chosen so above)
@@ -308,8 +308,8 @@ def main(argv=None) -> int:
     if not 0 <= args.prefix_words < shortest:
         p.error(f"--prefix-words must be 0 to {shortest - 1} (the shortest canary has {shortest} words)")
 
-    from convsim.chats.examples import split_conversations
-    from convsim.chats.schema import Message, read_conversations, speakers_of, write_conversations
+    from convsim.data.examples import split_conversations
+    from convsim.data.schema import Message, read_conversations, speakers_of, write_conversations
     from convsim.config import TrainConfig
     from convsim.fsutil import write_json
 
@@ -352,7 +352,7 @@ def main(argv=None) -> int:
         train_summary = json.loads(lines[-1]) if lines else None
         step(f"trained in {train_seconds}s")
 
-    from convsim.generate import SampleConfig, reply, reply_from_prompt
+    from convsim.inference.generate import SampleConfig, reply, reply_from_prompt
     from convsim.runs import open_run
     from convsim.tda.index import IndexSpec, training_messages, update_index
     from convsim.tda.query import Attributor

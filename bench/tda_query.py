@@ -110,8 +110,8 @@ def real_stats(n: int) -> dict:
     """Embed n random chitchat messages with the embedded Gemma 3 270M and describe them."""
     import chitchat_dataset
 
-    from convsim.activations import embed_texts
-    from convsim.models import load
+    from convsim.modeling.activations import embed_texts
+    from convsim.modeling.models import load
     data = json.loads(Path(chitchat_dataset._PATH).read_text())
     texts = [m["text"] for conv in data.values() for turn in conv["messages"] for m in turn]
     pick = np.random.default_rng(0).choice(len(texts), n, replace=False)

@@ -59,10 +59,10 @@ def plain_loop(cfg, data_dir, device, steps, warmup, dtype=torch.float32):
     """The stock way: PEFT LoRA + trainable tokens, full-vocabulary logits, HF loss; base weights in
     `dtype` (float32 with bf16 autocast by default; bfloat16 for the `--plain-bf16` arm)."""
     from peft import LoraConfig, get_peft_model
-    from convsim.chats.examples import PromptFormat
-    from convsim.models import load_base, resolve
-    from convsim.speakers import add_speaker_tokens
-    from convsim.train import prepare_data, tokenize
+    from convsim.data.examples import PromptFormat
+    from convsim.modeling.models import load_base, resolve
+    from convsim.modeling.speakers import add_speaker_tokens
+    from convsim.training.train import prepare_data, tokenize
     convs, speakers, targets, split, ex = prepare_data(cfg, data_dir)
     spec = resolve(cfg.model)
     torch.manual_seed(cfg.seed)
@@ -145,7 +145,7 @@ def interval_rate(metrics: Path) -> float | None:
 
 
 def _liger_used():
-    from convsim import train
+    from convsim.training import train
     return any(v is not None for v in train._LIGER.values()) and os.environ.get("CONVSIM_LIGER", "0") == "1"
 
 

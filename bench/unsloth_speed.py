@@ -44,11 +44,11 @@ def dump(a) -> int:
     sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(ROOT / "bench"))
     from train_speed import batches                       # the plain loop's own batching
-    from convsim.chats.examples import PromptFormat
+    from convsim.data.examples import PromptFormat
     from convsim.config import TrainConfig
-    from convsim.models import load_base, resolve
-    from convsim.speakers import add_speaker_tokens
-    from convsim.train import prepare_data, tokenize
+    from convsim.modeling.models import load_base, resolve
+    from convsim.modeling.speakers import add_speaker_tokens
+    from convsim.training.train import prepare_data, tokenize
     import transformers
     cfg = TrainConfig(model=a.model, batch_size=a.batch_size)
     out = Path(a.out)

@@ -13,22 +13,22 @@ import sys
 
 # name -> (module, one-line help). Keep this the only place a command is registered.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "models": ("convsim.models_cli", "list the supported base models and whether their weights are here"),
-    "import": ("convsim.chats.import_cli", "read chat exports (WhatsApp, Telegram, Discord, ...) into conversations.jsonl"),
-    "stats": ("convsim.chats.stats", "per-speaker statistics of an imported data dir"),
-    "train": ("convsim.train", "LoRA fine-tune a model on a data dir, with one token per speaker"),
-    "reply": ("convsim.reply", "sample reply bursts as one person for a given history (non-interactive)"),
-    "chat": ("convsim.chat", "chat with a simulated person"),
-    "converse": ("convsim.converse", "let the model play everyone and watch them talk"),
-    "compare": ("convsim.compare", "held-out examples: real reply vs base, in-context and fine-tuned"),
-    "history": ("convsim.store", "list and export saved conversations"),
-    "steer": ("convsim.steering_cli", "build steering vectors and sweep their strength"),
+    "models": ("convsim.modeling.models_cli", "list the supported base models and whether their weights are here"),
+    "import": ("convsim.data.import_cli", "read chat exports (WhatsApp, Telegram, Discord, ...) into conversations.jsonl"),
+    "stats": ("convsim.data.stats", "per-speaker statistics of an imported data dir"),
+    "train": ("convsim.training.train", "LoRA fine-tune a model on a data dir, with one token per speaker"),
+    "reply": ("convsim.chat.reply", "sample reply bursts as one person for a given history (non-interactive)"),
+    "chat": ("convsim.chat.chat", "chat with a simulated person"),
+    "converse": ("convsim.chat.converse", "let the model play everyone and watch them talk"),
+    "compare": ("convsim.evaluation.compare", "held-out examples: real reply vs base, in-context and fine-tuned"),
+    "history": ("convsim.chat.history", "list and export saved conversations"),
+    "steer": ("convsim.steering.cli", "build steering vectors and sweep their strength"),
     "plots": ("convsim.plots", "emotion heatmaps, length histograms, loss curves as PNGs + index.html"),
     "tda": ("convsim.tda.cli", "training-data attribution: index a run's training messages, query a reply"),
-    "eval": ("convsim.evaluate", "per-speaker perplexity, speaker identification and style vs prompting"),
+    "eval": ("convsim.evaluation.evaluate", "per-speaker perplexity, speaker identification and style vs prompting"),
     "demo": ("convsim.demo", "the whole idea on the embedded model and data: import, train, eval, sample"),
     "serve": ("convsim.serve", "OpenAI-compatible HTTP API and a chat page"),
-    "export": ("convsim.export", "write a merged standalone model for other engines"),
+    "export": ("convsim.export.hf", "write a merged standalone model for other engines"),
 }
 
 
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown command {name!r}; try `convsim --help`", file=sys.stderr)
         return 2
     if name == "train":     # --backend unsloth: unsloth must be imported before transformers/peft/trl
-        from convsim.unsloth_backend import import_first
+        from convsim.training.unsloth_backend import import_first
         import_first(argv[1:])
     parser, module = build_parser(name)
     args = parser.parse_args(argv[1:])

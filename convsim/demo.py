@@ -69,8 +69,8 @@ def run(args):
     else:
         print(f"(reusing the trained run in {out})")
 
-    from convsim.compare import compare, print_rows
-    from convsim.evaluate import evaluate
+    from convsim.evaluation.compare import compare, print_rows
+    from convsim.evaluation.evaluate import evaluate
     from convsim.fsutil import write_json
     from convsim.runs import open_run
     run_ = open_run(out)

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from convsim.chats.examples import PromptFormat
-from convsim.chats.schema import Conversation, read_conversations
+from convsim.data.examples import PromptFormat
+from convsim.data.schema import Conversation, read_conversations
 from convsim.errors import UserError
 
 
@@ -92,7 +92,7 @@ class Run:
         return others[0] if others else name
 
     def load(self, device: str | None = None, dtype=None, adapter: bool = True):
-        from convsim.models import load
+        from convsim.modeling.models import load
         return load(self.model_name, adapter=self.adapter_dir if adapter else None,
                     tokenizer_dir=self.path / "tokenizer", device=device, dtype=dtype)
 

@@ -139,7 +139,7 @@ def parse_history(messages, speaker: str, speakers: list[str], other: str) -> li
     """OpenAI messages → convsim Messages. `name` picks the person; without it, assistant = `speaker`
     and user = `other`. System and developer messages are ignored (a chat history has no place for them).
     Assistant content is split on newlines into the burst it came from."""
-    from convsim.chats.schema import Message
+    from convsim.data.schema import Message
     if not isinstance(messages, list):
         raise ApiError(400, "messages must be a list", "invalid_type", param="messages")
     out = []
@@ -166,8 +166,8 @@ def parse_history(messages, speaker: str, speakers: list[str], other: str) -> li
 def fit_history(tok, fmt, history, speaker: str, budget: int) -> list:
     """The most recent messages whose tokens fit `budget` with the prompt around them; a single message
     too long by itself keeps its end. Each message is tokenized at most once (bodies can be large)."""
-    from convsim.chats.examples import render, tag_ids, text_ids
-    from convsim.chats.schema import Message
+    from convsim.data.examples import render, tag_ids, text_ids
+    from convsim.data.schema import Message
     used = len(render(tok, fmt, [], speaker).input_ids)
     kept = []
     for m in reversed(history):
@@ -273,8 +273,8 @@ class Service:
         return self._steer(self.model, self.vector, strength)
 
     def _generate(self, job: Job):
-        from convsim.chats.examples import tag_ids, text_ids
-        from convsim.generate import prompt_ids, reply, stream_reply
+        from convsim.data.examples import tag_ids, text_ids
+        from convsim.inference.generate import prompt_ids, reply, stream_reply
         tok, fmt, cfg = self.tok, self.fmt, job.cfg
         history = fit_history(tok, fmt, job.history, job.speaker, cfg.max_context_tokens)
         prompt_tokens = len(prompt_ids(tok, fmt, history, job.speaker, cfg.max_context_tokens))
@@ -317,7 +317,7 @@ class Service:
         return name
 
     def job_for(self, body) -> Job:
-        from convsim.generate import SampleConfig
+        from convsim.inference.generate import SampleConfig
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object", "invalid_type")
         speaker = self.speaker_of(body.get("model"))
@@ -360,7 +360,7 @@ class Service:
 def load_steering(arg: str):
     """(vector, default strength, steer context manager, name) for `--steer VECTOR[:STRENGTH]`."""
     try:
-        from convsim.steering import parse_steer_arg, steer
+        from convsim.steering.vectors import parse_steer_arg, steer
     except ImportError as e:
         raise UserError(f"--steer needs convsim's steering module, which this installation lacks ({e})") from None
     vector, strength = parse_steer_arg(arg)

@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM
 t0 = time.time()
 S = Path(os.environ.get("STAGE", "/root/stage"))
 target = Path(os.environ["CONVSIM_HOME"]) / "models" / "gemma-3-270m"
-from convsim.models import savable_copy          # the same rebuild ensure_embedded_cache does
+from convsim.modeling.models import savable_copy          # the same rebuild ensure_embedded_cache does
 g = AutoModelForCausalLM.from_pretrained(str(S), gguf_file="g.gguf", dtype=torch.float32)
 savable_copy(g).save_pretrained(target)
 import gzip

@@ -1,5 +1,5 @@
 import json, torch
-from convsim.models import load
+from convsim.modeling.models import load
 ref = json.load(open("bench/gpu/parity_ref.json"))
 for dtype in (torch.float32, torch.bfloat16):
     m, t = load("gemma-3-270m", device="cuda", dtype=dtype)

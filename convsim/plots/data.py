@@ -14,8 +14,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Sequence
 
-from convsim.chats.examples import bursts
-from convsim.chats.schema import Conversation
+from convsim.data.examples import bursts
+from convsim.data.schema import Conversation
 from convsim.errors import UserError
 
 DEFAULT_WORDS = Path(__file__).resolve().parent.parent / "assets" / "emotion-words.txt"

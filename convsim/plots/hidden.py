@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from convsim.chats.examples import PromptFormat, tag_ids
+from convsim.data.examples import PromptFormat, tag_ids
 
 TEMPLATE = "i feel {w}"
 

@@ -7,7 +7,7 @@
     query.py      `Attributor`: a reply → its nearest training messages (CLI and `chat --tda`)
     cli.py        `convsim tda index|query`
 
-See `convsim.activations.embed_texts` for the activation vectors, `bench/tda_query.py` for query speed
+See `convsim.modeling.activations.embed_texts` for the activation vectors, `bench/tda_query.py` for query speed
 and `bench/tda_canary.py` for how well each method finds planted training messages.
 
 Names are imported lazily, so `convsim.tda.index` works where faiss is not installed.

@@ -13,7 +13,7 @@ way. The trainable speaker-token rows are left out: they say who speaks, not wha
 Why it is fast: one batched forward and backward gives every example's gradient exactly. For a LoRA
 layer y = B(A x), the gradient of one example's loss is a sum over its own tokens, dA = Σ_t g_a,t x_tᵀ and
 dB = Σ_t g_y,t a_tᵀ, so hooks keep each module's input and output gradient per row of the batch and an
-einsum does the rest (padding rows carry zero output gradient). `tests/test_tda_cli.py` checks this
+einsum does the rest (padding rows carry zero output gradient). `tests/cli/test_tda_cli.py` checks this
 against autograd on single examples.
 
 The projection is a seeded count sketch (a sparse Johnson-Lindenstrauss map): coordinate i of the
@@ -31,8 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from convsim.chats.examples import PromptFormat, render
-from convsim.chats.schema import Message
+from convsim.data.examples import PromptFormat, render
+from convsim.data.schema import Message
 
 GradExample = tuple[Sequence[Message], str, Sequence[str]]     # (context, speaker, reply texts)
 

@@ -93,13 +93,13 @@ def resolve_layer(layer: int | str, n_layers: int) -> int:
 
 def n_layers_of(run) -> int:
     """Decoder layer count from the model config, without loading weights where possible."""
-    from convsim.models import resolve
+    from convsim.modeling.models import resolve
     spec = resolve(run.model_name)
     if spec.tiny_config:
         return int(spec.tiny_config["num_hidden_layers"])
     try:
         from transformers import AutoConfig
-        from convsim.models import ensure_embedded_cache
+        from convsim.modeling.models import ensure_embedded_cache
         where = str(ensure_embedded_cache(verbose=False)) if spec.source == "embedded" else spec.location
         cfg = AutoConfig.from_pretrained(where)
         cfg = getattr(cfg, "text_config", None) or cfg
@@ -112,7 +112,7 @@ def n_layers_of(run) -> int:
 
 def training_messages(run) -> list[Item]:
     """Every message the run was trained to produce, with its context, in corpus order."""
-    from convsim.chats.examples import build_examples
+    from convsim.data.examples import build_examples
     examples = build_examples(run.split("train"), run.targets, int(run.meta.get("context_size", 8)),
                               int(run.meta.get("max_burst", 8)))
     items = []
@@ -154,8 +154,8 @@ def store_meta(run, spec: IndexSpec, layer: int | None) -> dict:
 def activation_vectors(model, tok, fmt, items: Sequence, layer: int, pool: str, batch_size: int = 16,
                        on_batch=None) -> np.ndarray:
     """Pooled hidden states of each item's text after its speaker's tag; float32 [n, hidden]."""
-    from convsim.activations import embed_texts
-    from convsim.chats.examples import tag_ids
+    from convsim.modeling.activations import embed_texts
+    from convsim.data.examples import tag_ids
     hidden = model.get_input_embeddings().weight.shape[1]
     out = np.zeros((len(items), hidden), dtype=np.float32)
     by_speaker: dict[str, list[int]] = {}
@@ -345,7 +345,7 @@ def update_index(run, spec: IndexSpec = IndexSpec(), model=None, tok=None, items
 
 
 def _model_layers(model) -> int:
-    from convsim.models import decoder_layers
+    from convsim.modeling.models import decoder_layers
     return len(decoder_layers(model))
 
 

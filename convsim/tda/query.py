@@ -17,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-from convsim.chats.schema import Message
+from convsim.data.schema import Message
 from convsim.errors import UserError
 from convsim.tda.index import METHODS, Embedder, IndexSpec, Item, centred, index_dir, read_center
 from convsim.tda.store import CorruptStore, NoStore, StaleStore, VectorStore

@@ -1,0 +1,1 @@
+"""The commands people talk through: `convsim chat`, `reply`, `converse` and the saved-conversation history."""

@@ -1,0 +1,45 @@
+"""`convsim reply`: sample reply bursts as one person for a given history, non-interactively.
+
+    printf '[Ben] are you coming?\n' | convsim reply runs/me --as Ana --history - --n 3 --json
+"""
+from __future__ import annotations
+
+import json
+
+from convsim.chat.chatio import add_sampling_arguments, read_history, sample_config, steering
+
+HELP = "Sample K reply bursts as one person for a history file (`[Name] text` lines or JSONL)."
+EXAMPLES = """
+  printf '[Ben] are you coming tonight?\\n' | convsim reply runs/me --as Ana --history -
+  convsim reply runs/me --as Ana --history chat.txt --n 5 --json
+  convsim reply runs/me --as Ana --history chat.txt --temperature 0      # greedy, deterministic
+"""
+
+
+def add_arguments(p):
+    p.add_argument("run_dir")
+    p.add_argument("--as", dest="speaker", required=True, help="who replies")
+    p.add_argument("--history", required=True, help="file with the conversation so far, or - for stdin")
+    p.add_argument("--n", type=int, default=1, help="number of sampled bursts")
+    p.add_argument("--json", action="store_true")
+    add_sampling_arguments(p)
+
+
+def run(args):
+    from convsim.inference.generate import reply
+    from convsim.runs import open_run
+    run_ = open_run(args.run_dir)
+    run_.check_speaker(args.speaker)
+    history = read_history(args.history, run_.speakers)
+    model, tok = run_.load()
+    with steering(model, args.steer):
+        bursts = reply(model, tok, run_.fmt, history, args.speaker, sample_config(args), n=max(1, args.n))
+    if args.json:
+        print(json.dumps({"replies": [{"messages": b} for b in bursts]}, ensure_ascii=False))
+    else:
+        for i, b in enumerate(bursts):
+            if i:
+                print("---")
+            for m in b:
+                print(f"[{args.speaker}] {m}")
+    return 0

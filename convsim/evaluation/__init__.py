@@ -1,0 +1,1 @@
+"""Measuring a run: `convsim eval` (fine-tuned vs in-context vs base, per speaker) and `convsim compare`."""

@@ -1,0 +1,1 @@
+"""`convsim export`: a run as a standalone model directory for other engines."""

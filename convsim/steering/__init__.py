@@ -1,0 +1,1 @@
+"""Steering vectors: the value type and the `steer()` hook (vectors), and `convsim steer build|sweep` (cli)."""

@@ -1,0 +1,1 @@
+"""`convsim train`: LoRA fine-tuning with one token per speaker and the loss on replies only."""
