@@ -49,7 +49,7 @@ def next_speaker(model, tok, fmt, history, speakers, temperature: float, rng: ra
 
 
 def run(args):
-    from convsim.chat.chatio import parse_history
+    from convsim.data.transcript import parse_transcript
     from convsim.inference.generate import reply
     from convsim.runs import open_run
     from convsim.chat.history import now, save_session
@@ -59,7 +59,7 @@ def run(args):
     model, tok = run_.load()
     cfg = sample_config(args)
     rng = random.Random(args.seed)
-    history = parse_history(args.start, run_.speakers, "--start") if args.start else [Message(speakers[0], "hey", now())]
+    history = parse_transcript(args.start, run_.speakers, "--start") if args.start else [Message(speakers[0], "hey", now())]
     for m in history:
         print(f"[{m.speaker}] {m.text}")
     generated = set()

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import json
 
-from convsim.chat.chatio import add_sampling_arguments, read_history, sample_config, steering
+from convsim.chat.chatio import add_sampling_arguments, sample_config, steering
+from convsim.data.transcript import read_transcript
 
 HELP = "Sample K reply bursts as one person for a history file (`[Name] text` lines or JSONL)."
 EXAMPLES = """
@@ -30,7 +31,7 @@ def run(args):
     from convsim.runs import open_run
     run_ = open_run(args.run_dir)
     run_.check_speaker(args.speaker)
-    history = read_history(args.history, run_.speakers)
+    history = read_transcript(args.history, run_.speakers)
     model, tok = run_.load()
     with steering(model, args.steer):
         bursts = reply(model, tok, run_.fmt, history, args.speaker, sample_config(args), n=max(1, args.n))

@@ -19,8 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Sequence
 
-from convsim.data.schema import Conversation, Message
-from convsim.modeling.speakers import speaker_token
+from convsim.data.schema import Conversation, Message, speaker_token
 
 INSTRUCT_QUESTION = "How does the conversation continue?"
 FALLBACK_TEMPLATE = (

@@ -21,6 +21,12 @@ from convsim.fsutil import atomic_path
 CONVERSATIONS = "conversations.jsonl"
 
 
+
+def speaker_token(name: str) -> str:
+    """How a speaker is spelled in a rendered chat: `[Ana]` (one added special token per person)."""
+    return f"[{name}]"
+
+
 @dataclass
 class Message:
     speaker: str

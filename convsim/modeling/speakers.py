@@ -9,11 +9,10 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from convsim.data.schema import speaker_token
 from convsim.errors import UserError
 
-
-def speaker_token(name: str) -> str:
-    return f"[{name}]"
+__all__ = ["add_speaker_tokens", "reference_ids", "speaker_ids", "speaker_token"]
 
 
 def reference_ids(tokenizer, name: str, words: Sequence[str] = ()) -> list[int]:

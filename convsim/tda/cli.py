@@ -83,8 +83,8 @@ def _query(run_, args) -> int:
     open_for_query(run_, args.method)          # fail fast, before loading the model
     context = []
     if args.history:
-        from convsim.chat.chatio import read_history
-        context = read_history(args.history, run_.speakers)
+        from convsim.data.transcript import read_transcript
+        context = read_transcript(args.history, run_.speakers)
     texts = [t for t in args.text.split("\n") if t.strip()] or [args.text]
     hits = Attributor(run_, method=args.method, k=args.k).query(texts, args.as_, k=args.k, speaker=args.speaker,
                                                                 context=context)

@@ -660,8 +660,8 @@ HISTORY_PIECES = st.sampled_from(["[Ana] ", "[Ben] ", "[", "]", "[Eve] ", "\n", 
 @SETTINGS
 @given(st.lists(HISTORY_PIECES | st.text(max_size=8), max_size=40).map("".join))
 def test_fuzz_history(text):
-    from convsim.chat.chatio import parse_history
-    msgs = _user_error_or_value(parse_history, text, ["Ana", "Ben"])
+    from convsim.data.transcript import parse_transcript
+    msgs = _user_error_or_value(parse_transcript, text, ["Ana", "Ben"])
     for m in msgs or []:
         assert m.speaker in ("Ana", "Ben") and isinstance(m.text, str) and (m.time is None or isinstance(m.time, str))
 
