@@ -21,7 +21,7 @@ from convsim.errors import UserError
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
-TINY_TOKENIZER = Path(__file__).parent / "assets" / "tiny-tokenizer.json"
+TINY_TOKENIZER = Path(__file__).resolve().parents[1] / "assets" / "tiny-tokenizer.json"
 
 
 @dataclass(frozen=True)
