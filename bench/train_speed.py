@@ -62,7 +62,7 @@ def plain_loop(cfg, data_dir, device, steps, warmup, dtype=torch.float32):
     from convsim.data.examples import PromptFormat
     from convsim.modeling.models import load_base, resolve
     from convsim.modeling.speakers import add_speaker_tokens
-    from convsim.training.train import prepare_data, tokenize
+    from convsim.training.data import prepare_data, tokenize
     convs, speakers, targets, split, ex = prepare_data(cfg, data_dir)
     spec = resolve(cfg.model)
     torch.manual_seed(cfg.seed)
@@ -145,8 +145,8 @@ def interval_rate(metrics: Path) -> float | None:
 
 
 def _liger_used():
-    from convsim.training import train
-    return any(v is not None for v in train._LIGER.values()) and os.environ.get("CONVSIM_LIGER", "0") == "1"
+    from convsim.modeling import loss
+    return any(v is not None for v in loss._LIGER.values()) and os.environ.get("CONVSIM_LIGER", "0") == "1"
 
 
 # the arms besides plain and the default: what each speed-up is worth on its own

@@ -48,7 +48,7 @@ def dump(a) -> int:
     from convsim.config import TrainConfig
     from convsim.modeling.models import load_base, resolve
     from convsim.modeling.speakers import add_speaker_tokens
-    from convsim.training.train import prepare_data, tokenize
+    from convsim.training.data import prepare_data, tokenize
     import transformers
     cfg = TrainConfig(model=a.model, batch_size=a.batch_size)
     out = Path(a.out)

@@ -16,7 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "models": ("convsim.modeling.models_cli", "list the supported base models and whether their weights are here"),
     "import": ("convsim.data.import_cli", "read chat exports (WhatsApp, Telegram, Discord, ...) into conversations.jsonl"),
     "stats": ("convsim.data.stats", "per-speaker statistics of an imported data dir"),
-    "train": ("convsim.training.train", "LoRA fine-tune a model on a data dir, with one token per speaker"),
+    "train": ("convsim.training.recipe", "LoRA fine-tune a model on a data dir, with one token per speaker"),
     "reply": ("convsim.chat.reply", "sample reply bursts as one person for a given history (non-interactive)"),
     "chat": ("convsim.chat.chat", "chat with a simulated person"),
     "converse": ("convsim.chat.converse", "let the model play everyone and watch them talk"),
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown command {name!r}; try `convsim --help`", file=sys.stderr)
         return 2
     if name == "train":     # --backend unsloth: unsloth must be imported before transformers/peft/trl
-        from convsim.training.unsloth_backend import import_first
+        from convsim.training.backends.unsloth import import_first
         import_first(argv[1:])
     parser, module = build_parser(name)
     args = parser.parse_args(argv[1:])

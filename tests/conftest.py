@@ -48,7 +48,7 @@ def tiny_trained_model(lora_r=4, seed=0):
     initial values (zeros for LoRA's B), as after some training: (model, tok, ids)."""
     import torch
     from convsim.config import TrainConfig
-    from convsim.training.train import build_model
+    from convsim.training.backends import build_model
     torch.manual_seed(seed)
     model, tok, spec, ids = build_model(TrainConfig(model="tiny-gemma3", lora_r=lora_r), ["Ana", "Ben"], "cpu")
     with torch.no_grad():

@@ -47,7 +47,7 @@ runpy.run_module("convsim", run_name="__main__", alter_sys=True)' "$SRC" "$SITE"
   --config $S/unsloth-train.yaml --json ${EXTRA:-} > $LOG 2>&1
 rc=$?
 [ $rc = 0 ] || fail "convsim train --backend unsloth exited $rc$([ $rc = 124 ] && echo " (over LIMIT=${LIMIT:-480} s)")"
-# convsim.training.unsloth_backend.load_unsloth prints this once FastLanguageModel has loaded and LoRA-wrapped the model
+# convsim.training.backends.unsloth.load_unsloth prints this once FastLanguageModel has loaded and LoRA-wrapped the model
 # (Unsloth's own banner differs between releases: 2026.10 printed no "Fast ... patching" line)
 banner=$(grep -a -m1 -E "^unsloth: [0-9,]+ trainable parameters" $LOG) ||
   fail "convsim did not train through Unsloth's FastLanguageModel (no 'unsloth: N trainable parameters' line in $LOG)"

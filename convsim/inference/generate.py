@@ -338,7 +338,7 @@ class TurnCache:
 def cache_argument(model) -> str:
     """What this transformers version calls the cache a forward pass takes: `cache` (5.24) or
     `past_key_values` (5.17, which the GPU machine and Unsloth use), read from the model's class (training
-    may have wrapped the instance's forward: train.install_reply_loss)."""
+    may have wrapped the instance's forward: modeling.loss.install_reply_loss)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return _cache_argument(type(base))
 

@@ -13,7 +13,7 @@ from convsim.data.importers import Report, chitchat
 from convsim.data.schema import Conversation, Message, write_conversations
 from convsim.config import TrainConfig
 from convsim.errors import UserError
-from convsim.training.train import extra_summary, prepare_data
+from convsim.training.data import extra_summary, prepare_data
 from tests.conftest import cli, synthetic_conversations
 
 A, B, C, D = ("549cc1d1-0000-0000-0000-000000000001", "a54af4d5-0000-0000-0000-000000000002",

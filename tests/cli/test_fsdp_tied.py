@@ -36,7 +36,8 @@ def _has_fully_shard():
 
 def _build():
     from convsim.config import TrainConfig
-    from convsim.training.train import build_model, install_reply_loss
+    from convsim.modeling.loss import install_reply_loss
+    from convsim.training.backends import build_model
     torch.manual_seed(0)
     model, tok, spec, ids = build_model(TrainConfig(model="tiny-gemma3"), SPEAKERS, "cpu")
     return install_reply_loss(model), ids
@@ -50,7 +51,7 @@ def _batch(ids):
 
 
 def _train(model, ids):
-    from convsim.training.train import reply_loss
+    from convsim.modeling.loss import reply_loss
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     losses = []
     for _ in range(STEPS):
@@ -76,7 +77,7 @@ def worker(out: Path) -> None:
     import torch.distributed as dist
     from accelerate.utils.fsdp_utils import fsdp2_prepare_model
     from torch.distributed.fsdp import FSDPModule
-    from convsim.training.train import gathered_trained_state
+    from convsim.training.model import gathered_trained_state
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     model, ids = _build()

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from convsim.training.train import clean_checkpoints, complete_checkpoint, last_checkpoint, publish_checkpoint
+from convsim.training.checkpoints import clean_checkpoints, complete_checkpoint, last_checkpoint, publish_checkpoint
 
 STEPS, SAVE = 30, 3     # 90 training examples / batch 4: the run crosses an epoch boundary at step 23
 

@@ -1,5 +1,5 @@
 """`convsim train --backend unsloth` (issue #4) on the CPU, where Unsloth cannot run: the settings
-convsim/training/unsloth_backend.py hands Unsloth are those of build_model's PEFT path, `load_unsloth` builds the
+convsim/training/backends/unsloth.py hands Unsloth are those of build_model's PEFT path, `load_unsloth` builds the
 same model as build_model when a stand-in `unsloth` does what Unsloth does with them (its
 `get_peft_model` passes every keyword `LoraConfig` knows to `LoraConfig`), the CLI imports unsloth before
 transformers/peft/trl, and without unsloth (or a GPU) `--backend unsloth` ends with exit status 2.
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from convsim.training import unsloth_backend as ub
+from convsim.training.backends import unsloth as ub
 from convsim.config import TrainConfig
 from convsim.errors import UserError
 from convsim.modeling.models import resolve
@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _peft_path(cfg, speakers=("Ana", "Ben")):
-    from convsim.training.train import build_model
+    from convsim.training.backends import build_model
     return build_model(cfg, list(speakers), "cpu")
 
 
@@ -208,7 +208,7 @@ def test_late_import_is_refused_in_process(tmp_path):
     pkg.mkdir(parents=True)
     (pkg / "__init__.py").write_text("_IS_CPU_BACKEND = False\n")
     code = ("import transformers\n"
-            "from convsim.training.unsloth_backend import require_unsloth\n"
+            "from convsim.training.backends.unsloth import require_unsloth\n"
             "from convsim.errors import UserError\n"
             "try:\n    require_unsloth('cuda')\nexcept UserError as e:\n    print(e)\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), str(ROOT)])}

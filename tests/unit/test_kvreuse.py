@@ -130,7 +130,8 @@ def test_cache_argument_follows_the_model_forward_not_a_training_wrapper():
     import torch
     from convsim.config import TrainConfig
     from convsim.inference.generate import cache_argument
-    from convsim.training.train import build_model, install_reply_loss
+    from convsim.modeling.loss import install_reply_loss
+    from convsim.training.backends import build_model
 
     model, tok, spec, ids = build_model(TrainConfig(model="tiny-gemma3", lora_r=4), ["Ana", "Ben"], "cpu")
     import inspect

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from convsim.config import TrainConfig
-from convsim.training.train import reply_loss, wants_packing
+from convsim.modeling.loss import reply_loss
+from convsim.training.model import wants_packing
 from conftest import cli, tiny_trained_model
 
 

@@ -6,7 +6,9 @@ import torch
 from conftest import tiny_trained_model
 
 from convsim.config import TrainConfig
-from convsim.training.train import build_model, compile_layers, decoder_layers, reply_loss, wants_checkpointing, wants_compile
+from convsim.modeling.loss import reply_loss
+from convsim.training.backends import build_model
+from convsim.training.model import compile_layers, decoder_layers, wants_checkpointing, wants_compile
 
 
 class _Sized(torch.nn.Module):
@@ -72,12 +74,12 @@ def test_compiled_layers_give_the_eager_loss_and_gradients():
 
 
 def test_a_failing_compile_falls_back_to_eager(monkeypatch, capsys):
-    from convsim.training import train
+    from convsim.training import model as training_model
     model, tok, spec, ids = build_model(TrainConfig(model="tiny-gemma3", lora_r=4), ["Ana", "Ben"], "cpu")
 
     def broken(m):
         raise RuntimeError("inductor says no\nmore detail")
-    monkeypatch.setattr(train, "_probe", broken)
+    monkeypatch.setattr(training_model, "_probe", broken)
     assert compile_layers(model) == 0
     assert all(layer._compiled_call_impl is None for layer in decoder_layers(model))
     assert "inductor says no" in capsys.readouterr().err
@@ -86,7 +88,7 @@ def test_a_failing_compile_falls_back_to_eager(monkeypatch, capsys):
 
 
 def test_frozen_weights_dtype_defaults(monkeypatch):
-    from convsim.training.train import frozen_dtype
+    from convsim.training.model import frozen_dtype
     monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
     assert frozen_dtype(TrainConfig(), "cpu") == "float32"
     assert frozen_dtype(TrainConfig(frozen_dtype="bfloat16"), "cpu") == "bfloat16"
@@ -118,7 +120,7 @@ def test_bf16_frozen_weights_train_float32_parameters_to_the_same_loss():
 
 
 def test_length_grouping_defaults_and_argument():
-    from convsim.training.train import sampling_args, wants_grouping
+    from convsim.training.model import sampling_args, wants_grouping
     assert not wants_grouping(TrainConfig(), "cpu") and not wants_grouping(TrainConfig(), "cuda:0")
     assert wants_grouping(TrainConfig(group_by_length=True), "cpu")
     assert not wants_grouping(TrainConfig(group_by_length=False), "cuda")
@@ -132,7 +134,7 @@ def test_length_grouping_defaults_and_argument():
 def test_cudnn_attention_off_while_training_and_restored(monkeypatch):
     """On CUDA, training runs without cuDNN's SDPA backend (host-bound there) and puts the flag back after,
     also when training fails; on a machine without CUDA nothing is touched."""
-    from convsim.training.train import fused_attention_kernels
+    from convsim.training.recipe import fused_attention_kernels
     before = torch.backends.cuda.cudnn_sdp_enabled()
     with fused_attention_kernels():
         assert torch.backends.cuda.cudnn_sdp_enabled() == before or torch.cuda.is_available()

@@ -1,12 +1,12 @@
 """`convsim train --backend unsloth`: the model of `convsim train`, loaded and LoRA-wrapped by Unsloth.
 
-`load_unsloth(cfg, speakers, device, spec)` returns `(model, tok, ids)` as `train.build_model`'s PEFT
-path does, with the same settings:
+`load_unsloth(cfg, speakers, device, spec)` returns `(model, tok, ids)` as `backends.peft.load_peft`
+does, with the same settings:
 
 - the base from `unsloth.FastLanguageModel.from_pretrained` on the local directory convsim resolves for
   `--model` (the embedded model's converted cache `$CONVSIM_HOME/models/gemma-3-270m`, a local path, a hub
   id from the Hugging Face cache, or a tiny test model written once under `$CONVSIM_HOME/models/`), in
-  bfloat16 (what `train.frozen_dtype` picks on a CUDA card), 4/8-bit from `--quantization`,
+  bfloat16 (what `training.model.frozen_dtype` picks on a CUDA card), 4/8-bit from `--quantization`,
   `max_seq_length` from the config;
 - convsim's own tokenizer (as `models.load_base` loads it, pad = eos where there is none), not Unsloth's;
 - one speaker token per person from `speakers.add_speaker_tokens` (same references, same seed);
@@ -19,7 +19,7 @@ path does, with the same settings:
 Unsloth patches transformers, peft and trl as they are imported, so it must be imported before them.
 `convsim.cli.main` calls `import_first(argv)` before it loads any command: with `--backend unsloth` on
 the command line (or `backend: unsloth` in the `--config` YAML) it imports unsloth then. A caller that
-trains in-process (`convsim.training.train.run(args)`) must `import unsloth` first itself; `require_unsloth` (called
+trains in-process (`convsim.training.recipe.run(args)`) must `import unsloth` first itself; `require_unsloth` (called
 by `load_unsloth`) refuses with a `UserError` when transformers/peft/trl came first.
 
 Run it on a CUDA machine with unsloth installed (unsloth 2026.10 pins transformers <= 5.17, trl <= 1.15):
@@ -138,7 +138,7 @@ def require_unsloth(device: str):
 
 def peft_kwargs(cfg, spec, ids: dict, tied: bool = True, checkpointing: bool = False) -> dict:
     """Keywords for `FastLanguageModel.get_peft_model`: the LoRA `build_model` gives `peft.LoraConfig`."""
-    from convsim.training.train import lora_targets, speaker_rows
+    from convsim.training.model import lora_targets, speaker_rows
     kw = dict(r=cfg.lora_r, lora_alpha=cfg.lora_alpha or cfg.lora_r, lora_dropout=cfg.lora_dropout,
               use_rslora=cfg.use_rslora, target_modules=lora_targets(cfg, spec), bias="none",
               random_state=cfg.seed, use_gradient_checkpointing=bool(checkpointing))
@@ -190,7 +190,7 @@ def load_unsloth(cfg, speakers, device: str, spec):
     import torch
     from convsim.modeling.fastpeft import patch_trainable_tokens
     from convsim.modeling.speakers import add_speaker_tokens
-    from convsim.training.train import frozen_dtype, head_is_tied, trainable_in_float32, wants_checkpointing
+    from convsim.training.model import frozen_dtype, head_is_tied, trainable_in_float32, wants_checkpointing
 
     where = model_dir(spec)
     tok = convsim_tokenizer(spec, where)
