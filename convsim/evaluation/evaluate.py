@@ -28,6 +28,7 @@ import torch
 from convsim.data.examples import build_examples, render
 from convsim.errors import UserError
 from convsim.inference.generate import SampleConfig, replies_from_prompts
+from convsim.modeling.loss import reply_nll
 from convsim.evaluation.incontext import Retriever, incontext_prompt, plain
 
 HELP = "Per-speaker perplexity (fine-tuned vs in-context vs base vs hybrid), speaker identification and style."
@@ -62,13 +63,7 @@ def argparse_bool():
 
 def nll(model, prompt: list[int], reply: list[int], text_mask: list[int]) -> tuple[float, int]:
     """Summed negative log-likelihood of the reply tokens with text_mask=1, and their count."""
-    ids = torch.tensor([prompt + reply], device=next(model.parameters()).device)
-    with torch.inference_mode():   # the head only where the reply is predicted (it dominates on long prompts)
-        logits = model(input_ids=ids, logits_to_keep=len(reply) + 1).logits[0, :-1].float()
-    target = ids[0, len(prompt):]
-    lp = torch.log_softmax(logits, -1).gather(1, target[:, None])[:, 0]
-    m = torch.tensor(text_mask, dtype=torch.bool, device=lp.device)
-    return float(-lp[m].sum()), int(m.sum())
+    return reply_nll(model, prompt + reply, [0] * len(prompt) + list(text_mask))
 
 
 def reply_part(tok, fmt, e):

@@ -16,15 +16,17 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 
+from convsim.modeling.layers import causal_lm
+
 BUCKET = 512
 
 
 def _base(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+    return causal_lm(model)
 
 
 def _hooked(model) -> bool:
-    from convsim.modeling.models import decoder_layers
+    from convsim.modeling.layers import decoder_layers
     try:
         layers = decoder_layers(model)
     except Exception:

@@ -20,6 +20,7 @@ from transformers.generation.streamers import BaseStreamer
 from convsim.inference import fastgen
 from convsim.data.examples import PromptFormat, end_of_turn_id, render, tag_ids
 from convsim.data.schema import Message
+from convsim.modeling.layers import causal_lm
 from convsim.modeling.speakers import speaker_token
 
 
@@ -339,8 +340,7 @@ def cache_argument(model) -> str:
     """What this transformers version calls the cache a forward pass takes: `cache` (5.24) or
     `past_key_values` (5.17, which the GPU machine and Unsloth use), read from the model's class (training
     may have wrapped the instance's forward: modeling.loss.install_reply_loss)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return _cache_argument(type(base))
+    return _cache_argument(type(causal_lm(model)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -355,7 +355,7 @@ def _cache_argument(cls) -> str:
 
 def _state_key(model):
     """What the cached keys and values depend on besides the tokens: the model and the hooks on it."""
-    from convsim.modeling.models import decoder_layers
+    from convsim.modeling.layers import decoder_layers
     try:
         hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in decoder_layers(model))
     except Exception:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from convsim.modeling.models import decoder_layers
+from convsim.modeling.layers import decoder_layers
 
 Pool = Callable[[Tensor, Tensor], Tensor]
 

@@ -1,10 +1,68 @@
-"""The reply-only loss: cross-entropy of the next token at the positions whose labels are not -100 (the
-reply), with the output head applied only there. Training routes its forwards here (`reply_loss`);
-evaluation, steering and attribution call `reply_nll` (per example) on the same function.
+"""The reply-only loss, the one definition every stage uses: cross-entropy of each next token at the
+positions whose label is not -100 (the reply), with the output head applied only at those positions
+(on a large vocabulary the head dominates the compute) and the model's final logit soft-cap.
+
+    losses, rows = token_losses(model, ids, labels)          # per token: the building block
+    per_example_loss(model, ids, attn, labels)               # [batch] means (attribution's gradients)
+    reply_nll(model, ids, mask)                              # (sum, count) for one example (eval, steering)
+    reply_loss(model, batch)                                 # training: the trainer's mean over the batch
 """
 from __future__ import annotations
 
 import os
+
+from convsim.modeling.layers import backbone, causal_lm, logit_softcap, unwrap
+
+
+def _reply_hidden(model, input_ids, labels, attention_mask=None, position_ids=None):
+    """(hidden states at the positions that predict a labelled token [n, H], their targets [n], the
+    [B, T-1] mask of those positions)."""
+    out = backbone(model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          use_cache=False)
+    target = labels[:, 1:]
+    mask = target != -100
+    return out.last_hidden_state[:, :-1][mask], target[mask], mask
+
+
+def _head_losses(model, hidden, target):
+    import torch
+    import torch.nn.functional as F
+    base = causal_lm(model)
+    logits = base.get_output_embeddings()(hidden).float()
+    cap = logit_softcap(base)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return F.cross_entropy(logits, target, reduction="none")
+
+
+def token_losses(model, input_ids, labels, attention_mask=None, position_ids=None):
+    """(per-token losses [n] in float32, the batch row of each [n]) over the labelled positions."""
+    import torch
+    hidden, target, mask = _reply_hidden(model, input_ids, labels, attention_mask, position_ids)
+    rows = torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(mask)[mask]
+    return _head_losses(model, hidden, target), rows
+
+
+def per_example_loss(model, input_ids, attention_mask, labels):
+    """[batch] mean loss over each row's reply tokens (0 for a row without any)."""
+    import torch
+    losses, rows = token_losses(model, input_ids, labels, attention_mask)
+    n = input_ids.shape[0]
+    total = torch.zeros(n, device=losses.device).index_add_(0, rows, losses)
+    return total / (labels[:, 1:] != -100).sum(1).clamp_min(1)
+
+
+def reply_nll(model, ids: list[int], mask: list[int]) -> tuple[float, int]:
+    """Summed negative log-likelihood of the tokens of one example where `mask` is set (the first token,
+    which nothing predicts, never counts), and their count."""
+    import torch
+    labels = [i if m and k > 0 else -100 for k, (i, m) in enumerate(zip(ids, mask))]
+    if all(x == -100 for x in labels):
+        return 0.0, 0
+    dev = next(model.parameters()).device
+    with torch.inference_mode():
+        losses, _ = token_losses(model, torch.tensor([ids], device=dev), torch.tensor([labels], device=dev))
+    return float(losses.sum()), int(losses.numel())
 
 
 def _reply_loss_sum(base, input_ids, attention_mask, labels, position_ids=None):
@@ -13,24 +71,14 @@ def _reply_loss_sum(base, input_ids, attention_mask, labels, position_ids=None):
     itself, and an example's first position never carries a label (the collator masks it), so no loss
     crosses an example boundary."""
     import torch
-    import torch.nn.functional as F
-    backbone = getattr(base, base.base_model_prefix)
-    out = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-    hidden = out.last_hidden_state[:, :-1]
-    target = labels[:, 1:]
-    mask = target != -100
-    h, t = hidden[mask], target[mask]
-    cap = getattr(base.config, "final_logit_softcapping", None)
-    fused = _liger_loss(cap) if h.is_cuda else None
+    h, t, mask = _reply_hidden(base, input_ids, labels, attention_mask, position_ids)
+    fused = _liger_loss(logit_softcap(base)) if h.is_cuda else None
     if fused is not None:       # fused head + cross-entropy in chunks: the logits never exist in memory
         from convsim.modeling.fastpeft import head_weight
         w, bias = head_weight(base.get_output_embeddings())
         dt = torch.bfloat16 if torch.is_autocast_enabled("cuda") else h.dtype
         return fused(w.to(dt), h.to(dt), t, None if bias is None else bias.to(dt)), mask.sum()
-    logits = base.get_output_embeddings()(h).float()
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return F.cross_entropy(logits, t, reduction="sum"), mask.sum()
+    return _head_losses(base, h, t).sum(), mask.sum()
 
 
 _LIGER: dict = {}
@@ -58,7 +106,7 @@ def install_reply_loss(model):
     `_reply_loss_sum`. The call still enters through the outermost module (PEFT, and DDP/FSDP under
     accelerate), so distributed gradient hooks fire as usual; generation and plain calls are untouched."""
     import types
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = causal_lm(model)
     if getattr(base, "_convsim_reply_loss", False):
         return model
     plain = base.forward
@@ -97,7 +145,7 @@ def reply_loss(model, inputs, num_items_in_batch=None):
     """Cross-entropy with the output head applied only where labels carry loss (mean over those tokens,
     or over `num_items_in_batch` when the trainer counts them across accumulation steps/devices)."""
     import torch
-    install_reply_loss(_unwrap(model))
+    install_reply_loss(unwrap(model))
     extra = {"position_ids": inputs["position_ids"]} if "position_ids" in inputs else {}   # padding-free
     out = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
                 labels=inputs["labels"], reply_loss_sum=True, **extra)
@@ -106,9 +154,3 @@ def reply_loss(model, inputs, num_items_in_batch=None):
     if torch.is_tensor(denom):
         denom = denom.to(total.device)
     return total / denom
-
-
-def _unwrap(model):
-    while hasattr(model, "module") and not hasattr(model, "get_base_model"):
-        model = model.module          # DDP / FSDP wrappers
-    return model

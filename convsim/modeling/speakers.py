@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from convsim.data.schema import speaker_token
+from convsim.modeling.layers import head_is_tied
 from convsim.errors import UserError
 
 __all__ = ["add_speaker_tokens", "reference_ids", "speaker_ids", "speaker_token"]
@@ -43,7 +44,7 @@ def add_speaker_tokens(model, tokenizer, names: Sequence[str], references: dict[
     gen = torch.Generator().manual_seed(seed)
     emb = model.get_input_embeddings().weight
     out = model.get_output_embeddings()
-    untied = out is not None and out.weight.data_ptr() != emb.data_ptr()
+    untied = not head_is_tied(model)
     with torch.no_grad():
         for n in names:
             r = torch.tensor(refs[n], device=emb.device)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from convsim.errors import UserError, brief
+from convsim.modeling.loss import reply_nll
 
 HELP = "Build steering vectors (phrases, contrastive pairs, a person's own messages) and sweep their strength."
 EXAMPLES = """
@@ -242,27 +243,6 @@ def build(args) -> int:
 
 
 # ----------------------------------------------------------------------------- sweep
-
-def reply_nll(model, ids: list[int], text_mask: list[int]) -> tuple[float, int]:
-    """Summed NLL of the tokens with text_mask=1, with the output head only at those positions."""
-    import torch
-    import torch.nn.functional as F
-    from convsim.steering.vectors import _backbone
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    dev = next(model.parameters()).device
-    pos = [i for i, m in enumerate(text_mask) if m and i > 0]
-    if not pos:
-        return 0.0, 0
-    x = torch.tensor([ids], device=dev)
-    with torch.inference_mode():
-        h = _backbone(model)(input_ids=x, use_cache=False).last_hidden_state[0]
-        where = torch.tensor(pos, device=dev)
-        logits = base.get_output_embeddings()(h[where - 1]).float()
-        cap = getattr(getattr(base.config, "text_config", None) or base.config, "final_logit_softcapping", None)
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        return float(F.cross_entropy(logits, x[0, where], reduction="sum")), len(pos)
-
 
 def pick(examples: list, n: int) -> list:
     """n examples spread evenly over the split (not just the first conversation)."""

@@ -25,6 +25,8 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from convsim.errors import UserError
+from convsim.modeling.activations import POOLS, Pool
+from convsim.modeling.layers import backbone, decoder_layers, text_config
 
 FORMAT = "convsim-steering-vector/1"
 HOOK_POINT = "decoder_layer_output"      # the residual stream after the layer
@@ -32,20 +34,10 @@ HOOK_POINT = "decoder_layer_output"      # the residual stream after the layer
 
 # ----------------------------------------------------------------------------- model identity
 
-def _text_config(model):
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    cfg = base.config
-    return getattr(cfg, "text_config", None) or cfg
-
-
 def model_key(model) -> str:
-    """A name for the base model that survives reloading: its table row when known, else the last part
-    of the path/hub id it was loaded from, else its architecture and size (random tiny models)."""
-    from convsim.modeling.models import decoder_layers, get_spec_for
-    spec = get_spec_for(model)
-    if spec is not None:
-        return spec.name
-    cfg = _text_config(model)
+    """A name for the base model that survives reloading: the last part of the path/hub id it was loaded
+    from, else its architecture and size (random tiny models)."""
+    cfg = text_config(model)
     path = getattr(cfg, "_name_or_path", "") or ""
     if path:
         return Path(path.rstrip("/")).name
@@ -54,8 +46,7 @@ def model_key(model) -> str:
 
 def model_shape(model) -> tuple[int, int]:
     """(hidden size, number of decoder layers)."""
-    from convsim.modeling.models import decoder_layers
-    return int(_text_config(model).hidden_size), len(decoder_layers(model))
+    return int(text_config(model).hidden_size), len(decoder_layers(model))
 
 
 def resolve_layers(layers: int | Sequence[int], num_layers: int) -> list[int]:
@@ -240,31 +231,8 @@ def new_vector(model, directions: dict[int, torch.Tensor], method: str, info: di
 
 # ----------------------------------------------------------------------------- activations
 
-# A pooling strategy: hidden states [B, T, H] and a mask of the positions to pool [B, T] -> [B, H].
-Pool = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def mean_pool(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    m = mask.to(h.dtype).unsqueeze(-1)
-    return (h * m).sum(1) / m.sum(1).clamp(min=1)
-
-
-def last_pool(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    idx = (mask.long() * torch.arange(mask.shape[1], device=mask.device)).argmax(1)
-    return h[torch.arange(h.shape[0], device=h.device), idx]
-
-
-POOLS: dict[str, Pool] = {"mean": mean_pool, "last": last_pool}
-
-
 def _layer_output(output) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
-
-
-def _backbone(model):
-    """The decoder stack without the output head (Gemma's 262k-word head dominates a forward pass)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return getattr(base, base.base_model_prefix, base)
 
 
 def encode_phrase(tok, text: str, prefix: Sequence[int] = ()) -> tuple[list[int], int]:
@@ -279,7 +247,6 @@ def pooled_states(model, tok, texts: Sequence[str], layers: Sequence[int], pool:
                   prefix: Sequence[int] | Sequence[Sequence[int]] = (), batch_size: int = 16) -> dict[int, torch.Tensor]:
     """For each absolute layer, [len(texts), hidden] activations at that layer's output, pooled over each
     text's own tokens. `prefix` is one token list for all texts or one per text."""
-    from convsim.modeling.models import decoder_layers
     if not texts:
         raise UserError("no texts to build a steering vector from")
     pool_fn = POOLS[pool] if isinstance(pool, str) else pool
@@ -304,7 +271,7 @@ def pooled_states(model, tok, texts: Sequence[str], layers: Sequence[int], pool:
         handles = [mods[l].register_forward_hook(
             lambda m, a, o, l=l: got.__setitem__(l, _layer_output(o).detach())) for l in layers]
         try:
-            _backbone(model)(input_ids=ids.to(dev), attention_mask=attn.to(dev), use_cache=False)
+            backbone(model)(input_ids=ids.to(dev), attention_mask=attn.to(dev), use_cache=False)
         finally:
             for h in handles:
                 h.remove()
@@ -446,7 +413,6 @@ def steer(model, vector: SteeringVector, strength: float = 1.0, layers: Sequence
     pass is untouched; an int p steers positions >= p of a longer pass, and every decode step (teacher
     forcing equivalent of "new" when p is the prompt length). The hooks live on the modules, not the
     thread, so generation in another thread (streaming) is steered too; they are removed in `finally`."""
-    from convsim.modeling.models import decoder_layers
     vector.check_fits(model)
     if positions not in ("all", "new") and not isinstance(positions, int):
         raise UserError(f"positions must be all, new or an index, not {positions!r}")
@@ -481,7 +447,6 @@ def _adder(delta: torch.Tensor, positions):
 
 def active_hooks(model) -> int:
     """How many forward hooks sit on the decoder layers (tests check steer() leaves none)."""
-    from convsim.modeling.models import decoder_layers
     return sum(len(m._forward_hooks) for m in decoder_layers(model))
 
 
@@ -525,7 +490,6 @@ def generate_with_steering(model, prompt: str, tokenizer, steering_vector, layer
                            top_p: float = 0.95, positions: str = "new") -> str:
     """The seed's function: generate after a text prompt with the vector added at `layer_from_last`
     on decode steps (its behaviour); returns the new text. A plain tensor is accepted as the seed's was."""
-    from convsim.modeling.models import decoder_layers
     n = len(decoder_layers(model))
     if isinstance(steering_vector, torch.Tensor):
         steering_vector = new_vector(model, {n - 1: steering_vector}, "tensor", {})

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from convsim.data.examples import PromptFormat, render
 from convsim.data.schema import Message
+from convsim.modeling.loss import per_example_loss
 
 GradExample = tuple[Sequence[Message], str, Sequence[str]]     # (context, speaker, reply texts)
 
@@ -138,23 +139,6 @@ class _LoraTrainable:
             w.requires_grad_(r)
 
 
-def _per_example_loss(model, ids: torch.Tensor, attn: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """[batch] mean cross-entropy over each row's reply tokens; the head runs only at those positions."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    backbone = getattr(base, base.base_model_prefix)
-    hidden = backbone(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state[:, :-1]
-    target = labels[:, 1:]
-    mask = target != -100
-    logits = base.get_output_embeddings()(hidden[mask]).float()
-    cap = getattr(base.config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    tok_loss = F.cross_entropy(logits, target[mask], reduction="none")
-    row = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(mask)[mask]
-    total = torch.zeros(ids.shape[0], device=ids.device).index_add_(0, row, tok_loss)
-    return total / mask.sum(1).clamp_min(1)
-
-
 def render_example(tok, fmt: PromptFormat, ex: GradExample, max_len: int) -> tuple[list[int], list[int]]:
     """Token ids and labels (-100 outside the reply) for one example."""
     context, speaker, texts = ex
@@ -198,7 +182,7 @@ def lora_gradients(model, tok, fmt: PromptFormat, examples: Sequence[GradExample
                         on_batch(len(idx))
                     continue
                 with _Taps(pairs) as taps:
-                    loss = _per_example_loss(model, ids, attn, labels)
+                    loss = per_example_loss(model, ids, attn, labels)
                     torch.autograd.grad(loss.sum(), weights, allow_unused=True)
                 vec = torch.zeros((len(idx), width_out), device=device, dtype=torch.float32)
                 offset = 0

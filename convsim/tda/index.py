@@ -345,7 +345,7 @@ def update_index(run, spec: IndexSpec = IndexSpec(), model=None, tok=None, items
 
 
 def _model_layers(model) -> int:
-    from convsim.modeling.models import decoder_layers
+    from convsim.modeling.layers import decoder_layers
     return len(decoder_layers(model))
 
 

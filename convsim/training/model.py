@@ -8,17 +8,13 @@ import os
 import sys
 
 from convsim.config import TrainConfig
+from convsim.modeling.layers import decoder_layers
 from convsim.modeling.loss import reply_loss
 
 
 def lora_targets(cfg: TrainConfig, spec) -> list[str]:
     """The projections LoRA adapts: the model row's attention ones, and its MLP ones with --include-mlp."""
     return list(spec.attn_targets) + (list(spec.mlp_targets) if cfg.include_mlp else [])
-
-
-def head_is_tied(model) -> bool:
-    out, emb = model.get_output_embeddings(), model.get_input_embeddings()
-    return out is None or out.weight.data_ptr() == emb.weight.data_ptr()
 
 
 def speaker_rows(ids: dict, tied: bool) -> dict | None:
@@ -135,22 +131,15 @@ def _can_compile() -> bool:
     return hasattr(torch, "compile") and sys.platform != "win32"
 
 
-def decoder_layers(model):
-    """The decoder's list of layers of a (PEFT-wrapped) causal LM, or None."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    backbone = getattr(base, base.base_model_prefix, None)
-    layers = getattr(backbone, "layers", None)
-    return layers if layers is not None and len(layers) else None
-
-
 def compile_layers(model, probe: bool = True) -> int:
     """Compile each decoder layer in place (regional compilation). The layers share their code, so one
     graph serves them all; shapes are dynamic from the start, so batches of new lengths do not recompile.
     The module tree and the state dict stay as they were (adapters save as usual). With `probe`, one
     forward and backward pass on a fixed dummy batch compiles the graph now; if compiling fails, the layers
     go back to eager with a warning (training must not die of an optimisation). Returns the count compiled."""
-    layers = decoder_layers(model)
-    if layers is None:
+    try:
+        layers = decoder_layers(model)
+    except ValueError:
         return 0
     for layer in layers:
         layer.compile(dynamic=True)

@@ -17,7 +17,8 @@ from conftest import cli
 from convsim.errors import UserError
 from convsim.runs import Run, open_run
 from convsim.tda import index as index_mod
-from convsim.tda.gradients import GradientSketch, _LoraTrainable, _per_example_loss, lora_gradients, lora_pairs, \
+from convsim.modeling.loss import per_example_loss
+from convsim.tda.gradients import GradientSketch, _LoraTrainable, lora_gradients, lora_pairs, \
     render_example
 from convsim.tda.index import IndexSpec, training_messages, update_index
 from convsim.tda.query import Attributor
@@ -135,7 +136,7 @@ def test_per_example_gradients_equal_autograd(loaded):
     for row, ex in zip(batched, examples):
         ids, labels = render_example(tok, run.fmt, ex, 512)
         with _LoraTrainable(pairs) as weights, torch.enable_grad():
-            loss = _per_example_loss(model, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long),
+            loss = per_example_loss(model, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long),
                                      torch.tensor([labels]))
             grads = torch.autograd.grad(loss.sum(), weights)
         want = torch.cat([g.flatten() for g in grads]).numpy()

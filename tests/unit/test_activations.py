@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from convsim.modeling.activations import POOLS, embed_texts, last_pool, mean_pool, record_activations
-from convsim.modeling.models import decoder_layers, load
+from convsim.modeling.layers import decoder_layers
+from convsim.modeling.models import load
 
 SHORT = "hi"
 LONG = "this message is a good deal longer than the other one, so it forces padding in a batch"

@@ -10,7 +10,8 @@ from conftest import synthetic_conversations
 from convsim.data.examples import PromptFormat
 from convsim.data.schema import Message
 from convsim.inference.generate import SampleConfig, TurnCache, _generate, _gen_kwargs, reply, stop_sequences, stream_reply
-from convsim.modeling.models import decoder_layers, load
+from convsim.modeling.layers import decoder_layers
+from convsim.modeling.models import load
 from convsim.modeling.speakers import add_speaker_tokens
 
 GREEDY = SampleConfig(temperature=0, max_new_tokens=12)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from convsim.config import TrainConfig
 from convsim.errors import UserError
-from convsim.training.model import head_is_tied, lora_targets, sharded_training, speaker_rows, frozen_dtype, trainable_in_float32
+from convsim.modeling.layers import head_is_tied
+from convsim.training.model import frozen_dtype, lora_targets, sharded_training, speaker_rows, trainable_in_float32
 
 
 def load_peft(cfg: TrainConfig, speakers, device: str, spec):

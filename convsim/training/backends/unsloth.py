@@ -190,7 +190,8 @@ def load_unsloth(cfg, speakers, device: str, spec):
     import torch
     from convsim.modeling.fastpeft import patch_trainable_tokens
     from convsim.modeling.speakers import add_speaker_tokens
-    from convsim.training.model import frozen_dtype, head_is_tied, trainable_in_float32, wants_checkpointing
+    from convsim.modeling.layers import head_is_tied
+    from convsim.training.model import frozen_dtype, trainable_in_float32, wants_checkpointing
 
     where = model_dir(spec)
     tok = convsim_tokenizer(spec, where)
