@@ -358,7 +358,7 @@ def main(argv=None) -> int:
     from convsim.tda.query import Attributor
 
     run = open_run(run_dir)
-    in_train = set(run.meta["split"]["train"])
+    in_train = set(run.meta.split["train"])
     dropped = [c for c in canaries if any(x["conv"] not in in_train for x in c["copies"])]
     canaries = [c for c in canaries if c not in dropped]
     if dropped:

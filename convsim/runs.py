@@ -11,12 +11,16 @@
       logs/               TensorBoard events
 
     run = open_run("runs/demo"); model, tok = run.load()
+
+`RunMeta` is run.json, typed: its fields and their defaults are the one statement of what a run records
+(run dirs written by earlier versions load with those defaults; keys this version does not know are kept).
+`convsim train` writes it; everything that reads a run reads it through `Run.meta`.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
 
@@ -39,27 +43,121 @@ def dir_hash(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+RUN_JSON = "run.json"
+
+
+@dataclass
+class RunMeta:
+    """run.json. Field order is the file's key order."""
+    model: str
+    prompt_style: str                       # "base" or "instruct"
+    special_tokens: bool
+    speakers: list[str]
+    targets: list[str] | None = None        # None: every speaker
+    speaker_token_ids: dict[str, int] = field(default_factory=dict)
+    loss: str = "reply"
+    context_size: int = 8
+    max_burst: int = 8
+    seed: int = 0
+    split: dict[str, list[str]] = field(default_factory=lambda: {"train": [], "val": [], "test": []})
+    examples: dict[str, int] = field(default_factory=dict)
+    status: str = "training"                # "training" until the adapter is written, then "done"
+    resumed_from: str | None = None
+    extra_data: dict | None = None          # `--extra-data`: dirs, counts, speakers found only there
+    # written once training is done (LATE)
+    activation_checkpointing: bool | None = None
+    compiled_layers: int | None = None
+    group_by_length: bool | None = None
+    packing: bool | None = None
+    frozen_dtype: str | None = None
+    adapter_hash: str | None = None
+    train_seconds: float | None = None
+    tokens_per_s: float | None = None
+    world_size: int | None = None
+    global_step: int | None = None
+    train_loss: float | None = None
+    eval_loss: float | None = None
+    device: str | None = None
+    kept_best: dict | None = None
+    stop_reason: str | None = None
+    chat_template: str | None = None        # an instruct run's template, when it differs from the tokenizer's
+    other: dict = field(default_factory=dict)   # keys this version does not know, written back unchanged
+
+    LATE = ("activation_checkpointing", "compiled_layers", "group_by_length", "packing", "frozen_dtype",
+            "adapter_hash", "train_seconds", "tokens_per_s", "world_size", "global_step", "train_loss",
+            "eval_loss", "device", "kept_best", "stop_reason")
+    REQUIRED = ("model", "prompt_style", "special_tokens", "speakers")
+
+    @classmethod
+    def from_json(cls, data: dict, where: str = RUN_JSON) -> "RunMeta":
+        if not isinstance(data, dict):
+            raise UserError(f"{where}: expected a JSON object")
+        missing = [k for k in cls.REQUIRED if k not in data]
+        if missing:
+            raise UserError(f"{where}: missing {', '.join(missing)}; is this a convsim run directory?")
+        known = {f.name for f in fields(cls)} - {"other"}
+        return cls(**{k: v for k, v in data.items() if k in known},
+                   other={k: v for k, v in data.items() if k not in known})
+
+    def to_json(self) -> dict:
+        """The file's content: a run still training has none of the LATE keys yet; `chat_template` only
+        when there is one."""
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name == "other" or (f.name in self.LATE and self.status != "done") or (
+                    f.name == "chat_template" and v is None):
+                continue
+            out[f.name] = v
+        return {**out, **self.other}
+
+    def get(self, key: str, default=None):
+        """Mapping-style read (`meta.get("context_size")`), for code written when run.json was a dict; a
+        field left at None gives `default`."""
+        v = getattr(self, key) if key in self.__dataclass_fields__ and key != "other" else self.other.get(key)
+        return default if v is None else v
+
+    def __getitem__(self, key: str):
+        if key in self.__dataclass_fields__ and key != "other":
+            return getattr(self, key)
+        return self.other[key]
+
+
+def read_meta(run_dir) -> RunMeta:
+    path = Path(run_dir) / RUN_JSON
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        raise UserError(f"{path}: not valid JSON") from None
+    return RunMeta.from_json(data, str(path))
+
+
+def write_meta(run_dir, meta: RunMeta) -> None:
+    from convsim.fsutil import write_json
+    write_json(Path(run_dir) / RUN_JSON, meta.to_json())
+
+
 @dataclass
 class Run:
     path: Path
-    meta: dict
+    meta: RunMeta
 
     @property
     def model_name(self) -> str:
-        return self.meta["model"]
+        return self.meta.model
 
     @property
     def speakers(self) -> list[str]:
-        return list(self.meta["speakers"])
+        return list(self.meta.speakers)
 
     @property
     def targets(self) -> list[str]:
-        return list(self.meta.get("targets") or self.meta["speakers"])
+        return list(self.meta.targets or self.meta.speakers)
 
     @property
     def fmt(self) -> PromptFormat:
-        return PromptFormat(style=self.meta["prompt_style"], speakers=tuple(self.speakers),
-                            special_tokens=self.meta["special_tokens"], chat_template=self.meta.get("chat_template"))
+        return PromptFormat(style=self.meta.prompt_style, speakers=tuple(self.speakers),
+                            special_tokens=self.meta.special_tokens, chat_template=self.meta.chat_template)
 
     @property
     def adapter_dir(self) -> Path:
@@ -67,19 +165,19 @@ class Run:
 
     @property
     def adapter_hash(self) -> str:
-        return self.meta.get("adapter_hash") or "none"
+        return self.meta.adapter_hash or "none"
 
     @cached_property
     def conversations(self) -> list[Conversation]:
         return read_conversations(self.path / "data")
 
     def split(self, name: str) -> list[Conversation]:
-        ids = set(self.meta["split"][name])
+        ids = set(self.meta.split[name])
         return [c for c in self.conversations if c.id in ids]
 
     def is_extra(self, c: Conversation) -> bool:
         """Whether a conversation came from `--extra-data` (training only, not the chat the run is about)."""
-        n = len((self.meta.get("extra_data") or {}).get("dirs", []))
+        n = len((self.meta.extra_data or {}).get("dirs", []))
         return n > 0 and c.id.startswith(extra_prefixes(n))
 
     def check_speaker(self, name: str) -> str:
@@ -101,7 +199,7 @@ def open_run(path) -> Run:
     p = Path(path)
     if not (p / "run.json").exists():
         raise UserError(f"{p} is not a run directory (no run.json); train one with `convsim train`")
-    meta = json.loads((p / "run.json").read_text(encoding="utf-8"))
+    meta = read_meta(p)
     if not (p / "adapter" / "adapter_config.json").exists():
         raise UserError(f"{p} has no trained adapter yet (was training interrupted? resume with --continue-training)")
     return Run(p, meta)

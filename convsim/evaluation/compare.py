@@ -34,7 +34,7 @@ def compare(run_, n, split="test", temperature=0.7, max_new_tokens=48, budget=76
     if model is None:
         model, tok = run_.load()
     fmt, pfmt = run_.fmt, plain(run_.fmt)
-    cs, mb = run_.meta.get("context_size", 8), run_.meta.get("max_burst", 8)
+    cs, mb = run_.meta.context_size, run_.meta.max_burst
     held = build_examples(run_.split(split), run_.targets, cs, mb)
     if not held:
         raise UserError(f"the run's {split} split has no examples")

@@ -84,7 +84,7 @@ def ruler_examples(run_):
     with strangers would tilt it to that person)."""
     meta = run_.meta
     return build_examples([c for c in run_.split("train") if not run_.is_extra(c)], None,
-                          meta.get("context_size", 8), meta.get("max_burst", 8))
+                          meta.context_size, meta.max_burst)
 
 
 def speaker_classifier(train_examples):
@@ -142,8 +142,8 @@ def evaluate(run_, n: int = 40, split: str = "test", budget: int = 768, generate
     model, tok = run_.load()
     fmt, pfmt = run_.fmt, plain(run_.fmt)
     meta = run_.meta
-    train_ex = build_examples(run_.split("train"), None, meta.get("context_size", 8), meta.get("max_burst", 8))
-    held = build_examples(run_.split(split), run_.targets, meta.get("context_size", 8), meta.get("max_burst", 8))
+    train_ex = build_examples(run_.split("train"), None, meta.context_size, meta.max_burst)
+    held = build_examples(run_.split(split), run_.targets, meta.context_size, meta.max_burst)
     if not held:
         raise UserError(f"the run's {split} split has no examples to evaluate")
     retriever = Retriever(train_ex)

@@ -340,7 +340,7 @@ def sweep(args) -> int:
         raise UserError("--n and --samples must be at least 1")
     targets = [run_.check_speaker(args.speaker)] if args.speaker else run_.targets
     meta = run_.meta
-    examples = build_examples(run_.split("test"), targets, meta.get("context_size", 8), meta.get("max_burst", 8))
+    examples = build_examples(run_.split("test"), targets, meta.context_size, meta.max_burst)
     if not examples:
         raise UserError(f"the run's test split has no examples for {', '.join(targets)}")
     examples = pick(examples, args.n)

@@ -113,8 +113,8 @@ def n_layers_of(run) -> int:
 def training_messages(run) -> list[Item]:
     """Every message the run was trained to produce, with its context, in corpus order."""
     from convsim.data.examples import build_examples
-    examples = build_examples(run.split("train"), run.targets, int(run.meta.get("context_size", 8)),
-                              int(run.meta.get("max_burst", 8)))
+    examples = build_examples(run.split("train"), run.targets, run.meta.context_size,
+                              run.meta.max_burst)
     items = []
     for ex in examples:
         for j, m in enumerate(ex.reply):
@@ -139,12 +139,12 @@ def index_dir(run, method: str) -> Path:
 def store_meta(run, spec: IndexSpec, layer: int | None) -> dict:
     """What a store must have been built with to be used for `run` and `spec` (compared on open)."""
     meta = {"model": run.model_name, "adapter_hash": run.adapter_hash, "method": spec.method,
-            "center": bool(spec.center), "prompt_style": run.meta.get("prompt_style"),
-            "special_tokens": run.meta.get("special_tokens")}
+            "center": bool(spec.center), "prompt_style": run.meta.prompt_style,
+            "special_tokens": run.meta.special_tokens}
     if spec.method == "activations":
         meta.update(layer=layer, pool=spec.pool)
     else:
-        meta.update(projection="countsketch", proj_seed=spec.seed, context_size=run.meta.get("context_size"),
+        meta.update(projection="countsketch", proj_seed=spec.seed, context_size=run.meta.context_size,
                     max_len=spec.max_len)
     return meta
 

@@ -17,6 +17,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from convsim.config import TrainConfig, resolve, to_yaml
@@ -125,11 +126,6 @@ def finish_distributed() -> None:
         dist.destroy_process_group()
 
 
-def write_meta(run_dir: Path, meta: dict) -> None:
-    from convsim.fsutil import write_json
-    write_json(run_dir / "run.json", meta)
-
-
 def run(args) -> int:
     with fused_attention_kernels():
         return _run(args)
@@ -164,7 +160,7 @@ def _run(args) -> int:
     from convsim.data.schema import write_conversations
     from convsim.fsutil import atomic_dir, private_dir, write_text
     from convsim.modeling.models import default_device
-    from convsim.runs import dir_hash
+    from convsim.runs import RunMeta, dir_hash, write_meta
 
     cfg = config_from_args(args)
     data_dir = Path(args.data_dir)
@@ -210,13 +206,13 @@ def _run(args) -> int:
         private_dir(run_dir / "checkpoints"); private_dir(run_dir / "logs")   # owner-only even outside cli.main
         write_conversations(private_dir(run_dir / "data") / "conversations.jsonl", convs)
         write_text(run_dir / "config.yaml", to_yaml(cfg))
-    meta = {"model": cfg.model, "prompt_style": style, "special_tokens": cfg.special_tokens,
-            "speakers": speakers, "targets": targets, "speaker_token_ids": ids, "loss": cfg.loss,
-            "context_size": cfg.context_size, "max_burst": cfg.max_burst, "seed": cfg.seed,
-            "split": {k: [c.id for c in v] for k, v in split.items()},
-            "examples": {k: len(v) for k, v in ex.items()}, "status": "training",
-            "resumed_from": resume.name if resume else None,
-            "extra_data": extra_summary(cfg, convs, speakers)}
+    meta = RunMeta(model=cfg.model, prompt_style=style, special_tokens=cfg.special_tokens,
+                   speakers=speakers, targets=targets, speaker_token_ids=ids, loss=cfg.loss,
+                   context_size=cfg.context_size, max_burst=cfg.max_burst, seed=cfg.seed,
+                   split={k: [c.id for c in v] for k, v in split.items()},
+                   examples={k: len(v) for k, v in ex.items()}, status="training",
+                   resumed_from=resume.name if resume else None,
+                   extra_data=extra_summary(cfg, convs, speakers))
     if main:
         write_meta(run_dir, meta)
         tok.save_pretrained(run_dir / "tokenizer")
@@ -226,8 +222,9 @@ def _run(args) -> int:
     compiled = compile_layers(model) if wants_compile(cfg, device) else 0
     grouped = wants_grouping(cfg, device)
     packed = wants_packing(cfg)
-    meta.update(activation_checkpointing=checkpointing, compiled_layers=compiled, group_by_length=grouped, packing=packed,
-                frozen_dtype=str(next(p for p in model.parameters() if not p.requires_grad).dtype).replace("torch.", ""))
+    meta = replace(meta, activation_checkpointing=checkpointing, compiled_layers=compiled, group_by_length=grouped,
+                   packing=packed,
+                   frozen_dtype=str(next(p for p in model.parameters() if not p.requires_grad).dtype).replace("torch.", ""))
     steps_per_epoch = math.ceil(len(train_rows) / (cfg.batch_size * cfg.grad_accum))
     sft = SFTConfig(
         output_dir=str(ckpt_dir), per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
@@ -276,7 +273,7 @@ def _run(args) -> int:
     rates = sorted(r["tokens_per_s"] for r in trainer.state.log_history if "tokens_per_s" in r)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     tokens_per_s = round(rates[len(rates) // 2] * world, 1) if rates else None   # median interval, all processes
-    meta.update(status="done", adapter_hash=dir_hash(run_dir / "adapter"), train_seconds=round(seconds, 1),
+    meta = replace(meta, status="done", adapter_hash=dir_hash(run_dir / "adapter"), train_seconds=round(seconds, 1),
                 tokens_per_s=tokens_per_s, world_size=world,
                 global_step=trainer.state.global_step, train_loss=train_loss,
                 eval_loss=final_eval.get("eval_loss"), device=device,
@@ -287,7 +284,7 @@ def _run(args) -> int:
     summary = {"run_dir": str(run_dir), "steps": trainer.state.global_step, "train_loss": train_loss,
                "eval_loss": final_eval.get("eval_loss"), "seconds": round(seconds, 1),
                "tokens_per_s": tokens_per_s, "world_size": world,
-               "examples": meta["examples"], "speakers": speakers, "targets": targets,
+               "examples": meta.examples, "speakers": speakers, "targets": targets,
                "adapter_mb": round(sum(f.stat().st_size for f in (run_dir / "adapter").rglob("*") if f.is_file()) / 1e6, 2)}
     if args.json:
         print(json.dumps(summary))

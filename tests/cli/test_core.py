@@ -57,7 +57,7 @@ def test_tiny_run_artifacts(tiny_run):
     assert size < 5e6
     assert (tiny_run / "metrics.jsonl").exists() and (tiny_run / "samples.jsonl").exists()
     assert oct((tiny_run / "data" / "conversations.jsonl").stat().st_mode & 0o777) == "0o600"
-    tok_ids = run.meta["speaker_token_ids"]
+    tok_ids = run.meta.speaker_token_ids
     assert set(tok_ids) == {"Ana", "Ben"}
 
 
@@ -65,7 +65,7 @@ def test_adapter_reload_identical_logits(tiny_run):
     run = open_run(tiny_run)
     m1, tok = run.load()
     m2, _ = run.load()
-    x = torch.tensor([[tok.bos_token_id, run.meta["speaker_token_ids"]["Ana"], 100, 200]])
+    x = torch.tensor([[tok.bos_token_id, run.meta.speaker_token_ids["Ana"], 100, 200]])
     with torch.no_grad():
         assert torch.equal(m1(input_ids=x).logits, m2(input_ids=x).logits)
         with m1.disable_adapter():
@@ -131,7 +131,7 @@ def test_plain_prompts_never_contain_speaker_tokens(tiny_run):
     from convsim.runs import open_run
     run = open_run(tiny_run)
     tok = AutoTokenizer.from_pretrained(str(run.path / "tokenizer"))
-    special = set(run.meta["speaker_token_ids"].values())
+    special = set(run.meta.speaker_token_ids.values())
     pfmt = plain(run.fmt)
     exs = build_examples(run.split("train"), run.targets, 8, 8)
     e = exs[0]

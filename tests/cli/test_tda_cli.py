@@ -62,7 +62,7 @@ def quiet(_msg):
 def test_training_messages_are_the_trained_replies(loaded):
     run, _, _ = loaded
     items = training_messages(run)
-    train_ids = set(run.meta["split"]["train"])
+    train_ids = set(run.meta.split["train"])
     texts = {(m.speaker, m.time, m.text) for c in run.conversations if c.id in train_ids for m in c.messages}
     assert items and all((it.speaker, it.time, it.text) in texts for it in items)
     assert all(it.context or it.burst for it in items)           # every reply follows a real context
