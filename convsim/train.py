@@ -47,6 +47,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--extra-data", action="append", metavar="DATA_DIR",
                    help="more conversations of the same people (e.g. their chats with others), for training "
                         "only: never validation or test, and none from the held-out period (repeatable)")
+    p.add_argument("--extra-data-ratio", type=float, metavar="R",
+                   help="use at most R extra messages per message of the chat's own training split, the most "
+                        "recent extra conversations first (default 0: all of them)")
+    p.add_argument("--auto-extra-data", action=argparse.BooleanOptionalAction, default=None,
+                   help="without --extra-data, train also on DATA_DIR/extra (where `convsim import ... --out "
+                        "DATA_DIR/extra` put other chats of the same people) when it exists (default on)")
     p.add_argument("--context-size", type=int, metavar="N", help="earlier messages shown before each reply (default 8)")
     p.add_argument("--epochs", type=float)
     p.add_argument("--batch-size", type=int)
@@ -93,7 +99,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args) -> TrainConfig:
-    keys = ["model", "targets", "extra_data", "context_size", "epochs", "batch_size", "grad_accum", "learning_rate", "max_steps", "time_budget",
+    keys = ["model", "targets", "extra_data", "extra_data_ratio", "auto_extra_data", "context_size", "epochs", "batch_size", "grad_accum", "learning_rate", "max_steps", "time_budget",
             "max_seq_length", "lora_r", "lora_alpha", "special_tokens", "include_mlp", "instruct_format", "loss",
             "quantization", "backend", "activation_checkpointing", "compile", "frozen_dtype", "group_by_length", "packing", "keep_best", "eval_steps", "save_steps", "seed", "max_val_examples"]
     flags = {k: getattr(args, k, None) for k in keys}
@@ -129,6 +135,8 @@ def prepare_data(cfg: TrainConfig, data_dir: str):
     split = split_conversations(convs, cfg.val_fraction, cfg.test_fraction)
     if cfg.extra_data:
         extra = extra_conversations(cfg.extra_data, split)
+        if cfg.extra_data_ratio > 0:
+            extra = most_recent(extra, int(cfg.extra_data_ratio * sum(len(c.messages) for c in split["train"])))
         split["train"] = split["train"] + extra
         convs = convs + extra
         speakers = speakers + [s for s in speakers_of(extra) if s not in speakers]
@@ -143,6 +151,36 @@ def prepare_data(cfg: TrainConfig, data_dir: str):
         if not any(e.speaker == t for e in ex["train"]):
             raise UserError(f"target {t!r} has no training examples (no reply of theirs follows a message)")
     return convs, speakers, targets, split, ex
+
+
+def default_extra_data(cfg: TrainConfig, data_dir: Path) -> list[str]:
+    """The extra-data dirs a run uses: those given, else DATA_DIR/extra when it holds conversations (and
+    `auto_extra_data` is on), as an absolute path so a resumed run finds it from any directory."""
+    from convsim.chats.schema import CONVERSATIONS
+    if cfg.extra_data or not cfg.auto_extra_data:
+        return list(cfg.extra_data)
+    extra = data_dir / "extra"
+    if (extra / CONVERSATIONS).exists():
+        print(f"extra data: using {extra} (other chats of the same people; --no-auto-extra-data leaves it out)",
+              file=sys.stderr)
+        return [str(extra.resolve())]
+    return []
+
+
+def most_recent(convs: list, max_messages: int) -> list:
+    """The most recent conversations (by start time; untimed ones last) holding at most `max_messages`
+    messages in all, in their original order."""
+    from convsim.chats.examples import start_time
+    order = sorted(range(len(convs)), key=lambda i: start_time(convs[i]) or "", reverse=True)
+    keep, total = set(), 0
+    for i in order:
+        n = len(convs[i].messages)
+        if total + n > max_messages:
+            break
+        keep.add(i); total += n
+    print(f"extra data: the most recent {len(keep):,} of {len(convs):,} conversations kept ({total:,} messages, "
+          f"at most {max_messages:,})", file=sys.stderr)
+    return [c for i, c in enumerate(convs) if i in keep]
 
 
 def extra_summary(cfg: TrainConfig, convs, speakers) -> dict:
@@ -983,6 +1021,7 @@ def _run(args) -> int:
     data_dir = Path(args.data_dir)
     if not data_dir.exists():
         raise UserError(f"data dir {data_dir} does not exist (run `convsim import` first)")
+    cfg.extra_data = default_extra_data(cfg, data_dir)
     run_dir = Path(args.out)
     ckpt_dir = run_dir / "checkpoints"
     resume = None
