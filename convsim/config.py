@@ -18,6 +18,8 @@ class TrainConfig:
     model: str = "gemma-3-270m"
     targets: list[str] = field(default_factory=lambda: ["all"])
     extra_data: list[str] = field(default_factory=list)   # training-only data dirs (see `convsim train --help`)
+    extra_data_ratio: float = 0.0             # at most this many extra messages per main training message (0: all)
+    auto_extra_data: bool = True              # with no extra_data: use DATA_DIR/extra when it holds conversations
     epochs: float = 1.0
     batch_size: int = 8
     grad_accum: int = 1
@@ -67,6 +69,8 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "lora_r", "max_seq_length", "context_size", "max_burst"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name.replace('_', '-')} must be at least 1")
+        if self.extra_data_ratio < 0:
+            raise UserError(f"--extra-data-ratio must be 0 or more, not {self.extra_data_ratio:g}")
         if self.epochs <= 0 and self.max_steps <= 0:
             raise UserError("give --epochs > 0 or --max-steps > 0")
         return self

@@ -1,1 +1,2 @@
-"""Measuring a run: `convsim eval` (fine-tuned vs in-context vs base, per speaker) and `convsim compare`."""
+"""Measuring a run: `convsim eval` (fine-tuned vs in-context vs base, per speaker, with the rulers in
+`rulers.py`) and `convsim compare`."""

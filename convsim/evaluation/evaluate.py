@@ -27,9 +27,10 @@ import torch
 
 from convsim.data.examples import build_examples, render
 from convsim.errors import UserError
+from convsim.evaluation import rulers
+from convsim.evaluation.incontext import Retriever, incontext_prompt, plain
 from convsim.inference.generate import SampleConfig, replies_from_prompts
 from convsim.modeling.loss import reply_nll
-from convsim.evaluation.incontext import Retriever, incontext_prompt, plain
 
 HELP = "Per-speaker perplexity (fine-tuned vs in-context vs base vs hybrid), speaker identification and style."
 EXAMPLES = """
@@ -43,12 +44,15 @@ EMOJI = re.compile("[\U0001F300-\U0001FAFF\u2600-\u27BF]")
 def add_arguments(p):
     p.add_argument("run_dir")
     p.add_argument("--split", default="test", choices=["test", "val"])
-    p.add_argument("--n", type=int, default=40, help="examples per speaker")
+    p.add_argument("--n", type=int, default=40, help="examples per speaker (0: every one)")
     p.add_argument("--budget", type=int, default=768, help="token budget of the in-context prompts")
     p.add_argument("--generate", action=argparse_bool(), default=True,
                    help="also generate replies for speaker identification and style (default on)")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--batch-size", type=int, default=16, help="replies generated together (left-padded)")
+    p.add_argument("--judge-n", type=int, default=200, metavar="N",
+                   help="training examples per speaker whose generated replies train the real-vs-generated judge "
+                        "(0: no judge; it costs 2N more generations per speaker)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     p.add_argument("--out", help="write the JSON here")
@@ -88,19 +92,14 @@ def ruler_examples(run_):
 
 
 def speaker_classifier(train_examples):
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
+    """Who wrote this burst: `rulers.speaker_classifier` trained on the training split's real bursts."""
     texts, labels = [], []
     for e in train_examples:
-        for m in e.reply:
-            texts.append(m.text); labels.append(m.speaker)
+        texts.append(" ".join(m.text for m in e.reply))
+        labels.append(e.speaker)
     if len(set(labels)) < 2:
         raise UserError("speaker identification needs training messages of at least two speakers")
-    clf = make_pipeline(TfidfVectorizer(analyzer="char_wb", ngram_range=(1, 4), sublinear_tf=True, min_df=2),
-                        LogisticRegression(max_iter=2000, C=4.0))
-    clf.fit(texts, labels)
-    return clf
+    return rulers.speaker_classifier(texts, labels)
 
 
 def id_accuracy(clf, bursts: list[list[str]], speaker: str) -> float | None:
@@ -136,29 +135,55 @@ def style_distance(gen: dict, real: dict) -> dict:
 
 # ----------------------------------------------------------------------------- stage
 
+def _gen_pair(model, tok, fmt, pfmt, exs, retriever, speaker, budget, cfg, batch_size, exclude_reply=True):
+    """Greedy replies of the fine-tuned model and of the prompted base model for examples `exs`."""
+    ft_prompts, ic_prompts = [], []
+    for e in exs:
+        ex = [m.text for m in e.reply] if exclude_reply else []
+        ft_prompts.append(reply_part(tok, fmt, e)[0])
+        ic_prompts.append(incontext_prompt(tok, pfmt, e.context, speaker, retriever.top(e.context, speaker, k=50, exclude=ex),
+                                           budget))
+    gen_ft = replies_from_prompts(model, tok, fmt, ft_prompts, speaker, cfg, batch_size)
+    with base_model_ctx(model):
+        gen_ic = replies_from_prompts(model, tok, pfmt, ic_prompts, speaker, cfg, batch_size)
+    return gen_ft, gen_ic
+
+
+def _ctx(e) -> list[str]:
+    return [m.text for m in e.context]
+
+
 def evaluate(run_, n: int = 40, split: str = "test", budget: int = 768, generate: bool = True,
-             max_new_tokens: int = 48, seed: int = 0, progress: bool = True, batch_size: int = 16) -> dict:
+             max_new_tokens: int = 48, seed: int = 0, progress: bool = True, batch_size: int = 16,
+             judge_n: int = 200) -> dict:
+    """Per-speaker perplexities (with a bootstrap interval of fine-tuned ÷ in-context) and, with `generate`,
+    speaker identification, the judge, copying, repetition, diversity and style. `n=0`: every example."""
     from tqdm.auto import tqdm
     model, tok = run_.load()
     fmt, pfmt = run_.fmt, plain(run_.fmt)
     meta = run_.meta
-    train_ex = build_examples(run_.split("train"), None, meta.context_size, meta.max_burst)
-    held = build_examples(run_.split(split), run_.targets, meta.context_size, meta.max_burst)
+    csize, mburst = meta.context_size, meta.max_burst
+    train_ex = build_examples(run_.split("train"), None, csize, mburst)
+    held = build_examples(run_.split(split), run_.targets, csize, mburst)
     if not held:
         raise UserError(f"the run's {split} split has no examples to evaluate")
     retriever = Retriever(train_ex)
-    clf = speaker_classifier(ruler_examples(run_))
+    ruler_ex = ruler_examples(run_)
+    clf = speaker_classifier(ruler_ex)
+    copy_index = rulers.span_index([m.text for c in run_.split("train") for m in c.messages])
     cfg = SampleConfig(temperature=0.0, max_new_tokens=max_new_tokens, seed=seed)
+    per_speaker = {s: [e for e in held if e.speaker == s][: n or None] for s in run_.targets}
+    real_by_speaker = {s: [[m.text for m in e.reply] for e in exs] for s, exs in per_speaker.items()}
     result = {"model": run_.model_name, "adapter": run_.adapter_hash, "split": split, "budget": budget,
-              "n_examples": 0, "speakers": {}}
-    for speaker in run_.targets:
-        exs = [e for e in held if e.speaker == speaker][:n]
+              "n_examples": 0, "rulers": {"copy_span_tokens": rulers.COPY_SPAN, "judge_train_per_speaker": judge_n},
+              "speakers": {}}
+    for speaker, exs in per_speaker.items():
         if not exs:
             continue
         tot = defaultdict(float); cnt = defaultdict(int)
-        gen_ft, gen_ic, real, ft_prompts, ic_prompts = [], [], [], [], []
+        per_ex = defaultdict(list)
+        real = real_by_speaker[speaker]
         for e in tqdm(exs, desc=f"eval {speaker}", disable=not progress, file=sys.stderr):
-            real.append([m.text for m in e.reply])
             retrieved = retriever.top(e.context, speaker, k=50, exclude=[m.text for m in e.reply])
             prompt_ft, rep_ft, mask_ft = reply_part(tok, fmt, e)
             prompt_b, rep_b, mask_b = reply_part(tok, pfmt, e)
@@ -172,19 +197,41 @@ def evaluate(run_, n: int = 40, split: str = "test", budget: int = 768, generate
                 with (base_model_ctx(model) if base else nullcontext()):
                     s, c = nll(model, p, r, m)
                 tot[key] += s; cnt[key] += c
-            ft_prompts.append(prompt_ft)
-            ic_prompts.append(ic_prompt)
-        if generate:
-            gen_ft = replies_from_prompts(model, tok, fmt, ft_prompts, speaker, cfg, batch_size)
-            with base_model_ctx(model):
-                gen_ic = replies_from_prompts(model, tok, pfmt, ic_prompts, speaker, cfg, batch_size)
+                per_ex[key].append(s)
+                if key == "finetuned":
+                    per_ex["count"].append(c)
         row = {f"ppl_{k}": math.exp(tot[k] / max(cnt[k], 1)) for k in ("finetuned", "in_context", "base", "hybrid")}
+        row["ppl_ratio"] = rulers.ppl_ratio(per_ex["finetuned"], per_ex["in_context"], per_ex["count"])
+        row["ppl_ratio_ci"] = rulers.bootstrap_ppl_ratio_ci(per_ex["finetuned"], per_ex["in_context"], per_ex["count"],
+                                                             seed=seed)
         row["tokens_scored"] = cnt["finetuned"]
         row["n"] = len(exs)
         row["speaker_id_real"] = id_accuracy(clf, real, speaker)
+        row["speaker_auc_real"] = rulers.speaker_auc(clf, real_by_speaker, speaker)
+        row["copy_rate_real"] = rulers.copy_rate(real, copy_index)
+        row["copy_rate_real_ci"] = rulers.bootstrap_mean_ci(rulers.copy_flags(real, copy_index), seed=seed)
+        row["repeat_rate_real"] = rulers.repeat_rate(real)
+        row["repeat_rate_real_ci"] = rulers.bootstrap_mean_ci(rulers.repeat_flags(real), seed=seed)
+        row["distinct_real"] = [rulers.distinct_n(real, 1), rulers.distinct_n(real, 2)]
         if generate:
+            gen_ft, gen_ic = _gen_pair(model, tok, fmt, pfmt, exs, retriever, speaker, budget, cfg, batch_size)
             row["speaker_id_finetuned"] = id_accuracy(clf, gen_ft, speaker)
             row["speaker_id_in_context"] = id_accuracy(clf, gen_ic, speaker)
+            for name, gen in (("finetuned", gen_ft), ("in_context", gen_ic)):
+                row[f"copy_rate_{name}"] = rulers.copy_rate(gen, copy_index)
+                row[f"copy_rate_{name}_ci"] = rulers.bootstrap_mean_ci(rulers.copy_flags(gen, copy_index), seed=seed)
+                row[f"repeat_rate_{name}"] = rulers.repeat_rate(gen)
+                row[f"distinct_{name}"] = [rulers.distinct_n(gen, 1), rulers.distinct_n(gen, 2)]
+                row[f"empty_rate_{name}"] = float(np.mean([not b for b in gen]))
+            if judge_n > 0:
+                jtrain = [e for e in ruler_ex if e.speaker == speaker][-judge_n:]
+                jft, jic = _gen_pair(model, tok, fmt, pfmt, jtrain, retriever, speaker, budget, cfg, batch_size)
+                jctx, jreal = [_ctx(e) for e in jtrain], [[m.text for m in e.reply] for e in jtrain]
+                hctx = [_ctx(e) for e in exs]
+                for name, jgen, gen in (("finetuned", jft, gen_ft), ("in_context", jic, gen_ic)):
+                    acc, flags = rulers.judge_accuracy((jctx, jreal, jgen), (hctx, real, gen))
+                    row[f"judge_acc_{name}"] = acc
+                    row[f"judge_acc_{name}_ci"] = rulers.bootstrap_mean_ci(flags, seed=seed)
             row["style_finetuned"] = style_distance(style(gen_ft), style(real))
             row["style_in_context"] = style_distance(style(gen_ic), style(real))
             row["examples"] = [{"context": [f"[{m.speaker}] {m.text}" for m in e.context[-3:]], "real": r,
@@ -199,16 +246,26 @@ def run(args):
     from convsim.runs import open_run
     run_ = open_run(args.run_dir)
     res = evaluate(run_, args.n, args.split, args.budget, args.generate, args.max_new_tokens, args.seed,
-                   batch_size=args.batch_size)
+                   batch_size=args.batch_size, judge_n=args.judge_n)
     if args.out:
         write_json(args.out, res, private=False)
     if args.json:
         print(json.dumps(res, ensure_ascii=False))
         return 0
-    print(f"{'speaker':<14}{'ppl ft':>9}{'in-ctx':>9}{'base':>9}{'hybrid':>9}{'id real':>9}{'id ft':>8}{'id ic':>8}")
+    f = lambda v: "-" if v is None else f"{v:.2f}"
+    print(f"{'speaker':<14}{'ppl ft':>9}{'in-ctx':>9}{'base':>9}{'hybrid':>9}{'ft/ic':>7}{'95% CI':>13}"
+          f"{'id real':>9}{'id ft':>8}{'id ic':>8}{'auc':>6}")
     for s, r in res["speakers"].items():
-        f = lambda v: "-" if v is None else f"{v:.2f}"
+        ci = r.get("ppl_ratio_ci") or [None, None]
         print(f"{s[:13]:<14}{r['ppl_finetuned']:>9.2f}{r['ppl_in_context']:>9.2f}{r['ppl_base']:>9.2f}"
-              f"{r['ppl_hybrid']:>9.2f}{f(r['speaker_id_real']):>9}{f(r.get('speaker_id_finetuned')):>8}"
-              f"{f(r.get('speaker_id_in_context')):>8}")
+              f"{r['ppl_hybrid']:>9.2f}{f(r['ppl_ratio']):>7}{f(ci[0]) + '-' + f(ci[1]):>13}"
+              f"{f(r['speaker_id_real']):>9}{f(r.get('speaker_id_finetuned')):>8}"
+              f"{f(r.get('speaker_id_in_context')):>8}{f(r.get('speaker_auc_real')):>6}")
+    if any("judge_acc_finetuned" in r or "copy_rate_finetuned" in r for r in res["speakers"].values()):
+        print(f"\n{'speaker':<14}{'judge ft':>9}{'judge ic':>9}{'copy ft':>9}{'copy real':>10}"
+              f"{'repeat ft':>10}{'repeat real':>12}  (judge: 0.5 = cannot tell real from generated)")
+        for s, r in res["speakers"].items():
+            print(f"{s[:13]:<14}{f(r.get('judge_acc_finetuned')):>9}{f(r.get('judge_acc_in_context')):>9}"
+                  f"{f(r.get('copy_rate_finetuned')):>9}{f(r.get('copy_rate_real')):>10}"
+                  f"{f(r.get('repeat_rate_finetuned')):>10}{f(r.get('repeat_rate_real')):>12}")
     return 0

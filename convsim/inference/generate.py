@@ -125,7 +125,7 @@ def reply(model, tok, fmt: PromptFormat, history: Sequence[Message], speaker: st
     bursts = []
     for row in out[:, len(ids):].tolist():
         cut, _ = _cut(row, stops)
-        bursts.append(split_messages(tok, fmt, speaker, cut))
+        bursts.append(without_repeats(split_messages(tok, fmt, speaker, cut)))
     return bursts
 
 
@@ -144,16 +144,27 @@ def reply_from_prompt(model, tok, fmt: PromptFormat, ids: list[int], speaker: st
     return _burst(tok, fmt, speaker, out[0, len(ids):].tolist(), stops, texts)
 
 
+def without_repeats(messages: list[str]) -> list[str]:
+    """A burst ends where a message repeats the one before it: a model that starts looping has nothing
+    more to say, and a person rarely sends the same message twice in a row."""
+    out: list[str] = []
+    for m in messages:
+        if out and m.strip().casefold() == out[-1].strip().casefold():
+            break
+        out.append(m)
+    return out
+
+
 def _burst(tok, fmt: PromptFormat, speaker: str, row: list[int], stops, texts) -> list[str]:
     """Generated ids → messages: cut at the first stop; with plain-text tags also at another speaker's tag
-    text, and split on the speaker's own tag text."""
+    text, and split on the speaker's own tag text; cut again where a message repeats the one before."""
     cut, _ = _cut(row, stops)
     if fmt.special_tokens:
-        return split_messages(tok, fmt, speaker, cut)
+        return without_repeats(split_messages(tok, fmt, speaker, cut))
     text = tok.decode(cut, skip_special_tokens=True)
     for t in texts:
         text = text.split(t)[0]
-    return [m.strip() for m in text.split(speaker_token(speaker)) if m.strip()]
+    return without_repeats([m.strip() for m in text.split(speaker_token(speaker)) if m.strip()])
 
 
 def replies_from_prompts(model, tok, fmt: PromptFormat, prompts: Sequence[list[int]], speaker: str,

@@ -4,6 +4,7 @@ only, examples built and tokenized with the loss mask on the reply.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from convsim.config import TrainConfig
 from convsim.errors import UserError
@@ -29,6 +30,8 @@ def prepare_data(cfg: TrainConfig, data_dir: str):
     split = split_conversations(convs, cfg.val_fraction, cfg.test_fraction)
     if cfg.extra_data:
         extra = extra_conversations(cfg.extra_data, split)
+        if cfg.extra_data_ratio > 0:
+            extra = most_recent(extra, int(cfg.extra_data_ratio * sum(len(c.messages) for c in split["train"])))
         split["train"] = split["train"] + extra
         convs = convs + extra
         speakers = speakers + [s for s in speakers_of(extra) if s not in speakers]
@@ -43,6 +46,36 @@ def prepare_data(cfg: TrainConfig, data_dir: str):
         if not any(e.speaker == t for e in ex["train"]):
             raise UserError(f"target {t!r} has no training examples (no reply of theirs follows a message)")
     return convs, speakers, targets, split, ex
+
+
+def default_extra_data(cfg: TrainConfig, data_dir: Path) -> list[str]:
+    """The extra-data dirs a run uses: those given, else DATA_DIR/extra when it holds conversations (and
+    `auto_extra_data` is on), as an absolute path so a resumed run finds it from any directory."""
+    from convsim.data.schema import CONVERSATIONS
+    if cfg.extra_data or not cfg.auto_extra_data:
+        return list(cfg.extra_data)
+    extra = data_dir / "extra"
+    if (extra / CONVERSATIONS).exists():
+        print(f"extra data: using {extra} (other chats of the same people; --no-auto-extra-data leaves it out)",
+              file=sys.stderr)
+        return [str(extra.resolve())]
+    return []
+
+
+def most_recent(convs: list, max_messages: int) -> list:
+    """The most recent conversations (by start time; untimed ones last) holding at most `max_messages`
+    messages in all, in their original order."""
+    from convsim.data.examples import start_time
+    order = sorted(range(len(convs)), key=lambda i: start_time(convs[i]) or "", reverse=True)
+    keep, total = set(), 0
+    for i in order:
+        n = len(convs[i].messages)
+        if total + n > max_messages:
+            break
+        keep.add(i); total += n
+    print(f"extra data: the most recent {len(keep):,} of {len(convs):,} conversations kept ({total:,} messages, "
+          f"at most {max_messages:,})", file=sys.stderr)
+    return [c for i, c in enumerate(convs) if i in keep]
 
 
 def extra_summary(cfg: TrainConfig, convs, speakers) -> dict:

@@ -25,7 +25,7 @@ from convsim.errors import UserError
 from convsim.training.backends import build_model
 from convsim.training.callbacks import make_callbacks
 from convsim.training.checkpoints import checkpoint_step, clean_checkpoints, last_checkpoint, restore_best, rewind_logs
-from convsim.training.data import extra_summary, prepare_data, tokenize
+from convsim.training.data import default_extra_data, extra_summary, prepare_data, tokenize
 from convsim.training.model import (compile_layers, gathered_trained_state, sampling_args, wants_checkpointing,
                                     wants_compile, wants_grouping, wants_packing)
 from convsim.training.trainer import make_trainer_class
@@ -53,6 +53,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--extra-data", action="append", metavar="DATA_DIR",
                    help="more conversations of the same people (e.g. their chats with others), for training "
                         "only: never validation or test, and none from the held-out period (repeatable)")
+    p.add_argument("--extra-data-ratio", type=float, metavar="R",
+                   help="use at most R extra messages per message of the chat's own training split, the most "
+                        "recent extra conversations first (default 0: all of them)")
+    p.add_argument("--auto-extra-data", action=argparse.BooleanOptionalAction, default=None,
+                   help="without --extra-data, train also on DATA_DIR/extra (where `convsim import ... --out "
+                        "DATA_DIR/extra` put other chats of the same people) when it exists (default on)")
     p.add_argument("--context-size", type=int, metavar="N", help="earlier messages shown before each reply (default 8)")
     p.add_argument("--epochs", type=float)
     p.add_argument("--batch-size", type=int)
@@ -99,7 +105,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args) -> TrainConfig:
-    keys = ["model", "targets", "extra_data", "context_size", "epochs", "batch_size", "grad_accum", "learning_rate", "max_steps", "time_budget",
+    keys = ["model", "targets", "extra_data", "extra_data_ratio", "auto_extra_data", "context_size", "epochs", "batch_size", "grad_accum", "learning_rate", "max_steps", "time_budget",
             "max_seq_length", "lora_r", "lora_alpha", "special_tokens", "include_mlp", "instruct_format", "loss",
             "quantization", "backend", "activation_checkpointing", "compile", "frozen_dtype", "group_by_length", "packing", "keep_best", "eval_steps", "save_steps", "seed", "max_val_examples"]
     flags = {k: getattr(args, k, None) for k in keys}
@@ -166,6 +172,7 @@ def _run(args) -> int:
     data_dir = Path(args.data_dir)
     if not data_dir.exists():
         raise UserError(f"data dir {data_dir} does not exist (run `convsim import` first)")
+    cfg.extra_data = default_extra_data(cfg, data_dir)
     run_dir = Path(args.out)
     ckpt_dir = run_dir / "checkpoints"
     resume = None

@@ -107,12 +107,20 @@ def test_reply_pipe_json_and_chat_save(tiny_run, tmp_path):
 
 
 def test_eval_json_shape(tiny_run):
-    p = cli("eval", tiny_run, "--n", "2", "--max-new-tokens", "6", "--json")
+    p = cli("eval", tiny_run, "--n", "3", "--max-new-tokens", "6", "--judge-n", "6", "--json")
     res = json.loads(p.stdout)
     for row in res["speakers"].values():
         for k in ("ppl_finetuned", "ppl_in_context", "ppl_base", "ppl_hybrid", "speaker_id_real",
-                  "speaker_id_finetuned", "speaker_id_in_context"):
+                  "speaker_id_finetuned", "speaker_id_in_context", "ppl_ratio", "ppl_ratio_ci", "speaker_auc_real",
+                  "judge_acc_finetuned", "judge_acc_in_context", "copy_rate_finetuned", "copy_rate_real",
+                  "repeat_rate_finetuned", "repeat_rate_real", "distinct_finetuned"):
             assert k in row
+        assert row["ppl_ratio"] == pytest.approx(row["ppl_finetuned"] / row["ppl_in_context"])
+        lo, hi = row["ppl_ratio_ci"]
+        assert lo <= row["ppl_ratio"] <= hi
+        assert row["n"] == 3
+    every = json.loads(cli("eval", tiny_run, "--n", "0", "--no-generate", "--json").stdout)
+    assert every["n_examples"] >= res["n_examples"]
 
 
 def test_converse_and_compare(tiny_run):

@@ -136,3 +136,29 @@ def test_import_other_chats_of_the_top_pair(tmp_path):
     assert summary["options"]["other_chats"] is True
     with pytest.raises(UserError, match="needs --pair or --top-pair"):
         import_chats(["chitchat"], other_chats=True)
+
+
+def test_extra_data_ratio_keeps_the_most_recent_conversations(tmp_path):
+    main_dir = _write(tmp_path / "main", synthetic_conversations())
+    extra_dir = _write(tmp_path / "extra", _extra(datetime(2023, 11, 1, 9, 0, tzinfo=timezone.utc), n=12))
+    _, _, _, split0, _ = prepare_data(TrainConfig(context_size=4), str(main_dir))
+    n_train = sum(len(c.messages) for c in split0["train"])
+    cfg = TrainConfig(context_size=4, extra_data=[str(extra_dir)], extra_data_ratio=25 / n_train)
+    _, _, _, split, _ = prepare_data(cfg, str(main_dir))
+    kept = [c for c in split["train"] if c.id.startswith("x0:")]
+    # 10 messages a conversation, at most 25 messages: the two latest days
+    assert [c.id for c in kept] == ["x0:c010", "x0:c011"]
+    with pytest.raises(UserError, match="extra-data-ratio"):
+        TrainConfig(extra_data_ratio=-1).validate()
+
+
+def test_train_uses_data_dir_extra_unless_told_not_to(tmp_path):
+    main_dir = _write(tmp_path / "main", synthetic_conversations())
+    _write(main_dir / "extra", _extra(datetime(2023, 12, 1, 9, 0, tzinfo=timezone.utc)))
+    common = ["--model", "tiny-gemma3", "--max-steps", "1", "--batch-size", "4", "--context-size", "4"]
+    cli("train", main_dir, "--out", tmp_path / "auto", *common)
+    meta = json.loads((tmp_path / "auto" / "run.json").read_text())
+    assert meta["extra_data"]["dirs"] == [str((main_dir / "extra").resolve())]
+    assert meta["extra_data"]["conversations"] == 6
+    cli("train", main_dir, "--out", tmp_path / "none", "--no-auto-extra-data", *common)
+    assert json.loads((tmp_path / "none" / "run.json").read_text())["extra_data"]["dirs"] == []

@@ -1,0 +1,313 @@
+"""The fidelity benchmark: does `convsim train` simulate each person better than prompting, over many pairs?
+
+The pairs are every two-person chitchat pair with at least MIN_MESSAGES messages between them, found in the
+installed chitchat-dataset (not listed by hand). A seeded draw (DRAW_SEED, below) puts N_DEV of them in a
+**development** set, the only pairs any recipe choice may look at, and the rest in a **report** set. Each
+pair's `--extra-data` is both people's chats with everyone else, minus every conversation of any suite pair
+(so no pair trains on another suite pair's chats).
+
+    python bench/fidelity_suite.py plan                         # the pairs, the draw, people in both sets
+    python bench/fidelity_suite.py prepare --work W             # import every pair (CPU, seconds)
+    python bench/fidelity_suite.py dev --work W --parallel 8    # train each recipe on each development pair
+    python bench/fidelity_suite.py select --work W              # the rule below -> W/selection.json
+    python bench/fidelity_suite.py report --work W --parallel 8 # train + evaluate the chosen recipe, report set
+    python bench/fidelity_suite.py summarize --work W --out bench/results/fidelity-suite.json
+
+Every step skips what is already done (a run dir with run.json, an eval.json), so the suite can be spread
+over several GPU sessions and every partial result is kept. `all` runs dev, select and report in one go.
+
+Selection rule (fixed before any number was seen): the recipe with the lowest mean final validation loss
+over the development pairs; the cheaper recipe (capped extra data) is chosen when its mean is within
+CHEAPER_MARGIN of the best.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+MIN_MESSAGES = 2000
+DRAW_SEED = 0
+N_DEV = 4
+SEEDS = (0, 1, 2)
+N_SEEDED_PAIRS = 3        # report pairs (first in draw order) trained with every seed in SEEDS
+CHEAPER_MARGIN = 0.01
+CHEAPER = "ctx16-extra4x-e2-b32"
+EVAL_ARGS = ["--n", "0", "--batch-size", "32", "--judge-n", "200"]
+
+# Recipes compared on the development pairs, as `convsim train` flags (the data dir's extra/ is used unless
+# --no-auto-extra-data). "old-default" is what `convsim train` did with no flags before the suite existed.
+RECIPES = {
+    "old-default": ["--context-size", "8", "--epochs", "1", "--batch-size", "8", "--no-auto-extra-data"],
+    "ctx16-extra-e2-b32": ["--context-size", "16", "--epochs", "2", "--batch-size", "32", "--extra-data-ratio", "0"],
+    "ctx16-extra4x-e2-b32": ["--context-size", "16", "--epochs", "2", "--batch-size", "32", "--extra-data-ratio", "4"],
+}
+GOALS = {"share_ratio_le_0.8": 0.8, "median_ratio": 0.75, "max_ratio": 0.9, "median_judge_finetuned": 0.65}
+
+
+# ----------------------------------------------------------------------------- the pairs
+
+
+def chitchat_chats() -> dict:
+    import chitchat_dataset
+
+    return json.loads(Path(chitchat_dataset._PATH).read_text(encoding="utf-8"))
+
+
+def find_pairs(chats: dict, min_messages: int = MIN_MESSAGES) -> dict[tuple[str, str], list[str]]:
+    """Two-person pairs with at least `min_messages` between them -> their chat ids (sorted pairs of
+    8-character sender names, in descending order of messages)."""
+    count: Counter = Counter()
+    ids: dict[tuple[str, str], list[str]] = {}
+    for cid, chat in chats.items():
+        who = Counter(m["sender"] for b in chat["messages"] for m in (b if isinstance(b, list) else [b]))
+        if len(who) == 2:
+            key = tuple(sorted(s.replace("-", "")[:8] for s in who))
+            count[key] += sum(who.values())
+            ids.setdefault(key, []).append(cid)
+    return {k: sorted(ids[k]) for k, n in sorted(count.items(), key=lambda kv: (-kv[1], kv[0])) if n >= min_messages}
+
+
+def draw(pairs: list[tuple[str, str]]) -> tuple[list, list]:
+    """The seeded split: (development, report), each in draw order."""
+    order = sorted(pairs)
+    random.Random(DRAW_SEED).shuffle(order)
+    return order[:N_DEV], order[N_DEV:]
+
+
+def name(pair) -> str:
+    return f"{pair[0]}-{pair[1]}"
+
+
+def plan(chats: dict | None = None) -> dict:
+    pairs = find_pairs(chats if chats is not None else chitchat_chats())
+    dev, rep = draw(list(pairs))
+    people = lambda ps: {p for pair in ps for p in pair}  # noqa: E731
+    return {
+        "development_pairs": [name(p) for p in dev],
+        "report_pairs": [name(p) for p in rep],
+        "seeded_pairs": [name(p) for p in rep[:N_SEEDED_PAIRS]],
+        "people_in_both_sets": sorted(people(dev) & people(rep)),
+        "chats": {name(p): ids for p, ids in pairs.items()},
+        "min_messages": MIN_MESSAGES,
+        "draw_seed": DRAW_SEED,
+    }
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def convsim(*args, log: Path, env: dict | None = None) -> int:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    with open(log, "w") as f:
+        rc = subprocess.run([sys.executable, "-m", "convsim", *args], stdout=f, stderr=subprocess.STDOUT,
+                            env={**os.environ, **(env or {})}).returncode
+    print(f"[{time.strftime('%H:%M:%S')}] {'ok ' if rc == 0 else f'rc={rc}'} {time.time() - t0:6.0f}s "
+          f"convsim {' '.join(map(str, args[:2]))}", flush=True)
+    return rc
+
+
+def prepare(work: Path) -> dict:
+    from convsim.data.schema import read_conversations, write_conversations
+
+    p = plan()
+    suite_chats = {cid for ids in p["chats"].values() for cid in ids}
+    for pair in p["development_pairs"] + p["report_pairs"]:
+        d = work / "pairs" / pair
+        a, b = pair.split("-")
+        if not (d / "data" / "conversations.jsonl").exists():
+            convsim("import", "chitchat", "--pair", f"{a},{b}", "--out", d / "data", log=d / "import.log")
+        if not (d / "data" / "extra" / "conversations.jsonl").exists():
+            convsim("import", "chitchat", "--pair", f"{a},{b}", "--other-chats", "--out", d / "others",
+                    log=d / "import-others.log")
+            others = read_conversations(d / "others")
+            kept = [c for c in others if c.source.split(":", 1)[-1] not in suite_chats]
+            write_conversations(d / "data" / "extra" / "conversations.jsonl", kept)
+            (d / "extra.json").write_text(json.dumps({"other_chats": len(others), "kept": len(kept),
+                                                      "dropped_suite_chats": len(others) - len(kept)}))
+    (work / "plan.json").write_text(json.dumps(p, indent=1))
+    return p
+
+
+def _jobs(work: Path, parallel: int, jobs: list) -> None:
+    """Run (kind, pair, recipe, seed) jobs, `parallel` at a time; each trains (if needed) then evaluates."""
+
+    def one(job):
+        kind, pair, recipe, seed = job
+        run = work / "runs" / f"{pair}--{recipe}--s{seed}"
+        data = work / "pairs" / pair / "data"
+        if not (run / "run.json").exists() or json.loads((run / "run.json").read_text()).get("status") != "done":
+            resume = ["--continue-training"] if run.exists() else []
+            rc = convsim("train", data, "--out", run, *RECIPES[recipe], "--seed", str(seed), "--save-steps", "100000",
+                         *resume, log=run.with_suffix(".train.log"), env={"OMP_NUM_THREADS": "2"})
+            if rc:
+                return
+        if kind == "eval" and not (run / "eval.json").exists():
+            convsim("eval", run, *EVAL_ARGS, "--seed", str(seed), "--json", "--out", run / "eval.json",
+                    log=run.with_suffix(".eval.log"), env={"OMP_NUM_THREADS": "2"})
+
+    with ThreadPoolExecutor(parallel) as pool:
+        list(pool.map(one, jobs))
+
+
+def dev(work: Path, parallel: int) -> None:
+    p = json.loads((work / "plan.json").read_text())
+    _jobs(work, parallel, [("train", pair, r, 0) for r in RECIPES for pair in p["development_pairs"]])
+
+
+def select(work: Path) -> dict:
+    p = json.loads((work / "plan.json").read_text())
+    losses: dict[str, dict[str, float]] = {}
+    for r in RECIPES:
+        for pair in p["development_pairs"]:
+            meta = work / "runs" / f"{pair}--{r}--s0" / "run.json"
+            if meta.exists() and json.loads(meta.read_text()).get("eval_loss") is not None:
+                losses.setdefault(r, {})[pair] = json.loads(meta.read_text())["eval_loss"]
+    complete = {r: statistics.mean(v.values()) for r, v in losses.items() if len(v) == len(p["development_pairs"])}
+    if not complete:
+        raise SystemExit("error: no recipe has finished on every development pair")
+    best = min(complete, key=complete.get)
+    if CHEAPER in complete and complete[CHEAPER] - complete[best] <= CHEAPER_MARGIN:
+        best = CHEAPER
+    out = {"rule": __doc__.split("Selection rule")[1].strip(), "validation_loss": losses,
+           "mean_validation_loss": complete, "chosen": best, "flags": RECIPES[best]}
+    (work / "selection.json").write_text(json.dumps(out, indent=1))
+    return out
+
+
+def report(work: Path, parallel: int, recipe: str | None = None) -> None:
+    p = json.loads((work / "plan.json").read_text())
+    recipe = recipe or json.loads((work / "selection.json").read_text())["chosen"]
+    jobs = [("eval", pair, recipe, 0) for pair in p["report_pairs"]]
+    jobs += [("eval", pair, recipe, s) for s in SEEDS[1:] for pair in p["seeded_pairs"]]
+    _jobs(work, parallel, jobs)
+
+
+# ----------------------------------------------------------------------------- summary
+
+
+def _median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def _within(value, ci) -> bool | None:
+    """value <= the upper end of a 95 % interval (None when either is missing)."""
+    return None if value is None or not ci else value <= ci[1]
+
+
+def summarize(work: Path, commit: str, card: str, command: str) -> dict:
+    p = json.loads((work / "plan.json").read_text())
+    sel = json.loads((work / "selection.json").read_text()) if (work / "selection.json").exists() else None
+    rows = []
+    for ev in sorted((work / "runs").glob("*/eval.json")):
+        pair, recipe, seed = ev.parent.name.split("--")
+        res = json.loads(ev.read_text())
+        for spk, r in res["speakers"].items():
+            rows.append({
+                "pair": pair, "speaker": spk, "recipe": recipe, "seed": int(seed[1:]),
+                "set": "report" if pair in p["report_pairs"] else "development", "n": r["n"],
+                "ppl_ratio": r["ppl_ratio"], "ppl_ratio_ci": r["ppl_ratio_ci"],
+                "ppl_finetuned": r["ppl_finetuned"], "ppl_in_context": r["ppl_in_context"],
+                "judge_acc_finetuned": r.get("judge_acc_finetuned"), "judge_acc_in_context": r.get("judge_acc_in_context"),
+                "speaker_auc_real": r.get("speaker_auc_real"),
+                "speaker_auc_ok": None if r.get("speaker_auc_real") is None else r["speaker_auc_real"] >= 0.75,
+                "speaker_id_real": r.get("speaker_id_real"), "speaker_id_finetuned": r.get("speaker_id_finetuned"),
+                "copy_rate_finetuned": r.get("copy_rate_finetuned"), "copy_rate_real": r.get("copy_rate_real"),
+                "copy_rate_real_ci": r.get("copy_rate_real_ci"),
+                "repeat_rate_finetuned": r.get("repeat_rate_finetuned"), "repeat_rate_real": r.get("repeat_rate_real"),
+                "repeat_rate_real_ci": r.get("repeat_rate_real_ci"),
+                "distinct_finetuned": r.get("distinct_finetuned"), "distinct_real": r.get("distinct_real"),
+                "empty_rate_finetuned": r.get("empty_rate_finetuned"),
+            })
+    rep = [r for r in rows if r["set"] == "report" and r["seed"] == 0]
+    ratios = [r["ppl_ratio"] for r in rep]
+    summary = {"report_speakers": len(rep), "report_pairs_done": len({r["pair"] for r in rep}),
+               "report_pairs_total": len(p["report_pairs"])}
+    if rep:
+        summary.update({
+            "median_ratio": _median(ratios), "worst_ratio": max(ratios),
+            "share_ratio_le_0.8": sum(x <= 0.8 for x in ratios) / len(ratios),
+            "share_ratio_le_0.9": sum(x <= 0.9 for x in ratios) / len(ratios),
+            "median_judge_finetuned": _median([r["judge_acc_finetuned"] for r in rep]),
+            "median_judge_in_context": _median([r["judge_acc_in_context"] for r in rep]),
+            "share_judge_ft_below_ic": _share([(r["judge_acc_finetuned"] or 1) < (r["judge_acc_in_context"] or 0)
+                                               for r in rep if r["judge_acc_finetuned"] is not None]),
+            "share_copy_within_real": _share([_within(r["copy_rate_finetuned"], r["copy_rate_real_ci"]) for r in rep]),
+            "share_repeat_within_real": _share([_within(r["repeat_rate_finetuned"], r["repeat_rate_real_ci"])
+                                                for r in rep]),
+            "share_speaker_auc_ok": _share([r["speaker_auc_ok"] for r in rep]),
+        })
+        summary["goals"] = {
+            "share_ratio_le_0.8 >= 0.8": summary["share_ratio_le_0.8"] >= GOALS["share_ratio_le_0.8"],
+            "median_ratio <= 0.75": summary["median_ratio"] <= GOALS["median_ratio"],
+            "no ratio above 0.9": summary["worst_ratio"] <= GOALS["max_ratio"],
+            "median judge ft <= 0.65 and below in-context": (
+                summary["median_judge_finetuned"] is not None
+                and summary["median_judge_finetuned"] <= GOALS["median_judge_finetuned"]
+                and summary["median_judge_finetuned"] < (summary["median_judge_in_context"] or 0)),
+            "copy rate within real's interval (every speaker)": summary["share_copy_within_real"] == 1.0,
+            "repeat rate within real's interval (every speaker)": summary["share_repeat_within_real"] == 1.0,
+        }
+    seeds = {}
+    for r in rows:
+        if r["set"] == "report":
+            seeds.setdefault(f"{r['pair']}/{r['speaker']}", {})[r["seed"]] = r["ppl_ratio"]
+    summary["seed_spread"] = {k: {"ratios": v, "range": max(v.values()) - min(v.values())}
+                              for k, v in seeds.items() if len(v) > 1}
+    return {"report_pairs": p["report_pairs"], "development_pairs": p["development_pairs"],
+            "seeded_pairs": p["seeded_pairs"], "people_in_both_sets": p["people_in_both_sets"],
+            "selection": sel, "command": command, "commit": commit, "card": card,
+            "eval_args": EVAL_ARGS, "speakers": rows, "summary": summary}
+
+
+def _share(flags):
+    flags = [f for f in flags if f is not None]
+    return sum(flags) / len(flags) if flags else None
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("step", choices=["plan", "prepare", "dev", "select", "report", "all", "summarize"])
+    ap.add_argument("--work", type=Path, default=Path("runs/fidelity"), help="work dir (default runs/fidelity)")
+    ap.add_argument("--parallel", type=int, default=8, help="runs side by side on one GPU (default 8)")
+    ap.add_argument("--recipe", choices=list(RECIPES), help="report: this recipe instead of the selection")
+    ap.add_argument("--out", type=Path, help="summarize: write the JSON here")
+    ap.add_argument("--commit", default="unknown")
+    ap.add_argument("--card", default="unknown")
+    args = ap.parse_args(argv)
+    if args.step == "plan":
+        p = plan()
+        print(json.dumps({k: v for k, v in p.items() if k != "chats"}, indent=1))
+        return 0
+    args.work.mkdir(parents=True, exist_ok=True)
+    if args.step in ("prepare", "all"):
+        prepare(args.work)
+    if args.step in ("dev", "all"):
+        dev(args.work, args.parallel)
+    if args.step in ("select", "all"):
+        print(json.dumps(select(args.work), indent=1))
+    if args.step in ("report", "all"):
+        report(args.work, args.parallel, args.recipe)
+    if args.step == "summarize":
+        res = summarize(args.work, args.commit, args.card, " ".join(["python", "bench/fidelity_suite.py", "all",
+                                                                        "--work", str(args.work)]))
+        text = json.dumps(res, indent=1)
+        if args.out:
+            args.out.write_text(text + "\n")
+        print(json.dumps(res["summary"], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
