@@ -18,7 +18,7 @@ transformers + PEFT loop of bench/train_speed.py (issue #10), in two commands an
        env -u PYTHONPATH python3 bench/unsloth_speed.py train --dump DIR --site $STAGE/unsloth-site --out unsloth.json
 
    --site DIR is appended to the END of sys.path, so the machine's own packages win and the carried
-   wheels (bench/gpu/unsloth_wheels.sh) only fill what it lacks. Anything missing or failing ends the
+   wheels (tools/gpu/unsloth_wheels.sh) only fill what it lacks. Anything missing or failing ends the
    run with a one-line `error` (and `stage`) in the JSON, exit status 1.
 
 Works without unsloth for `--help` and `dump` (unsloth is imported inside `train` only).
@@ -123,7 +123,7 @@ def train(a, res: dict) -> None:
     os.environ.setdefault("UNSLOTH_COMPILE_LOCATION", str(work / "unsloth_compiled_cache"))
     if a.site:
         if not Path(a.site).is_dir():
-            raise Failed("setup", f"--site {a.site} is not a folder (install bench/gpu/unsloth_wheels.sh's wheels there)")
+            raise Failed("setup", f"--site {a.site} is not a folder (install tools/gpu/unsloth_wheels.sh's wheels there)")
         sys.path.append(a.site)                        # last: the machine's packages win
     stage = "setup"
     try:

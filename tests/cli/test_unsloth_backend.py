@@ -3,7 +3,7 @@ convsim/training/backends/unsloth.py hands Unsloth are those of build_model's PE
 same model as build_model when a stand-in `unsloth` does what Unsloth does with them (its
 `get_peft_model` passes every keyword `LoraConfig` knows to `LoraConfig`), the CLI imports unsloth before
 transformers/peft/trl, and without unsloth (or a GPU) `--backend unsloth` ends with exit status 2.
-The real thing runs on a GPU machine: bench/gpu/unsloth_train.sh.
+The real thing runs on a GPU machine: tools/gpu/unsloth_train.sh.
 
     pytest tests/cli/test_unsloth_backend.py        # ~30 s on 2 CPU cores
 """

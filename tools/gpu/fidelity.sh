@@ -21,7 +21,7 @@ start)
   [ -d $W ] || { mkdir -p $W && tar xzf $S/run/fid.tar.gz -C $W; }
   cat > $RES/job.sh <<JOB
 cd $S/run/src
-G=tools/gpu; [ -f tools/gpu/convert.py ] || G=bench/gpu
+G=tools/gpu; [ -f tools/gpu/convert.py ] || G=tools/gpu
 [ -f $CONVSIM_HOME/models/gemma-3-270m/convsim-convert.json ] || python3 \$G/convert.py > $RES/convert.log 2>&1
 python3 \$G/parity.py > $RES/parity.log 2>&1
 for step in ${STEPS:-all}; do python3 bench/fidelity_suite.py \$step --work $W --parallel ${PARALLEL:-8}; done > $RES/suite.log 2>&1

@@ -25,7 +25,7 @@ by `load_unsloth`) refuses with a `UserError` when transformers/peft/trl came fi
 Run it on a CUDA machine with unsloth installed (unsloth 2026.10 pins transformers <= 5.17, trl <= 1.15):
 
     convsim train data/ --out runs/u --backend unsloth --batch-size 32 --max-steps 30 --json
-    bash bench/gpu/unsloth_train.sh        # on the lent GPU machine, with the carried wheels
+    bash tools/gpu/unsloth_train.sh        # on the lent GPU machine, with the carried wheels
 
 Without unsloth, or without a GPU, `--backend unsloth` ends with one `error:` line and exit status 2.
 """

@@ -1,6 +1,6 @@
 import json, torch
 from convsim.modeling.models import load
-ref = json.load(open("bench/gpu/parity_ref.json"))
+ref = json.load(open("tools/gpu/parity_ref.json"))
 for dtype in (torch.float32, torch.bfloat16):
     m, t = load("gemma-3-270m", device="cuda", dtype=dtype)
     ids = t("[Hello] how are you today?")["input_ids"]

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # A short diagnostic pass on a lent GPU machine in ONE call, without the real weights (no model parts to
-# stage): a random model of Gemma 3 270M's shapes (bench/gpu/random_model.py), then side by side
+# stage): a random model of Gemma 3 270M's shapes (tools/gpu/random_model.py), then side by side
 #   GPU 0    a profile of `convsim train` steps 11-15 (CONVSIM_PROFILE), defaults and the previous defaults
-#            then Unsloth on the plain loop's batches (bench/gpu/unsloth.sh, now with a slim bitsandbytes)
+#            then Unsloth on the plain loop's batches (tools/gpu/unsloth.sh, now with a slim bitsandbytes)
 #   GPU 1    bench/train_speed.py: plain loop (fp32 + autocast, and bf16 weights) vs convsim train and its arms
 #   GPUs 2+3 convsim train under configs/accelerate/fsdp.yaml (the tied head) and resumed; with two GPUs
 #            this runs first on both, before the timed runs
 # Speeds depend on shapes, not weights, so they transfer to the real model; losses here mean nothing.
-#     run: bash bench/gpu/stage.sh, then carry .gpu-stage/quick and run `bash .gpu-stage/quick/src/bench/gpu/quick.sh`
+#     run: bash tools/gpu/stage.sh, then carry .gpu-stage/quick and run `bash .gpu-stage/quick/src/tools/gpu/quick.sh`
 set -u -o pipefail
 export PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 S=${STAGE:-/root/quick}; RES=$S/res/quick
@@ -20,7 +20,7 @@ st() { local name=$1 lim=$2; shift 2; say "start $name"; timeout $lim "$@" > $RE
 python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target $S/site $G/whl/*.whl > $RES/pip.log 2>&1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee $RES/gpus.txt
 NG=$(nvidia-smi -L | wc -l)
-st model 200 python3 bench/gpu/random_model.py --tok $G/tok --out $S/model || exit 1
+st model 200 python3 tools/gpu/random_model.py --tok $G/tok --out $S/model || exit 1
 M=$S/model; DATA=$G/data; CONF=$RES/bench.yaml
 # a call lasts at most 600 s: pack what is there at 560 s, whatever still runs
 # (its own process group, never waited for: an earlier version's bare `wait` waited for it and idled ten minutes)
@@ -42,7 +42,7 @@ FSDP=$!
     --batch-size 32 --max-steps 30 --config $CONF --json
   CONVSIM_PROFILE=$RES/prof-previous st prof-previous 240 python3 -m convsim train $DATA --model $M --out $S/p2 \
     --batch-size 32 --max-steps 30 --config $CONF --frozen-dtype float32 --no-group-by-length --json
-  STAGE=$S RES=$RES MODEL=$M st unsloth 240 bash bench/gpu/unsloth.sh ) &
+  STAGE=$S RES=$RES MODEL=$M st unsloth 240 bash tools/gpu/unsloth.sh ) &
 P0=$!
 ( export CUDA_VISIBLE_DEVICES=$(( 1 % NG ))
   st train-speed 420 python3 bench/train_speed.py --data $DATA --model $M --device cuda --batch-size 32 --steps 60 \

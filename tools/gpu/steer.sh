@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Steering candidates for the GPU pipeline (#6): build each vector on the run, then sweep its strengths on
 # held-out contexts (N contexts x 3 samples), the sweeps side by side on one GPU.
-#     bash bench/gpu/steer.sh RUN_DIR OUT_DIR N
+#     bash tools/gpu/steer.sh RUN_DIR OUT_DIR N
 set -u
 RUN=$1; OUT=$2; N=${3:-60}; mkdir -p $OUT
 sweep() {  # sweep NAME STRENGTHS POSITIONS BUILD-ARGS...

@@ -1,8 +1,8 @@
 """Pick the run with the lowest final validation loss among finished runs; print its directory.
 
-    python bench/gpu/pick.py RUN_DIR... [--out selection.json]
+    python tools/gpu/pick.py RUN_DIR... [--out selection.json]
 
-The selection rule of bench/gpu/pipeline.sh's hyperparameter variants (#9), fixed before any test-split
+The selection rule of tools/gpu/pipeline.sh's hyperparameter variants (#9), fixed before any test-split
 number is computed: validation loss only. Runs that did not finish are listed and skipped.
 """
 import argparse

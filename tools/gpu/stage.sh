@@ -7,7 +7,7 @@
 #                 top pair), tok/ (tokenizer converted on the CPU by transformers 5.24), whl/ (wheels the
 #                 GPU machine lacks), hl-adapter/ (the headline run's adapter), part5 (the GGUF's tail)
 # Every call carries the working tree too (~3.5 MB): keep each call under 64 MiB.
-#     bash bench/gpu/stage.sh [HEADLINE_RUN_DIR]      # default runs/headline
+#     bash tools/gpu/stage.sh [HEADLINE_RUN_DIR]      # default runs/headline
 set -eu
 cd "$(dirname "$0")/../.."
 ST=.gpu-stage; HLRUN=${1:-runs/headline}
@@ -15,7 +15,7 @@ rm -rf $ST/run/src && mkdir -p $ST/run/src
 cp -r convsim bench configs examples pyproject.toml $ST/run/src/
 find $ST/run/src -name __pycache__ -prune -exec rm -rf {} +
 mkdir -p $ST/run/whl
-[ -d $ST/unsloth ] || bash bench/gpu/unsloth_wheels.sh
+[ -d $ST/unsloth ] || bash tools/gpu/unsloth_wheels.sh
 rm -rf $ST/run/unsloth $ST/run/hl
 ls $ST/run/whl/liger_kernel-*.whl >/dev/null 2>&1 || pip download -q --no-deps -d $ST/run/whl liger-kernel==0.8.5
 if [ -d "$HLRUN/adapter" ]; then
@@ -26,6 +26,6 @@ if [ -d "$HLRUN/adapter" ]; then
 fi
 # the top pair's chats with everyone else, training-only data for CHAINS=more (#9)
 [ -f $ST/run/data-others/conversations.jsonl ] || python -m convsim import chitchat --top-pair --other-chats --out $ST/run/data-others
-# quick/: what bench/gpu/quick.sh needs in its one call (no model parts, no headline run)
+# quick/: what tools/gpu/quick.sh needs in its one call (no model parts, no headline run)
 rm -rf $ST/quick && mkdir -p $ST/quick && cp -r $ST/run/src $ST/run/data $ST/run/tok $ST/run/whl $ST/unsloth $ST/quick/
 du -sh $ST/* $ST/run/*

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Unsloth's training speed on the plain loop's exact batches and LoRA settings (#10), in its own environment:
 # Unsloth pins transformers <= 5.17 and trl <= 1.15, so it runs on the GPU machine's transformers 5.17 with
-# its carried wheels (bench/gpu/unsloth_wheels.sh) and without our site dir (transformers 5.24) on the path.
-#     bash bench/gpu/unsloth.sh          (inside bench/gpu/pipeline.sh; STAGE and RES as there)
+# its carried wheels (tools/gpu/unsloth_wheels.sh) and without our site dir (transformers 5.24) on the path.
+#     bash tools/gpu/unsloth.sh          (inside tools/gpu/pipeline.sh; STAGE and RES as there)
 set -u
 S=${STAGE:-/root/stage}; G=$S/run; RES=${RES:-/root/res}
 python3 -m pip install -q --no-index --no-deps --no-compile --target $S/unsloth-site $S/unsloth/*.whl || exit 1

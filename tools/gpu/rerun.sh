@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Second pass of bench/gpu/pipeline.sh on the same warm machine: the training stages again, after a fix
+# Second pass of tools/gpu/pipeline.sh on the same warm machine: the training stages again, after a fix
 # (every GPU free: steering and generation speed are done). Same $S, $RES; new out dirs. Kept as the record
 # of the run behind bench/results/multigpu.json, train-speed-gpu.json of that session (see git history) and the RESULTS.md ablations.
 set -u -o pipefail

@@ -2,7 +2,7 @@
 on a GPU machine before (or instead of) carrying the real weights: step times depend on shapes, not
 values. Losses from it mean nothing.
 
-    python bench/gpu/random_model.py --tok TOK_DIR --out MODEL_DIR     # then `--model MODEL_DIR`
+    python tools/gpu/random_model.py --tok TOK_DIR --out MODEL_DIR     # then `--model MODEL_DIR`
 """
 import argparse
 import gzip

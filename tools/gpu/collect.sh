@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Wait (at most $1 seconds) for bench/gpu/pipeline.sh, then pack what is ready into $OUT:
+# Wait (at most $1 seconds) for tools/gpu/pipeline.sh, then pack what is ready into $OUT:
 #   results.tar.gz  every JSON, log and metrics file, the run dirs without their adapters
 #   e3-adapter.safetensors  the 3-epoch headline variant's adapter (for evaluation on the CPU)
 #   steer-*.safetensors     the steering vectors the sweeps used

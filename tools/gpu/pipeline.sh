@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# This session's GPU figures, in one detached pipeline on a lent machine with two GPUs (see shared/GPU.md). Started by bench/gpu/start.sh under setsid, so it outlives one
-# 10-minute call; bench/gpu/collect.sh waits for it and packs what is ready into $OUT. Results go to $RES.
+# This session's GPU figures, in one detached pipeline on a lent machine with two GPUs (see shared/GPU.md). Started by tools/gpu/start.sh under setsid, so it outlives one
+# 10-minute call; tools/gpu/collect.sh waits for it and packs what is ready into $OUT. Results go to $RES.
 #
 #   setup            carried wheels -> $S/site, GGUF parts -> converted model, parity with the CPU reference
 #   GPU 0 (#10, #4)  train-speed: convsim train vs the plain PEFT loop (+ the padding-free arm) -> Unsloth on the
@@ -14,15 +14,15 @@
 #                   training-only data, and both; the lowest validation loss is tested if below the headline's (#9)
 #   CHAINS=evalrun  one card: `convsim eval` of a run dir staged in $S/evalrun
 #   CHAINS=unslothreal  one card: the headline training command through --backend unsloth, real weights (#4)
-#   (FSDP through convsim train, #13, ran in bench/gpu/quick.sh on a model of the same shapes; the profile of
+#   (FSDP through convsim train, #13, ran in tools/gpu/quick.sh on a model of the same shapes; the profile of
 #   2026-11-26 is bench/results/train-profile-gpu.txt)
 # (The chains of earlier sessions - scaling, the 16.6B FSDP model, steering, generation speed, ablations - are
-# in this file's history: git log -p bench/gpu/pipeline.sh.)
+# in this file's history: git log -p tools/gpu/pipeline.sh.)
 #
 # DRY=1 runs the same flow on the CPU with the tiny model and tiny sizes (checks this script, not numbers).
 set -u -o pipefail
 export PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
-# $S/run holds what bench/gpu/start.sh copied: src/ (a snapshot of the code), data/, tok/, whl/, hl-adapter/;
+# $S/run holds what tools/gpu/start.sh copied: src/ (a snapshot of the code), data/, tok/, whl/, hl-adapter/;
 # earlier calls put the model parts, hl/ (the headline run's other files) and unsloth/ (wheels) into $S
 S=${STAGE:-/root/stage}; RES=${RES:-/root/res}; G=$S/run; DRY=${DRY:-0}
 cd $G/src || exit 1
@@ -62,8 +62,8 @@ elif [ ! -f $HL/run.json ]; then
 fi
 $PY -c "import transformers, peft, trl, torch, accelerate; print('versions', transformers.__version__, peft.__version__, trl.__version__, accelerate.__version__, torch.__version__)" | tee -a $RES/stages.log
 if [ $DRY = 0 ]; then
-  [ -f $CONVSIM_HOME/models/gemma-3-270m/convsim-convert.json ] || st convert 400 $PY bench/gpu/convert.py || { say "CONVERT FAILED"; exit 1; }
-  CUDA_VISIBLE_DEVICES=0 st parity 200 $PY bench/gpu/parity.py
+  [ -f $CONVSIM_HOME/models/gemma-3-270m/convsim-convert.json ] || st convert 400 $PY tools/gpu/convert.py || { say "CONVERT FAILED"; exit 1; }
+  CUDA_VISIBLE_DEVICES=0 st parity 200 $PY tools/gpu/parity.py
 fi
 
 # ------------------------------------------------------------------ chains
@@ -80,9 +80,9 @@ keep_best: true")
 speed() {     # GPU 0 (#10, #4): convsim train vs the plain PEFT loop (+ the padding-free arm), then Unsloth on the
   export CUDA_VISIBLE_DEVICES=$(gpu 0)   # plain loop's batches, then convsim train --backend unsloth, all one card
   st train-speed 900 $PY bench/train_speed.py --data $DATA "${TS[@]}" --variants packed --out $RES/train-speed.json
-  [ $DRY = 0 ] && st unsloth 600 bash bench/gpu/unsloth.sh
+  [ $DRY = 0 ] && st unsloth 600 bash tools/gpu/unsloth.sh
   [ $DRY = 0 ] && S=$S DATA=$DATA MODEL=$CONVSIM_HOME/models/gemma-3-270m SITE=$S/unsloth-site OUT=$RES/unsloth-train \
-    st unsloth-train 500 bash bench/gpu/unsloth_train.sh
+    st unsloth-train 500 bash tools/gpu/unsloth_train.sh
   touch $RES/SPEED_DONE
 }
 hp() {        # GPU 1 (#9): variants of the headline command side by side, OMP threads capped so the speed arms
@@ -93,7 +93,7 @@ hp() {        # GPU 1 (#9): variants of the headline command side by side, OMP t
     st hp-$v 900 $PY -m convsim train $DATA "${M[@]}" --out $RES/hp-$v --config $RES/hp-$v.yaml "${EP[@]}" --json &
   done
   wait
-  best=$($PY bench/gpu/pick.py $RES/hp-*/ --out $RES/hp-selection.json) || return 1
+  best=$($PY tools/gpu/pick.py $RES/hp-*/ --out $RES/hp-selection.json) || return 1
   while [ ! -f $RES/SPEED_DONE ]; do sleep 5; done
   CUDA_VISIBLE_DEVICES=$(gpu 0) st hp-eval 900 $PY -m convsim eval $best --n $N --batch-size 32 --json --out $RES/eval-hp-best.json
 }
@@ -115,7 +115,7 @@ frozen() {    # one card (#9): the headline command with float32 vs bf16 (the de
     st fz-$v 900 $PY -m convsim train $DATA "${M[@]}" --out $RES/fz-$v --config $RES/fz-$v.yaml "${EP[@]}" --json &
   done
   wait
-  best=$($PY bench/gpu/pick.py $RES/fz-*/ --out $RES/fz-selection.json) || return 1
+  best=$($PY tools/gpu/pick.py $RES/fz-*/ --out $RES/fz-selection.json) || return 1
   if $PY -c "import json,sys; sys.exit(0 if json.load(open('$best/run.json'))['eval_loss'] < ${HEADLINE_VAL:-2.8085} else 1)"; then
     st fz-eval 900 $PY -m convsim eval $best --n $N --batch-size 32 --json --out $RES/eval-fz-best.json
   else say "fz: no run below the headline's validation loss; no test evaluation"; fi
@@ -130,7 +130,7 @@ extra_data: [$G/data-others]")
     st more-$v 2400 $PY -m convsim train $DATA "${M[@]}" --out $RES/more-$v --config $RES/more-$v.yaml "${EP[@]}" --json &
   done                                                     # below the headline run's 2.8085
   wait
-  best=$($PY bench/gpu/pick.py $RES/more-*/ --out $RES/more-selection.json) || return 1
+  best=$($PY tools/gpu/pick.py $RES/more-*/ --out $RES/more-selection.json) || return 1
   if $PY -c "import json,sys; sys.exit(0 if json.load(open('$best/run.json'))['eval_loss'] < ${HEADLINE_VAL:-2.8085} else 1)"; then
     st more-eval 1200 $PY -m convsim eval $best --n $N --batch-size 32 --json --out $RES/eval-more-best.json
     cp $best/adapter/adapter_model.safetensors $RES/best-adapter.safetensors
@@ -143,7 +143,7 @@ evalrun() {   # one card: `convsim eval` of a run dir carried to $S/evalrun (the
 unslothreal() {  # one card (#4): the headline training command (2 epochs, batch 32, validation every 40 steps on
   export CUDA_VISIBLE_DEVICES=$(gpu 0)   # 200 examples) through --backend unsloth, with the embedded model's real weights
   S=$S DATA=$DATA MODEL=$CONVSIM_HOME/models/gemma-3-270m SITE=$S/unsloth-site OUT=$RES/unsloth-real LIMIT=800 \
-    EXTRA="--max-steps -1 --epochs 2 --eval-steps 40 --max-val-examples 200" st unsloth-real 900 bash bench/gpu/unsloth_train.sh
+    EXTRA="--max-steps -1 --epochs 2 --eval-steps 40 --max-val-examples 200" st unsloth-real 900 bash tools/gpu/unsloth_train.sh
 }
 # CHAINS picks what runs (default: this session's three; CHAINS=frozen for the dtype comparison alone)
 for c in ${CHAINS:-speed hp canary}; do $c & done

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # `convsim train --backend unsloth` (issue #4) on the lent GPU machine, in Unsloth's environment: Unsloth pins
 # transformers <= 5.17 and trl <= 1.15, so the run uses the machine's transformers 5.17 / peft / torch, the
-# carried Unsloth wheels (bench/gpu/unsloth_wheels.sh) installed with pip --target into SITE and appended
+# carried Unsloth wheels (tools/gpu/unsloth_wheels.sh) installed with pip --target into SITE and appended
 # AFTER the machine's packages (as bench/unsloth_speed.py does), and convsim's source first - never speed.sh's
 # $S/site (transformers 5.24). 30 steps of batch 32, a log line every 5 steps; prints the result line and
 # tokens/s, and writes OUT/unsloth-train.json. Any failure prints the last 30 lines of the log, exit status 1.
-#     bash bench/gpu/stage.sh; carry .gpu-stage/quick; bash .gpu-stage/quick/src/bench/gpu/unsloth_train.sh
-# Inputs (defaults as bench/gpu/speed.sh): DATA ($G/data), MODEL ($S/model: a random model of Gemma 3 270M's
-# shapes, made here with bench/gpu/random_model.py when missing), SITE ($S/unsloth-site, filled from $G/unsloth
+#     bash tools/gpu/stage.sh; carry .gpu-stage/quick; bash .gpu-stage/quick/src/tools/gpu/unsloth_train.sh
+# Inputs (defaults as tools/gpu/speed.sh): DATA ($G/data), MODEL ($S/model: a random model of Gemma 3 270M's
+# shapes, made here with tools/gpu/random_model.py when missing), SITE ($S/unsloth-site, filled from $G/unsloth
 # when missing), OUT ($S); S=/root/speed, G=$(pwd)/.gpu-stage/quick, LIMIT (seconds for the run, 480), EXTRA
 # (more `convsim train` flags, e.g. EXTRA=--no-compile).
 set -u -o pipefail
@@ -26,12 +26,12 @@ fail() {   # fail MESSAGE [LOGFILE]
 [ -d "$DATA" ] || fail "no data dir $DATA (DATA=...)"
 if [ ! -d "$SITE/unsloth" ]; then                 # the carried wheels, once
   W=${WHEELS:-$G/unsloth}; [ -d "$W" ] || W=$S/unsloth
-  ls "$W"/*.whl > /dev/null 2>&1 || fail "no Unsloth wheels in $W (bash bench/gpu/unsloth_wheels.sh, then carry them)"
+  ls "$W"/*.whl > /dev/null 2>&1 || fail "no Unsloth wheels in $W (bash tools/gpu/unsloth_wheels.sh, then carry them)"
   python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$W"/*.whl > $S/unsloth-pip.log 2>&1 ||
     fail "pip install --target $SITE" $S/unsloth-pip.log
 fi
 if [ ! -f "$MODEL/config.json" ]; then            # speed depends on shapes, not weights
-  env -u PYTHONPATH python3 "$SRC/bench/gpu/random_model.py" --tok "$G/tok" --out "$MODEL" > $S/random-model.log 2>&1 ||
+  env -u PYTHONPATH python3 "$SRC/tools/gpu/random_model.py" --tok "$G/tok" --out "$MODEL" > $S/random-model.log 2>&1 ||
     fail "building the random model $MODEL" $S/random-model.log
 fi
 printf 'logging_steps: 5\neval_steps: 100000\nsave_steps: 100000\nsamples: 0\nmax_val_examples: 8\n' > $S/unsloth-train.yaml
