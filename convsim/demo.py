@@ -6,8 +6,6 @@ kept in the run dir.
 """
 from __future__ import annotations
 
-import json
-import sys
 import time
 from pathlib import Path
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-import sys
 from datetime import datetime, timezone
 from pathlib import Path
 

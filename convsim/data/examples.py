@@ -14,9 +14,7 @@ evaluation and attribution all call it.
 """
 from __future__ import annotations
 
-import random
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass
 from typing import Sequence
 
 from convsim.data.schema import Conversation, Message, speaker_token

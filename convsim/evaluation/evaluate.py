@@ -23,7 +23,6 @@ from collections import defaultdict
 from contextlib import nullcontext
 
 import numpy as np
-import torch
 
 from convsim.data.examples import build_examples, render
 from convsim.errors import UserError

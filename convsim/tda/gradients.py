@@ -29,7 +29,6 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from convsim.data.examples import PromptFormat, render
 from convsim.data.schema import Message

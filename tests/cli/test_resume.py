@@ -12,7 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 from safetensors.torch import load_file
 
 from convsim.training.checkpoints import clean_checkpoints, complete_checkpoint, last_checkpoint, publish_checkpoint

@@ -1,5 +1,9 @@
 """On the GPU machine: GGUF -> the convsim cache dir, as models.ensure_embedded_cache does, tokenizer carried from the CPU."""
-import json, os, shutil, sys, time
+import json
+import os
+import shutil
+import sys
+import time
 from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM

@@ -1,4 +1,5 @@
-import json, torch
+import json
+import torch
 from convsim.modeling.models import load
 ref = json.load(open("tools/gpu/parity_ref.json"))
 for dtype in (torch.float32, torch.bfloat16):
