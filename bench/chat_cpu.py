@@ -15,6 +15,7 @@ is from the call to the end of the first forward pass (prompt building and token
 speed is tokens after the first over the time after the first. Medians over the turns after the first
 (the first turn has no cache in either mode).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,12 +35,32 @@ from convsim.data.schema import Message
 from convsim.inference.generate import SampleConfig, TurnCache, reply
 
 OUT = Path(__file__).parent / "results" / "chat_cpu.json"
-A = ["hey how are you", "lol yes", "i love pizza so much", "are you coming tonight?", "haha ok", "omg that is amazing",
-     "i feel happy today", "see you soon!!", "did you see the game yesterday", "my sister is visiting this weekend",
-     "ugh work was so long today", "wanna get coffee tomorrow morning?"]
-B = ["Not bad. Working late again.", "I think so, yes.", "That sounds good to me.", "Maybe tomorrow then.",
-     "I am reading a book about history.", "Sure, I will bring the snacks.", "Fine, thank you.",
-     "The train was late again, so I walked.", "What time works for you?", "I finally fixed the bike."]
+A = [
+    "hey how are you",
+    "lol yes",
+    "i love pizza so much",
+    "are you coming tonight?",
+    "haha ok",
+    "omg that is amazing",
+    "i feel happy today",
+    "see you soon!!",
+    "did you see the game yesterday",
+    "my sister is visiting this weekend",
+    "ugh work was so long today",
+    "wanna get coffee tomorrow morning?",
+]
+B = [
+    "Not bad. Working late again.",
+    "I think so, yes.",
+    "That sounds good to me.",
+    "Maybe tomorrow then.",
+    "I am reading a book about history.",
+    "Sure, I will bring the snacks.",
+    "Fine, thank you.",
+    "The train was late again, so I walked.",
+    "What time works for you?",
+    "I finally fixed the bike.",
+]
 
 
 def cpu_model() -> str:
@@ -56,14 +77,16 @@ def script(args, run):
     """(speakers, history, the lines the other person says, who the model plays, who the other is)."""
     if run is None:
         rng = random.Random(0)
-        history = [Message("Ana" if i % 2 else "Ben", rng.choice(A if i % 2 else B)) for i in range(args.history_messages)]
+        history = [
+            Message("Ana" if i % 2 else "Ben", rng.choice(A if i % 2 else B)) for i in range(args.history_messages)
+        ]
         lines = [rng.choice(B) for _ in range(args.turns)]
         return ["Ana", "Ben"], history, lines, "Ana", "Ben"
     convs = sorted(run.conversations, key=lambda c: len(c.messages), reverse=True)
-    msgs = [m for c in convs for m in c.messages]          # longest conversations first, one long chat
+    msgs = [m for c in convs for m in c.messages]  # longest conversations first, one long chat
     as_ = args.as_ or run.targets[0]
-    history = msgs[:args.history_messages]
-    lines = [m.text for m in msgs[args.history_messages:] if m.speaker != as_][:args.turns]
+    history = msgs[: args.history_messages]
+    lines = [m.text for m in msgs[args.history_messages :] if m.speaker != as_][: args.turns]
     lines += [lines[i % max(1, len(lines))] if lines else "ok" for i in range(args.turns - len(lines))]
     other = run.other_speaker(as_)
     return run.speakers, history, lines, as_, other
@@ -104,12 +127,14 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     if args.run:
         from convsim.runs import open_run
+
         run = open_run(args.run)
         model, tok = run.load(device="cpu")
         fmt = run.fmt
         speakers, history, lines, as_, me = script(args, run)
     else:
         from convsim.modeling.models import load
+
         run = None
         model, tok = load("gemma-3-270m", device="cpu")
         speakers, history, lines, as_, me = script(args, None)
@@ -119,7 +144,7 @@ def main(argv=None) -> int:
     clock = Clock(top)
     cfg = SampleConfig(temperature=0, max_new_tokens=args.max_new_tokens, max_context_tokens=args.max_context_tokens)
     cache = TurnCache()
-    reply(model, tok, fmt, history[-4:], as_, SampleConfig(temperature=0, max_new_tokens=4))     # warm-up
+    reply(model, tok, fmt, history[-4:], as_, SampleConfig(temperature=0, max_new_tokens=4))  # warm-up
 
     rows, same = [], True
     for turn, line in enumerate(lines):
@@ -132,35 +157,56 @@ def main(argv=None) -> int:
             res[mode] = dict(text=out, ttft_ms=round(1000 * ttft, 1), decode_tok_s=rate and round(rate, 1), tokens=n)
         same &= res["plain"]["text"] == res["reuse"]["text"]
         prompt_len = cache.reused + cache.fed
-        rows.append(dict(turn=turn + 1, prompt_tokens=prompt_len, fed=cache.fed, reused=cache.reused,
-                         **{f"{m}_{k}": v for m in res for k, v in res[m].items() if k != "text"}))
-        print(f"turn {turn + 1}: prompt {prompt_len} tokens ({cache.reused} from the cache) | first token "
-              f"{res['plain']['ttft_ms']:.0f} ms plain, {res['reuse']['ttft_ms']:.0f} ms reused | decode "
-              f"{res['plain']['decode_tok_s']} / {res['reuse']['decode_tok_s']} tok/s | {as_}: {' / '.join(res['reuse']['text'])[:60]!r}",
-              flush=True)
+        rows.append(
+            dict(
+                turn=turn + 1,
+                prompt_tokens=prompt_len,
+                fed=cache.fed,
+                reused=cache.reused,
+                **{f"{m}_{k}": v for m in res for k, v in res[m].items() if k != "text"},
+            )
+        )
+        print(
+            f"turn {turn + 1}: prompt {prompt_len} tokens ({cache.reused} from the cache) | first token "
+            f"{res['plain']['ttft_ms']:.0f} ms plain, {res['reuse']['ttft_ms']:.0f} ms reused | decode "
+            f"{res['plain']['decode_tok_s']} / {res['reuse']['decode_tok_s']} tok/s | {as_}: {' / '.join(res['reuse']['text'])[:60]!r}",
+            flush=True,
+        )
         history += [Message(as_, t) for t in res["reuse"]["text"]] or [Message(as_, "ok")]
     clock.handle.remove()
 
     later = rows[1:] or rows
-    med = lambda key: round(statistics.median(r[key] for r in later if r[key] is not None), 1)   # noqa: E731
+    med = lambda key: round(statistics.median(r[key] for r in later if r[key] is not None), 1)  # noqa: E731
     summary = {
-        "ttft_ms_plain": med("plain_ttft_ms"), "ttft_ms_reuse": med("reuse_ttft_ms"),
+        "ttft_ms_plain": med("plain_ttft_ms"),
+        "ttft_ms_reuse": med("reuse_ttft_ms"),
         "ttft_ratio_plain_over_reuse": round(med("plain_ttft_ms") / med("reuse_ttft_ms"), 2),
-        "decode_tok_s_plain": med("plain_decode_tok_s"), "decode_tok_s_reuse": med("reuse_decode_tok_s"),
-        "prompt_tokens_median": med("prompt_tokens"), "same_replies": same,
-        "turns_measured": len(later), "first_turn_ttft_ms": rows[0]["plain_ttft_ms"],
+        "decode_tok_s_plain": med("plain_decode_tok_s"),
+        "decode_tok_s_reuse": med("reuse_decode_tok_s"),
+        "prompt_tokens_median": med("prompt_tokens"),
+        "same_replies": same,
+        "turns_measured": len(later),
+        "first_turn_ttft_ms": rows[0]["plain_ttft_ms"],
     }
     result = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": {"nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-                    "cpu": cpu_model(), "torch_threads": torch.get_num_threads(),
-                    "loadavg_before": [round(x, 2) for x in load_before],
-                    "loadavg_after": [round(x, 2) for x in os.getloadavg()],
-                    "python": platform.python_version(), "torch": torch.__version__},
+        "machine": {
+            "nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "cpu": cpu_model(),
+            "torch_threads": torch.get_num_threads(),
+            "loadavg_before": [round(x, 2) for x in load_before],
+            "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+        },
         "model": "gemma-3-270m" + (f" + adapter {args.run}" if args.run else " (base, plain-text speaker tags)"),
-        "dtype": str(next(model.parameters()).dtype), "load_s": round(load_s, 1),
-        "settings": {k: getattr(args, k) for k in ("turns", "history_messages", "max_new_tokens", "max_context_tokens")},
-        "summary": summary, "turns": rows,
+        "dtype": str(next(model.parameters()).dtype),
+        "load_s": round(load_s, 1),
+        "settings": {
+            k: getattr(args, k) for k in ("turns", "history_messages", "max_new_tokens", "max_context_tokens")
+        },
+        "summary": summary,
+        "turns": rows,
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
     print(json.dumps(summary, indent=1))

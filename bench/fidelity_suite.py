@@ -39,7 +39,7 @@ MIN_MESSAGES = 2000
 DRAW_SEED = 0
 N_DEV = 4
 SEEDS = (0, 1, 2)
-N_SEEDED_PAIRS = 3        # report pairs (first in draw order) trained with every seed in SEEDS
+N_SEEDED_PAIRS = 3  # report pairs (first in draw order) trained with every seed in SEEDS
 CHEAPER_MARGIN = 0.01
 CHEAPER = "ctx16-extra4x-e2-b32"
 EVAL_ARGS = ["--n", "0", "--batch-size", "32", "--judge-n", "200"]
@@ -110,10 +110,17 @@ def convsim(*args, log: Path, env: dict | None = None) -> int:
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     with open(log, "w") as f:
-        rc = subprocess.run([sys.executable, "-m", "convsim", *args], stdout=f, stderr=subprocess.STDOUT,
-                            env={**os.environ, **(env or {})}).returncode
-    print(f"[{time.strftime('%H:%M:%S')}] {'ok ' if rc == 0 else f'rc={rc}'} {time.time() - t0:6.0f}s "
-          f"convsim {' '.join(map(str, args[:2]))}", flush=True)
+        rc = subprocess.run(
+            [sys.executable, "-m", "convsim", *args],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        ).returncode
+    print(
+        f"[{time.strftime('%H:%M:%S')}] {'ok ' if rc == 0 else f'rc={rc}'} {time.time() - t0:6.0f}s "
+        f"convsim {' '.join(map(str, args[:2]))}",
+        flush=True,
+    )
     return rc
 
 
@@ -128,13 +135,24 @@ def prepare(work: Path) -> dict:
         if not (d / "data" / "conversations.jsonl").exists():
             convsim("import", "chitchat", "--pair", f"{a},{b}", "--out", d / "data", log=d / "import.log")
         if not (d / "data" / "extra" / "conversations.jsonl").exists():
-            convsim("import", "chitchat", "--pair", f"{a},{b}", "--other-chats", "--out", d / "others",
-                    log=d / "import-others.log")
+            convsim(
+                "import",
+                "chitchat",
+                "--pair",
+                f"{a},{b}",
+                "--other-chats",
+                "--out",
+                d / "others",
+                log=d / "import-others.log",
+            )
             others = read_conversations(d / "others")
             kept = [c for c in others if c.source.split(":", 1)[-1] not in suite_chats]
             write_conversations(d / "data" / "extra" / "conversations.jsonl", kept)
-            (d / "extra.json").write_text(json.dumps({"other_chats": len(others), "kept": len(kept),
-                                                      "dropped_suite_chats": len(others) - len(kept)}))
+            (d / "extra.json").write_text(
+                json.dumps(
+                    {"other_chats": len(others), "kept": len(kept), "dropped_suite_chats": len(others) - len(kept)}
+                )
+            )
     (work / "plan.json").write_text(json.dumps(p, indent=1))
     return p
 
@@ -148,13 +166,35 @@ def _jobs(work: Path, parallel: int, jobs: list) -> None:
         data = work / "pairs" / pair / "data"
         if not (run / "run.json").exists() or json.loads((run / "run.json").read_text()).get("status") != "done":
             resume = ["--continue-training"] if run.exists() else []
-            rc = convsim("train", data, "--out", run, *RECIPES[recipe], "--seed", str(seed), "--save-steps", "100000",
-                         *resume, log=run.with_suffix(".train.log"), env={"OMP_NUM_THREADS": "2"})
+            rc = convsim(
+                "train",
+                data,
+                "--out",
+                run,
+                *RECIPES[recipe],
+                "--seed",
+                str(seed),
+                "--save-steps",
+                "100000",
+                *resume,
+                log=run.with_suffix(".train.log"),
+                env={"OMP_NUM_THREADS": "2"},
+            )
             if rc:
                 return
         if kind == "eval" and not (run / "eval.json").exists():
-            convsim("eval", run, *EVAL_ARGS, "--seed", str(seed), "--json", "--out", run / "eval.json",
-                    log=run.with_suffix(".eval.log"), env={"OMP_NUM_THREADS": "2"})
+            convsim(
+                "eval",
+                run,
+                *EVAL_ARGS,
+                "--seed",
+                str(seed),
+                "--json",
+                "--out",
+                run / "eval.json",
+                log=run.with_suffix(".eval.log"),
+                env={"OMP_NUM_THREADS": "2"},
+            )
 
     with ThreadPoolExecutor(parallel) as pool:
         list(pool.map(one, jobs))
@@ -179,8 +219,13 @@ def select(work: Path) -> dict:
     best = min(complete, key=complete.get)
     if CHEAPER in complete and complete[CHEAPER] - complete[best] <= CHEAPER_MARGIN:
         best = CHEAPER
-    out = {"rule": __doc__.split("Selection rule")[1].strip(), "validation_loss": losses,
-           "mean_validation_loss": complete, "chosen": best, "flags": RECIPES[best]}
+    out = {
+        "rule": __doc__.split("Selection rule")[1].strip(),
+        "validation_loss": losses,
+        "mean_validation_loss": complete,
+        "chosen": best,
+        "flags": RECIPES[best],
+    }
     (work / "selection.json").write_text(json.dumps(out, indent=1))
     return out
 
@@ -214,40 +259,67 @@ def summarize(work: Path, commit: str, card: str, command: str) -> dict:
         pair, recipe, seed = ev.parent.name.split("--")
         res = json.loads(ev.read_text())
         for spk, r in res["speakers"].items():
-            rows.append({
-                "pair": pair, "speaker": spk, "recipe": recipe, "seed": int(seed[1:]),
-                "set": "report" if pair in p["report_pairs"] else "development", "n": r["n"],
-                "ppl_ratio": r["ppl_ratio"], "ppl_ratio_ci": r["ppl_ratio_ci"],
-                "ppl_finetuned": r["ppl_finetuned"], "ppl_in_context": r["ppl_in_context"],
-                "judge_acc_finetuned": r.get("judge_acc_finetuned"), "judge_acc_in_context": r.get("judge_acc_in_context"),
-                "speaker_auc_real": r.get("speaker_auc_real"),
-                "speaker_auc_ok": None if r.get("speaker_auc_real") is None else r["speaker_auc_real"] >= 0.75,
-                "speaker_id_real": r.get("speaker_id_real"), "speaker_id_finetuned": r.get("speaker_id_finetuned"),
-                "copy_rate_finetuned": r.get("copy_rate_finetuned"), "copy_rate_real": r.get("copy_rate_real"),
-                "copy_rate_real_ci": r.get("copy_rate_real_ci"),
-                "repeat_rate_finetuned": r.get("repeat_rate_finetuned"), "repeat_rate_real": r.get("repeat_rate_real"),
-                "repeat_rate_real_ci": r.get("repeat_rate_real_ci"),
-                "distinct_finetuned": r.get("distinct_finetuned"), "distinct_real": r.get("distinct_real"),
-                "empty_rate_finetuned": r.get("empty_rate_finetuned"),
-            })
+            rows.append(
+                {
+                    "pair": pair,
+                    "speaker": spk,
+                    "recipe": recipe,
+                    "seed": int(seed[1:]),
+                    "set": "report" if pair in p["report_pairs"] else "development",
+                    "n": r["n"],
+                    "ppl_ratio": r["ppl_ratio"],
+                    "ppl_ratio_ci": r["ppl_ratio_ci"],
+                    "ppl_finetuned": r["ppl_finetuned"],
+                    "ppl_in_context": r["ppl_in_context"],
+                    "judge_acc_finetuned": r.get("judge_acc_finetuned"),
+                    "judge_acc_in_context": r.get("judge_acc_in_context"),
+                    "speaker_auc_real": r.get("speaker_auc_real"),
+                    "speaker_auc_ok": None if r.get("speaker_auc_real") is None else r["speaker_auc_real"] >= 0.75,
+                    "speaker_id_real": r.get("speaker_id_real"),
+                    "speaker_id_finetuned": r.get("speaker_id_finetuned"),
+                    "copy_rate_finetuned": r.get("copy_rate_finetuned"),
+                    "copy_rate_real": r.get("copy_rate_real"),
+                    "copy_rate_real_ci": r.get("copy_rate_real_ci"),
+                    "repeat_rate_finetuned": r.get("repeat_rate_finetuned"),
+                    "repeat_rate_real": r.get("repeat_rate_real"),
+                    "repeat_rate_real_ci": r.get("repeat_rate_real_ci"),
+                    "distinct_finetuned": r.get("distinct_finetuned"),
+                    "distinct_real": r.get("distinct_real"),
+                    "empty_rate_finetuned": r.get("empty_rate_finetuned"),
+                }
+            )
     rep = [r for r in rows if r["set"] == "report" and r["seed"] == 0]
     ratios = [r["ppl_ratio"] for r in rep]
-    summary = {"report_speakers": len(rep), "report_pairs_done": len({r["pair"] for r in rep}),
-               "report_pairs_total": len(p["report_pairs"])}
+    summary = {
+        "report_speakers": len(rep),
+        "report_pairs_done": len({r["pair"] for r in rep}),
+        "report_pairs_total": len(p["report_pairs"]),
+    }
     if rep:
-        summary.update({
-            "median_ratio": _median(ratios), "worst_ratio": max(ratios),
-            "share_ratio_le_0.8": sum(x <= 0.8 for x in ratios) / len(ratios),
-            "share_ratio_le_0.9": sum(x <= 0.9 for x in ratios) / len(ratios),
-            "median_judge_finetuned": _median([r["judge_acc_finetuned"] for r in rep]),
-            "median_judge_in_context": _median([r["judge_acc_in_context"] for r in rep]),
-            "share_judge_ft_below_ic": _share([(r["judge_acc_finetuned"] or 1) < (r["judge_acc_in_context"] or 0)
-                                               for r in rep if r["judge_acc_finetuned"] is not None]),
-            "share_copy_within_real": _share([_within(r["copy_rate_finetuned"], r["copy_rate_real_ci"]) for r in rep]),
-            "share_repeat_within_real": _share([_within(r["repeat_rate_finetuned"], r["repeat_rate_real_ci"])
-                                                for r in rep]),
-            "share_speaker_auc_ok": _share([r["speaker_auc_ok"] for r in rep]),
-        })
+        summary.update(
+            {
+                "median_ratio": _median(ratios),
+                "worst_ratio": max(ratios),
+                "share_ratio_le_0.8": sum(x <= 0.8 for x in ratios) / len(ratios),
+                "share_ratio_le_0.9": sum(x <= 0.9 for x in ratios) / len(ratios),
+                "median_judge_finetuned": _median([r["judge_acc_finetuned"] for r in rep]),
+                "median_judge_in_context": _median([r["judge_acc_in_context"] for r in rep]),
+                "share_judge_ft_below_ic": _share(
+                    [
+                        (r["judge_acc_finetuned"] or 1) < (r["judge_acc_in_context"] or 0)
+                        for r in rep
+                        if r["judge_acc_finetuned"] is not None
+                    ]
+                ),
+                "share_copy_within_real": _share(
+                    [_within(r["copy_rate_finetuned"], r["copy_rate_real_ci"]) for r in rep]
+                ),
+                "share_repeat_within_real": _share(
+                    [_within(r["repeat_rate_finetuned"], r["repeat_rate_real_ci"]) for r in rep]
+                ),
+                "share_speaker_auc_ok": _share([r["speaker_auc_ok"] for r in rep]),
+            }
+        )
         summary["goals"] = {
             "share_ratio_le_0.8 >= 0.8": summary["share_ratio_le_0.8"] >= GOALS["share_ratio_le_0.8"],
             "median_ratio <= 0.75": summary["median_ratio"] <= GOALS["median_ratio"],
@@ -255,7 +327,8 @@ def summarize(work: Path, commit: str, card: str, command: str) -> dict:
             "median judge ft <= 0.65 and below in-context": (
                 summary["median_judge_finetuned"] is not None
                 and summary["median_judge_finetuned"] <= GOALS["median_judge_finetuned"]
-                and summary["median_judge_finetuned"] < (summary["median_judge_in_context"] or 0)),
+                and summary["median_judge_finetuned"] < (summary["median_judge_in_context"] or 0)
+            ),
             "copy rate within real's interval (every speaker)": summary["share_copy_within_real"] == 1.0,
             "repeat rate within real's interval (every speaker)": summary["share_repeat_within_real"] == 1.0,
         }
@@ -263,12 +336,22 @@ def summarize(work: Path, commit: str, card: str, command: str) -> dict:
     for r in rows:
         if r["set"] == "report":
             seeds.setdefault(f"{r['pair']}/{r['speaker']}", {})[r["seed"]] = r["ppl_ratio"]
-    summary["seed_spread"] = {k: {"ratios": v, "range": max(v.values()) - min(v.values())}
-                              for k, v in seeds.items() if len(v) > 1}
-    return {"report_pairs": p["report_pairs"], "development_pairs": p["development_pairs"],
-            "seeded_pairs": p["seeded_pairs"], "people_in_both_sets": p["people_in_both_sets"],
-            "selection": sel, "command": command, "commit": commit, "card": card,
-            "eval_args": EVAL_ARGS, "speakers": rows, "summary": summary}
+    summary["seed_spread"] = {
+        k: {"ratios": v, "range": max(v.values()) - min(v.values())} for k, v in seeds.items() if len(v) > 1
+    }
+    return {
+        "report_pairs": p["report_pairs"],
+        "development_pairs": p["development_pairs"],
+        "seeded_pairs": p["seeded_pairs"],
+        "people_in_both_sets": p["people_in_both_sets"],
+        "selection": sel,
+        "command": command,
+        "commit": commit,
+        "card": card,
+        "eval_args": EVAL_ARGS,
+        "speakers": rows,
+        "summary": summary,
+    }
 
 
 def _share(flags):
@@ -300,8 +383,12 @@ def main(argv=None) -> int:
     if args.step in ("report", "all"):
         report(args.work, args.parallel, args.recipe)
     if args.step == "summarize":
-        res = summarize(args.work, args.commit, args.card, " ".join(["python", "bench/fidelity_suite.py", "all",
-                                                                        "--work", str(args.work)]))
+        res = summarize(
+            args.work,
+            args.commit,
+            args.card,
+            " ".join(["python", "bench/fidelity_suite.py", "all", "--work", str(args.work)]),
+        )
         text = json.dumps(res, indent=1)
         if args.out:
             args.out.write_text(text + "\n")

@@ -23,6 +23,7 @@ error in it); any exception is recorded in an "error" field and the process grou
 `--try-single` runs, after the sharded measurement, the same training step without sharding on one GPU
 (rank 0) and records the out-of-memory error it is expected to hit.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,13 +40,13 @@ import sys
 import time
 import traceback
 
-os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")   # before CUDA is touched
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # before CUDA is touched
 
 import torch
 import torch.distributed as dist
 
-GIB = 2 ** 30
-BYTES_PLAIN = 12            # bf16 weight 2 + bf16 grad 2 + fp32 AdamW exp_avg 4 + exp_avg_sq 4
+GIB = 2**30
+BYTES_PLAIN = 12  # bf16 weight 2 + bf16 grad 2 + fp32 AdamW exp_avg 4 + exp_avg_sq 4
 T0 = time.perf_counter()
 RANK = int(os.environ.get("RANK", "0"))
 WORLD = int(os.environ.get("WORLD_SIZE", "1"))
@@ -86,15 +87,31 @@ def shape_for(n_params: float, vocab: int) -> dict:
         layers = max(2, round((n_params - vocab * h - h) / per_layer))
         if layers <= 32:
             break
-    return dict(hidden_size=h, intermediate_size=4 * h, num_hidden_layers=layers, num_attention_heads=heads,
-                num_key_value_heads=kv, head_dim=hd, query_pre_attn_scalar=hd, vocab_size=vocab)
+    return dict(
+        hidden_size=h,
+        intermediate_size=4 * h,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        head_dim=hd,
+        query_pre_attn_scalar=hd,
+        vocab_size=vocab,
+    )
 
 
 def build_config(shape: dict, sliding_window: int):
     from transformers import Gemma3TextConfig
-    cfg = Gemma3TextConfig(**shape, sliding_window=sliding_window, max_position_embeddings=8192,
-                           tie_word_embeddings=True, use_cache=False, pad_token_id=0, bos_token_id=2,
-                           eos_token_id=1)
+
+    cfg = Gemma3TextConfig(
+        **shape,
+        sliding_window=sliding_window,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+        use_cache=False,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=1,
+    )
     cfg._attn_implementation = "sdpa"
     return cfg
 
@@ -118,8 +135,9 @@ def params_on_meta():
 
 def build_meta_model(cfg, checkpoint_layers: bool):
     from transformers import Gemma3ForCausalLM
+
     old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)        # bf16 parameters (rope inv_freq is made fp32 explicitly)
+    torch.set_default_dtype(torch.bfloat16)  # bf16 parameters (rope inv_freq is made fp32 explicitly)
     try:
         with params_on_meta():
             model = Gemma3ForCausalLM(cfg)
@@ -128,6 +146,7 @@ def build_meta_model(cfg, checkpoint_layers: bool):
     model.config.use_cache = False
     if checkpoint_layers:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+
         layers = model.model.layers
         for i in range(len(layers)):
             layers[i] = checkpoint_wrapper(layers[i], checkpoint_impl=CheckpointImpl.NO_REENTRANT)
@@ -143,7 +162,7 @@ def materialise(model, device: torch.device, seed: int, std: float = 0.02) -> No
     with torch.no_grad():
         for name, p in model.named_parameters():
             local = p.to_local() if hasattr(p, "to_local") else p
-            if "norm" in name:               # Gemma RMSNorm scales by (1 + weight): zero is identity
+            if "norm" in name:  # Gemma RMSNorm scales by (1 + weight): zero is identity
                 local.zero_()
             else:
                 local.normal_(0.0, std, generator=gen)
@@ -169,7 +188,7 @@ class AdamWFp32State:
     def step(self):
         self.t += 1
         b1, b2 = self.betas
-        bc1, bc2 = 1 - b1 ** self.t, 1 - b2 ** self.t
+        bc1, bc2 = 1 - b1**self.t, 1 - b2**self.t
         for p in self.params:
             if p.grad is None:
                 continue
@@ -218,13 +237,15 @@ def train_steps(model, opt, batch, steps, device, world, tag, per_step=None):
         if world > 1:
             dist.all_reduce(l)
             l /= world
-        lv = l.item()                                  # also synchronises the device
+        lv = l.item()  # also synchronises the device
         sync(device)
         dt = time.perf_counter() - t
         losses.append(round(lv, 4))
         times.append(round(dt, 4))
-        log(f"{tag} step {i + 1}/{steps}: loss {lv:.4f}  {dt:.2f} s"
-            + (f"  peak {peak_gib(device):.2f} GiB (rank {RANK})" if device.type == "cuda" else ""))
+        log(
+            f"{tag} step {i + 1}/{steps}: loss {lv:.4f}  {dt:.2f} s"
+            + (f"  peak {peak_gib(device):.2f} GiB (rank {RANK})" if device.type == "cuda" else "")
+        )
         if per_step:
             per_step(losses, times)
     return losses, times
@@ -270,9 +291,15 @@ def main(argv=None) -> int:
     global OUT_PATH
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--params-b", default="auto", help="model size in billions of parameters, or 'auto' (from the card)")
-    ap.add_argument("--plain-ratio", type=float, default=1.35,
-                    help="auto size: plain 12 B/param requirement as a multiple of one card's memory")
+    ap.add_argument(
+        "--params-b", default="auto", help="model size in billions of parameters, or 'auto' (from the card)"
+    )
+    ap.add_argument(
+        "--plain-ratio",
+        type=float,
+        default=1.35,
+        help="auto size: plain 12 B/param requirement as a multiple of one card's memory",
+    )
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=2, help="sequences per rank per step")
@@ -282,43 +309,57 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     ap.add_argument("--tiny", action="store_true", help="tiny model for a CPU/gloo smoke test")
     ap.add_argument("--no-ac", action="store_true", help="no activation checkpointing")
-    ap.add_argument("--try-single", action="store_true",
-                    help="after the sharded run, try the plain unsharded step on rank 0's GPU (expects OOM)")
+    ap.add_argument(
+        "--try-single",
+        action="store_true",
+        help="after the sharded run, try the plain unsharded step on rank 0's GPU (expects OOM)",
+    )
     args = ap.parse_args(argv)
     OUT_PATH = args.out
 
     device_type = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    RESULT.update(engine="torch FSDP2 fully_shard", status="starting",
-                  command="torchrun --nproc_per_node %d %s" % (WORLD, shlex.join([os.path.relpath(sys.argv[0])] + sys.argv[1:])),
-                  world_size=WORLD, device=device_type, torch=torch.__version__,
-                  started=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    RESULT.update(
+        engine="torch FSDP2 fully_shard",
+        status="starting",
+        command="torchrun --nproc_per_node %d %s" % (WORLD, shlex.join([os.path.relpath(sys.argv[0])] + sys.argv[1:])),
+        world_size=WORLD,
+        device=device_type,
+        torch=torch.__version__,
+        started=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
     write_result()
 
-    def on_term(signum, frame):             # no process-group teardown here: it could hang
+    def on_term(signum, frame):  # no process-group teardown here: it could hang
         write_result(status="killed", error=f"received signal {signum} (timeout, or another rank failed)")
         os._exit(128 + signum)
+
     signal.signal(signal.SIGTERM, on_term)
 
     rc = 0
     try:
         import transformers
+
         RESULT["transformers"] = transformers.__version__
         if device_type == "cuda":
             device = torch.device("cuda", LOCAL_RANK)
             torch.cuda.set_device(device)
         else:
             device = torch.device("cpu")
-        if "MASTER_ADDR" not in os.environ:      # plain `python bench/fsdp_big.py`: a world of one
+        if "MASTER_ADDR" not in os.environ:  # plain `python bench/fsdp_big.py`: a world of one
             os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1")
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(seconds=300),
-                                **({"device_id": device} if device_type == "cuda" else {}))
+        dist.init_process_group(
+            "nccl" if device_type == "cuda" else "gloo",
+            timeout=datetime.timedelta(seconds=300),
+            **({"device_id": device} if device_type == "cuda" else {}),
+        )
         world = dist.get_world_size()
         RESULT["world_size"] = world
         if device_type == "cuda":
             RESULT["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
-        log(f"process group up: world {world}, device {device_type}, torch {torch.__version__}, "
-            f"transformers {transformers.__version__}")
+        log(
+            f"process group up: world {world}, device {device_type}, torch {torch.__version__}, "
+            f"transformers {transformers.__version__}"
+        )
         run(args, device, world)
     except BaseException as e:  # noqa: BLE001 - record everything, including KeyboardInterrupt and SystemExit
         tb = traceback.format_exc()
@@ -332,6 +373,7 @@ def main(argv=None) -> int:
 
 def _free_port() -> int:
     import socket
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -358,8 +400,16 @@ def run(args, device, world):
         card_bytes = None
         RESULT.update(card="cpu", card_gib=None)
     if args.tiny:
-        shape = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=32, vocab_size=1024)
+        shape = dict(
+            hidden_size=128,
+            intermediate_size=512,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            query_pre_attn_scalar=32,
+            vocab_size=1024,
+        )
         seq = min(args.seq, 64)
         sliding = min(args.sliding_window, 32)
     else:
@@ -379,22 +429,43 @@ def run(args, device, world):
     per_layer = sum(p.numel() for p in model.model.layers[0].parameters())
     need = n_params * BYTES_PLAIN
     RESULT.update(
-        params=n_params, params_b=round(n_params / 1e9, 3), params_per_layer=per_layer,
+        params=n_params,
+        params_b=round(n_params / 1e9, 3),
+        params_per_layer=per_layer,
         bytes_per_param_plain=BYTES_PLAIN,
         bytes_per_param_plain_breakdown="bf16 weight 2 + bf16 grad 2 + fp32 AdamW exp_avg 4 + exp_avg_sq 4 (no fp32 master copy)",
         single_gpu_need_gib=round(need / GIB, 2),
         sharded_state_gib_per_gpu=round(need / world / GIB, 2),
         single_gpu_need_over_card=round(need / card_bytes, 3) if card_bytes else None,
         sharded_state_over_card=round(need / world / card_bytes, 3) if card_bytes else None,
-        seq=seq, batch_per_rank=args.batch, steps=args.steps, activation_checkpointing=not args.no_ac,
-        config={k: getattr(cfg, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
-                                             "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size",
-                                             "sliding_window", "tie_word_embeddings", "hidden_activation")},
-        model="transformers Gemma3ForCausalLM (Gemma3TextConfig), random init", status="built")
-    log(f"meta model: {n_params / 1e9:.3f} B params ({cfg.num_hidden_layers} layers x {per_layer / 1e6:.0f} M, "
+        seq=seq,
+        batch_per_rank=args.batch,
+        steps=args.steps,
+        activation_checkpointing=not args.no_ac,
+        config={
+            k: getattr(cfg, k)
+            for k in (
+                "hidden_size",
+                "intermediate_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "head_dim",
+                "vocab_size",
+                "sliding_window",
+                "tie_word_embeddings",
+                "hidden_activation",
+            )
+        },
+        model="transformers Gemma3ForCausalLM (Gemma3TextConfig), random init",
+        status="built",
+    )
+    log(
+        f"meta model: {n_params / 1e9:.3f} B params ({cfg.num_hidden_layers} layers x {per_layer / 1e6:.0f} M, "
         f"hidden {cfg.hidden_size}); plain need {need / GIB:.1f} GiB"
         + (f" = {need / card_bytes:.2f} x card ({card_bytes / GIB:.1f} GiB)" if card_bytes else "")
-        + f"; sharded state {need / world / GIB:.1f} GiB/rank; built in {time.perf_counter() - t:.1f} s")
+        + f"; sharded state {need / world / GIB:.1f} GiB/rank; built in {time.perf_counter() - t:.1f} s"
+    )
     write_result()
 
     # ---- shard
@@ -411,15 +482,18 @@ def run(args, device, world):
     sync(device)
     t_init = time.perf_counter() - t
     shard_gib = torch.cuda.memory_allocated(device) / GIB if device.type == "cuda" else None
-    log(f"materialised + initialised on {device} in {t_init:.1f} s"
-        + (f"; {shard_gib:.2f} GiB of parameter shards on rank {RANK}" if shard_gib is not None else ""))
-    RESULT.update(init_s=round(t_init, 2), param_shard_gib_rank0=round(shard_gib, 3) if shard_gib else None,
-                  status="materialised")
+    log(
+        f"materialised + initialised on {device} in {t_init:.1f} s"
+        + (f"; {shard_gib:.2f} GiB of parameter shards on rank {RANK}" if shard_gib is not None else "")
+    )
+    RESULT.update(
+        init_s=round(t_init, 2), param_shard_gib_rank0=round(shard_gib, 3) if shard_gib else None, status="materialised"
+    )
     write_result()
 
     opt = AdamWFp32State(model.parameters(), lr=args.lr)
     gen = torch.Generator(device="cpu")
-    gen.manual_seed(100 + RANK)                          # a fixed batch per rank: the loss must fall
+    gen.manual_seed(100 + RANK)  # a fixed batch per rank: the loss must fall
     batch = torch.randint(3, cfg.vocab_size, (args.batch, seq), generator=gen).to(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -433,12 +507,15 @@ def run(args, device, world):
 
     # ---- measurements
     tokens_global = world * args.batch * seq
-    timed = times[1:] if len(times) > 1 else times       # the first step includes NCCL/kernel warm-up
+    timed = times[1:] if len(times) > 1 else times  # the first step includes NCCL/kernel warm-up
     step_med = statistics.median(timed)
-    mine = {"rank": RANK, "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "peak_gib": peak_gib(device),
-            "reserved_peak_gib": round(torch.cuda.max_memory_reserved(device) / GIB, 3) if device.type == "cuda" else None,
-            "opt_state_gib": round(opt.state_bytes() / GIB, 3)}
+    mine = {
+        "rank": RANK,
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "peak_gib": peak_gib(device),
+        "reserved_peak_gib": round(torch.cuda.max_memory_reserved(device) / GIB, 3) if device.type == "cuda" else None,
+        "opt_state_gib": round(opt.state_bytes() / GIB, 3),
+    }
     per_rank = [None] * world
     if world > 1:
         dist.all_gather_object(per_rank, mine)
@@ -447,16 +524,26 @@ def run(args, device, world):
     peaks = [r["peak_gib"] for r in per_rank]
     card_gib = RESULT.get("card_gib")
     RESULT.update(
-        status="done", losses=losses, step_s=times, first_step_s=times[0], step_s_median=round(step_med, 4),
-        tokens_per_step=tokens_global, tokens_per_s=round(tokens_global / step_med, 1),
+        status="done",
+        losses=losses,
+        step_s=times,
+        first_step_s=times[0],
+        step_s_median=round(step_med, 4),
+        tokens_per_step=tokens_global,
+        tokens_per_s=round(tokens_global / step_med, 1),
         tokens_per_s_per_gpu=round(tokens_global / step_med / world, 1),
         model_tflops_per_gpu=round(6 * n_params * tokens_global / world / step_med / 1e12, 1),
-        peak_gib_per_gpu=peaks, per_rank=per_rank,
+        peak_gib_per_gpu=peaks,
+        per_rank=per_rank,
         peak_over_card=round(max(peaks) / card_gib, 3) if card_gib and all(p is not None for p in peaks) else None,
-        loss_finite=all(math.isfinite(x) for x in losses), loss_fell=len(losses) > 1 and losses[-1] < losses[0])
+        loss_finite=all(math.isfinite(x) for x in losses),
+        loss_fell=len(losses) > 1 and losses[-1] < losses[0],
+    )
     write_result()
-    log(f"done: median step {step_med:.2f} s, {tokens_global / step_med:.0f} tokens/s over {world} ranks, "
-        f"peak per GPU {peaks} GiB, losses {losses}")
+    log(
+        f"done: median step {step_med:.2f} s, {tokens_global / step_med:.0f} tokens/s over {world} ranks, "
+        f"peak per GPU {peaks} GiB, losses {losses}"
+    )
 
     # ---- optional: the same step without sharding on one GPU (after the main result is safe on disk)
     if args.try_single:

@@ -11,6 +11,7 @@ and import.json. Side by side in the same run: the same import with --no-scrub, 
 reading, decoding and splitting the file into lines. The goal is 1M messages in under 30 s on a
 2-core CPU.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,10 @@ from pathlib import Path
 from convsim.cli import main as convsim_main
 
 GOAL_S = 30.0
-WORDS = ("ok yes no lol haha sure maybe tomorrow tonight dinner coffee work later what why how "
-         "really nice great cool love that idea see you soon home train late sorry thanks").split()
+WORDS = (
+    "ok yes no lol haha sure maybe tomorrow tonight dinner coffee work later what why how "
+    "really nice great cool love that idea see you soon home train late sorry thanks"
+).split()
 SPEAKERS = ["Ana López", "Ben", "Ana López", "Ben", "Ana López", "Ben", "Caro 🌻", "李雷"]
 
 
@@ -92,8 +95,9 @@ def machine() -> str:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--messages", type=int, default=1_000_000)
     p.add_argument("--no-save", action="store_true", help="do not write bench/results/import.json")
     args = p.parse_args()
@@ -102,8 +106,11 @@ def main() -> int:
         src = Path(tmp) / "WhatsApp Chat with Ben.txt"
         t0 = time.perf_counter()
         generate(src, args.messages)
-        print(f"generated {args.messages:,} message lines ({src.stat().st_size / 1e6:.1f} MB) "
-              f"in {time.perf_counter() - t0:.1f} s", flush=True)
+        print(
+            f"generated {args.messages:,} message lines ({src.stat().st_size / 1e6:.1f} MB) "
+            f"in {time.perf_counter() - t0:.1f} s",
+            flush=True,
+        )
         floor_s = floor(src)
         seconds, cpu, summary = timed_import(src, Path(tmp) / "data")
         seconds_ns, _, _ = timed_import(src, Path(tmp) / "data-noscrub", "--no-scrub")
@@ -115,9 +122,11 @@ def main() -> int:
     print(f"{'convsim import --no-scrub':<34} {seconds_ns:>8.2f} {args.messages / seconds_ns:>12,.0f}")
     print(f"{'convsim import (default, scrub)':<34} {seconds:>8.2f} {rate:>12,.0f}   ({cpu:.2f} s CPU)")
     goal = ("met" if seconds < GOAL_S else "MISSED") if args.messages >= 1_000_000 else "needs --messages 1000000"
-    print(f"kept {summary['messages']:,} messages in {summary['conversations']:,} conversations; "
-          f"import/floor = {seconds / floor_s:.1f}x; goal {GOAL_S:.0f} s for 1M: {goal}; "
-          f"load average {load_before:.1f} before, {load_after:.1f} after (other work on the machine slows this)")
+    print(
+        f"kept {summary['messages']:,} messages in {summary['conversations']:,} conversations; "
+        f"import/floor = {seconds / floor_s:.1f}x; goal {GOAL_S:.0f} s for 1M: {goal}; "
+        f"load average {load_before:.1f} before, {load_after:.1f} after (other work on the machine slows this)"
+    )
     if not args.no_save:
         result = {
             "messages": args.messages,
@@ -134,7 +143,8 @@ def main() -> int:
             "goal_seconds_for_1m": GOAL_S,
             "machine": machine(),
             "load_average_1min": [round(load_before, 2), round(load_after, 2)],
-            "command": "python bench/import_throughput.py" + (f" --messages {args.messages}" if args.messages != 1_000_000 else ""),
+            "command": "python bench/import_throughput.py"
+            + (f" --messages {args.messages}" if args.messages != 1_000_000 else ""),
             "date": datetime.now().isoformat(timespec="seconds"),
         }
         out = Path(__file__).resolve().parent / "results" / "import.json"

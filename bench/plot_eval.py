@@ -4,6 +4,7 @@ better), and how often replies are identified as the right speaker (real message
 
     python bench/plot_eval.py bench/results/eval-chitchat.json docs/figures/eval-chitchat.png
 """
+
 from __future__ import annotations
 
 import json
@@ -18,12 +19,26 @@ import matplotlib.pyplot as plt  # noqa: E402
 def main(src: str, out: str) -> None:
     d = json.loads(open(src, encoding="utf-8").read())
     speakers = list(d["speakers"])
-    kinds = [("ppl_base", "base, context only"), ("ppl_in_context", "base + retrieved examples"),
-             ("ppl_finetuned", "fine-tuned"), ("ppl_hybrid", "fine-tuned + retrieved")]
-    extra = [(rows, label) for rows, label in (
-        ((d.get("pair_only_headline") or {}).get("speakers"), "fine-tuned on the pair only, 8 messages of context (before)"),
-        ((d.get("ablations", {}).get("loss_whole_text") or {}).get("speakers"), "… and loss on the whole text (ablation)"))
-        if rows]
+    kinds = [
+        ("ppl_base", "base, context only"),
+        ("ppl_in_context", "base + retrieved examples"),
+        ("ppl_finetuned", "fine-tuned"),
+        ("ppl_hybrid", "fine-tuned + retrieved"),
+    ]
+    extra = [
+        (rows, label)
+        for rows, label in (
+            (
+                (d.get("pair_only_headline") or {}).get("speakers"),
+                "fine-tuned on the pair only, 8 messages of context (before)",
+            ),
+            (
+                (d.get("ablations", {}).get("loss_whole_text") or {}).get("speakers"),
+                "… and loss on the whole text (ablation)",
+            ),
+        )
+        if rows
+    ]
     fig, (a, b) = plt.subplots(1, 2, figsize=(13, 5.6))
     w = 0.8 / (len(kinds) + len(extra))
     for i, (k, label) in enumerate(kinds):
@@ -42,8 +57,11 @@ def main(src: str, out: str) -> None:
     a.set_ylabel("perplexity of the real reply (lower is better)")
     a.set_title(f"held-out perplexity, {d['n_examples']} test examples")
     a.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.09), ncol=2)
-    ids = [("speaker_id_real", "real messages"), ("speaker_id_finetuned", "fine-tuned replies"),
-           ("speaker_id_in_context", "in-context replies")]
+    ids = [
+        ("speaker_id_real", "real messages"),
+        ("speaker_id_finetuned", "fine-tuned replies"),
+        ("speaker_id_in_context", "in-context replies"),
+    ]
     w2 = 0.8 / len(ids)
     for i, (k, label) in enumerate(ids):
         xs = [j + i * w2 for j in range(len(speakers))]

@@ -65,6 +65,7 @@ atomically (with the machine and card it ran on, and prefix_words) after the gen
 after every variant, with "complete": false and "variants_done" until the last variant is done, so a run
 cut off by a time limit leaves the variants it finished.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -89,8 +90,32 @@ VARIANTS = {
 }
 DEFAULT_VARIANTS = "activations,activations-last-raw,activations-last,activations-mid-raw,gradients,gradients-raw"
 
-ONSETS = ["b", "br", "d", "dr", "f", "g", "gl", "k", "kr", "l", "m", "n", "p", "pl", "qu", "r", "s", "sk", "t",
-          "tr", "v", "z", "zh", "th"]
+ONSETS = [
+    "b",
+    "br",
+    "d",
+    "dr",
+    "f",
+    "g",
+    "gl",
+    "k",
+    "kr",
+    "l",
+    "m",
+    "n",
+    "p",
+    "pl",
+    "qu",
+    "r",
+    "s",
+    "sk",
+    "t",
+    "tr",
+    "v",
+    "z",
+    "zh",
+    "th",
+]
 VOWELS = ["a", "e", "i", "o", "u", "ai", "ou", "ei"]
 CODAS = ["", "", "n", "r", "l", "sk", "x", "m", "th"]
 # One sentence frame per canary (see the docstring): the first 3 words are ordinary chat words, no two
@@ -142,8 +167,13 @@ def canary_texts(m: int, seed: int) -> list[str]:
     out: list[str] = []
     while len(out) < m:
         t = TEMPLATES[len(out) % len(TEMPLATES)].format(
-            n=rng.randint(13, 97), adj=rng.choice(ADJ), noun=word(rng, 2), Place=word(rng, 2).capitalize(),
-            year=rng.randint(1961, 1999), hour=f"{rng.randint(1, 11)}:{rng.choice(['05', '17', '41', '53'])}")
+            n=rng.randint(13, 97),
+            adj=rng.choice(ADJ),
+            noun=word(rng, 2),
+            Place=word(rng, 2).capitalize(),
+            year=rng.randint(1961, 1999),
+            hour=f"{rng.randint(1, 11)}:{rng.choice(['05', '17', '41', '53'])}",
+        )
         if t not in out:
             out.append(t)
     return out
@@ -176,28 +206,29 @@ def prefix_prompt(tok, fmt, context, speaker: str, text: str, k: int, budget: in
     With `budget`, the earliest context messages are dropped until the prompt fits, as `prompt_ids` does."""
     from convsim.data.examples import render
     from convsim.data.schema import Message
+
     words = text.split()
     if not 0 < k < len(words):
         raise ValueError(f"--prefix-words {k} must leave words to complete in {text!r} ({len(words)} words)")
     context = list(context)
     while True:
         full = render(tok, fmt, context, speaker, [Message(speaker, text)], next_speaker=None)
-        base = full.input_ids[:full.prompt_len]
+        base = full.input_ids[: full.prompt_len]
         prefix = " ".join(words[:k])
         ids = base + tok(" " + prefix, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-        from_render = full.input_ids[:len(ids)] != ids
-        if from_render:                     # the longest token prefix of the reply that is whole words
+        from_render = full.input_ids[: len(ids)] != ids
+        if from_render:  # the longest token prefix of the reply that is whole words
             ids, prefix = None, ""
-            reply = full.input_ids[full.prompt_len:]
+            reply = full.input_ids[full.prompt_len :]
             for j in range(1, len(reply)):
                 got = tok.decode(reply[:j], skip_special_tokens=True).strip()
                 n = len(got.split())
-                after = tok.decode(reply[:j + 1], skip_special_tokens=True).strip()   # the next token starts a word
+                after = tok.decode(reply[: j + 1], skip_special_tokens=True).strip()  # the next token starts a word
                 if got and n <= k and got == " ".join(words[:n]) and after.startswith(got + " "):
                     ids, prefix = base + reply[:j], got
             if ids is None:
                 raise ValueError(f"no token boundary at a word boundary in the first {k} words of {text!r}")
-            assert full.input_ids[:len(ids)] == ids
+            assert full.input_ids[: len(ids)] == ids
         if budget is None or len(ids) <= budget or not context:
             return ids, prefix, from_render
         context = context[1:]
@@ -226,7 +257,7 @@ def plant(convs, targets, split_ids: set[str], m: int, seed: int, context_size: 
             if s in targets and msgs[i - 1].speaker != s and (i + 1 == len(msgs) or msgs[i + 1].speaker != s):
                 slots.append((ci, i))
     rng.shuffle(slots)
-    taken: dict[int, list[int]] = {}                 # conversation -> indices already used
+    taken: dict[int, list[int]] = {}  # conversation -> indices already used
 
     def free(ci, i, one_per_conv):
         used = taken.get(ci, [])
@@ -245,24 +276,43 @@ def plant(convs, targets, split_ids: set[str], m: int, seed: int, context_size: 
                     taken.setdefault(ci, []).append(i)
                     group.append((ci, i))
         if len(group) < repeat:
-            raise SystemExit(f"only {len(groups)} canaries x {repeat} fit in the train split; use fewer "
-                             "--canaries or a smaller --repeat")
+            raise SystemExit(
+                f"only {len(groups)} canaries x {repeat} fit in the train split; use fewer "
+                "--canaries or a smaller --repeat"
+            )
         groups.append(group)
     from convsim.data.schema import Message
+
     canaries = []
     for group, text in zip(groups, canary_texts(m, seed)):
-        speaker = convs[group[0][0]].messages[group[0][1]].speaker       # every copy's (chosen so above)
+        speaker = convs[group[0][0]].messages[group[0][1]].speaker  # every copy's (chosen so above)
         copies = []
         for ci, i in group:
             msgs = convs[ci].messages
             old = msgs[i]
             msgs[i] = Message(old.speaker, text, old.time)
-            copies.append({"conv": convs[ci].id, "index": i, "time": old.time, "replaced": old.text,
-                           "context": [[x.speaker, x.text, x.time] for x in msgs[max(0, i - context_size):i]]})
-        first = copies[0]                           # the copy whose context prompts the model
-        canaries.append({"conv": first["conv"], "index": first["index"], "speaker": speaker,
-                         "time": first["time"], "text": text, "replaced": first["replaced"], "context": first["context"],
-                         "copies": [{k: x[k] for k in ("conv", "index", "time")} for x in copies]})
+            copies.append(
+                {
+                    "conv": convs[ci].id,
+                    "index": i,
+                    "time": old.time,
+                    "replaced": old.text,
+                    "context": [[x.speaker, x.text, x.time] for x in msgs[max(0, i - context_size) : i]],
+                }
+            )
+        first = copies[0]  # the copy whose context prompts the model
+        canaries.append(
+            {
+                "conv": first["conv"],
+                "index": first["index"],
+                "speaker": speaker,
+                "time": first["time"],
+                "text": text,
+                "replaced": first["replaced"],
+                "context": first["context"],
+                "copies": [{k: x[k] for k in ("conv", "index", "time")} for x in copies],
+            }
+        )
     return canaries
 
 
@@ -270,6 +320,7 @@ def machine() -> str:
     card = ""
     try:
         import torch
+
         if torch.cuda.is_available():
             card = ", " + torch.cuda.get_device_name(0)
     except Exception:
@@ -282,7 +333,9 @@ def step(msg: str) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--data", required=True, help="data dir with conversations.jsonl")
     p.add_argument("--model", required=True)
     p.add_argument("--work", required=True, help="working directory (planted data, run, indexes)")
@@ -291,15 +344,20 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=1, help="copies of each canary planted (by one speaker, apart)")
     p.add_argument("--train-args", default="", help='passed to `convsim train`, e.g. "--epochs 2 --batch-size 16"')
     p.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma-separated, from {', '.join(VARIANTS)}")
-    p.add_argument("--prefix-words", type=int, default=0, metavar="K",
-                   help="prompt with the canary's first K words already said (0: context only)")
+    p.add_argument(
+        "--prefix-words",
+        type=int,
+        default=0,
+        metavar="K",
+        help="prompt with the canary's first K words already said (0: context only)",
+    )
     p.add_argument("--k", type=int, default=5)
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-faiss", action="store_true", help="behave as if faiss were not installed (numpy search)")
     args = p.parse_args(argv)
     if args.no_faiss:
-        sys.modules["faiss"] = None               # `import faiss` now raises ImportError
+        sys.modules["faiss"] = None  # `import faiss` now raises ImportError
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
@@ -323,25 +381,44 @@ def main(argv=None) -> int:
     convs = read_conversations(args.data)
     targets = targets or speakers_of(convs)
     split = split_conversations(convs, cfg.val_fraction, cfg.test_fraction)
-    canaries = plant(convs, set(targets), {c.id for c in split["train"]}, args.canaries, args.seed, cfg.context_size,
-                     args.repeat)
+    canaries = plant(
+        convs, set(targets), {c.id for c in split["train"]}, args.canaries, args.seed, cfg.context_size, args.repeat
+    )
     planted = json.dumps(canaries, sort_keys=True)
-    step(f"planted {len(canaries)} canaries x {args.repeat} into {len(split['train'])} train conversations "
-         f"({sum(len(c.messages) for c in convs)} messages); e.g. {canaries[0]['speaker']}: {canaries[0]['text']!r}")
+    step(
+        f"planted {len(canaries)} canaries x {args.repeat} into {len(split['train'])} train conversations "
+        f"({sum(len(c.messages) for c in convs)} messages); e.g. {canaries[0]['speaker']}: {canaries[0]['text']!r}"
+    )
     previous = work / "canaries.json"
-    reuse = (run_dir / "run.json").exists() and previous.exists() and previous.read_text() == planted and \
-        json.loads((run_dir / "run.json").read_text()).get("status") == "done"
+    reuse = (
+        (run_dir / "run.json").exists()
+        and previous.exists()
+        and previous.read_text() == planted
+        and json.loads((run_dir / "run.json").read_text()).get("status") == "done"
+    )
     train_summary, train_seconds = None, None
     if reuse:
         step(f"reusing the finished run in {run_dir} (same planted data)")
     else:
         import shutil
+
         shutil.rmtree(run_dir, ignore_errors=True)
         write_conversations(data / "conversations.jsonl", convs)
         (work / "canaries.json").write_text(planted)
         # 2. train
-        cmd = [sys.executable, "-m", "convsim", "train", str(data), "--out", str(run_dir), "--model", args.model,
-               *train_args, "--json"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "convsim",
+            "train",
+            str(data),
+            "--out",
+            str(run_dir),
+            "--model",
+            args.model,
+            *train_args,
+            "--json",
+        ]
         step("training: " + " ".join(shlex.quote(c) for c in cmd[1:]))
         t0 = time.time()
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
@@ -368,8 +445,10 @@ def main(argv=None) -> int:
 
     # 3. generate
     K = args.prefix_words
-    step(f"generating {len(canaries)} greedy replies on {device}"
-         + (f", each begun with its first {K} words" if K else ""))
+    step(
+        f"generating {len(canaries)} greedy replies on {device}"
+        + (f", each begun with its first {K} words" if K else "")
+    )
     cfg_gen = SampleConfig(temperature=0.0, max_new_tokens=args.max_new_tokens)
     for c in canaries:
         context = [Message(s, t, tm) for s, t, tm in c["context"]]
@@ -378,10 +457,11 @@ def main(argv=None) -> int:
             c["generated"], c["prefix"], c["completion"], c["prompt_from_render"] = texts, "", texts, False
             c["reproduced"], c["token_f1"] = completion_scores(texts, c["text"])
             continue
-        ids, prefix, from_render = prefix_prompt(tok, run.fmt, context, c["speaker"], c["text"], K,
-                                                 cfg_gen.max_context_tokens)
+        ids, prefix, from_render = prefix_prompt(
+            tok, run.fmt, context, c["speaker"], c["text"], K, cfg_gen.max_context_tokens
+        )
         burst = reply_from_prompt(model, tok, run.fmt, ids, c["speaker"], cfg_gen)
-        rest = c["text"].split()[len(prefix.split()):]
+        rest = c["text"].split()[len(prefix.split()) :]
         c["prefix"], c["completion"], c["prompt_from_render"] = prefix, burst, from_render
         c["generated"] = [f"{prefix} {burst[0]}" if burst else prefix, *burst[1:]]
         c["reproduced"], c["token_f1"] = completion_scores(burst, " ".join(rest))
@@ -395,12 +475,21 @@ def main(argv=None) -> int:
 
     try:
         import faiss  # noqa: F401
+
         search = "faiss"
     except ImportError:
         search = "numpy exact (faiss not installed)"
     n_messages = len(training_messages(run))
-    recall, recall_spk, recall_rep, recall_pre, self_recall, hit_counts, index_seconds, specs = \
-        {}, {}, {}, {}, {}, {}, {}, {}
+    recall, recall_spk, recall_rep, recall_pre, self_recall, hit_counts, index_seconds, specs = (
+        {},
+        {},
+        {},
+        {},
+        {},
+        {},
+        {},
+        {},
+    )
     command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])])
 
     def save(complete: bool) -> None:
@@ -432,9 +521,23 @@ def main(argv=None) -> int:
             "device": device,
             "machine": machine(),
             "command": command,
-            "canaries": [{k: c.get(k, {}) for k in ("speaker", "text", "prefix", "completion", "generated",
-                                                     "reproduced", "token_f1", "found", "found_prefix_only")}
-                         for c in canaries],
+            "canaries": [
+                {
+                    k: c.get(k, {})
+                    for k in (
+                        "speaker",
+                        "text",
+                        "prefix",
+                        "completion",
+                        "generated",
+                        "reproduced",
+                        "token_f1",
+                        "found",
+                        "found_prefix_only",
+                    )
+                }
+                for c in canaries
+            ],
         }
         write_json(args.out, result, private=False)
 
@@ -446,22 +549,24 @@ def main(argv=None) -> int:
         where = run_dir / "tda-bench" / name
         step(f"indexing {n_messages} training messages: {name} {VARIANTS[name]}")
         t0 = time.time()
-        stats = update_index(run, spec, model, tok, directory=where, progress=sys.stderr.isatty(), rebuild=True,
-                             log=lambda msg: None)
+        stats = update_index(
+            run, spec, model, tok, directory=where, progress=sys.stderr.isatty(), rebuild=True, log=lambda msg: None
+        )
         index_seconds[name] = round(time.time() - t0, 2)
         specs[name] = {**VARIANTS[name], "layer": stats["layer"], "dim": stats["dim"]}
         tda = Attributor(run, model, tok, method=spec.method, k=args.k, directory=where)
         hits = {"all": 0, "reproduced": 0, "prefix_only": 0, "speaker_filtered": 0, "own_text": 0}
         for c in canaries:
-            keys = {(c["speaker"], x["time"], c["text"]) for x in c["copies"]}     # any copy is the canary
+            keys = {(c["speaker"], x["time"], c["text"]) for x in c["copies"]}  # any copy is the canary
             context = [Message(s, t, tm) for s, t, tm in c["context"]]
             found = lambda res: any((h["speaker"], h["time"], h["text"]) in keys for h in res)  # noqa: E731
             own = found(tda.query(c["generated"], c["speaker"], context=context)) if c["generated"] else False
             hits["all"] += own
             hits["reproduced"] += own and c["reproduced"]
             if c["generated"]:
-                hits["speaker_filtered"] += found(tda.query(c["generated"], c["speaker"], speaker=c["speaker"],
-                                                            context=context))
+                hits["speaker_filtered"] += found(
+                    tda.query(c["generated"], c["speaker"], speaker=c["speaker"], context=context)
+                )
             hits["own_text"] += found(tda.query(c["text"], c["speaker"], context=context))
             c.setdefault("found", {})[name] = own
             if K:
@@ -476,10 +581,13 @@ def main(argv=None) -> int:
         hit_counts[name] = {**hits, "n": n, "n_reproduced": n_reproduced}
         if not K:
             del hit_counts[name]["prefix_only"]
-        step(f"  {name}: recall@{args.k} {recall[name]:.2f} ({hits['all']}/{n}; reproduced "
-             f"{hits['reproduced']}/{n_reproduced}" + (f", prefix only {hits['prefix_only']}/{n}" if K else "") +
-             f"; speaker-filtered {recall_spk[name]:.2f}, own text {self_recall[name]:.2f}), "
-             f"indexed in {index_seconds[name]}s")
+        step(
+            f"  {name}: recall@{args.k} {recall[name]:.2f} ({hits['all']}/{n}; reproduced "
+            f"{hits['reproduced']}/{n_reproduced}"
+            + (f", prefix only {hits['prefix_only']}/{n}" if K else "")
+            + f"; speaker-filtered {recall_spk[name]:.2f}, own text {self_recall[name]:.2f}), "
+            f"indexed in {index_seconds[name]}s"
+        )
         save(complete=name == variants[-1])
 
     if not variants:
@@ -488,13 +596,17 @@ def main(argv=None) -> int:
     fmt_r = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
     print(f"\n{'variant':<{width}}  recall@{args.k}  reproduced-only  prefix-only  speaker-only  own-text  index s")
     for name in variants:
-        print(f"{name:<{width}}  {recall[name]:>8.2f}  {fmt_r(recall_rep[name]):>15}  "
-              f"{fmt_r(recall_pre[name] if K else None):>11}  {recall_spk[name]:>12.2f}  {self_recall[name]:>8.2f}  "
-              f"{index_seconds[name]:>7}")
+        print(
+            f"{name:<{width}}  {recall[name]:>8.2f}  {fmt_r(recall_rep[name]):>15}  "
+            f"{fmt_r(recall_pre[name] if K else None):>11}  {recall_spk[name]:>12.2f}  {self_recall[name]:>8.2f}  "
+            f"{index_seconds[name]:>7}"
+        )
     mean_f1 = sum(c["token_f1"] for c in canaries) / max(n, 1)
-    print(f"prefix words {K}; reproduced {n_reproduced}/{n} canaries (mean token F1 of the "
-          f"{'completion' if K else 'reply'} {mean_f1:.2f}); {n_messages} training messages; search: {search}; "
-          f"wrote {args.out}")
+    print(
+        f"prefix words {K}; reproduced {n_reproduced}/{n} canaries (mean token F1 of the "
+        f"{'completion' if K else 'reply'} {mean_f1:.2f}); {n_messages} training messages; search: {search}; "
+        f"wrote {args.out}"
+    )
     return 0
 
 

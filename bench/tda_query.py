@@ -22,6 +22,7 @@ mean-centred) and the PCA spectrum match those of 3000 real chitchat messages em
 270M (layer -1, mean pool); both sets of statistics go into the JSON. Queries are fresh draws, not
 rows of the index.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,17 +45,33 @@ DIM = 640
 RESULTS = Path(__file__).parent / "results" / "tda_query.json"
 # Measured once with `--real 3000` (3000 random chitchat messages, Gemma 3 270M, layer -1, mean pool;
 # 519 s on this 2-core CPU, which is why it is not part of the default run).
-REAL_STATS = {"random_pair_cos": 0.9700, "random_pair_cos_sd": 0.0161, "top1_cos": 0.9903, "top10_cos": 0.9856,
-              "centred_top1_cos": 0.596, "centred_top10_cos": 0.431,
-              "pca_var_1_10_50_100": [0.084, 0.338, 0.631, 0.775], "raw_norm_p50": 34379.0,
-              "raw_abs_max": 66094.6}
-GENERATOR = dict(clusters=4000, mean_norm=8.0, centre_exponent=0.65, noise_exponent=0.5, noise=0.85,
-                 shape_sd=0.5, zipf=0.7)
+REAL_STATS = {
+    "random_pair_cos": 0.9700,
+    "random_pair_cos_sd": 0.0161,
+    "top1_cos": 0.9903,
+    "top10_cos": 0.9856,
+    "centred_top1_cos": 0.596,
+    "centred_top10_cos": 0.431,
+    "pca_var_1_10_50_100": [0.084, 0.338, 0.631, 0.775],
+    "raw_norm_p50": 34379.0,
+    "raw_abs_max": 66094.6,
+}
+GENERATOR = dict(
+    clusters=4000, mean_norm=8.0, centre_exponent=0.65, noise_exponent=0.5, noise=0.85, shape_sd=0.5, zipf=0.7
+)
 
 
-def activation_like(seed: int = 0, dim: int = DIM, clusters: int = 4000, mean_norm: float = 8.0,
-                    centre_exponent: float = 0.65, noise_exponent: float = 0.5, noise: float = 0.85,
-                    shape_sd: float = 0.5, zipf: float = 0.7):
+def activation_like(
+    seed: int = 0,
+    dim: int = DIM,
+    clusters: int = 4000,
+    mean_norm: float = 8.0,
+    centre_exponent: float = 0.65,
+    noise_exponent: float = 0.5,
+    noise: float = 0.85,
+    shape_sd: float = 0.5,
+    zipf: float = 0.7,
+):
     """A sampler `draw(n, rng) -> float32 [n, dim]` of clustered, anisotropic, activation-like vectors."""
     rng = np.random.default_rng(seed)
 
@@ -64,15 +81,15 @@ def activation_like(seed: int = 0, dim: int = DIM, clusters: int = 4000, mean_no
 
     def spectrum(exponent):
         s = (np.arange(dim) + 1.0) ** -exponent
-        return s * np.sqrt(dim / np.sum(s ** 2))
+        return s * np.sqrt(dim / np.sum(s**2))
 
     mean = rng.normal(size=dim)
     mean *= mean_norm * np.sqrt(dim) / np.linalg.norm(mean)
-    centres = (mean + rng.normal(size=(clusters, dim)) @ (rotation() * spectrum(centre_exponent)).T)
+    centres = mean + rng.normal(size=(clusters, dim)) @ (rotation() * spectrum(centre_exponent)).T
     centres = centres.astype(np.float32)
     basis = rotation().astype(np.float32)
     shape = np.exp(rng.normal(0, shape_sd, size=(clusters, dim))) * spectrum(noise_exponent)
-    shape *= (np.exp(rng.normal(0, 0.3, size=clusters)) * noise / np.sqrt(np.mean(shape ** 2, axis=1)))[:, None]
+    shape *= (np.exp(rng.normal(0, 0.3, size=clusters)) * noise / np.sqrt(np.mean(shape**2, axis=1)))[:, None]
     shape = shape.astype(np.float32)
     weights = rng.permutation((np.arange(clusters) + 1.0) ** -zipf)
     weights /= weights.sum()
@@ -81,9 +98,9 @@ def activation_like(seed: int = 0, dim: int = DIM, clusters: int = 4000, mean_no
         labels = rng2.choice(clusters, size=n, p=weights)
         out = np.empty((n, dim), dtype=np.float32)
         for a in range(0, n, 50_000):
-            lab = labels[a:a + 50_000]
+            lab = labels[a : a + 50_000]
             g = rng2.standard_normal((len(lab), dim), dtype=np.float32) * shape[lab]
-            out[a:a + 50_000] = centres[lab] + g @ basis.T
+            out[a : a + 50_000] = centres[lab] + g @ basis.T
         return out
 
     return draw
@@ -100,10 +117,15 @@ def shape_stats(x: np.ndarray) -> dict:
     ev = np.linalg.svd(centred, compute_uv=False) ** 2
     ev /= ev.sum()
     r = lambda v: round(float(v), 4)  # noqa: E731
-    return {"random_pair_cos": r(sims.mean()), "random_pair_cos_sd": r(sims.std()), "top1_cos": r(top[:, 0].mean()),
-            "top10_cos": r(top[:, 9].mean()), "centred_top1_cos": r(ctop[:, 0].mean()),
-            "centred_top10_cos": r(ctop[:, 9].mean()),
-            "pca_var_1_10_50_100": [r(ev[0]), r(ev[:10].sum()), r(ev[:50].sum()), r(ev[:100].sum())]}
+    return {
+        "random_pair_cos": r(sims.mean()),
+        "random_pair_cos_sd": r(sims.std()),
+        "top1_cos": r(top[:, 0].mean()),
+        "top10_cos": r(top[:, 9].mean()),
+        "centred_top1_cos": r(ctop[:, 0].mean()),
+        "centred_top10_cos": r(ctop[:, 9].mean()),
+        "pca_var_1_10_50_100": [r(ev[0]), r(ev[:10].sum()), r(ev[:50].sum()), r(ev[:100].sum())],
+    }
 
 
 def real_stats(n: int) -> dict:
@@ -112,6 +134,7 @@ def real_stats(n: int) -> dict:
 
     from convsim.modeling.activations import embed_texts
     from convsim.modeling.models import load
+
     data = json.loads(Path(chitchat_dataset._PATH).read_text())
     texts = [m["text"] for conv in data.values() for turn in conv["messages"] for m in turn]
     pick = np.random.default_rng(0).choice(len(texts), n, replace=False)
@@ -159,15 +182,24 @@ def main(argv=None) -> int:
     try:
         # ---- the store: 1M rows, written in 4 appends like an incremental update would
         t0 = time.time()
-        store = VectorStore.create(workdir / "store", DIM, {"model": "synthetic", "adapter_hash": None,
-                                                             "layer": -1, "pool": "mean"}, overwrite=True)
+        store = VectorStore.create(
+            workdir / "store",
+            DIM,
+            {"model": "synthetic", "adapter_hash": None, "layer": -1, "pool": "mean"},
+            overwrite=True,
+        )
         rng = np.random.default_rng(1)
         step = max(1, args.n // 4)
         for a in range(0, args.n, step):
             m = min(step, args.n - a)
-            records = [{"speaker": "Ana" if (i * 2654435761) % 100 < 55 else "Ben",
-                        "time": f"2024-01-01T00:00:00+{i}", "text": f"synthetic message {i}"}
-                       for i in range(a, a + m)]
+            records = [
+                {
+                    "speaker": "Ana" if (i * 2654435761) % 100 < 55 else "Ben",
+                    "time": f"2024-01-01T00:00:00+{i}",
+                    "text": f"synthetic message {i}",
+                }
+                for i in range(a, a + m)
+            ]
             store.add(records, draw(m, rng))
             print(f"  store: {a + m:,} / {args.n:,} rows", flush=True)
         store_s = time.time() - t0
@@ -183,8 +215,9 @@ def main(argv=None) -> int:
         t0 = time.time()
         ann = index_for_store(store, kind="ivf")
         cache_load_s = time.time() - t0
-        print(f"  ivf: built in {build_s:.1f} s, read from cache in {cache_load_s:.1f} s ({ann.describe()})",
-              flush=True)
+        print(
+            f"  ivf: built in {build_s:.1f} s, read from cache in {cache_load_s:.1f} s ({ann.describe()})", flush=True
+        )
 
         # ---- exact ground truth over the same float16 rows
         t0 = time.time()
@@ -193,9 +226,10 @@ def main(argv=None) -> int:
         t0 = time.time()
         _, truth = exact.search(queries, k)
         exact_batch_s = time.time() - t0
-        exact_ms = timed_single(exact.search, queries[:args.exact_queries], k)
-        print(f"  exact: ground truth in {exact_batch_s:.1f} s, single query p50 {np.median(exact_ms):.1f} ms",
-              flush=True)
+        exact_ms = timed_single(exact.search, queries[: args.exact_queries], k)
+        print(
+            f"  exact: ground truth in {exact_batch_s:.1f} s, single query p50 {np.median(exact_ms):.1f} ms", flush=True
+        )
         del exact
 
         # ---- approximate: the default nprobe, then a sweep
@@ -209,8 +243,14 @@ def main(argv=None) -> int:
             ivf.nprobe = nprobe
             ann.params["nprobe"] = nprobe
             ms = timed_single(ann.search, queries[:200], k)
-            sweep.append({"nprobe": nprobe, "recall_at_10": round(recall_at(ann.search(queries, k)[1], truth), 4),
-                          "p50_ms": round(float(np.median(ms)), 2), "p95_ms": round(float(np.percentile(ms, 95)), 2)})
+            sweep.append(
+                {
+                    "nprobe": nprobe,
+                    "recall_at_10": round(recall_at(ann.search(queries, k)[1], truth), 4),
+                    "p50_ms": round(float(np.median(ms)), 2),
+                    "p95_ms": round(float(np.percentile(ms, 95)), 2),
+                }
+            )
         ivf.nprobe = ann.params["nprobe"] = default_nprobe
         speaker_ms = timed_single(lambda q, kk: ann.search(q, kk, speaker="Ben"), queries[:200], k)
         _, ben = ann.search(queries[:50], k, speaker="Ben")
@@ -221,16 +261,26 @@ def main(argv=None) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
 
     rows = [("exact (IndexFlatIP)", float(np.median(exact_ms)), float(np.percentile(exact_ms, 95)), 1.0)]
-    rows += [(f"ivf nprobe={s['nprobe']}" + (" (default)" if s["nprobe"] == default_nprobe else ""),
-              s["p50_ms"], s["p95_ms"], s["recall_at_10"]) for s in sweep]
-    rows += [("ivf default, speaker='Ben'", float(np.median(speaker_ms)), float(np.percentile(speaker_ms, 95)),
-              float("nan"))]
+    rows += [
+        (
+            f"ivf nprobe={s['nprobe']}" + (" (default)" if s["nprobe"] == default_nprobe else ""),
+            s["p50_ms"],
+            s["p95_ms"],
+            s["recall_at_10"],
+        )
+        for s in sweep
+    ]
+    rows += [
+        ("ivf default, speaker='Ben'", float(np.median(speaker_ms)), float(np.percentile(speaker_ms, 95)), float("nan"))
+    ]
     print(f"\n{args.n:,} vectors × {DIM}, {args.threads} threads, single queries (batch 1), top-{k}")
     print(f"{'search':<30}{'p50 ms':>9}{'p95 ms':>9}{'recall@10':>11}")
     for name, p50, p95, rec in rows:
         print(f"{name:<30}{p50:>9.2f}{p95:>9.2f}{rec:>11.4f}")
-    print(f"ivf build {build_s:.1f} s (cache read {cache_load_s:.1f} s); store write {store_s:.1f} s, "
-          f"open {open_s:.1f} s; exact is {np.median(exact_ms) / np.median(ann_ms):.0f}× slower than ivf")
+    print(
+        f"ivf build {build_s:.1f} s (cache read {cache_load_s:.1f} s); store write {store_s:.1f} s, "
+        f"open {open_s:.1f} s; exact is {np.median(exact_ms) / np.median(ann_ms):.0f}× slower than ivf"
+    )
 
     result = {
         "query_ms_p50_1m": round(float(np.median(ann_ms)), 3),
@@ -240,35 +290,44 @@ def main(argv=None) -> int:
         "exact_query_ms_p95_1m": round(float(np.percentile(exact_ms, 95)), 2),
         "build_s": round(build_s, 1),
         "index": f"faiss IndexIVFScalarQuantizer(QT_fp16) over IndexFlatIP, inner product on L2-normalised rows; "
-                 f"{ann.describe()}; k-means: spherical, {ivf_params(args.n)['niter']} iterations on 40 rows per list; "
-                 f"cached with faiss.write_index beside the store, read back in {cache_load_s:.1f} s",
+        f"{ann.describe()}; k-means: spherical, {ivf_params(args.n)['niter']} iterations on 40 rows per list; "
+        f"cached with faiss.write_index beside the store, read back in {cache_load_s:.1f} s",
         "vectors": f"{args.n:,} synthetic float16 vectors, dim {DIM}: mixture of {GENERATOR['clusters']} Gaussian "
-                   f"clusters (Zipf-like sizes, exponent {GENERATOR['zipf']}), large shared mean, power-law spread "
-                   f"of centres in a random basis, per-cluster anisotropic noise; tuned so that shape statistics "
-                   f"on 3000 samples match 3000 real chitchat messages embedded with Gemma 3 270M (layer -1, mean "
-                   f"pool). Queries: {args.queries} fresh draws from the same distribution (not in the index); "
-                   f"recall vs exact search over the same float16 rows.",
+        f"clusters (Zipf-like sizes, exponent {GENERATOR['zipf']}), large shared mean, power-law spread "
+        f"of centres in a random basis, per-cluster anisotropic noise; tuned so that shape statistics "
+        f"on 3000 samples match 3000 real chitchat messages embedded with Gemma 3 270M (layer -1, mean "
+        f"pool). Queries: {args.queries} fresh draws from the same distribution (not in the index); "
+        f"recall vs exact search over the same float16 rows.",
         "machine": f"2-core CPU, this container ({platform.processor() or platform.machine()}, "
-                   f"{os.cpu_count()} cores seen), shared with other sessions' jobs: 1-min load average "
-                   f"{load_before[0]:.1f} at start, {load_after[0]:.1f} at end",
+        f"{os.cpu_count()} cores seen), shared with other sessions' jobs: 1-min load average "
+        f"{load_before[0]:.1f} at start, {load_after[0]:.1f} at end",
         "command": "python bench/tda_query.py" + (f" --n {args.n}" if args.n != 1_000_000 else ""),
-        "n": args.n, "dim": DIM, "k": k, "threads": args.threads,
+        "n": args.n,
+        "dim": DIM,
+        "k": k,
+        "threads": args.threads,
         "queries_timed": {"ivf": len(ann_ms), "exact": len(exact_ms)},
         "speaker_filtered_ms_p50": round(float(np.median(speaker_ms)), 3),
         "nprobe_sweep": sweep,
-        "store_write_s": round(store_s, 1), "store_open_s": round(open_s, 1),
-        "ivf_cache_load_s": round(cache_load_s, 1), "exact_index_build_s": round(exact_build_s, 1),
+        "store_write_s": round(store_s, 1),
+        "store_open_s": round(open_s, 1),
+        "ivf_cache_load_s": round(cache_load_s, 1),
+        "exact_index_build_s": round(exact_build_s, 1),
         "exact_batch_ground_truth_s": round(exact_batch_s, 1),
-        "generator": GENERATOR, "synthetic_stats": calibration,
+        "generator": GENERATOR,
+        "synthetic_stats": calibration,
         "real_stats": real or REAL_STATS,
-        "faiss": faiss.__version__, "numpy": np.__version__, "python": sys.version.split()[0],
+        "faiss": faiss.__version__,
+        "numpy": np.__version__,
+        "python": sys.version.split()[0],
         "total_s": round(time.time() - t_start, 1),
     }
     out = Path(args.out) if args.out else (RESULTS if args.n == 1_000_000 else None)
     if out:
         from convsim.fsutil import write_json
+
         write_json(out, result, private=False)
-        os.chmod(out, 0o644)   # a result file in the repo, not private data (mkstemp makes it 0600)
+        os.chmod(out, 0o644)  # a result file in the repo, not private data (mkstemp makes it 0600)
         print(f"wrote {out}")
     return 0
 

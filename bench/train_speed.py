@@ -21,6 +21,7 @@ process, one after the other. Tokens are real (non-pad) tokens of the batches.
 MFU counts the useful model FLOPs: 6 x (non-embedding parameters) per token plus 6 x hidden x vocab per
 token that carries loss, against the card's dense bf16 peak (`--peak-tflops`, default 989 for an H100 SXM).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,10 +45,11 @@ def sync(device):
 
 def batches(rows, batch_size, pad_id, seed, device):
     import random
+
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     for i in range(0, len(order) - batch_size + 1, batch_size):
-        chunk = [rows[j] for j in order[i:i + batch_size]]
+        chunk = [rows[j] for j in order[i : i + batch_size]]
         width = max(len(r["input_ids"]) for r in chunk)
         ids = torch.tensor([r["input_ids"] + [pad_id] * (width - len(r["input_ids"])) for r in chunk])
         mask = torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in chunk])
@@ -63,6 +65,7 @@ def plain_loop(cfg, data_dir, device, steps, warmup, dtype=torch.float32):
     from convsim.modeling.models import load_base, resolve
     from convsim.modeling.speakers import add_speaker_tokens
     from convsim.training.data import prepare_data, tokenize
+
     convs, speakers, targets, split, ex = prepare_data(cfg, data_dir)
     spec = resolve(cfg.model)
     torch.manual_seed(cfg.seed)
@@ -70,10 +73,15 @@ def plain_loop(cfg, data_dir, device, steps, warmup, dtype=torch.float32):
     ids = add_speaker_tokens(model, tok, speakers, {}, spec.reference_words, seed=cfg.seed)
     fmt = PromptFormat(style=spec.prompt_style, speakers=tuple(speakers), special_tokens=True)
     rows, _ = tokenize(tok, fmt, ex["train"], cfg)
-    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_r, use_rslora=True,
-                      target_modules=list(spec.attn_targets) + list(spec.mlp_targets),
-                      trainable_token_indices={"embed_tokens": sorted(ids.values())}, task_type="CAUSAL_LM")
-    model = get_peft_model(model, lora)     # PEFT keeps LoRA in float32 over bf16 weights (autocast_adapter_dtype)
+    lora = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_r,
+        use_rslora=True,
+        target_modules=list(spec.attn_targets) + list(spec.mlp_targets),
+        trainable_token_indices={"embed_tokens": sorted(ids.values())},
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, lora)  # PEFT keeps LoRA in float32 over bf16 weights (autocast_adapter_dtype)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
     cuda = device.startswith("cuda")
@@ -83,23 +91,33 @@ def plain_loop(cfg, data_dir, device, steps, warmup, dtype=torch.float32):
         torch.cuda.reset_peak_memory_stats()
     for step in range(warmup + steps):
         x, m, y = next(it)
-        sync(device); t = time.perf_counter()
+        sync(device)
+        t = time.perf_counter()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
             loss = model(input_ids=x, attention_mask=m, labels=y).loss
         loss.backward()
-        opt.step(); opt.zero_grad(set_to_none=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
         sync(device)
         if step >= warmup:
-            times.append(time.perf_counter() - t); toks.append(int(m.sum()))
+            times.append(time.perf_counter() - t)
+            toks.append(int(m.sum()))
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     loss_tokens = sum(sum(1 for v in r["labels"] if v != -100) for r in rows) / sum(len(r["input_ids"]) for r in rows)
     fpt = flops_per_token(model.get_base_model().config, loss_tokens)
     del model, opt
     if cuda:
         torch.cuda.empty_cache()
-    return {"tokens_per_s": sum(toks) / sum(times), "step_s_median": statistics.median(times),
-            "peak_gib": peak, "steps": steps, "loss_token_fraction": loss_tokens, "final_loss": float(loss),
-            "useful_flops_per_token": fpt, "dtype": str(dtype).replace("torch.", "")}
+    return {
+        "tokens_per_s": sum(toks) / sum(times),
+        "step_s_median": statistics.median(times),
+        "peak_gib": peak,
+        "steps": steps,
+        "loss_token_fraction": loss_tokens,
+        "final_loss": float(loss),
+        "useful_flops_per_token": fpt,
+        "dtype": str(dtype).replace("torch.", ""),
+    }
 
 
 def ours(cfg, data_dir, device, steps, work: Path, flags=(), env=None):
@@ -107,26 +125,55 @@ def ours(cfg, data_dir, device, steps, work: Path, flags=(), env=None):
     way."""
     from unittest.mock import patch
     from convsim.cli import main
+
     flags = list(flags)
     conf = work / "bench.yaml"
-    conf.write_text(f"logging_steps: {max(2, steps // 8)}\neval_steps: 100000\nsave_steps: 100000\nsamples: 0\n"
-                    f"max_val_examples: 8\n")
+    conf.write_text(
+        f"logging_steps: {max(2, steps // 8)}\neval_steps: 100000\nsave_steps: 100000\nsamples: 0\n"
+        f"max_val_examples: 8\n"
+    )
     out = work / ("run" + "".join(f.replace("--", "_") for f in flags))
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     with patch.dict(os.environ, env or {}):
-        rc = main(["train", str(data_dir), "--out", str(out), "--model", cfg.model, "--batch-size",
-                   str(cfg.batch_size), "--max-steps", str(steps + steps // 4), "--lora-r", str(cfg.lora_r),
-                   "--config", str(conf), "--seed", str(cfg.seed), *flags])
+        rc = main(
+            [
+                "train",
+                str(data_dir),
+                "--out",
+                str(out),
+                "--model",
+                cfg.model,
+                "--batch-size",
+                str(cfg.batch_size),
+                "--max-steps",
+                str(steps + steps // 4),
+                "--lora-r",
+                str(cfg.lora_r),
+                "--config",
+                str(conf),
+                "--seed",
+                str(cfg.seed),
+                *flags,
+            ]
+        )
         liger = _liger_used()
     assert rc == 0, rc
     meta = json.loads((out / "run.json").read_text())
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
-    return {"tokens_per_s": interval_rate(out / "metrics.jsonl"), "tokens_per_s_median_interval": meta["tokens_per_s"],
-            "frozen_dtype": meta.get("frozen_dtype"), "group_by_length": meta.get("group_by_length"),
-            "peak_gib": peak, "steps": meta["global_step"],
-            "train_loss": meta["train_loss"], "flags": flags, "compiled_layers": meta.get("compiled_layers"),
-            "activation_checkpointing": meta.get("activation_checkpointing"), "liger": liger}
+    return {
+        "tokens_per_s": interval_rate(out / "metrics.jsonl"),
+        "tokens_per_s_median_interval": meta["tokens_per_s"],
+        "frozen_dtype": meta.get("frozen_dtype"),
+        "group_by_length": meta.get("group_by_length"),
+        "peak_gib": peak,
+        "steps": meta["global_step"],
+        "train_loss": meta["train_loss"],
+        "flags": flags,
+        "compiled_layers": meta.get("compiled_layers"),
+        "activation_checkpointing": meta.get("activation_checkpointing"),
+        "liger": liger,
+    }
 
 
 def interval_rate(metrics: Path) -> float | None:
@@ -137,7 +184,7 @@ def interval_rate(metrics: Path) -> float | None:
     rows = [r for r in rows if "tokens_per_s" in r or "loss" in r]
     tokens = seconds = 0.0
     for prev, row in zip(rows, rows[1:]):
-        if "tokens_per_s" in row and "tokens_per_s" in prev:     # prev logged too: row's interval is steady
+        if "tokens_per_s" in row and "tokens_per_s" in prev:  # prev logged too: row's interval is steady
             dt = row["time"] - prev["time"]
             tokens += row["tokens_per_s"] * dt
             seconds += dt
@@ -146,6 +193,7 @@ def interval_rate(metrics: Path) -> float | None:
 
 def _liger_used():
     from convsim.modeling import loss
+
     return any(v is not None for v in loss._LIGER.values()) and os.environ.get("CONVSIM_LIGER", "0") == "1"
 
 
@@ -158,9 +206,12 @@ VARIANTS = {
     "fp32-frozen": (["--frozen-dtype", "float32"], {"CONVSIM_LIGER": "0"}),
     "no-grouping": (["--no-group-by-length"], {"CONVSIM_LIGER": "0"}),
     "grouped": (["--group-by-length"], {"CONVSIM_LIGER": "0"}),
-    "packed": (["--packing"], {"CONVSIM_LIGER": "0"}),          # padding-free batches
+    "packed": (["--packing"], {"CONVSIM_LIGER": "0"}),  # padding-free batches
     # the default of the previous release: compiled layers, float32 frozen weights, random batches
-    "compiled-fp32-random": (["--compile", "--frozen-dtype", "float32", "--no-group-by-length"], {"CONVSIM_LIGER": "0"}),
+    "compiled-fp32-random": (
+        ["--compile", "--frozen-dtype", "float32", "--no-group-by-length"],
+        {"CONVSIM_LIGER": "0"},
+    ),
 }
 
 
@@ -188,11 +239,13 @@ def main():
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--peak-tflops", type=float, default=989.0)
     ap.add_argument("--variants", default="", help="comma-separated extra arms: " + ", ".join(VARIANTS))
-    ap.add_argument("--plain-bf16", action="store_true",
-                    help="also run the plain loop with bf16 base weights (a second baseline)")
+    ap.add_argument(
+        "--plain-bf16", action="store_true", help="also run the plain loop with bf16 base weights (a second baseline)"
+    )
     ap.add_argument("--out")
     a = ap.parse_args()
     from convsim.config import TrainConfig
+
     cfg = TrainConfig(model=a.model, batch_size=a.batch_size)
     card = torch.cuda.get_device_name() if a.device.startswith("cuda") else f"CPU x{os.cpu_count()}"
     with tempfile.TemporaryDirectory() as tmp:
@@ -201,27 +254,39 @@ def main():
         plain_bf16 = None
         if a.plain_bf16:
             plain_bf16 = plain_loop(cfg, a.data, a.device, a.steps, a.warmup, dtype=torch.bfloat16)
-            print(f"plain (bf16 weights): {plain_bf16['tokens_per_s']:.0f} tokens/s, peak {plain_bf16['peak_gib']} GiB",
-                  flush=True)
+            print(
+                f"plain (bf16 weights): {plain_bf16['tokens_per_s']:.0f} tokens/s, peak {plain_bf16['peak_gib']} GiB",
+                flush=True,
+            )
         o = ours(cfg, a.data, a.device, a.steps, Path(tmp))
         print(f"ours:  {o['tokens_per_s']} tokens/s, peak {o['peak_gib']} GiB", flush=True)
         variants = {}
         for name in filter(None, a.variants.split(",")):
             try:
                 variants[name] = ours(cfg, a.data, a.device, a.steps, Path(tmp), *VARIANTS[name])
-                print(f"{name}: {variants[name]['tokens_per_s']} tokens/s, peak {variants[name]['peak_gib']} GiB",
-                      flush=True)
-            except Exception as e:          # one arm failing must not lose the others
+                print(
+                    f"{name}: {variants[name]['tokens_per_s']} tokens/s, peak {variants[name]['peak_gib']} GiB",
+                    flush=True,
+                )
+            except Exception as e:  # one arm failing must not lose the others
                 variants[name] = {"error": f"{type(e).__name__}: {e}"}
                 print(f"{name}: failed: {e}", flush=True)
     fpt = p["useful_flops_per_token"]
-    res = {"card": card, "device": a.device, "model": a.model, "batch_size": a.batch_size, "steps": a.steps,
-           "plain": p, "ours": o, "speedup": ratio(o, p),
-           **({"plain_bf16": plain_bf16, "speedup_vs_plain_bf16": ratio(o, plain_bf16)} if plain_bf16 else {}),
-           "variants": {k: {**v, "speedup": ratio(v, p)} for k, v in variants.items()},
-           "useful_flops_per_token": fpt,
-           "command": "python bench/train_speed.py " + " ".join(sys.argv[1:]),
-           "torch": torch.__version__}
+    res = {
+        "card": card,
+        "device": a.device,
+        "model": a.model,
+        "batch_size": a.batch_size,
+        "steps": a.steps,
+        "plain": p,
+        "ours": o,
+        "speedup": ratio(o, p),
+        **({"plain_bf16": plain_bf16, "speedup_vs_plain_bf16": ratio(o, plain_bf16)} if plain_bf16 else {}),
+        "variants": {k: {**v, "speedup": ratio(v, p)} for k, v in variants.items()},
+        "useful_flops_per_token": fpt,
+        "command": "python bench/train_speed.py " + " ".join(sys.argv[1:]),
+        "torch": torch.__version__,
+    }
     if a.device.startswith("cuda") and o["tokens_per_s"]:
         res["mfu_ours"] = o["tokens_per_s"] * fpt / (a.peak_tflops * 1e12)
         res["mfu_plain"] = p["tokens_per_s"] * fpt / (a.peak_tflops * 1e12)

@@ -23,6 +23,7 @@ transformers + PEFT loop of bench/train_speed.py (issue #10), in two commands an
 
 Works without unsloth for `--help` and `dump` (unsloth is imported inside `train` only).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,17 +40,20 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # ----------------------------------------------------------------------------- dump (convsim env)
 
+
 def dump(a) -> int:
     import torch
+
     sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(ROOT / "bench"))
-    from train_speed import batches                       # the plain loop's own batching
+    from train_speed import batches  # the plain loop's own batching
     from convsim.data.examples import PromptFormat
     from convsim.config import TrainConfig
     from convsim.modeling.models import load_base, resolve
     from convsim.modeling.speakers import add_speaker_tokens
     from convsim.training.data import prepare_data, tokenize
     import transformers
+
     cfg = TrainConfig(model=a.model, batch_size=a.batch_size)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -73,22 +77,38 @@ def dump(a) -> int:
     torch.save(bs, out / "batches.pt")
     model.save_pretrained(out / "model")
     tok.save_pretrained(out / "model")
-    loss_fraction = (sum(sum(1 for v in r["labels"] if v != -100) for r in rows)
-                     / sum(len(r["input_ids"]) for r in rows))
-    meta = {"model": cfg.model, "batch_size": cfg.batch_size, "steps": a.steps, "warmup": a.warmup,
-            "seed": cfg.seed, "max_seq_length": cfg.max_seq_length, "learning_rate": cfg.learning_rate,
-            "lora_r": cfg.lora_r, "lora_alpha": cfg.lora_r, "lora_dropout": 0.0, "use_rslora": True,
-            "target_modules": list(spec.attn_targets) + list(spec.mlp_targets),
-            "trainable_token_indices": sorted(ids.values()), "pad_token_id": tok.pad_token_id,
-            "vocab": len(tok), "examples": len(rows), "loss_token_fraction": loss_fraction,
-            "dumped_with_transformers": transformers.__version__, "data": str(a.data)}
+    loss_fraction = sum(sum(1 for v in r["labels"] if v != -100) for r in rows) / sum(len(r["input_ids"]) for r in rows)
+    meta = {
+        "model": cfg.model,
+        "batch_size": cfg.batch_size,
+        "steps": a.steps,
+        "warmup": a.warmup,
+        "seed": cfg.seed,
+        "max_seq_length": cfg.max_seq_length,
+        "learning_rate": cfg.learning_rate,
+        "lora_r": cfg.lora_r,
+        "lora_alpha": cfg.lora_r,
+        "lora_dropout": 0.0,
+        "use_rslora": True,
+        "target_modules": list(spec.attn_targets) + list(spec.mlp_targets),
+        "trainable_token_indices": sorted(ids.values()),
+        "pad_token_id": tok.pad_token_id,
+        "vocab": len(tok),
+        "examples": len(rows),
+        "loss_token_fraction": loss_fraction,
+        "dumped_with_transformers": transformers.__version__,
+        "data": str(a.data),
+    }
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
-    print(f"dumped {n} batches of {cfg.batch_size} ({len(rows)} examples), model with {len(ids)} speaker tokens "
-          f"-> {out}", flush=True)
+    print(
+        f"dumped {n} batches of {cfg.batch_size} ({len(rows)} examples), model with {len(ids)} speaker tokens -> {out}",
+        flush=True,
+    )
     return 0
 
 
 # ----------------------------------------------------------------------------- train (unsloth env)
+
 
 class Failed(Exception):
     def __init__(self, stage: str, reason: str):
@@ -103,6 +123,7 @@ def one_line(e: BaseException) -> str:
 
 def _version(name: str):
     from importlib.metadata import PackageNotFoundError, version
+
     try:
         return version(name)
     except PackageNotFoundError:
@@ -123,22 +144,32 @@ def train(a, res: dict) -> None:
     os.environ.setdefault("UNSLOTH_COMPILE_LOCATION", str(work / "unsloth_compiled_cache"))
     if a.site:
         if not Path(a.site).is_dir():
-            raise Failed("setup", f"--site {a.site} is not a folder (install tools/gpu/unsloth_wheels.sh's wheels there)")
-        sys.path.append(a.site)                        # last: the machine's packages win
+            raise Failed(
+                "setup", f"--site {a.site} is not a folder (install tools/gpu/unsloth_wheels.sh's wheels there)"
+            )
+        sys.path.append(a.site)  # last: the machine's packages win
     stage = "setup"
     try:
         meta = json.loads((dump_dir / "meta.json").read_text())
-        res.update(batch_size=meta["batch_size"], steps=meta["steps"], warmup=meta["warmup"],
-                   lora_r=meta["lora_r"], target_modules=meta["target_modules"])
+        res.update(
+            batch_size=meta["batch_size"],
+            steps=meta["steps"],
+            warmup=meta["warmup"],
+            lora_r=meta["lora_r"],
+            target_modules=meta["target_modules"],
+        )
     except (OSError, ValueError, KeyError) as e:
         raise Failed(stage, f"cannot read {dump_dir}/meta.json (run `dump` first): {one_line(e)}")
     for bad in ("transformers", "trl", "unsloth", "peft"):
         if bad in sys.modules:
             raise Failed(stage, f"{bad} was imported before unsloth")
     import torch
+
     res["torch_version"] = torch.__version__
     if not torch.cuda.is_available():
-        raise Failed(stage, "no CUDA device: Unsloth's fast path needs a GPU (its CPU fallback is not what #10 measures)")
+        raise Failed(
+            stage, "no CUDA device: Unsloth's fast path needs a GPU (its CPU fallback is not what #10 measures)"
+        )
     res["card"] = torch.cuda.get_device_name()
     tv = _version("transformers")
     res["transformers_version"] = tv
@@ -146,11 +177,15 @@ def train(a, res: dict) -> None:
     res["peft_version"] = _version("peft")
     res["datasets_version"] = _version("datasets")
     from packaging.version import Version
+
     if tv is None:
         raise Failed(stage, "transformers is not installed")
     if Version(tv) > Version("5.17.0"):
-        raise Failed(stage, f"transformers {tv} is on the path; unsloth pins transformers <= 5.17 "
-                            "(run without $STAGE/site, e.g. `env -u PYTHONPATH`)")
+        raise Failed(
+            stage,
+            f"transformers {tv} is on the path; unsloth pins transformers <= 5.17 "
+            "(run without $STAGE/site, e.g. `env -u PYTHONPATH`)",
+        )
     trl_v = res["trl_version"]
     if trl_v is not None and Version(trl_v) > Version("1.15.0"):
         raise Failed(stage, f"trl {trl_v} is on the path; unsloth pins trl <= 1.15")
@@ -160,7 +195,7 @@ def train(a, res: dict) -> None:
     try:
         import unsloth  # noqa: F401  (first: it patches transformers/peft/trl as they import)
         from unsloth import FastLanguageModel
-    except BaseException as e:                          # SystemExit/NotImplementedError included
+    except BaseException as e:  # SystemExit/NotImplementedError included
         missing = getattr(e, "name", None) if isinstance(e, ModuleNotFoundError) else None
         raise Failed(stage, (f"missing module {missing!r}: " if missing else "") + one_line(e))
     res["unsloth_version"] = getattr(unsloth, "__version__", _version("unsloth"))
@@ -170,6 +205,7 @@ def train(a, res: dict) -> None:
         raise Failed(stage, "unsloth chose its CPU backend although torch sees CUDA")
     try:
         import unsloth_zoo.loss_utils as lu
+
         res["cut_cross_entropy"] = bool(getattr(lu, "HAS_CUT_CROSS_ENTROPY", False))
     except Exception:
         pass
@@ -180,9 +216,15 @@ def train(a, res: dict) -> None:
     t = time.perf_counter()
     try:
         model, tok = FastLanguageModel.from_pretrained(
-            model_name=str(dump_dir / "model"), max_seq_length=meta["max_seq_length"], dtype=torch.bfloat16,
-            load_in_4bit=False, load_in_8bit=False, full_finetuning=False, fix_tokenizer=False,
-            use_gradient_checkpointing=a.gradient_checkpointing)
+            model_name=str(dump_dir / "model"),
+            max_seq_length=meta["max_seq_length"],
+            dtype=torch.bfloat16,
+            load_in_4bit=False,
+            load_in_8bit=False,
+            full_finetuning=False,
+            fix_tokenizer=False,
+            use_gradient_checkpointing=a.gradient_checkpointing,
+        )
     except BaseException as e:
         raise Failed(stage, one_line(e))
     res["load_s"] = time.perf_counter() - t
@@ -192,13 +234,21 @@ def train(a, res: dict) -> None:
         raise Failed(stage, f"embedding has {emb.shape[0]} rows, the dumped tokenizer {meta['vocab']}")
 
     stage = "get_peft_model"
-    peft_kw = dict(r=meta["lora_r"], lora_alpha=meta["lora_alpha"], lora_dropout=meta["lora_dropout"],
-                   target_modules=meta["target_modules"], bias="none", use_rslora=meta["use_rslora"],
-                   use_gradient_checkpointing=a.gradient_checkpointing, random_state=meta["seed"])
+    peft_kw = dict(
+        r=meta["lora_r"],
+        lora_alpha=meta["lora_alpha"],
+        lora_dropout=meta["lora_dropout"],
+        target_modules=meta["target_modules"],
+        bias="none",
+        use_rslora=meta["use_rslora"],
+        use_gradient_checkpointing=a.gradient_checkpointing,
+        random_state=meta["seed"],
+    )
     res["trainable_tokens"] = True
     try:
         model = FastLanguageModel.get_peft_model(
-            model, trainable_token_indices={"embed_tokens": meta["trainable_token_indices"]}, **peft_kw)
+            model, trainable_token_indices={"embed_tokens": meta["trainable_token_indices"]}, **peft_kw
+        )
     except BaseException as e:
         if a.require_trainable_tokens:
             raise Failed(stage, "with trainable_token_indices: " + one_line(e))
@@ -248,12 +298,17 @@ def train(a, res: dict) -> None:
     except BaseException as e:
         res["steps_done"] = len(losses)
         raise Failed(stage, f"at step {len(losses)}: " + one_line(e))
-    res.update(tokens_per_s=sum(toks) / sum(times), step_s_median=statistics.median(times),
-               tokens_per_s_median_step=statistics.median(t_ / s for t_, s in zip(toks, times)),
-               step_s=times, peak_gib=torch.cuda.max_memory_allocated() / 2**30,
-               peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30,
-               first_loss=losses[0], final_loss=losses[-1],
-               mean_loss_after_warmup=statistics.fmean(losses[meta["warmup"]:]))
+    res.update(
+        tokens_per_s=sum(toks) / sum(times),
+        step_s_median=statistics.median(times),
+        tokens_per_s_median_step=statistics.median(t_ / s for t_, s in zip(toks, times)),
+        step_s=times,
+        peak_gib=torch.cuda.max_memory_allocated() / 2**30,
+        peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30,
+        first_loss=losses[0],
+        final_loss=losses[-1],
+        mean_loss_after_warmup=statistics.fmean(losses[meta["warmup"] :]),
+    )
 
 
 def main(argv=None) -> int:
@@ -271,25 +326,39 @@ def main(argv=None) -> int:
     t.add_argument("--site", help="folder with the carried unsloth wheels installed (appended to sys.path)")
     t.add_argument("--out", required=True, help="JSON result (written on failure too, with `error`)")
     t.add_argument("--work", help="scratch folder (unsloth's compiled cache); default DUMP/work")
-    t.add_argument("--gradient-checkpointing", default=False, type=lambda s: {"false": False, "true": True}.get(s, s),
-                   help="false (default, as the plain loop), true, or unsloth (Unsloth's default, offloaded)")
-    t.add_argument("--require-trainable-tokens", action="store_true",
-                   help="fail instead of training LoRA alone when trainable_token_indices is refused")
+    t.add_argument(
+        "--gradient-checkpointing",
+        default=False,
+        type=lambda s: {"false": False, "true": True}.get(s, s),
+        help="false (default, as the plain loop), true, or unsloth (Unsloth's default, offloaded)",
+    )
+    t.add_argument(
+        "--require-trainable-tokens",
+        action="store_true",
+        help="fail instead of training LoRA alone when trainable_token_indices is refused",
+    )
     a = ap.parse_args(argv)
     if a.cmd == "dump":
         return dump(a)
-    res = {"bench": "unsloth", "command": "python3 bench/unsloth_speed.py " + " ".join(sys.argv[1:]),
-           "gradient_checkpointing": a.gradient_checkpointing, "python": sys.version.split()[0]}
+    res = {
+        "bench": "unsloth",
+        "command": "python3 bench/unsloth_speed.py " + " ".join(sys.argv[1:]),
+        "gradient_checkpointing": a.gradient_checkpointing,
+        "python": sys.version.split()[0],
+    }
     rc = 0
     try:
         train(a, res)
-        print(f"unsloth: {res['tokens_per_s']:.0f} tokens/s, peak {res['peak_gib']:.1f} GiB, "
-              f"loss {res['first_loss']:.3f} -> {res['final_loss']:.3f} on {res.get('card')}", flush=True)
+        print(
+            f"unsloth: {res['tokens_per_s']:.0f} tokens/s, peak {res['peak_gib']:.1f} GiB, "
+            f"loss {res['first_loss']:.3f} -> {res['final_loss']:.3f} on {res.get('card')}",
+            flush=True,
+        )
     except Failed as e:
         res["error"], res["stage"] = e.reason, e.stage
         print(f"unsloth: FAILED at {e.stage}: {e.reason}", file=sys.stderr, flush=True)
         rc = 1
-    except BaseException as e:                          # anything unforeseen still leaves a JSON
+    except BaseException as e:  # anything unforeseen still leaves a JSON
         res["error"], res["stage"] = one_line(e), "unexpected"
         traceback.print_exc()
         rc = 1

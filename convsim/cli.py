@@ -4,6 +4,7 @@ A stage module defines `HELP` (one line), `EXAMPLES` (shown under `--help`), `ad
 and `run(args) -> int | None`. Modules are imported only when their command runs, so `convsim --help`
 is instant. User errors (`UserError`, a missing file) end with one `error: ...` line and exit code 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,7 +15,10 @@ import sys
 # name -> (module, one-line help). Keep this the only place a command is registered.
 COMMANDS: dict[str, tuple[str, str]] = {
     "models": ("convsim.modeling.models_cli", "list the supported base models and whether their weights are here"),
-    "import": ("convsim.data.import_cli", "read chat exports (WhatsApp, Telegram, Discord, ...) into conversations.jsonl"),
+    "import": (
+        "convsim.data.import_cli",
+        "read chat exports (WhatsApp, Telegram, Discord, ...) into conversations.jsonl",
+    ),
     "stats": ("convsim.data.stats", "per-speaker statistics of an imported data dir"),
     "train": ("convsim.training.recipe", "LoRA fine-tune a model on a data dir, with one token per speaker"),
     "reply": ("convsim.chat.reply", "sample reply bursts as one person for a given history (non-interactive)"),
@@ -70,14 +74,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if argv[0] == "--version":
         from convsim import __version__
+
         print(__version__)
         return 0
     name = argv[0]
     if name not in commands:
         print(f"error: unknown command {name!r}; try `convsim --help`", file=sys.stderr)
         return 2
-    if name == "train":     # --backend unsloth: unsloth must be imported before transformers/peft/trl
+    if name == "train":  # --backend unsloth: unsloth must be imported before transformers/peft/trl
         from convsim.training.backends.unsloth import import_first
+
         import_first(argv[1:])
     parser, module = build_parser(name)
     args = parser.parse_args(argv[1:])
@@ -93,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(module, args) -> int:
     from convsim.errors import UserError
+
     try:
         rc = module.run(args)
     except UserError as e:
@@ -114,17 +121,24 @@ def _run(module, args) -> int:
         return 0
     except OSError as e:
         import errno
+
         if e.errno == errno.ENOSPC:
-            print(f"error: no space left on the device{': ' + str(e.filename) if e.filename else ''}; "
-                  "nothing was replaced (files are written whole or not at all)", file=sys.stderr)
+            print(
+                f"error: no space left on the device{': ' + str(e.filename) if e.filename else ''}; "
+                "nothing was replaced (files are written whole or not at all)",
+                file=sys.stderr,
+            )
             return 2
         raise
     except RuntimeError as e:
-        if type(e).__name__ != "OutOfMemoryError":   # torch.OutOfMemoryError (CUDA/MPS), without importing torch
+        if type(e).__name__ != "OutOfMemoryError":  # torch.OutOfMemoryError (CUDA/MPS), without importing torch
             raise
         first = (str(e).strip().splitlines() or [""])[0][:300]
-        print(f"error: out of accelerator memory ({first}); try a smaller --batch-size or --max-seq-length, "
-              "a smaller model, or the CPU", file=sys.stderr)
+        print(
+            f"error: out of accelerator memory ({first}); try a smaller --batch-size or --max-seq-length, "
+            "a smaller model, or the CPU",
+            file=sys.stderr,
+        )
         return 2
     return int(rc or 0)
 

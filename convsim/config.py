@@ -2,6 +2,7 @@
 a YAML file holds the same fields (unknown keys are an error), command-line flags override it, and the
 resolved config is saved in the run directory as `config.yaml`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,9 +18,9 @@ from convsim.errors import UserError, brief
 class TrainConfig:
     model: str = "gemma-3-270m"
     targets: list[str] = field(default_factory=lambda: ["all"])
-    extra_data: list[str] = field(default_factory=list)   # training-only data dirs (see `convsim train --help`)
-    extra_data_ratio: float = 0.0             # at most this many extra messages per main training message (0: all)
-    auto_extra_data: bool = True              # with no extra_data: use DATA_DIR/extra when it holds conversations
+    extra_data: list[str] = field(default_factory=list)  # training-only data dirs (see `convsim train --help`)
+    extra_data_ratio: float = 0.0  # at most this many extra messages per main training message (0: all)
+    auto_extra_data: bool = True  # with no extra_data: use DATA_DIR/extra when it holds conversations
     epochs: float = 1.0
     batch_size: int = 8
     grad_accum: int = 1
@@ -27,16 +28,16 @@ class TrainConfig:
     warmup_ratio: float = 0.05
     weight_decay: float = 0.0
     max_steps: int = -1
-    time_budget: float | None = None          # minutes
+    time_budget: float | None = None  # minutes
     max_seq_length: int = 512
     lora_r: int = 16
-    lora_alpha: int | None = None             # default: = r (the seed used alpha = r with rsLoRA)
+    lora_alpha: int | None = None  # default: = r (the seed used alpha = r with rsLoRA)
     lora_dropout: float = 0.0
     use_rslora: bool = True
     special_tokens: bool = True
     include_mlp: bool = True
-    instruct_format: bool | None = None       # default: the model row's prompt style
-    loss: str = "reply"                       # "reply" (only the reply) or "whole" (the seed's: all text)
+    instruct_format: bool | None = None  # default: the model row's prompt style
+    loss: str = "reply"  # "reply" (only the reply) or "whole" (the seed's: all text)
     context_size: int = 8
     max_burst: int = 8
     val_fraction: float = 0.1
@@ -45,16 +46,16 @@ class TrainConfig:
     eval_steps: int = 50
     save_steps: int = 50
     logging_steps: int = 10
-    samples: int = 4                          # validation replies sampled at each evaluation
+    samples: int = 4  # validation replies sampled at each evaluation
     seed: int = 0
-    quantization: str | None = None           # "4bit" | "8bit" (CUDA)
-    backend: str = "peft"                     # "peft" | "unsloth"
-    activation_checkpointing: bool | None = None   # default: on only for models of 1B parameters or more
-    compile: bool | None = None               # torch.compile each decoder layer; default: on CUDA
-    frozen_dtype: str | None = None           # "float32" | "bfloat16": the frozen base weights; default bf16 on CUDA
-    group_by_length: bool | None = None       # batches of similar lengths (less padding); default: off
-    packing: bool | None = None               # padding-free batches: a batch's examples in one row; default: off
-    keep_best: bool = False                   # end with the weights of the lowest validation loss seen
+    quantization: str | None = None  # "4bit" | "8bit" (CUDA)
+    backend: str = "peft"  # "peft" | "unsloth"
+    activation_checkpointing: bool | None = None  # default: on only for models of 1B parameters or more
+    compile: bool | None = None  # torch.compile each decoder layer; default: on CUDA
+    frozen_dtype: str | None = None  # "float32" | "bfloat16": the frozen base weights; default bf16 on CUDA
+    group_by_length: bool | None = None  # batches of similar lengths (less padding); default: off
+    packing: bool | None = None  # padding-free batches: a batch's examples in one row; default: off
+    keep_best: bool = False  # end with the weights of the lowest validation loss seen
     speaker_references: dict[str, list[str]] = field(default_factory=dict)
 
     def validate(self) -> "TrainConfig":
@@ -95,14 +96,15 @@ def yaml_problem(e: Exception) -> str:
 def load_yaml(path: str | Path, cls=TrainConfig) -> dict:
     """The settings of a YAML config file, checked against the fields of `cls` (names and types)."""
     from convsim.fsutil import read_user_text
+
     text = read_user_text(path, "config file", max_bytes=1 << 20)
     try:
         data = safe_yaml(text)
-    except (yaml.YAMLError, ValueError) as e:   # ValueError: a date-like scalar such as 2024-13-45
+    except (yaml.YAMLError, ValueError) as e:  # ValueError: a date-like scalar such as 2024-13-45
         raise UserError(f"{path}: not valid YAML ({yaml_problem(e)})") from None
     except RecursionError:
         raise UserError(f"{path}: YAML nested too deeply") from None
-    if data is None:                          # an empty file: no settings, the defaults
+    if data is None:  # an empty file: no settings, the defaults
         data = {}
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping of settings")
@@ -135,16 +137,28 @@ def _fits(value, annotation) -> bool:
             return True
         if opt == "list[str]" and isinstance(value, list) and all(isinstance(v, str) for v in value):
             return True
-        if opt == "dict[str,list[str]]" and isinstance(value, dict) and all(
+        if (
+            opt == "dict[str,list[str]]"
+            and isinstance(value, dict)
+            and all(
                 isinstance(k, str) and isinstance(v, list) and all(isinstance(x, str) for x in v)
-                for k, v in value.items()):
+                for k, v in value.items()
+            )
+        ):
             return True
     return False
 
 
 def _describe(annotation) -> str:
-    names = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false", "None": "null",
-             "list[str]": "a list of strings", "dict[str,list[str]]": "a mapping of names to lists of strings"}
+    names = {
+        "int": "an integer",
+        "float": "a number",
+        "str": "a string",
+        "bool": "true or false",
+        "None": "null",
+        "list[str]": "a list of strings",
+        "dict[str,list[str]]": "a mapping of names to lists of strings",
+    }
     return " or ".join(names.get(o, o) for o in str(annotation).replace(" ", "").split("|"))
 
 

@@ -4,6 +4,7 @@ evaluate perplexity (fine-tuned vs in-context vs base) on a small test subset, s
 with the real and the generated replies, and print the commands to try next. Every step's output is
 kept in the run dir.
 """
+
 from __future__ import annotations
 
 import time
@@ -21,8 +22,7 @@ EXAMPLES = """
 
 def add_arguments(p):
     p.add_argument("--chat", help="your own export instead of the embedded chitchat data")
-    p.add_argument("--time-budget", type=float, default=None,
-                   help="training minutes (default 6 on CPU, 15 on a GPU)")
+    p.add_argument("--time-budget", type=float, default=None, help="training minutes (default 6 on CPU, 15 on a GPU)")
     p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
     p.add_argument("--model", default="gemma-3-270m")
     p.add_argument("--eval-n", type=int, default=None, help="test examples per speaker for the evaluation")
@@ -35,6 +35,7 @@ def step(title: str) -> float:
 
 def call(argv: list[str]) -> None:
     from convsim.cli import main
+
     rc = main(argv)
     if rc:
         raise UserError(f"`convsim {' '.join(argv)}` failed (exit {rc})")
@@ -42,6 +43,7 @@ def call(argv: list[str]) -> None:
 
 def run(args):
     import torch
+
     t_start = time.time()
     out = Path(args.out)
     data = out.parent / f"{out.name}-data"
@@ -58,12 +60,39 @@ def run(args):
 
     step(f"2/5 fine-tune {args.model} for at most {budget:g} min on {'GPU' if gpu else 'CPU'}")
     if not (out / "adapter" / "adapter_config.json").exists():
-        extra = (["--batch-size", "32", "--epochs", "2", "--eval-steps", "50"] if gpu else
-                 ["--batch-size", "8", "--epochs", "1", "--max-seq-length", "256", "--eval-steps", "40",
-                  "--save-steps", "20", "--max-val-examples", "32"])
+        extra = (
+            ["--batch-size", "32", "--epochs", "2", "--eval-steps", "50"]
+            if gpu
+            else [
+                "--batch-size",
+                "8",
+                "--epochs",
+                "1",
+                "--max-seq-length",
+                "256",
+                "--eval-steps",
+                "40",
+                "--save-steps",
+                "20",
+                "--max-val-examples",
+                "32",
+            ]
+        )
         resume = ["--continue-training"] if (out / "run.json").exists() else []
-        call(["train", str(data), "--out", str(out), "--model", args.model, "--time-budget", str(budget),
-              *extra, *resume])
+        call(
+            [
+                "train",
+                str(data),
+                "--out",
+                str(out),
+                "--model",
+                args.model,
+                "--time-budget",
+                str(budget),
+                *extra,
+                *resume,
+            ]
+        )
     else:
         print(f"(reusing the trained run in {out})")
 
@@ -71,6 +100,7 @@ def run(args):
     from convsim.evaluation.evaluate import evaluate
     from convsim.fsutil import write_json
     from convsim.runs import open_run
+
     run_ = open_run(out)
 
     step(f"3/5 evaluate on {eval_n} held-out examples per speaker (perplexity of the real replies)")

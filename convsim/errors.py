@@ -17,7 +17,8 @@ def brief(value, width: int = 80) -> str:
     """A short repr of a user-given value for an error message: bounded in time and length however big
     or deep the value is (a YAML "billion laughs" must not take minutes to describe)."""
     import reprlib
+
     r = reprlib.Repr()
     r.maxlevel, r.maxlist, r.maxdict, r.maxstring, r.maxother = 3, 4, 4, width, width
     text = r.repr(value)
-    return text if len(text) <= width else text[:width - 3] + "..."
+    return text if len(text) <= width else text[: width - 3] + "..."

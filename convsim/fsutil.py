@@ -5,6 +5,7 @@ files, and names that can never become paths.
 A process killed mid-write (SIGKILL, power loss) leaves at most a temporary `.NAME.PID.*.tmp` beside
 the target, owner-only; the next atomic write to the same target removes those whose process is gone.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -25,7 +26,7 @@ from convsim.errors import UserError
 
 PRIVATE_FILE = 0o600
 PRIVATE_DIR = 0o700
-MAX_TEXT_BYTES = 64 << 20   # a config, history, phrases or pairs file larger than this is not one
+MAX_TEXT_BYTES = 64 << 20  # a config, history, phrases or pairs file larger than this is not one
 
 
 def private_dir(path: str | os.PathLike) -> Path:
@@ -191,7 +192,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     target = Path(path)
     make_parents(target)
     old = target.with_name(f".{target.name}.old")
-    if not target.exists() and old.is_dir():   # a crash between the two fallback renames
+    if not target.exists() and old.is_dir():  # a crash between the two fallback renames
         os.replace(old, target)
     clean_stale_temps(target)
     tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(target), suffix=".tmp", dir=target.parent))
@@ -199,7 +200,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         if target.is_dir() and not target.is_symlink() and _exchange(tmp, target):
             _fsync_dir(target.parent)
-            shutil.rmtree(tmp, ignore_errors=True)   # now the old directory
+            shutil.rmtree(tmp, ignore_errors=True)  # now the old directory
             return
         if target.exists() or target.is_symlink():
             shutil.rmtree(old, ignore_errors=True)
@@ -229,8 +230,10 @@ def read_user_text(path: str | os.PathLike, what: str, max_bytes: int = MAX_TEXT
     if not stat.S_ISREG(st.st_mode):
         raise UserError(f"{what} {p} is not a regular file")
     if st.st_size > max_bytes:
-        raise UserError(f"{what} {p} is {st.st_size / (1 << 20):.0f} MiB, more than the {max_bytes >> 20} MiB "
-                        "a file of this kind may be")
+        raise UserError(
+            f"{what} {p} is {st.st_size / (1 << 20):.0f} MiB, more than the {max_bytes >> 20} MiB "
+            "a file of this kind may be"
+        )
     try:
         with open(p, "rb") as f:
             data = f.read(max_bytes + 1)

@@ -16,6 +16,7 @@
 (run dirs written by earlier versions load with those defaults; keys this version does not know are kept).
 `convsim train` writes it; everything that reads a run reads it through `Run.meta`.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -49,11 +50,12 @@ RUN_JSON = "run.json"
 @dataclass
 class RunMeta:
     """run.json. Field order is the file's key order."""
+
     model: str
-    prompt_style: str                       # "base" or "instruct"
+    prompt_style: str  # "base" or "instruct"
     special_tokens: bool
     speakers: list[str]
-    targets: list[str] | None = None        # None: every speaker
+    targets: list[str] | None = None  # None: every speaker
     speaker_token_ids: dict[str, int] = field(default_factory=dict)
     loss: str = "reply"
     context_size: int = 8
@@ -61,9 +63,9 @@ class RunMeta:
     seed: int = 0
     split: dict[str, list[str]] = field(default_factory=lambda: {"train": [], "val": [], "test": []})
     examples: dict[str, int] = field(default_factory=dict)
-    status: str = "training"                # "training" until the adapter is written, then "done"
+    status: str = "training"  # "training" until the adapter is written, then "done"
     resumed_from: str | None = None
-    extra_data: dict | None = None          # `--extra-data`: dirs, counts, speakers found only there
+    extra_data: dict | None = None  # `--extra-data`: dirs, counts, speakers found only there
     # written once training is done (LATE)
     activation_checkpointing: bool | None = None
     compiled_layers: int | None = None
@@ -80,12 +82,26 @@ class RunMeta:
     device: str | None = None
     kept_best: dict | None = None
     stop_reason: str | None = None
-    chat_template: str | None = None        # an instruct run's template, when it differs from the tokenizer's
-    other: dict = field(default_factory=dict)   # keys this version does not know, written back unchanged
+    chat_template: str | None = None  # an instruct run's template, when it differs from the tokenizer's
+    other: dict = field(default_factory=dict)  # keys this version does not know, written back unchanged
 
-    LATE = ("activation_checkpointing", "compiled_layers", "group_by_length", "packing", "frozen_dtype",
-            "adapter_hash", "train_seconds", "tokens_per_s", "world_size", "global_step", "train_loss",
-            "eval_loss", "device", "kept_best", "stop_reason")
+    LATE = (
+        "activation_checkpointing",
+        "compiled_layers",
+        "group_by_length",
+        "packing",
+        "frozen_dtype",
+        "adapter_hash",
+        "train_seconds",
+        "tokens_per_s",
+        "world_size",
+        "global_step",
+        "train_loss",
+        "eval_loss",
+        "device",
+        "kept_best",
+        "stop_reason",
+    )
     REQUIRED = ("model", "prompt_style", "special_tokens", "speakers")
 
     @classmethod
@@ -96,8 +112,9 @@ class RunMeta:
         if missing:
             raise UserError(f"{where}: missing {', '.join(missing)}; is this a convsim run directory?")
         known = {f.name for f in fields(cls)} - {"other"}
-        return cls(**{k: v for k, v in data.items() if k in known},
-                   other={k: v for k, v in data.items() if k not in known})
+        return cls(
+            **{k: v for k, v in data.items() if k in known}, other={k: v for k, v in data.items() if k not in known}
+        )
 
     def to_json(self) -> dict:
         """The file's content: a run still training has none of the LATE keys yet; `chat_template` only
@@ -105,8 +122,11 @@ class RunMeta:
         out = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            if f.name == "other" or (f.name in self.LATE and self.status != "done") or (
-                    f.name == "chat_template" and v is None):
+            if (
+                f.name == "other"
+                or (f.name in self.LATE and self.status != "done")
+                or (f.name == "chat_template" and v is None)
+            ):
                 continue
             out[f.name] = v
         return {**out, **self.other}
@@ -134,6 +154,7 @@ def read_meta(run_dir) -> RunMeta:
 
 def write_meta(run_dir, meta: RunMeta) -> None:
     from convsim.fsutil import write_json
+
     write_json(Path(run_dir) / RUN_JSON, meta.to_json())
 
 
@@ -156,8 +177,12 @@ class Run:
 
     @property
     def fmt(self) -> PromptFormat:
-        return PromptFormat(style=self.meta.prompt_style, speakers=tuple(self.speakers),
-                            special_tokens=self.meta.special_tokens, chat_template=self.meta.chat_template)
+        return PromptFormat(
+            style=self.meta.prompt_style,
+            speakers=tuple(self.speakers),
+            special_tokens=self.meta.special_tokens,
+            chat_template=self.meta.chat_template,
+        )
 
     @property
     def adapter_dir(self) -> Path:
@@ -191,8 +216,14 @@ class Run:
 
     def load(self, device: str | None = None, dtype=None, adapter: bool = True):
         from convsim.modeling.models import load
-        return load(self.model_name, adapter=self.adapter_dir if adapter else None,
-                    tokenizer_dir=self.path / "tokenizer", device=device, dtype=dtype)
+
+        return load(
+            self.model_name,
+            adapter=self.adapter_dir if adapter else None,
+            tokenizer_dir=self.path / "tokenizer",
+            device=device,
+            dtype=dtype,
+        )
 
 
 def open_run(path) -> Run:

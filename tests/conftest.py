@@ -1,4 +1,5 @@
 """Shared fixtures: small deterministic chat data, and trained tiny runs (built once per session)."""
+
 from __future__ import annotations
 
 import random
@@ -11,10 +12,25 @@ import pytest
 
 from convsim.data.schema import Conversation, Message, write_conversations
 
-ANA = ["hey how are you", "lol yes", "i love pizza so much", "are you coming tonight?", "haha ok",
-       "omg that is amazing", "i feel happy today", "see you soon!!"]
-BEN = ["Not bad. Working late again.", "I think so, yes.", "That sounds good to me.", "Maybe tomorrow then.",
-       "I am reading a book about history.", "Sure, I will bring the snacks.", "Fine, thank you."]
+ANA = [
+    "hey how are you",
+    "lol yes",
+    "i love pizza so much",
+    "are you coming tonight?",
+    "haha ok",
+    "omg that is amazing",
+    "i feel happy today",
+    "see you soon!!",
+]
+BEN = [
+    "Not bad. Working late again.",
+    "I think so, yes.",
+    "That sounds good to me.",
+    "Maybe tomorrow then.",
+    "I am reading a book about history.",
+    "Sure, I will bring the snacks.",
+    "Fine, thank you.",
+]
 
 
 def synthetic_conversations(n_convs=12, per_conv=16, seed=0, speakers=("Ana", "Ben")):
@@ -49,6 +65,7 @@ def tiny_trained_model(lora_r=4, seed=0):
     import torch
     from convsim.config import TrainConfig
     from convsim.training.backends import build_model
+
     torch.manual_seed(seed)
     model, tok, spec, ids = build_model(TrainConfig(model="tiny-gemma3", lora_r=lora_r), ["Ana", "Ben"], "cpu")
     with torch.no_grad():
@@ -60,8 +77,9 @@ def tiny_trained_model(lora_r=4, seed=0):
 
 def cli(*args, check=True, input=None, timeout=600):
     """Run `python -m convsim ARGS` and return the CompletedProcess."""
-    p = subprocess.run([sys.executable, "-m", "convsim", *map(str, args)], capture_output=True, text=True,
-                       input=input, timeout=timeout)
+    p = subprocess.run(
+        [sys.executable, "-m", "convsim", *map(str, args)], capture_output=True, text=True, input=input, timeout=timeout
+    )
     if check and p.returncode != 0:
         raise AssertionError(f"convsim {' '.join(map(str, args))} failed ({p.returncode}):\n{p.stderr[-3000:]}")
     return p
@@ -71,6 +89,23 @@ def cli(*args, check=True, input=None, timeout=600):
 def tiny_run(tmp_path_factory, data_dir) -> Path:
     """A tiny-llama run trained for a few steps through the CLI (shared by many tests)."""
     out = tmp_path_factory.mktemp("runs") / "tiny"
-    cli("train", data_dir, "--out", out, "--model", "tiny-llama", "--max-steps", "30", "--batch-size", "8",
-        "--learning-rate", "3e-3", "--eval-steps", "10", "--save-steps", "10", "--json")
+    cli(
+        "train",
+        data_dir,
+        "--out",
+        out,
+        "--model",
+        "tiny-llama",
+        "--max-steps",
+        "30",
+        "--batch-size",
+        "8",
+        "--learning-rate",
+        "3e-3",
+        "--eval-steps",
+        "10",
+        "--save-steps",
+        "10",
+        "--json",
+    )
     return out

@@ -2,6 +2,7 @@
 
 In-chat commands: /quit, /reset, /as NAME, /me NAME, /history, /save.
 """
+
 from __future__ import annotations
 
 import sys
@@ -24,14 +25,20 @@ def add_arguments(p):
     p.add_argument("--as", dest="speaker", required=True, help="who the model plays")
     p.add_argument("--me", help="who you are (default: the other speaker)")
     p.add_argument("--stream", action="store_true", help="print the reply token by token")
-    p.add_argument("--tda", action="store_true", help="after each reply, show the most similar training messages "
-                                                      "(needs `convsim tda index RUN_DIR` first)")
+    p.add_argument(
+        "--tda",
+        action="store_true",
+        help="after each reply, show the most similar training messages (needs `convsim tda index RUN_DIR` first)",
+    )
     p.add_argument("--tda-method", default="activations", choices=["activations", "gradients"])
     p.add_argument("--tda-k", type=int, default=3, help="training messages shown after each reply (default 3)")
     p.add_argument("--save", action="store_true", help="save the conversation to the database on exit")
     p.add_argument("--db", help="database for --save and /save (default RUN_DIR/conversations.sqlite)")
-    p.add_argument("--no-kv-reuse", action="store_true",
-                   help="compute the whole prompt every turn instead of reusing the last turn's KV cache")
+    p.add_argument(
+        "--no-kv-reuse",
+        action="store_true",
+        help="compute the whole prompt every turn instead of reusing the last turn's KV cache",
+    )
     add_sampling_arguments(p)
 
 
@@ -49,10 +56,11 @@ def run(args):
     tty = sys.stdin.isatty()
     history: list[Message] = []
     generated: set[int] = set()
-    cache = None if args.no_kv_reuse else TurnCache()   # the last turn's keys/values: only new messages are computed
+    cache = None if args.no_kv_reuse else TurnCache()  # the last turn's keys/values: only new messages are computed
     tda = None
     if args.tda:
         from convsim.tda.query import Attributor
+
         tda = Attributor(run_, model, tok, method=args.tda_method, k=args.tda_k)
 
     def save():
@@ -75,7 +83,9 @@ def run(args):
             if cmd == "/quit":
                 break
             elif cmd == "/reset":
-                history.clear(); generated.clear(); print("(history cleared)")
+                history.clear()
+                generated.clear()
+                print("(history cleared)")
                 if cache is not None:
                     cache.reset()
             elif cmd == "/as":
@@ -117,7 +127,7 @@ def run(args):
             generated.add(len(history))
             history.append(Message(as_, t, now()))
         if tda is not None and texts:
-            before = history[:len(history) - len(texts)]
+            before = history[: len(history) - len(texts)]
             for hit in tda.query(texts, as_, context=before):
                 print(f"    ~ {hit['score']:.2f} [{hit['speaker']}] {hit['text'][:100]}")
         sys.stdout.flush()

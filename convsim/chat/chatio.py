@@ -1,10 +1,12 @@
 """Shared pieces of the conversation commands (reply, chat, converse): sampling flags and the optional
 `--steer` hook. Reading a history file is `convsim.data.transcript`.
 """
+
 from __future__ import annotations
 
 import contextlib
 from convsim.inference.generate import SampleConfig
+
 
 def add_sampling_arguments(p) -> None:
     p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy and deterministic (default 0.7)")
@@ -16,8 +18,13 @@ def add_sampling_arguments(p) -> None:
 
 
 def sample_config(args) -> SampleConfig:
-    return SampleConfig(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-                        max_context_tokens=args.max_context_tokens, seed=args.seed)
+    return SampleConfig(
+        temperature=args.temperature,
+        top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens,
+        max_context_tokens=args.max_context_tokens,
+        seed=args.seed,
+    )
 
 
 def steering(model, arg: str | None):
@@ -25,4 +32,5 @@ def steering(model, arg: str | None):
     if not arg:
         return contextlib.nullcontext()
     from convsim.steering.vectors import apply_steer_arg
+
     return apply_steer_arg(model, arg)

@@ -1,6 +1,7 @@
 """`convsim converse`: the model plays everyone. The next speaker is drawn from the model's own
 distribution over the speaker tokens at the end of each burst (or taken round robin).
 """
+
 from __future__ import annotations
 
 import random
@@ -34,7 +35,7 @@ def next_speaker(model, tok, fmt, history, speakers, temperature: float, rng: ra
     """Sample who speaks next from the model's probabilities of the speakers' tokens."""
     probe = speakers[0]
     ids = render(tok, fmt, history, probe).input_ids
-    ids = ids[:len(ids) - len(tag_ids(tok, fmt, probe))]
+    ids = ids[: len(ids) - len(tag_ids(tok, fmt, probe))]
     x = torch.tensor([ids], device=next(model.parameters()).device)
     with torch.inference_mode():
         logits = model(input_ids=x).logits[0, -1].float()
@@ -59,22 +60,35 @@ def run(args):
     model, tok = run_.load()
     cfg = sample_config(args)
     rng = random.Random(args.seed)
-    history = parse_transcript(args.start, run_.speakers, "--start") if args.start else [Message(speakers[0], "hey", now())]
+    history = (
+        parse_transcript(args.start, run_.speakers, "--start") if args.start else [Message(speakers[0], "hey", now())]
+    )
     for m in history:
         print(f"[{m.speaker}] {m.text}")
     generated = set()
     order = speakers[1:] + speakers[:1]
     with steering(model, args.steer):
         for turn in range(args.turns):
-            who = (order[turn % len(order)] if args.round_robin
-                   else next_speaker(model, tok, run_.fmt, history, speakers, args.temperature or 1.0, rng))
+            who = (
+                order[turn % len(order)]
+                if args.round_robin
+                else next_speaker(model, tok, run_.fmt, history, speakers, args.temperature or 1.0, rng)
+            )
             texts = reply(model, tok, run_.fmt, history, who, cfg)[0] or ["…"]
             for t in texts:
                 print(f"[{who}] {t}", flush=True)
                 generated.add(len(history))
                 history.append(Message(who, t, now()))
     if args.save:
-        sid = save_session(args.db or run_.path / "conversations.sqlite", "converse", history, run_.model_name,
-                           run_.adapter_hash, vars(cfg), args.steer, generated)
+        sid = save_session(
+            args.db or run_.path / "conversations.sqlite",
+            "converse",
+            history,
+            run_.model_name,
+            run_.adapter_hash,
+            vars(cfg),
+            args.steer,
+            generated,
+        )
         print(f"(saved as session {sid})")
     return 0

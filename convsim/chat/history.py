@@ -5,6 +5,7 @@ exports them.
     convsim history runs/me                     # list sessions
     convsim history runs/me --export jsonl > all.jsonl
 """
+
 from __future__ import annotations
 
 import json
@@ -50,6 +51,7 @@ def connect(path: str | os.PathLike) -> sqlite3.Connection:
     """Open (creating owner-only, with owner-only new parent directories) the conversation database.
     WAL journal: a process killed mid-transaction leaves the database as it was before it."""
     from convsim.fsutil import make_parents
+
     p = Path(path)
     make_parents(p)
     if not p.exists():  # create owner-only before sqlite writes anything
@@ -58,11 +60,11 @@ def connect(path: str | os.PathLike) -> sqlite3.Connection:
     os.chmod(p, 0o600)
     try:
         db = sqlite3.connect(p, timeout=30)
-        db.execute("PRAGMA journal_mode=WAL")   # a kill mid-write never corrupts the database
+        db.execute("PRAGMA journal_mode=WAL")  # a kill mid-write never corrupts the database
         db.executescript(SCHEMA)
     except sqlite3.DatabaseError as e:
         raise UserError(f"{p}: cannot use this conversation database ({e})") from None
-    for side in ("-wal", "-shm"):               # sqlite copies the database's mode; make sure
+    for side in ("-wal", "-shm"):  # sqlite copies the database's mode; make sure
         q = p.with_name(p.name + side)
         if q.exists():
             os.chmod(q, 0o600)
@@ -84,18 +86,29 @@ def open_readonly(path: str | os.PathLike) -> sqlite3.Connection:
     return db
 
 
-def save_session(path, kind: str, messages, model: str, adapter: str, sampling: dict, steering: str | None,
-                 generated: set[int] = frozenset()) -> int:
+def save_session(
+    path,
+    kind: str,
+    messages,
+    model: str,
+    adapter: str,
+    sampling: dict,
+    steering: str | None,
+    generated: set[int] = frozenset(),
+) -> int:
     """Write one conversation in a single transaction; returns its session id."""
     db = connect(path)
     try:
-        with db:   # one transaction: a kill leaves the session wholly saved or not at all
-            cur = db.execute("INSERT INTO sessions (started, kind, model, adapter, sampling, steering) VALUES (?,?,?,?,?,?)",
-                             (now(), kind, model, adapter, json.dumps(sampling), steering))
+        with db:  # one transaction: a kill leaves the session wholly saved or not at all
+            cur = db.execute(
+                "INSERT INTO sessions (started, kind, model, adapter, sampling, steering) VALUES (?,?,?,?,?,?)",
+                (now(), kind, model, adapter, json.dumps(sampling), steering),
+            )
             sid = cur.lastrowid
-            db.executemany("INSERT INTO messages VALUES (?,?,?,?,?,?)",
-                           [(sid, i, m.speaker, m.text, m.time or now(), int(i in generated))
-                            for i, m in enumerate(messages)])
+            db.executemany(
+                "INSERT INTO messages VALUES (?,?,?,?,?,?)",
+                [(sid, i, m.speaker, m.text, m.time or now(), int(i in generated)) for i, m in enumerate(messages)],
+            )
         return sid
     except sqlite3.DatabaseError as e:
         raise UserError(f"{path}: cannot save the conversation ({e})") from None
@@ -124,15 +137,31 @@ def run(args):
 
 
 def _list(db, args) -> None:
-    sessions = db.execute("SELECT id, started, kind, model, adapter, sampling, steering FROM sessions ORDER BY id").fetchall()
+    sessions = db.execute(
+        "SELECT id, started, kind, model, adapter, sampling, steering FROM sessions ORDER BY id"
+    ).fetchall()
     for sid, started, kind, model, adapter, sampling, steer in sessions:
-        msgs = db.execute("SELECT speaker, text, time, generated FROM messages WHERE session=? ORDER BY idx",
-                          (sid,)).fetchall()
+        msgs = db.execute(
+            "SELECT speaker, text, time, generated FROM messages WHERE session=? ORDER BY idx", (sid,)
+        ).fetchall()
         if args.export == "jsonl":
-            print(json.dumps({"id": f"session-{sid}", "source": f"convsim {kind}", "started": started, "model": model,
-                              "adapter": adapter, "sampling": json.loads(sampling or "{}"), "steering": steer,
-                              "messages": [{"speaker": s, "text": t, "time": tm, "generated": bool(g)}
-                                           for s, t, tm, g in msgs]}, ensure_ascii=False))
+            print(
+                json.dumps(
+                    {
+                        "id": f"session-{sid}",
+                        "source": f"convsim {kind}",
+                        "started": started,
+                        "model": model,
+                        "adapter": adapter,
+                        "sampling": json.loads(sampling or "{}"),
+                        "steering": steer,
+                        "messages": [
+                            {"speaker": s, "text": t, "time": tm, "generated": bool(g)} for s, t, tm, g in msgs
+                        ],
+                    },
+                    ensure_ascii=False,
+                )
+            )
         elif args.export == "txt":
             print(f"# session {sid} ({kind}, {started})")
             for s, t, _, _ in msgs:

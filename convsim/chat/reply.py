@@ -1,7 +1,8 @@
 """`convsim reply`: sample reply bursts as one person for a given history, non-interactively.
 
-    printf '[Ben] are you coming?\n' | convsim reply runs/me --as Ana --history - --n 3 --json
+printf '[Ben] are you coming?\n' | convsim reply runs/me --as Ana --history - --n 3 --json
 """
+
 from __future__ import annotations
 
 import json
@@ -29,6 +30,7 @@ def add_arguments(p):
 def run(args):
     from convsim.inference.generate import reply
     from convsim.runs import open_run
+
     run_ = open_run(args.run_dir)
     run_.check_speaker(args.speaker)
     history = read_transcript(args.history, run_.speakers)

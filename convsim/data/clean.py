@@ -23,6 +23,7 @@ Dates, times, amounts and version numbers are left alone (the false positives to
 whose whole display name is a phone number or address gets the placeholder too: names are personal
 data as much as text is. The placeholder table itself is never written anywhere.
 """
+
 from __future__ import annotations
 
 import re
@@ -119,7 +120,7 @@ class Scrubber:
             core = value.rstrip(_URL_TAIL)
             if len(core) < 5:
                 return value
-            return self._placeholder("URL", core) + value[len(core):]
+            return self._placeholder("URL", core) + value[len(core) :]
         if kind == "EMAIL":
             return self._placeholder("EMAIL", value.lower())
         if kind == "IP":
@@ -130,8 +131,9 @@ class Scrubber:
         return self._placeholder(found[0], found[1])
 
 
-def clean_messages(convs: list[Conversation], *, aliases: dict[str, str], max_chars: int,
-                   scrub: Scrubber | None, dropped: Counter) -> tuple[list[Conversation], int]:
+def clean_messages(
+    convs: list[Conversation], *, aliases: dict[str, str], max_chars: int, scrub: Scrubber | None, dropped: Counter
+) -> tuple[list[Conversation], int]:
     """Merge aliases, strip text, drop empty ones, scrub, truncate long ones. Returns (convs, truncated)."""
     truncated = 0
     names: dict[str, str] = {}

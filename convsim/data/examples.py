@@ -12,6 +12,7 @@ turn (instruct), so the model learns when a burst ends and generation can stop t
 `render()` is the one pure function that turns a chat into tokens and masks; training, generation,
 evaluation and attribution all call it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,7 +23,8 @@ from convsim.data.schema import Conversation, Message, speaker_token
 INSTRUCT_QUESTION = "How does the conversation continue?"
 FALLBACK_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n\n{% endfor %}"
-    "{% if add_generation_prompt %}Assistant:{% endif %}")
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
 
 
 @dataclass
@@ -37,10 +39,11 @@ class Example:
 @dataclass(frozen=True)
 class PromptFormat:
     """How chats become text for one run: the prompt style and the speakers' tags."""
-    style: str = "base"                    # "base" | "instruct"
+
+    style: str = "base"  # "base" | "instruct"
     speakers: tuple[str, ...] = ()
-    special_tokens: bool = True            # one added token per speaker, or plain-text tags
-    chat_template: str | None = None       # used when style is instruct and the tokenizer has none
+    special_tokens: bool = True  # one added token per speaker, or plain-text tags
+    chat_template: str | None = None  # used when style is instruct and the tokenizer has none
 
     def system_prompt(self) -> str:
         tags = [speaker_token(s) for s in self.speakers]
@@ -51,13 +54,14 @@ class PromptFormat:
 @dataclass
 class Rendered:
     input_ids: list[int]
-    loss_mask: list[int]     # 1 on every reply token the model must predict (text, tags, terminator)
-    text_mask: list[int]     # 1 on the reply's text tokens only (what evaluation scores)
+    loss_mask: list[int]  # 1 on every reply token the model must predict (text, tags, terminator)
+    text_mask: list[int]  # 1 on the reply's text tokens only (what evaluation scores)
     prompt_len: int
     truncated: bool = False
 
 
 # ----------------------------------------------------------------------------- examples
+
 
 def bursts(messages: Sequence[Message]) -> list[tuple[int, int]]:
     """(start, end) index ranges of consecutive messages by the same speaker."""
@@ -69,8 +73,13 @@ def bursts(messages: Sequence[Message]) -> list[tuple[int, int]]:
     return out
 
 
-def build_examples(convs: Sequence[Conversation], targets: Sequence[str] | None = None, context_size: int = 8,
-                   max_burst: int = 8, min_context: int = 1) -> list[Example]:
+def build_examples(
+    convs: Sequence[Conversation],
+    targets: Sequence[str] | None = None,
+    context_size: int = 8,
+    max_burst: int = 8,
+    min_context: int = 1,
+) -> list[Example]:
     """One example per burst of a target speaker that has at least `min_context` earlier messages."""
     want = set(targets) if targets else None
     out = []
@@ -83,7 +92,7 @@ def build_examples(convs: Sequence[Conversation], targets: Sequence[str] | None 
                 continue
             e2 = min(e, s + max_burst)
             nxt = msgs[e].speaker if e2 == e and e < len(msgs) else (speaker if e2 < e else None)
-            out.append(Example(c.id, speaker, list(msgs[max(0, s - context_size):s]), list(msgs[s:e2]), nxt))
+            out.append(Example(c.id, speaker, list(msgs[max(0, s - context_size) : s]), list(msgs[s:e2]), nxt))
     return out
 
 
@@ -92,22 +101,23 @@ def start_time(c: Conversation) -> str:
     return next((m.time for m in c.messages if m.time), "") or ""
 
 
-def split_conversations(convs: Sequence[Conversation], val: float = 0.1, test: float = 0.1
-                        ) -> dict[str, list[Conversation]]:
+def split_conversations(
+    convs: Sequence[Conversation], val: float = 0.1, test: float = 0.1
+) -> dict[str, list[Conversation]]:
     """Split by time: the latest sessions are test, the ones before them validation, the rest train.
     Sessions without times keep their order. A session is never in two splits."""
     order = sorted(range(len(convs)), key=lambda i: (start_time(convs[i]), i))
     n = len(order)
     n_test = max(1, round(n * test)) if n >= 3 and test > 0 else 0
     n_val = max(1, round(n * val)) if n - n_test >= 2 and val > 0 else 0
-    train_i = order[:n - n_test - n_val]
-    val_i = order[n - n_test - n_val:n - n_test]
-    test_i = order[n - n_test:]
-    return {"train": [convs[i] for i in train_i], "val": [convs[i] for i in val_i],
-            "test": [convs[i] for i in test_i]}
+    train_i = order[: n - n_test - n_val]
+    val_i = order[n - n_test - n_val : n - n_test]
+    test_i = order[n - n_test :]
+    return {"train": [convs[i] for i in train_i], "val": [convs[i] for i in val_i], "test": [convs[i] for i in test_i]}
 
 
 # ----------------------------------------------------------------------------- rendering
+
 
 def tag_ids(tokenizer, fmt: PromptFormat, speaker: str) -> list[int]:
     if fmt.special_tokens:
@@ -140,16 +150,25 @@ def _prompt_ids(tokenizer, fmt: PromptFormat, context: Sequence[Message], speake
         return ids + tag_ids(tokenizer, fmt, speaker)
     assert fmt.style == "instruct", f"unknown prompt style {fmt.style!r}"
     history = "\n".join(f"{speaker_token(m.speaker)} {m.text.strip()}" for m in context)
-    chat = [{"role": "system", "content": fmt.system_prompt()},
-            {"role": "user", "content": f"{history}\n\n{INSTRUCT_QUESTION}"}]
+    chat = [
+        {"role": "system", "content": fmt.system_prompt()},
+        {"role": "user", "content": f"{history}\n\n{INSTRUCT_QUESTION}"},
+    ]
     template = None if tokenizer.chat_template else (fmt.chat_template or FALLBACK_TEMPLATE)
     text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True, chat_template=template)
     return tokenizer(text, add_special_tokens=False)["input_ids"] + tag_ids(tokenizer, fmt, speaker)
 
 
-def render(tokenizer, fmt: PromptFormat, context: Sequence[Message], speaker: str,
-           reply: Sequence[Message] = (), next_speaker: str | None = None, max_len: int | None = None,
-           terminate: bool = True) -> Rendered:
+def render(
+    tokenizer,
+    fmt: PromptFormat,
+    context: Sequence[Message],
+    speaker: str,
+    reply: Sequence[Message] = (),
+    next_speaker: str | None = None,
+    max_len: int | None = None,
+    terminate: bool = True,
+) -> Rendered:
     """Tokens and masks for `context` followed by `speaker`'s `reply` burst (empty: a generation prompt).
 
     With `max_len`, the earliest context messages are dropped until it fits, then the reply is cut."""
@@ -161,9 +180,13 @@ def render(tokenizer, fmt: PromptFormat, context: Sequence[Message], speaker: st
         for j, m in enumerate(reply):
             if j:
                 t = tag_ids(tokenizer, fmt, speaker)
-                ids += t; loss += [1] * len(t); text += [0] * len(t)
+                ids += t
+                loss += [1] * len(t)
+                text += [0] * len(t)
             t = text_ids(tokenizer, m.text)
-            ids += t; loss += [1] * len(t); text += [1] * len(t)
+            ids += t
+            loss += [1] * len(t)
+            text += [1] * len(t)
         if reply and terminate:
             if fmt.style == "instruct":
                 t = [end_of_turn_id(tokenizer)]
@@ -171,7 +194,9 @@ def render(tokenizer, fmt: PromptFormat, context: Sequence[Message], speaker: st
                 t = tag_ids(tokenizer, fmt, next_speaker)
             else:
                 t = [tokenizer.eos_token_id]
-            ids += t; loss += [1] * len(t); text += [0] * len(t)
+            ids += t
+            loss += [1] * len(t)
+            text += [0] * len(t)
         if max_len is None or len(ids) <= max_len or not context:
             break
         context = context[1:]
@@ -179,7 +204,7 @@ def render(tokenizer, fmt: PromptFormat, context: Sequence[Message], speaker: st
     if max_len is not None and len(ids) > max_len:
         ids, loss, text, truncated = ids[:max_len], loss[:max_len], text[:max_len], True
     assert len(ids) == len(loss) == len(text)
-    assert not any(loss[:len(prompt)]), "loss must not cover the prompt"
+    assert not any(loss[: len(prompt)]), "loss must not cover the prompt"
     return Rendered(ids, loss, text, min(len(prompt), len(ids)), truncated)
 
 

@@ -10,6 +10,7 @@ over-long messages, PII scrubbing) and splits sessions at silences longer than -
 written until everything has been read and checked, so a bad input leaves DATA_DIR as it was (or not
 created); the files are written atomically, owner-only (0600, directory 0700).
 """
+
 from __future__ import annotations
 
 import gc
@@ -31,8 +32,10 @@ from convsim.fsutil import PRIVATE_DIR, atomic_dir, private_dir, write_json
 
 IMPORT_JSON = "import.json"
 
-HELP = ("Read chat exports (WhatsApp .txt/.zip, Telegram JSON, Discord CSV/JSON, prompt/response pairs, "
-        "chitchat, conversations.jsonl) into DATA_DIR/conversations.jsonl.")
+HELP = (
+    "Read chat exports (WhatsApp .txt/.zip, Telegram JSON, Discord CSV/JSON, prompt/response pairs, "
+    "chitchat, conversations.jsonl) into DATA_DIR/conversations.jsonl."
+)
 EXAMPLES = """
   convsim import "WhatsApp Chat with Ana.zip" --out data/ana
   convsim import chat.txt --speaker "Ana 🌻=Ana" --speaker "+1 555 123 4567=Ben" --out data/ana
@@ -51,30 +54,71 @@ unless --no-scrub.
 
 
 def add_arguments(p) -> None:
-    p.add_argument("src", nargs="+", metavar="SRC",
-                   help="export file, .zip, directory holding an export, or the word 'chitchat'")
-    p.add_argument("--out", required=True, metavar="DATA_DIR", help="directory to write conversations.jsonl and import.json into")
+    p.add_argument(
+        "src", nargs="+", metavar="SRC", help="export file, .zip, directory holding an export, or the word 'chitchat'"
+    )
+    p.add_argument(
+        "--out", required=True, metavar="DATA_DIR", help="directory to write conversations.jsonl and import.json into"
+    )
     p.add_argument("--format", default="auto", choices=("auto",) + FORMATS, help="skip detection (default: auto)")
-    p.add_argument("--speaker", action="append", default=[], metavar="ALIAS=NAME",
-                   help="merge speaker ALIAS into NAME (names as in the export; repeatable)")
-    p.add_argument("--gap-minutes", type=float, default=120.0, metavar="MIN",
-                   help="start a new conversation after a longer silence (default 120; 0: never split)")
-    p.add_argument("--chat", action="append", default=[], metavar="NAME",
-                   help="Telegram: import only this chat (name or id; repeatable)")
+    p.add_argument(
+        "--speaker",
+        action="append",
+        default=[],
+        metavar="ALIAS=NAME",
+        help="merge speaker ALIAS into NAME (names as in the export; repeatable)",
+    )
+    p.add_argument(
+        "--gap-minutes",
+        type=float,
+        default=120.0,
+        metavar="MIN",
+        help="start a new conversation after a longer silence (default 120; 0: never split)",
+    )
+    p.add_argument(
+        "--chat",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="Telegram: import only this chat (name or id; repeatable)",
+    )
     p.add_argument("--pair", metavar="A,B", help="chitchat: only the chats between these two senders")
     p.add_argument("--top-pair", action="store_true", help="chitchat: only the chats of the two people who talked most")
-    p.add_argument("--other-chats", action="store_true",
-                   help="chitchat, with --pair or --top-pair: instead, the two people's chats with everyone else, "
-                        "each partner named 'stranger' (training data for `convsim train --extra-data`)")
+    p.add_argument(
+        "--other-chats",
+        action="store_true",
+        help="chitchat, with --pair or --top-pair: instead, the two people's chats with everyone else, "
+        "each partner named 'stranger' (training data for `convsim train --extra-data`)",
+    )
     p.add_argument("--no-scrub", action="store_true", help="keep e-mails, phone numbers, URLs, IPs and card numbers")
-    p.add_argument("--max-message-chars", type=int, default=20_000, metavar="N",
-                   help="truncate longer messages (counted in import.json; default 20000)")
-    p.add_argument("--max-messages", type=int, default=5_000_000, metavar="N",
-                   help="refuse inputs with more messages (default 5000000)")
-    p.add_argument("--max-speakers", type=int, default=10_000, metavar="N",
-                   help="refuse inputs with more distinct speakers (default 10000)")
-    p.add_argument("--max-input-mb", type=int, default=1024, metavar="MB",
-                   help="refuse to read more than this much, zips unpacked included (default 1024)")
+    p.add_argument(
+        "--max-message-chars",
+        type=int,
+        default=20_000,
+        metavar="N",
+        help="truncate longer messages (counted in import.json; default 20000)",
+    )
+    p.add_argument(
+        "--max-messages",
+        type=int,
+        default=5_000_000,
+        metavar="N",
+        help="refuse inputs with more messages (default 5000000)",
+    )
+    p.add_argument(
+        "--max-speakers",
+        type=int,
+        default=10_000,
+        metavar="N",
+        help="refuse inputs with more distinct speakers (default 10000)",
+    )
+    p.add_argument(
+        "--max-input-mb",
+        type=int,
+        default=1024,
+        metavar="MB",
+        help="refuse to read more than this much, zips unpacked included (default 1024)",
+    )
     p.add_argument("--json", action="store_true", help="print a machine-readable summary")
 
 
@@ -84,7 +128,9 @@ def run(args) -> int:
         raise UserError(f"--out {out}: exists and is not a directory")
     with _gc_paused():
         convs, summary = _import_and_write(args, out)
-    brief = {k: summary[k] for k in ("conversations", "messages", "speakers", "read", "dropped", "truncated", "scrubbed")}
+    brief = {
+        k: summary[k] for k in ("conversations", "messages", "speakers", "read", "dropped", "truncated", "scrubbed")
+    }
     brief["formats"] = sorted({s["format"] for s in summary["sources"]})
     brief["out"] = str(out)
     if args.json:
@@ -96,11 +142,20 @@ def run(args) -> int:
 
 def _import_and_write(args, out: Path) -> tuple[list[Conversation], dict]:
     convs, summary = import_chats(
-        args.src, fmt=args.format, aliases=_aliases(args.speaker), gap_minutes=args.gap_minutes,
-        chats=args.chat, pair=_pair(args.pair), top_pair=args.top_pair, other_chats=args.other_chats,
+        args.src,
+        fmt=args.format,
+        aliases=_aliases(args.speaker),
+        gap_minutes=args.gap_minutes,
+        chats=args.chat,
+        pair=_pair(args.pair),
+        top_pair=args.top_pair,
+        other_chats=args.other_chats,
         scrub=not args.no_scrub,
-        max_message_chars=args.max_message_chars, max_messages=args.max_messages,
-        max_speakers=args.max_speakers, max_input_mb=args.max_input_mb)
+        max_message_chars=args.max_message_chars,
+        max_messages=args.max_messages,
+        max_speakers=args.max_speakers,
+        max_input_mb=args.max_input_mb,
+    )
     write_data_dir(out, convs, summary)
     return convs, summary
 
@@ -118,17 +173,32 @@ def _gc_paused():
             gc.enable()
 
 
-def import_chats(srcs: list[str], *, fmt: str = "auto", aliases: dict[str, str] | None = None,
-                 gap_minutes: float = 120.0, chats: list[str] | None = None, pair: tuple[str, str] | None = None,
-                 top_pair: bool = False, other_chats: bool = False, scrub: bool = True, max_message_chars: int = 20_000,
-                 max_messages: int = 5_000_000, max_speakers: int = 10_000,
-                 max_input_mb: int = 1024) -> tuple[list[Conversation], dict]:
+def import_chats(
+    srcs: list[str],
+    *,
+    fmt: str = "auto",
+    aliases: dict[str, str] | None = None,
+    gap_minutes: float = 120.0,
+    chats: list[str] | None = None,
+    pair: tuple[str, str] | None = None,
+    top_pair: bool = False,
+    other_chats: bool = False,
+    scrub: bool = True,
+    max_message_chars: int = 20_000,
+    max_messages: int = 5_000_000,
+    max_speakers: int = 10_000,
+    max_input_mb: int = 1024,
+) -> tuple[list[Conversation], dict]:
     """Read, parse, clean and split; returns (conversations, the import.json summary). Writes nothing."""
     aliases = aliases or {}
     if gap_minutes < 0:
         raise UserError(f"--gap-minutes must be 0 or more, not {gap_minutes:g}")
-    for flag, value in (("--max-message-chars", max_message_chars), ("--max-messages", max_messages),
-                        ("--max-speakers", max_speakers), ("--max-input-mb", max_input_mb)):
+    for flag, value in (
+        ("--max-message-chars", max_message_chars),
+        ("--max-messages", max_messages),
+        ("--max-speakers", max_speakers),
+        ("--max-input-mb", max_input_mb),
+    ):
         if value < 1:
             raise UserError(f"{flag} must be at least 1, not {value}")
     if pair and top_pair:
@@ -154,8 +224,17 @@ def import_chats(srcs: list[str], *, fmt: str = "auto", aliases: dict[str, str] 
             skipped.setdefault(blob.container, []).append(str(e))
             continue
         blob.data = b""  # the text or JSON is all that is needed from here; let the bytes go
-        got = parse_payload(found, payload, blob.name, report, chats=chats, pair=pair, top_pair=top_pair,
-                            other_chats=other_chats, max_speakers=max_speakers)
+        got = parse_payload(
+            found,
+            payload,
+            blob.name,
+            report,
+            chats=chats,
+            pair=pair,
+            top_pair=top_pair,
+            other_chats=other_chats,
+            max_speakers=max_speakers,
+        )
         del payload
         if blob.container is not None:
             found_in.add(blob.container)
@@ -165,12 +244,22 @@ def import_chats(srcs: list[str], *, fmt: str = "auto", aliases: dict[str, str] 
         for c in got:
             speakers.update(m.speaker for m in c.messages)
         if len(speakers) > max_speakers:
-            raise UserError(f"{blob.name}: {len(speakers):,} distinct speakers, more than --max-speakers "
-                            f"{max_speakers:,}; not a conversation between people?")
+            raise UserError(
+                f"{blob.name}: {len(speakers):,} distinct speakers, more than --max-speakers "
+                f"{max_speakers:,}; not a conversation between people?"
+            )
         dropped.update(report.dropped)
         kept = sum(len(c.messages) for c in got)
-        sources.append({"name": blob.name, "format": found, "messages_read": report.read,
-                        "messages_parsed": kept, "dropped": dict(report.dropped), **_notes(report.notes)})
+        sources.append(
+            {
+                "name": blob.name,
+                "format": found,
+                "messages_read": report.read,
+                "messages_parsed": kept,
+                "dropped": dict(report.dropped),
+                **_notes(report.notes),
+            }
+        )
         convs.extend(got)
 
     for container, reasons in skipped.items():
@@ -185,24 +274,31 @@ def import_chats(srcs: list[str], *, fmt: str = "auto", aliases: dict[str, str] 
     unknown = [a for a in aliases if a not in speakers]
     if unknown:
         names = ", ".join(repr(s) for s in sorted(speakers)[:12])
-        raise UserError(f"--speaker: no speaker named {', '.join(map(repr, unknown))}; speakers are: {names}"
-                        f"{' ...' if len(speakers) > 12 else ''}")
+        raise UserError(
+            f"--speaker: no speaker named {', '.join(map(repr, unknown))}; speakers are: {names}"
+            f"{' ...' if len(speakers) > 12 else ''}"
+        )
 
     scrubber = Scrubber() if scrub else None
-    convs, truncated = clean_messages(convs, aliases=aliases, max_chars=max_message_chars, scrub=scrubber,
-                                      dropped=dropped)
+    convs, truncated = clean_messages(
+        convs, aliases=aliases, max_chars=max_message_chars, scrub=scrubber, dropped=dropped
+    )
     convs = number(split_sessions(convs, gap_minutes))
     counts: Counter = Counter(m.speaker for c in convs for m in c.messages)
     n_messages = sum(counts.values())
     drop_text = ", ".join(f"{n:,} {why}" for why, n in dropped.most_common()) or "nothing dropped"
     if n_messages == 0:
-        raise UserError(f"0 messages kept from {read:,} read in {', '.join(s['name'] for s in sources)} "
-                        f"({drop_text}); nothing to import")
+        raise UserError(
+            f"0 messages kept from {read:,} read in {', '.join(s['name'] for s in sources)} "
+            f"({drop_text}); nothing to import"
+        )
     if len(counts) < 2:
         only = next(iter(counts))
         plural = "s" * (n_messages != 1)
-        raise UserError(f"only one speaker ({only!r}, {n_messages:,} message{plural}) after import ({drop_text}); "
-                        "a conversation needs at least two people")
+        raise UserError(
+            f"only one speaker ({only!r}, {n_messages:,} message{plural}) after import ({drop_text}); "
+            "a conversation needs at least two people"
+        )
     summary = {
         "conversations": len(convs),
         "messages": n_messages,
@@ -215,11 +311,20 @@ def import_chats(srcs: list[str], *, fmt: str = "auto", aliases: dict[str, str] 
         "single_speaker_conversations": sum(len(c.speakers) < 2 for c in convs),
         "sources": sources,
         "skipped": {name: reasons for name, reasons in skipped.items()},  # files in a SRC dir/zip that were no export
-        "options": {"format": fmt, "gap_minutes": gap_minutes, "speaker_aliases": aliases, "chats": chats or [],
-                    "pair": list(pair) if pair else None, "top_pair": top_pair, "other_chats": other_chats,
-                    "scrub": scrub,
-                    "max_message_chars": max_message_chars, "max_messages": max_messages,
-                    "max_speakers": max_speakers, "max_input_mb": max_input_mb},
+        "options": {
+            "format": fmt,
+            "gap_minutes": gap_minutes,
+            "speaker_aliases": aliases,
+            "chats": chats or [],
+            "pair": list(pair) if pair else None,
+            "top_pair": top_pair,
+            "other_chats": other_chats,
+            "scrub": scrub,
+            "max_message_chars": max_message_chars,
+            "max_messages": max_messages,
+            "max_speakers": max_speakers,
+            "max_input_mb": max_input_mb,
+        },
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     return convs, summary
@@ -231,6 +336,7 @@ def write_data_dir(out: Path, convs: list[Conversation], summary: dict) -> None:
     new pair, never one of each. A DATA_DIR holding other files too is kept, and each file is replaced
     atomically on its own (conversations.jsonl first)."""
     from convsim import __version__
+
     summary = {**summary, "convsim_version": __version__}
     if out.is_dir() and (out.is_symlink() or not _only_ours(out)):
         private_dir(out)
@@ -245,8 +351,10 @@ def write_data_dir(out: Path, convs: list[Conversation], summary: dict) -> None:
 
 def _only_ours(out: Path) -> bool:
     """True when DATA_DIR holds nothing but what `convsim import` writes (and temporaries of a killed one)."""
-    return all(e.name in (CONVERSATIONS, IMPORT_JSON) or (e.name.startswith(".") and e.name.endswith((".tmp", ".old")))
-               for e in os.scandir(out))
+    return all(
+        e.name in (CONVERSATIONS, IMPORT_JSON) or (e.name.startswith(".") and e.name.endswith((".tmp", ".old")))
+        for e in os.scandir(out)
+    )
 
 
 def _notes(notes: dict) -> dict:
@@ -283,7 +391,9 @@ def _print_summary(brief: dict, summary: dict) -> None:
     if brief["dropped"]:
         print("dropped " + ", ".join(f"{n:,} {why}" for why, n in brief["dropped"].items()))
     if brief["truncated"]:
-        print(f"truncated {brief['truncated']:,} messages longer than {summary['options']['max_message_chars']:,} characters")
+        print(
+            f"truncated {brief['truncated']:,} messages longer than {summary['options']['max_message_chars']:,} characters"
+        )
     if brief["scrubbed"] is not None:
         done = ", ".join(f"{n:,} {k}" for k, n in brief["scrubbed"].items() if n)
         print(f"scrubbed {done or 'nothing'} (--no-scrub keeps them)")

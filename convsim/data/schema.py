@@ -6,6 +6,7 @@
 `time` is ISO 8601 (or null when the export has none). Messages are in order; a multi-line message is
 one message. Speaker names are kept exactly as exported.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,7 +20,6 @@ from convsim.errors import UserError, brief
 from convsim.fsutil import atomic_path
 
 CONVERSATIONS = "conversations.jsonl"
-
 
 
 def speaker_token(name: str) -> str:

@@ -8,6 +8,7 @@ messages they send in a row before someone else speaks (mean, median); reply del
 the other person's last message to this speaker's first message of a burst (median; only within a
 conversation and where both times are known). `speaker_stats(convs)` is the pure function behind it.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,14 +39,17 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(stats, ensure_ascii=False, indent=2))
         return 0
-    print(f"{stats['conversations']:,} conversations, {stats['messages']:,} messages, "
-          f"{len(stats['speakers'])} speakers")
+    print(
+        f"{stats['conversations']:,} conversations, {stats['messages']:,} messages, {len(stats['speakers'])} speakers"
+    )
     head = f"{'speaker':<24} {'messages':>9} {'chars mean/med':>15} {'words mean/med':>15} {'burst mean/med':>15} {'reply s (med)':>13}"
     print(head)
     for name, s in stats["speakers"].items():
         delay = "-" if s["reply_delay_s_median"] is None else f"{s['reply_delay_s_median']:g}"
-        print(f"{_fit(name, 24)} {s['messages']:>9,} {s['chars_mean']:>8.1f}/{s['chars_median']:<6g} "
-              f"{s['words_mean']:>8.1f}/{s['words_median']:<6g} {s['burst_mean']:>8.2f}/{s['burst_median']:<6g} {delay:>13}")
+        print(
+            f"{_fit(name, 24)} {s['messages']:>9,} {s['chars_mean']:>8.1f}/{s['chars_median']:<6g} "
+            f"{s['words_mean']:>8.1f}/{s['words_median']:<6g} {s['burst_mean']:>8.2f}/{s['burst_median']:<6g} {delay:>13}"
+        )
     return 0
 
 
@@ -82,8 +86,10 @@ def speaker_stats(convs: list[Conversation]) -> dict:
         d = delays.get(s, [])
         speakers[s] = {
             "messages": len(chars[s]),
-            "chars_mean": round(mean(chars[s]), 2), "chars_median": median(chars[s]),
-            "words_mean": round(mean(words[s]), 2), "words_median": median(words[s]),
+            "chars_mean": round(mean(chars[s]), 2),
+            "chars_median": median(chars[s]),
+            "words_mean": round(mean(words[s]), 2),
+            "words_median": median(words[s]),
             "bursts": len(bursts.get(s, [])),
             "burst_mean": round(mean(bursts[s]), 3) if bursts.get(s) else 0.0,
             "burst_median": median(bursts[s]) if bursts.get(s) else 0,

@@ -4,6 +4,7 @@ or conversation records), read into `Message`s of a run's known speakers.
 
     msgs = read_transcript("history.txt", ["Ana", "Ben"])      # or "-" for stdin
 """
+
 from __future__ import annotations
 
 import json
@@ -63,6 +64,7 @@ def read_transcript(arg: str, known: list[str]) -> list[Message]:
     """`--history FILE` (or `-` for stdin): at most 64 MiB of UTF-8 text, else a `UserError`."""
     import sys
     from convsim.fsutil import MAX_TEXT_BYTES, read_user_text
+
     if arg == "-":
         data = sys.stdin.buffer.read(MAX_TEXT_BYTES + 1) if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
         if len(data) > MAX_TEXT_BYTES:

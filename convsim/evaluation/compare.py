@@ -1,6 +1,7 @@
 """`convsim compare`: held-out examples side by side — the context, what the person really said, the base
 model, the base model with in-context examples of the person, and the fine-tuned model.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,6 +32,7 @@ def compare(run_, n, split="test", temperature=0.7, max_new_tokens=48, budget=76
     from convsim.evaluation.evaluate import base_model_ctx, reply_part
     from convsim.inference.generate import SampleConfig, reply_from_prompt
     from convsim.evaluation.incontext import Retriever, incontext_prompt, plain
+
     if model is None:
         model, tok = run_.load()
     fmt, pfmt = run_.fmt, plain(run_.fmt)
@@ -45,14 +47,28 @@ def compare(run_, n, split="test", temperature=0.7, max_new_tokens=48, budget=76
     for e in held[::step][:n]:
         prompt_ft, _, _ = reply_part(tok, fmt, e)
         prompt_b, _, _ = reply_part(tok, pfmt, e)
-        ic = incontext_prompt(tok, pfmt, e.context, e.speaker,
-                              retriever.top(e.context, e.speaker, exclude=[m.text for m in e.reply]), budget)
+        ic = incontext_prompt(
+            tok,
+            pfmt,
+            e.context,
+            e.speaker,
+            retriever.top(e.context, e.speaker, exclude=[m.text for m in e.reply]),
+            budget,
+        )
         with base_model_ctx(model):
             base = reply_from_prompt(model, tok, pfmt, prompt_b, e.speaker, cfg)
             inctx = reply_from_prompt(model, tok, pfmt, ic, e.speaker, cfg)
         ft = reply_from_prompt(model, tok, fmt, prompt_ft, e.speaker, cfg)
-        rows.append({"speaker": e.speaker, "context": [{"speaker": m.speaker, "text": m.text} for m in e.context],
-                     "real": [m.text for m in e.reply], "base": base, "in_context": inctx, "finetuned": ft})
+        rows.append(
+            {
+                "speaker": e.speaker,
+                "context": [{"speaker": m.speaker, "text": m.text} for m in e.context],
+                "real": [m.text for m in e.reply],
+                "base": base,
+                "in_context": inctx,
+                "finetuned": ft,
+            }
+        )
     return rows
 
 
@@ -68,6 +84,7 @@ def print_rows(rows, out=sys.stdout, context_lines=4):
 
 def run(args):
     from convsim.runs import open_run
+
     run_ = open_run(args.run_dir)
     rows = compare(run_, args.n, args.split, args.temperature, args.max_new_tokens, args.budget, args.seed)
     if args.json:

@@ -13,6 +13,7 @@ Per speaker, on held-out examples (the run's test split):
 
     convsim eval runs/me --n 40 --json --out runs/me/eval.json
 """
+
 from __future__ import annotations
 
 import json
@@ -37,7 +38,7 @@ EXAMPLES = """
   convsim eval runs/me --n 100 --json --out runs/me/eval.json
   convsim eval runs/me --no-generate           # perplexities only (fast)
 """
-EMOJI = re.compile("[\U0001F300-\U0001FAFF\u2600-\u27BF]")
+EMOJI = re.compile("[\U0001f300-\U0001faff\u2600-\u27bf]")
 
 
 def add_arguments(p):
@@ -45,13 +46,22 @@ def add_arguments(p):
     p.add_argument("--split", default="test", choices=["test", "val"])
     p.add_argument("--n", type=int, default=40, help="examples per speaker (0: every one)")
     p.add_argument("--budget", type=int, default=768, help="token budget of the in-context prompts")
-    p.add_argument("--generate", action=argparse_bool(), default=True,
-                   help="also generate replies for speaker identification and style (default on)")
+    p.add_argument(
+        "--generate",
+        action=argparse_bool(),
+        default=True,
+        help="also generate replies for speaker identification and style (default on)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--batch-size", type=int, default=16, help="replies generated together (left-padded)")
-    p.add_argument("--judge-n", type=int, default=200, metavar="N",
-                   help="training examples per speaker whose generated replies train the real-vs-generated judge "
-                        "(0: no judge; it costs 2N more generations per speaker)")
+    p.add_argument(
+        "--judge-n",
+        type=int,
+        default=200,
+        metavar="N",
+        help="training examples per speaker whose generated replies train the real-vs-generated judge "
+        "(0: no judge; it costs 2N more generations per speaker)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     p.add_argument("--out", help="write the JSON here")
@@ -59,10 +69,12 @@ def add_arguments(p):
 
 def argparse_bool():
     import argparse
+
     return argparse.BooleanOptionalAction
 
 
 # ----------------------------------------------------------------------------- perplexity
+
 
 def nll(model, prompt: list[int], reply: list[int], text_mask: list[int]) -> tuple[float, int]:
     """Summed negative log-likelihood of the reply tokens with text_mask=1, and their count."""
@@ -71,7 +83,7 @@ def nll(model, prompt: list[int], reply: list[int], text_mask: list[int]) -> tup
 
 def reply_part(tok, fmt, e):
     r = render(tok, fmt, e.context, e.speaker, e.reply, e.next_speaker)
-    return r.input_ids[:r.prompt_len], r.input_ids[r.prompt_len:], r.text_mask[r.prompt_len:]
+    return r.input_ids[: r.prompt_len], r.input_ids[r.prompt_len :], r.text_mask[r.prompt_len :]
 
 
 def base_model_ctx(model):
@@ -81,13 +93,15 @@ def base_model_ctx(model):
 
 # ----------------------------------------------------------------------------- speaker id + style
 
+
 def ruler_examples(run_):
     """What the speaker classifier learns from: the chat's own training split, never `--extra-data`. More
     training data for the model must not change the instrument that grades it (one person's 16k messages
     with strangers would tilt it to that person)."""
     meta = run_.meta
-    return build_examples([c for c in run_.split("train") if not run_.is_extra(c)], None,
-                          meta.context_size, meta.max_burst)
+    return build_examples(
+        [c for c in run_.split("train") if not run_.is_extra(c)], None, meta.context_size, meta.max_burst
+    )
 
 
 def speaker_classifier(train_examples):
@@ -112,15 +126,19 @@ def id_accuracy(clf, bursts: list[list[str]], speaker: str) -> float | None:
 def style(bursts: list[list[str]]) -> dict:
     msgs = [m for b in bursts for m in b]
     chars = sum(len(m) for m in msgs) or 1
-    return {"lengths": [len(m) for m in msgs], "bursts": [len(b) for b in bursts],
-            "emoji_rate": len(EMOJI.findall("".join(msgs))) / chars,
-            "punct_rate": sum(c in ".,!?;:" for m in msgs for c in m) / chars,
-            "caps_rate": sum(c.isupper() for m in msgs for c in m) / chars,
-            "vocab": {w for m in msgs for w in re.findall(r"\w+", m.lower())}}
+    return {
+        "lengths": [len(m) for m in msgs],
+        "bursts": [len(b) for b in bursts],
+        "emoji_rate": len(EMOJI.findall("".join(msgs))) / chars,
+        "punct_rate": sum(c in ".,!?;:" for m in msgs for c in m) / chars,
+        "caps_rate": sum(c.isupper() for m in msgs for c in m) / chars,
+        "vocab": {w for m in msgs for w in re.findall(r"\w+", m.lower())},
+    }
 
 
 def style_distance(gen: dict, real: dict) -> dict:
     from scipy.stats import wasserstein_distance
+
     out = {}
     if gen["lengths"] and real["lengths"]:
         out["length_wasserstein"] = float(wasserstein_distance(gen["lengths"], real["lengths"]))
@@ -134,14 +152,16 @@ def style_distance(gen: dict, real: dict) -> dict:
 
 # ----------------------------------------------------------------------------- stage
 
+
 def _gen_pair(model, tok, fmt, pfmt, exs, retriever, speaker, budget, cfg, batch_size, exclude_reply=True):
     """Greedy replies of the fine-tuned model and of the prompted base model for examples `exs`."""
     ft_prompts, ic_prompts = [], []
     for e in exs:
         ex = [m.text for m in e.reply] if exclude_reply else []
         ft_prompts.append(reply_part(tok, fmt, e)[0])
-        ic_prompts.append(incontext_prompt(tok, pfmt, e.context, speaker, retriever.top(e.context, speaker, k=50, exclude=ex),
-                                           budget))
+        ic_prompts.append(
+            incontext_prompt(tok, pfmt, e.context, speaker, retriever.top(e.context, speaker, k=50, exclude=ex), budget)
+        )
     gen_ft = replies_from_prompts(model, tok, fmt, ft_prompts, speaker, cfg, batch_size)
     with base_model_ctx(model):
         gen_ic = replies_from_prompts(model, tok, pfmt, ic_prompts, speaker, cfg, batch_size)
@@ -152,12 +172,22 @@ def _ctx(e) -> list[str]:
     return [m.text for m in e.context]
 
 
-def evaluate(run_, n: int = 40, split: str = "test", budget: int = 768, generate: bool = True,
-             max_new_tokens: int = 48, seed: int = 0, progress: bool = True, batch_size: int = 16,
-             judge_n: int = 200) -> dict:
+def evaluate(
+    run_,
+    n: int = 40,
+    split: str = "test",
+    budget: int = 768,
+    generate: bool = True,
+    max_new_tokens: int = 48,
+    seed: int = 0,
+    progress: bool = True,
+    batch_size: int = 16,
+    judge_n: int = 200,
+) -> dict:
     """Per-speaker perplexities (with a bootstrap interval of fine-tuned ÷ in-context) and, with `generate`,
     speaker identification, the judge, copying, repetition, diversity and style. `n=0`: every example."""
     from tqdm.auto import tqdm
+
     model, tok = run_.load()
     fmt, pfmt = run_.fmt, plain(run_.fmt)
     meta = run_.meta
@@ -173,13 +203,20 @@ def evaluate(run_, n: int = 40, split: str = "test", budget: int = 768, generate
     cfg = SampleConfig(temperature=0.0, max_new_tokens=max_new_tokens, seed=seed)
     per_speaker = {s: [e for e in held if e.speaker == s][: n or None] for s in run_.targets}
     real_by_speaker = {s: [[m.text for m in e.reply] for e in exs] for s, exs in per_speaker.items()}
-    result = {"model": run_.model_name, "adapter": run_.adapter_hash, "split": split, "budget": budget,
-              "n_examples": 0, "rulers": {"copy_span_tokens": rulers.COPY_SPAN, "judge_train_per_speaker": judge_n},
-              "speakers": {}}
+    result = {
+        "model": run_.model_name,
+        "adapter": run_.adapter_hash,
+        "split": split,
+        "budget": budget,
+        "n_examples": 0,
+        "rulers": {"copy_span_tokens": rulers.COPY_SPAN, "judge_train_per_speaker": judge_n},
+        "speakers": {},
+    }
     for speaker, exs in per_speaker.items():
         if not exs:
             continue
-        tot = defaultdict(float); cnt = defaultdict(int)
+        tot = defaultdict(float)
+        cnt = defaultdict(int)
         per_ex = defaultdict(list)
         real = real_by_speaker[speaker]
         for e in tqdm(exs, desc=f"eval {speaker}", disable=not progress, file=sys.stderr):
@@ -189,20 +226,24 @@ def evaluate(run_, n: int = 40, split: str = "test", budget: int = 768, generate
             ic_prompt = incontext_prompt(tok, pfmt, e.context, speaker, retrieved, budget)
             hy_prompt = incontext_prompt(tok, fmt, e.context, speaker, retrieved, budget)
             assert [t for t, m in zip(rep_ft, mask_ft) if m] == [t for t, m in zip(rep_b, mask_b) if m]
-            for key, (p, r, m, base) in {"finetuned": (prompt_ft, rep_ft, mask_ft, False),
-                                         "hybrid": (hy_prompt, rep_ft, mask_ft, False),
-                                         "base": (prompt_b, rep_b, mask_b, True),
-                                         "in_context": (ic_prompt, rep_b, mask_b, True)}.items():
-                with (base_model_ctx(model) if base else nullcontext()):
+            for key, (p, r, m, base) in {
+                "finetuned": (prompt_ft, rep_ft, mask_ft, False),
+                "hybrid": (hy_prompt, rep_ft, mask_ft, False),
+                "base": (prompt_b, rep_b, mask_b, True),
+                "in_context": (ic_prompt, rep_b, mask_b, True),
+            }.items():
+                with base_model_ctx(model) if base else nullcontext():
                     s, c = nll(model, p, r, m)
-                tot[key] += s; cnt[key] += c
+                tot[key] += s
+                cnt[key] += c
                 per_ex[key].append(s)
                 if key == "finetuned":
                     per_ex["count"].append(c)
         row = {f"ppl_{k}": math.exp(tot[k] / max(cnt[k], 1)) for k in ("finetuned", "in_context", "base", "hybrid")}
         row["ppl_ratio"] = rulers.ppl_ratio(per_ex["finetuned"], per_ex["in_context"], per_ex["count"])
-        row["ppl_ratio_ci"] = rulers.bootstrap_ppl_ratio_ci(per_ex["finetuned"], per_ex["in_context"], per_ex["count"],
-                                                             seed=seed)
+        row["ppl_ratio_ci"] = rulers.bootstrap_ppl_ratio_ci(
+            per_ex["finetuned"], per_ex["in_context"], per_ex["count"], seed=seed
+        )
         row["tokens_scored"] = cnt["finetuned"]
         row["n"] = len(exs)
         row["speaker_id_real"] = id_accuracy(clf, real, speaker)
@@ -233,8 +274,15 @@ def evaluate(run_, n: int = 40, split: str = "test", budget: int = 768, generate
                     row[f"judge_acc_{name}_ci"] = rulers.bootstrap_mean_ci(flags, seed=seed)
             row["style_finetuned"] = style_distance(style(gen_ft), style(real))
             row["style_in_context"] = style_distance(style(gen_ic), style(real))
-            row["examples"] = [{"context": [f"[{m.speaker}] {m.text}" for m in e.context[-3:]], "real": r,
-                                "finetuned": g, "in_context": i} for e, r, g, i in list(zip(exs, real, gen_ft, gen_ic))[:3]]
+            row["examples"] = [
+                {
+                    "context": [f"[{m.speaker}] {m.text}" for m in e.context[-3:]],
+                    "real": r,
+                    "finetuned": g,
+                    "in_context": i,
+                }
+                for e, r, g, i in list(zip(exs, real, gen_ft, gen_ic))[:3]
+            ]
         result["speakers"][speaker] = row
         result["n_examples"] += len(exs)
     return result
@@ -243,28 +291,46 @@ def evaluate(run_, n: int = 40, split: str = "test", budget: int = 768, generate
 def run(args):
     from convsim.fsutil import write_json
     from convsim.runs import open_run
+
     run_ = open_run(args.run_dir)
-    res = evaluate(run_, args.n, args.split, args.budget, args.generate, args.max_new_tokens, args.seed,
-                   batch_size=args.batch_size, judge_n=args.judge_n)
+    res = evaluate(
+        run_,
+        args.n,
+        args.split,
+        args.budget,
+        args.generate,
+        args.max_new_tokens,
+        args.seed,
+        batch_size=args.batch_size,
+        judge_n=args.judge_n,
+    )
     if args.out:
         write_json(args.out, res, private=False)
     if args.json:
         print(json.dumps(res, ensure_ascii=False))
         return 0
     f = lambda v: "-" if v is None else f"{v:.2f}"
-    print(f"{'speaker':<14}{'ppl ft':>9}{'in-ctx':>9}{'base':>9}{'hybrid':>9}{'ft/ic':>7}{'95% CI':>13}"
-          f"{'id real':>9}{'id ft':>8}{'id ic':>8}{'auc':>6}")
+    print(
+        f"{'speaker':<14}{'ppl ft':>9}{'in-ctx':>9}{'base':>9}{'hybrid':>9}{'ft/ic':>7}{'95% CI':>13}"
+        f"{'id real':>9}{'id ft':>8}{'id ic':>8}{'auc':>6}"
+    )
     for s, r in res["speakers"].items():
         ci = r.get("ppl_ratio_ci") or [None, None]
-        print(f"{s[:13]:<14}{r['ppl_finetuned']:>9.2f}{r['ppl_in_context']:>9.2f}{r['ppl_base']:>9.2f}"
-              f"{r['ppl_hybrid']:>9.2f}{f(r['ppl_ratio']):>7}{f(ci[0]) + '-' + f(ci[1]):>13}"
-              f"{f(r['speaker_id_real']):>9}{f(r.get('speaker_id_finetuned')):>8}"
-              f"{f(r.get('speaker_id_in_context')):>8}{f(r.get('speaker_auc_real')):>6}")
+        print(
+            f"{s[:13]:<14}{r['ppl_finetuned']:>9.2f}{r['ppl_in_context']:>9.2f}{r['ppl_base']:>9.2f}"
+            f"{r['ppl_hybrid']:>9.2f}{f(r['ppl_ratio']):>7}{f(ci[0]) + '-' + f(ci[1]):>13}"
+            f"{f(r['speaker_id_real']):>9}{f(r.get('speaker_id_finetuned')):>8}"
+            f"{f(r.get('speaker_id_in_context')):>8}{f(r.get('speaker_auc_real')):>6}"
+        )
     if any("judge_acc_finetuned" in r or "copy_rate_finetuned" in r for r in res["speakers"].values()):
-        print(f"\n{'speaker':<14}{'judge ft':>9}{'judge ic':>9}{'copy ft':>9}{'copy real':>10}"
-              f"{'repeat ft':>10}{'repeat real':>12}  (judge: 0.5 = cannot tell real from generated)")
+        print(
+            f"\n{'speaker':<14}{'judge ft':>9}{'judge ic':>9}{'copy ft':>9}{'copy real':>10}"
+            f"{'repeat ft':>10}{'repeat real':>12}  (judge: 0.5 = cannot tell real from generated)"
+        )
         for s, r in res["speakers"].items():
-            print(f"{s[:13]:<14}{f(r.get('judge_acc_finetuned')):>9}{f(r.get('judge_acc_in_context')):>9}"
-                  f"{f(r.get('copy_rate_finetuned')):>9}{f(r.get('copy_rate_real')):>10}"
-                  f"{f(r.get('repeat_rate_finetuned')):>10}{f(r.get('repeat_rate_real')):>12}")
+            print(
+                f"{s[:13]:<14}{f(r.get('judge_acc_finetuned')):>9}{f(r.get('judge_acc_in_context')):>9}"
+                f"{f(r.get('copy_rate_finetuned')):>9}{f(r.get('copy_rate_real')):>10}"
+                f"{f(r.get('repeat_rate_finetuned')):>10}{f(r.get('repeat_rate_real')):>12}"
+            )
     return 0

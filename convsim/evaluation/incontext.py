@@ -2,6 +2,7 @@
 the people plus the target person's own training exchanges most similar to the context (TF-IDF
 retrieval), filling a token budget, then the context. Used by `compare`, `eval` and `--retrieve`.
 """
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -21,6 +22,7 @@ class Retriever:
 
     def __init__(self, examples: Sequence[Example]):
         from sklearn.feature_extraction.text import TfidfVectorizer
+
         self.examples = list(examples)
         docs = [" ".join(m.text for m in e.context[-3:]) for e in self.examples] or ["empty"]
         self.vec = TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 4), min_df=1, sublinear_tf=True)
@@ -45,18 +47,30 @@ class Retriever:
 
 def description(fmt: PromptFormat, speaker: str) -> str:
     people = " and ".join(fmt.speakers)
-    return (f"Chat messages between {people}. Below are earlier exchanges showing how {speaker} writes, "
-            f"then the current conversation; continue it as {speaker}.\n\n")
+    return (
+        f"Chat messages between {people}. Below are earlier exchanges showing how {speaker} writes, "
+        f"then the current conversation; continue it as {speaker}.\n\n"
+    )
 
 
-def incontext_prompt(tok, fmt: PromptFormat, context: Sequence[Message], speaker: str,
-                     retrieved: Sequence[Example], budget: int, describe: bool = True) -> list[int]:
+def incontext_prompt(
+    tok,
+    fmt: PromptFormat,
+    context: Sequence[Message],
+    speaker: str,
+    retrieved: Sequence[Example],
+    budget: int,
+    describe: bool = True,
+) -> list[int]:
     """Prompt ids: [bos] description, retrieved exchanges (as many as fit `budget` tokens), context, tag."""
     base = render(tok, fmt, context, speaker).input_ids
     head = base[:1] if base and base[0] == tok.bos_token_id else []
-    body = base[len(head):]
-    prefix = (tok(description(fmt, speaker), add_special_tokens=False, split_special_tokens=True)["input_ids"]
-              if describe else [])
+    body = base[len(head) :]
+    prefix = (
+        tok(description(fmt, speaker), add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        if describe
+        else []
+    )
     for e in retrieved:
         ids = []
         for m in list(e.context[-3:]) + list(e.reply):

@@ -11,6 +11,7 @@ standard `config.json` + `model.safetensors`, the tokenizer with the speaker tok
 (the prompt format, machine-readable) and a README.md. Plain `AutoModelForCausalLM` /
 `AutoTokenizer` load it; vLLM serves it; llama.cpp's `convert_hf_to_gguf.py` reads it.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,10 +31,14 @@ PROBE = ["hey, how are you?", "fine thanks! and you?", "see you tonight then", "
 def add_arguments(p):
     p.add_argument("run_dir")
     p.add_argument("--out", required=True, help="directory to write (must be new or empty, unless --force)")
-    p.add_argument("--as", dest="speaker", metavar="NAME",
-                   help="write generation_config for this person: stop only at the others' tokens, so a reply "
-                        "can be a burst of several messages (default: the run's only target, else stop at "
-                        "every speaker token: one message per call)")
+    p.add_argument(
+        "--as",
+        dest="speaker",
+        metavar="NAME",
+        help="write generation_config for this person: stop only at the others' tokens, so a reply "
+        "can be a burst of several messages (default: the run's only target, else stop at "
+        "every speaker token: one message per call)",
+    )
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights on disk (default float32)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
@@ -43,6 +48,7 @@ def stop_ids(tok, fmt, speaker: str | None) -> list[int]:
     """Token ids that end a reply, as convsim's generation ends it: the other speakers' tokens (every
     speaker's without `speaker`), eos, end of turn and pad."""
     from convsim.data.examples import end_of_turn_id, tag_ids
+
     ids = []
     if fmt.special_tokens:
         for s in fmt.speakers:
@@ -50,7 +56,7 @@ def stop_ids(tok, fmt, speaker: str | None) -> list[int]:
                 ids += tag_ids(tok, fmt, s)
     ids += [tok.eos_token_id, end_of_turn_id(tok)]
     if tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id:
-        ids.append(tok.pad_token_id)      # convsim's generation stops there too
+        ids.append(tok.pad_token_id)  # convsim's generation stops there too
     return list(dict.fromkeys(i for i in ids if i is not None))
 
 
@@ -59,6 +65,7 @@ def merge(model, tok, fmt):
     import torch
     from convsim.data.examples import render
     from convsim.data.schema import Message
+
     speakers = list(fmt.speakers)
     history = [Message(speakers[i % len(speakers)], t) for i, t in enumerate(PROBE)]
     ids = render(tok, fmt, history, speakers[0]).input_ids
@@ -71,8 +78,9 @@ def merge(model, tok, fmt):
     diff = (want - got).abs().max().item()
     tol = 1e-3 * max(1.0, want.abs().max().item())
     if not diff <= tol:
-        raise RuntimeError(f"merged model disagrees with base + adapter (max logit difference {diff:.2e}); "
-                           "not writing a broken export")
+        raise RuntimeError(
+            f"merged model disagrees with base + adapter (max logit difference {diff:.2e}); not writing a broken export"
+        )
     return merged, diff
 
 
@@ -81,26 +89,32 @@ def format_card(run, tok, fmt, speaker: str | None, stops: list[int]) -> dict:
     from convsim.data.examples import render, tag_ids
     from convsim.data.schema import Message
     from convsim.modeling.speakers import speaker_token
+
     speakers = list(fmt.speakers)
     who = speaker or speakers[0]
     other = next((s for s in speakers if s != who), who)
     example = render(tok, fmt, [Message(other, "are you coming tonight?")], who).input_ids
     return {
-        "format": "convsim-export", "version": 1,
+        "format": "convsim-export",
+        "version": 1,
         "style": fmt.style,
         "special_tokens": fmt.special_tokens,
         "message_line": "[Name] text\\n",
-        "prompt": ("bos, then one `[Name] text\\n` line per message (oldest first), then the token of the person "
-                   "who speaks next; the model writes that person's reply burst: messages separated by their "
-                   "own token, ended by another speaker's token or eos" if fmt.style == "base" else
-                   "the chat template with the system prompt and the history as `[Name] text` lines in one user "
-                   "turn, then the token of the person who speaks next"),
+        "prompt": (
+            "bos, then one `[Name] text\\n` line per message (oldest first), then the token of the person "
+            "who speaks next; the model writes that person's reply burst: messages separated by their "
+            "own token, ended by another speaker's token or eos"
+            if fmt.style == "base"
+            else "the chat template with the system prompt and the history as `[Name] text` lines in one user "
+            "turn, then the token of the person who speaks next"
+        ),
         "system_prompt": fmt.system_prompt() if fmt.style == "instruct" else None,
         "example_prompt": tok.decode(example, skip_special_tokens=False),
         "example_prompt_ids": example,
-        "speakers": {s: {"token": speaker_token(s),
-                         "ids": tag_ids(tok, fmt, s),
-                         "stop_token_ids": stop_ids(tok, fmt, s)} for s in speakers},
+        "speakers": {
+            s: {"token": speaker_token(s), "ids": tag_ids(tok, fmt, s), "stop_token_ids": stop_ids(tok, fmt, s)}
+            for s in speakers
+        },
         "generation_config_speaker": speaker,
         "generation_config_stop_token_ids": stops,
         "sampling": {"temperature": 0.7, "top_p": 0.95, "max_new_tokens": 96},
@@ -156,9 +170,9 @@ messages of a burst together).
 
 PROMPT_HELP = {
     "base": "One line `[Name] text\\n` per message, oldest first, after the tokenizer's bos; the prompt ends with "
-            "the token of the person who speaks next, for example:",
+    "the token of the person who speaks next, for example:",
     "instruct": "The chat template, with a system prompt and the history as `[Name] text` lines in one user turn; "
-                "the prompt ends with the token of the person who speaks next, for example:",
+    "the prompt ends with the token of the person who speaks next, for example:",
 }
 
 
@@ -169,15 +183,25 @@ def write_readme(path: Path, shown: Path, run, fmt, card: dict, speaker: str | N
     if speaker:
         stop_help = f"the other people's tokens and eos, so `{speaker}`'s replies may be several messages"
     else:
-        stop_help = ("every person's token and eos: one message per call. For bursts, pass the stop ids of the "
-                     "person who speaks from `convsim-format.json` (or export with `--as NAME`)")
+        stop_help = (
+            "every person's token and eos: one message per call. For bursts, pass the stop ids of the "
+            "person who speaks from `convsim-format.json` (or export with `--as NAME`)"
+        )
     example = card["example_prompt"]
     text = README.format(
-        name=run.path.name, people=", ".join(speakers), base=run.model_name, adapter=run.adapter_hash,
-        tokens=tokens, prompt_help=PROMPT_HELP[fmt.style],
-        example=example.replace("\n", "\\n"), stop_help=stop_help, dir=str(shown),
+        name=run.path.name,
+        people=", ".join(speakers),
+        base=run.model_name,
+        adapter=run.adapter_hash,
+        tokens=tokens,
+        prompt_help=PROMPT_HELP[fmt.style],
+        example=example.replace("\n", "\\n"),
+        stop_help=stop_help,
+        dir=str(shown),
         example_py=json.dumps(example.removeprefix(str(card.get("bos") or ""))),
-        who_token=f"[{who}]", who_stops=card["speakers"][who]["stop_token_ids"])
+        who_token=f"[{who}]",
+        who_stops=card["speakers"][who]["stop_token_ids"],
+    )
     (path / "README.md").write_text(text, encoding="utf-8")
 
 
@@ -190,15 +214,16 @@ def run(args):
     from convsim.runs import open_run
 
     run_ = open_run(args.run_dir)
-    speaker = run_.check_speaker(args.speaker) if args.speaker else (
-        run_.targets[0] if len(run_.targets) == 1 else None)
+    speaker = (
+        run_.check_speaker(args.speaker) if args.speaker else (run_.targets[0] if len(run_.targets) == 1 else None)
+    )
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
         raise UserError(f"{out} exists and is not empty; pass --force to replace it")
     if out.resolve() == run_.path.resolve() or run_.path.resolve() in out.resolve().parents:
         raise UserError("--out must not be inside the run directory")
     t0 = time.time()
-    model, tok = run_.load(device="cpu", dtype=torch.float32)   # merge in fp32, cast after
+    model, tok = run_.load(device="cpu", dtype=torch.float32)  # merge in fp32, cast after
     fmt = run_.fmt
     merged, diff = merge(model, tok, fmt)
     merged.to(getattr(torch, args.dtype))
@@ -207,26 +232,39 @@ def run(args):
     g.bos_token_id, g.pad_token_id = tok.bos_token_id, tok.pad_token_id
     g.eos_token_id = stops
     g.do_sample, g.temperature, g.top_p, g.max_new_tokens = True, 0.7, 0.95, 96
-    if not fmt.special_tokens:   # plain-text tags span several tokens: engines stop on the text
+    if not fmt.special_tokens:  # plain-text tags span several tokens: engines stop on the text
         from convsim.modeling.speakers import speaker_token
+
         g.stop_strings = [speaker_token(s) for s in fmt.speakers if s != speaker]
     card = format_card(run_, tok, fmt, speaker, stops)
-    card["bos"] = tok.bos_token if tok.bos_token_id is not None and card["example_prompt_ids"][:1] == [tok.bos_token_id] else None
+    card["bos"] = (
+        tok.bos_token if tok.bos_token_id is not None and card["example_prompt_ids"][:1] == [tok.bos_token_id] else None
+    )
     card["merge_max_logit_diff"] = diff
     card["dtype"] = args.dtype
-    with atomic_dir(out) as tmp:      # owner-only: the weights remember the chat
+    with atomic_dir(out) as tmp:  # owner-only: the weights remember the chat
         merged.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        (tmp / "convsim-format.json").write_text(json.dumps(card, indent=2, ensure_ascii=False) + "\n",
-                                                 encoding="utf-8")
+        (tmp / "convsim-format.json").write_text(
+            json.dumps(card, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
         write_readme(tmp, out, run_, fmt, card, speaker)
     out.chmod(0o700)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
-    summary = {"out": str(out), "dtype": args.dtype, "speaker": speaker, "stop_token_ids": stops,
-               "merge_max_logit_diff": diff, "mb": round(size / 1e6, 2), "seconds": round(time.time() - t0, 1)}
+    summary = {
+        "out": str(out),
+        "dtype": args.dtype,
+        "speaker": speaker,
+        "stop_token_ids": stops,
+        "merge_max_logit_diff": diff,
+        "mb": round(size / 1e6, 2),
+        "seconds": round(time.time() - t0, 1),
+    }
     if args.json:
         print(json.dumps(summary))
     else:
-        print(f"exported {run_.path} → {out} ({summary['mb']} MB, {args.dtype}; merged logits within {diff:.1e}); "
-              f"load it with AutoModelForCausalLM.from_pretrained({str(out)!r}); see {out}/README.md")
+        print(
+            f"exported {run_.path} → {out} ({summary['mb']} MB, {args.dtype}; merged logits within {diff:.1e}); "
+            f"load it with AutoModelForCausalLM.from_pretrained({str(out)!r}); see {out}/README.md"
+        )
     return 0

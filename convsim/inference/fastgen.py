@@ -11,6 +11,7 @@ Used automatically by convsim.inference.generate when the model is on CUDA, the 
 (steering, activation recording) sit on the decoder layers; `CONVSIM_FAST_GENERATE=0` turns it off.
 bench/generate_speed.py measures it against plain `generate` on the same card.
 """
+
 from __future__ import annotations
 
 import os
@@ -27,6 +28,7 @@ def _base(model):
 
 def _hooked(model) -> bool:
     from convsim.modeling.layers import decoder_layers
+
     try:
         layers = decoder_layers(model)
     except Exception:
@@ -62,6 +64,7 @@ def bucket(n: int) -> int:
 def static_cache(model, total_len: int):
     """A StaticCache of at least `total_len` positions, kept on the model and reset for reuse."""
     from transformers import StaticCache
+
     base = _base(model)
     size = bucket(total_len)
     caches = base.__dict__.setdefault("_convsim_static_caches", {})
@@ -88,9 +91,12 @@ def generate(model, input_ids, **kw):
         return model.generate(input_ids=input_ids, past_key_values=cache, **kw)
     except Exception as e:  # an inductor/triton failure must not cost the user their reply
         import sys
+
         _broken.append(repr(e))
-        print(f"warning: fast generation failed ({type(e).__name__}: {str(e)[:200]}); using plain generate",
-              file=sys.stderr)
-        if "streamer" in kw:    # tokens may already have been streamed: the caller's next call goes plain
+        print(
+            f"warning: fast generation failed ({type(e).__name__}: {str(e)[:200]}); using plain generate",
+            file=sys.stderr,
+        )
+        if "streamer" in kw:  # tokens may already have been streamed: the caller's next call goes plain
             raise
         return model.generate(input_ids=input_ids, **kw)

@@ -5,6 +5,7 @@ comes. No speaker token, whole or partial, ever reaches the caller.
     msgs = reply(model, tok, fmt, history, "Ana", SampleConfig(temperature=0))     # ["hey", "what's up?"]
     for i, delta in stream_reply(model, tok, fmt, history, "Ana", cfg): print(delta, end="")
 """
+
 from __future__ import annotations
 
 import functools
@@ -29,7 +30,7 @@ class SampleConfig:
     temperature: float = 0.7
     top_p: float = 0.95
     max_new_tokens: int = 96
-    max_context_tokens: int = 1024      # history beyond this budget is dropped, oldest first
+    max_context_tokens: int = 1024  # history beyond this budget is dropped, oldest first
     seed: int | None = None
 
 
@@ -41,11 +42,11 @@ class StopOnSequences(StoppingCriteria):
         self.prompt_len = prompt_len
 
     def __call__(self, input_ids, scores, **kwargs):
-        gen = input_ids[:, self.prompt_len:]
+        gen = input_ids[:, self.prompt_len :]
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         for s in self.stops:
             if gen.shape[1] >= len(s):
-                done |= (gen[:, -len(s):] == torch.tensor(s, device=gen.device)).all(dim=1)
+                done |= (gen[:, -len(s) :] == torch.tensor(s, device=gen.device)).all(dim=1)
         return done
 
 
@@ -56,7 +57,7 @@ class StopOnText(StoppingCriteria):
         self.tok, self.texts, self.prompt_len = tok, list(texts), prompt_len
 
     def __call__(self, input_ids, scores, **kwargs):
-        tails = self.tok.batch_decode(input_ids[:, self.prompt_len:][:, -12:])
+        tails = self.tok.batch_decode(input_ids[:, self.prompt_len :][:, -12:])
         return torch.tensor([any(t in tail for t in self.texts) for tail in tails], device=input_ids.device)
 
 
@@ -72,7 +73,7 @@ def _cut(ids: list[int], stops: list[list[int]]) -> tuple[list[int], bool]:
     """ids up to the first stop sequence (exclusive), and whether one was found."""
     for i in range(len(ids)):
         for s in stops:
-            if ids[i:i + len(s)] == s:
+            if ids[i : i + len(s)] == s:
                 return ids[:i], True
     return ids, False
 
@@ -82,10 +83,13 @@ def split_messages(tok, fmt: PromptFormat, speaker: str, ids: list[int]) -> list
     tag = tag_ids(tok, fmt, speaker)
     parts, cur, i = [], [], 0
     while i < len(ids):
-        if ids[i:i + len(tag)] == tag:
-            parts.append(cur); cur = []; i += len(tag)
+        if ids[i : i + len(tag)] == tag:
+            parts.append(cur)
+            cur = []
+            i += len(tag)
         else:
-            cur.append(ids[i]); i += 1
+            cur.append(ids[i])
+            i += 1
     parts.append(cur)
     texts = [tok.decode(p, skip_special_tokens=True).strip() for p in parts]
     return [t for t in texts if t]
@@ -97,8 +101,11 @@ def prompt_ids(tok, fmt: PromptFormat, history: Sequence[Message], speaker: str,
 
 def _gen_kwargs(tok, cfg: SampleConfig, stops, prompt_len, stop_texts=()):
     criteria = [StopOnSequences(stops, prompt_len)] + ([StopOnText(tok, stop_texts, prompt_len)] if stop_texts else [])
-    kw = dict(max_new_tokens=cfg.max_new_tokens, pad_token_id=tok.pad_token_id,
-              stopping_criteria=StoppingCriteriaList(criteria))
+    kw = dict(
+        max_new_tokens=cfg.max_new_tokens,
+        pad_token_id=tok.pad_token_id,
+        stopping_criteria=StoppingCriteriaList(criteria),
+    )
     if cfg.temperature and cfg.temperature > 0:
         kw.update(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0)
     else:
@@ -110,8 +117,16 @@ def _device(model):
     return next(model.parameters()).device
 
 
-def reply(model, tok, fmt: PromptFormat, history: Sequence[Message], speaker: str,
-          cfg: SampleConfig = SampleConfig(), n: int = 1, cache: TurnCache | None = None) -> list[list[str]]:
+def reply(
+    model,
+    tok,
+    fmt: PromptFormat,
+    history: Sequence[Message],
+    speaker: str,
+    cfg: SampleConfig = SampleConfig(),
+    n: int = 1,
+    cache: TurnCache | None = None,
+) -> list[list[str]]:
     """`n` sampled bursts for `speaker` after `history`; each burst is a list of messages. With a
     `TurnCache`, the conversation's previous turn is not computed again."""
     if cfg.seed is not None:
@@ -120,17 +135,24 @@ def reply(model, tok, fmt: PromptFormat, history: Sequence[Message], speaker: st
     stops = stop_sequences(tok, fmt, speaker)
     x = torch.tensor([ids], device=_device(model))
     with torch.inference_mode():
-        out = _generate(model, x, cache, attention_mask=torch.ones_like(x), num_return_sequences=n,
-                             **_gen_kwargs(tok, cfg, stops, len(ids)))
+        out = _generate(
+            model,
+            x,
+            cache,
+            attention_mask=torch.ones_like(x),
+            num_return_sequences=n,
+            **_gen_kwargs(tok, cfg, stops, len(ids)),
+        )
     bursts = []
-    for row in out[:, len(ids):].tolist():
+    for row in out[:, len(ids) :].tolist():
         cut, _ = _cut(row, stops)
         bursts.append(without_repeats(split_messages(tok, fmt, speaker, cut)))
     return bursts
 
 
-def reply_from_prompt(model, tok, fmt: PromptFormat, ids: list[int], speaker: str,
-                      cfg: SampleConfig = SampleConfig()) -> list[str]:
+def reply_from_prompt(
+    model, tok, fmt: PromptFormat, ids: list[int], speaker: str, cfg: SampleConfig = SampleConfig()
+) -> list[str]:
     """One burst after explicit prompt ids (in-context baselines). With plain-text tags, also stops on the
     text of another speaker's tag and cuts there."""
     if cfg.seed is not None:
@@ -139,9 +161,10 @@ def reply_from_prompt(model, tok, fmt: PromptFormat, ids: list[int], speaker: st
     texts = [] if fmt.special_tokens else [speaker_token(s) for s in fmt.speakers if s != speaker]
     x = torch.tensor([ids], device=_device(model))
     with torch.inference_mode():
-        out = fastgen.generate(model, x, attention_mask=torch.ones_like(x),
-                               **_gen_kwargs(tok, cfg, stops, len(ids), texts))
-    return _burst(tok, fmt, speaker, out[0, len(ids):].tolist(), stops, texts)
+        out = fastgen.generate(
+            model, x, attention_mask=torch.ones_like(x), **_gen_kwargs(tok, cfg, stops, len(ids), texts)
+        )
+    return _burst(tok, fmt, speaker, out[0, len(ids) :].tolist(), stops, texts)
 
 
 def without_repeats(messages: list[str]) -> list[str]:
@@ -167,8 +190,15 @@ def _burst(tok, fmt: PromptFormat, speaker: str, row: list[int], stops, texts) -
     return without_repeats([m.strip() for m in text.split(speaker_token(speaker)) if m.strip()])
 
 
-def replies_from_prompts(model, tok, fmt: PromptFormat, prompts: Sequence[list[int]], speaker: str,
-                         cfg: SampleConfig = SampleConfig(), batch_size: int = 16) -> list[list[str]]:
+def replies_from_prompts(
+    model,
+    tok,
+    fmt: PromptFormat,
+    prompts: Sequence[list[int]],
+    speaker: str,
+    cfg: SampleConfig = SampleConfig(),
+    batch_size: int = 16,
+) -> list[list[str]]:
     """`reply_from_prompt` for many prompts, generated in left-padded batches (evaluation). Rows stop
     independently; each row is cut at its first stop exactly as the single-prompt path cuts."""
     if cfg.seed is not None:
@@ -176,11 +206,11 @@ def replies_from_prompts(model, tok, fmt: PromptFormat, prompts: Sequence[list[i
     stops = stop_sequences(tok, fmt, speaker)
     texts = [] if fmt.special_tokens else [speaker_token(s) for s in fmt.speakers if s != speaker]
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))      # similar lengths share a batch
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a batch
     out: list[list[str]] = [[] for _ in prompts]
     dev = _device(model)
     for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         width = max(len(prompts[i]) for i in idx)
         x = torch.tensor([[pad] * (width - len(prompts[i])) + list(prompts[i]) for i in idx], device=dev)
         mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in idx], device=dev)
@@ -197,7 +227,7 @@ class _QueueStreamer(BaseStreamer):
         self.first = True
 
     def put(self, value):
-        if self.first:          # the prompt
+        if self.first:  # the prompt
             self.first = False
             return
         self.q.put(value.reshape(-1).tolist())
@@ -206,8 +236,15 @@ class _QueueStreamer(BaseStreamer):
         self.q.put(None)
 
 
-def stream_reply(model, tok, fmt: PromptFormat, history: Sequence[Message], speaker: str,
-                 cfg: SampleConfig = SampleConfig(), cache: TurnCache | None = None) -> Iterator[tuple[int, str]]:
+def stream_reply(
+    model,
+    tok,
+    fmt: PromptFormat,
+    history: Sequence[Message],
+    speaker: str,
+    cfg: SampleConfig = SampleConfig(),
+    cache: TurnCache | None = None,
+) -> Iterator[tuple[int, str]]:
     """Yield (message index, text delta) while generating. The deltas of each index join to exactly the
     messages `reply` returns for the same settings and seed."""
     if cfg.seed is not None:
@@ -223,8 +260,14 @@ def stream_reply(model, tok, fmt: PromptFormat, history: Sequence[Message], spea
     def work():
         try:
             with torch.inference_mode():
-                _generate(model, x, cache, attention_mask=torch.ones_like(x), streamer=streamer,
-                               **_gen_kwargs(tok, cfg, stops, len(ids)))
+                _generate(
+                    model,
+                    x,
+                    cache,
+                    attention_mask=torch.ones_like(x),
+                    streamer=streamer,
+                    **_gen_kwargs(tok, cfg, stops, len(ids)),
+                )
         except BaseException as e:  # surfaced in the consumer
             error.append(e)
             streamer.end()
@@ -233,7 +276,7 @@ def stream_reply(model, tok, fmt: PromptFormat, history: Sequence[Message], spea
     th.start()
     gen: list[int] = []
     msg_index, shown = 0, ""
-    consumed = 0          # ids before the current message's start
+    consumed = 0  # ids before the current message's start
 
     def current_text(upto: int) -> str:
         return tok.decode(gen[consumed:upto], skip_special_tokens=True)
@@ -249,12 +292,12 @@ def stream_reply(model, tok, fmt: PromptFormat, history: Sequence[Message], spea
         safe = len(cut) if (stopped or finished) else max(consumed, len(cut) - holdback)
         # message breaks inside the safe region
         while True:
-            pos = next((i for i in range(consumed, safe - len(tag) + 1) if gen[i:i + len(tag)] == tag), None)
+            pos = next((i for i in range(consumed, safe - len(tag) + 1) if gen[i : i + len(tag)] == tag), None)
             if pos is None:
                 break
             text = current_text(pos).strip()
-            if text[len(shown):]:
-                yield msg_index, text[len(shown):]
+            if text[len(shown) :]:
+                yield msg_index, text[len(shown) :]
             if text:
                 msg_index += 1
             consumed, shown = pos + len(tag), ""
@@ -264,9 +307,9 @@ def stream_reply(model, tok, fmt: PromptFormat, history: Sequence[Message], spea
         if text.endswith("\ufffd"):
             text = text.rstrip("\ufffd")
         if not (stopped or finished):
-            text = text.rstrip()     # trailing whitespace may be the message's end; show it with what follows
+            text = text.rstrip()  # trailing whitespace may be the message's end; show it with what follows
         if len(text) > len(shown) and text.startswith(shown):
-            yield msg_index, text[len(shown):]
+            yield msg_index, text[len(shown) :]
             shown = text
         if stopped:
             break
@@ -276,6 +319,7 @@ def stream_reply(model, tok, fmt: PromptFormat, history: Sequence[Message], spea
 
 
 # ----------------------------------------------------------------------------- KV cache reuse across turns
+
 
 class TurnCache:
     """The KV cache of a conversation's last prompt + reply, reused by its next turn (`reply(...,
@@ -302,48 +346,49 @@ class TurnCache:
 
     def reset(self) -> None:
         self.kv = None
-        self.ids: list[int] = []         # the tokens whose keys and values `kv` holds
-        self.start = 0                   # history[:start] was dropped to keep within the budget
+        self.ids: list[int] = []  # the tokens whose keys and values `kv` holds
+        self.start = 0  # history[:start] was dropped to keep within the budget
         self._dropped: list[Message] = []
         self._key = None
-        self.reused = self.fed = 0       # last call: prompt tokens taken from the cache / computed
+        self.reused = self.fed = 0  # last call: prompt tokens taken from the cache / computed
 
     def prompt(self, tok, fmt: PromptFormat, history: Sequence[Message], speaker: str, budget: int) -> list[int]:
         """Prompt ids for `history`, trimmed at the front in blocks so the prefix stays stable."""
         history = list(history)
-        if self.start > len(history) or history[:self.start] != self._dropped:
-            self.start, self._dropped = 0, []          # a different conversation (or /reset)
-        ids = prompt_ids(tok, fmt, history[self.start:], speaker, None)
+        if self.start > len(history) or history[: self.start] != self._dropped:
+            self.start, self._dropped = 0, []  # a different conversation (or /reset)
+        ids = prompt_ids(tok, fmt, history[self.start :], speaker, None)
         if len(ids) > budget:
             target = int(budget * (1 - self.slack))
             while self.start < len(history) - 1 and len(ids) > target:
                 self.start += 1
-                ids = prompt_ids(tok, fmt, history[self.start:], speaker, None)
-            self._dropped = history[:self.start]
-            ids = prompt_ids(tok, fmt, history[self.start:], speaker, budget)
+                ids = prompt_ids(tok, fmt, history[self.start :], speaker, None)
+            self._dropped = history[: self.start]
+            ids = prompt_ids(tok, fmt, history[self.start :], speaker, budget)
         return ids
 
     def generate(self, model, x, **kw):
         """`generate` for one prompt, starting from the cached prefix; keeps the new cache."""
         from transformers import DynamicCache
+
         key = _state_key(model)
         if key != self._key:
             self.kv, self.ids, self._key = None, [], key
         ids = x[0].tolist()
         n = 0
-        for a, b in zip(self.ids, ids[:-1]):           # at least the last prompt token is fed
+        for a, b in zip(self.ids, ids[:-1]):  # at least the last prompt token is fed
             if a != b:
                 break
             n += 1
         kv = self.kv if (self.kv is not None and n > 0) else None
         if kv is None:
-            kv, n = DynamicCache(), 0      # no config: full layers even where the model slides, so crop works
+            kv, n = DynamicCache(), 0  # no config: full layers even where the model slides, so crop works
         elif kv.get_seq_length() > n:
-            kv.crop(n - kv.get_seq_length())           # negative: tokens to remove from the end
-        self.kv, self.ids = None, []       # an error mid-generate must not leave a half-updated cache behind
+            kv.crop(n - kv.get_seq_length())  # negative: tokens to remove from the end
+        self.kv, self.ids = None, []  # an error mid-generate must not leave a half-updated cache behind
         self.reused, self.fed = n, len(ids) - n
         out = model.generate(input_ids=x, **{cache_argument(model): kv}, **kw)
-        self.kv, self.ids = kv, out[0, :kv.get_seq_length()].tolist()
+        self.kv, self.ids = kv, out[0, : kv.get_seq_length()].tolist()
         return out
 
 
@@ -357,6 +402,7 @@ def cache_argument(model) -> str:
 @functools.lru_cache(maxsize=None)
 def _cache_argument(cls) -> str:
     import inspect
+
     try:
         params = inspect.signature(cls.forward).parameters
     except (TypeError, ValueError):
@@ -367,6 +413,7 @@ def _cache_argument(cls) -> str:
 def _state_key(model):
     """What the cached keys and values depend on besides the tokens: the model and the hooks on it."""
     from convsim.modeling.layers import decoder_layers
+
     try:
         hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in decoder_layers(model))
     except Exception:

@@ -9,6 +9,7 @@
 Pooling strategies are small functions `Pool(hidden [B,T,H], mask [B,T]) -> [B,H]` in `POOLS`; the
 mask marks the tokens that count (real text tokens: never padding, never BOS).
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -91,7 +92,7 @@ def _leading_special_ids(tokenizer) -> list[int]:
     with_special = tokenizer("x", add_special_tokens=True)["input_ids"]
     plain = tokenizer("x", add_special_tokens=False)["input_ids"]
     for start in range(len(with_special) - len(plain) + 1):
-        if with_special[start:start + len(plain)] == plain:
+        if with_special[start : start + len(plain)] == plain:
             return list(with_special[:start])
     return []
 
@@ -109,10 +110,19 @@ def _pad_batch(seqs: list[list[int]], pooled: list[list[bool]], pad_id: int, sid
     return ids, attn, pool_mask
 
 
-def embed_texts(model, tokenizer, texts: Sequence[str], layer: int = -1, pool: str | Pool = "mean",
-                batch_size: int = 32, prefix_ids: Sequence[int] | None = None, pool_prefix: bool = False,
-                max_tokens: int | None = 512, padding_side: str | None = None,
-                progress: bool = False) -> np.ndarray:
+def embed_texts(
+    model,
+    tokenizer,
+    texts: Sequence[str],
+    layer: int = -1,
+    pool: str | Pool = "mean",
+    batch_size: int = 32,
+    prefix_ids: Sequence[int] | None = None,
+    pool_prefix: bool = False,
+    max_tokens: int | None = 512,
+    padding_side: str | None = None,
+    progress: bool = False,
+) -> np.ndarray:
     """One pooled hidden-state vector per text: float32 [len(texts), hidden].
 
     Each text is tokenised as `[leading specials (BOS)] + prefix_ids + text tokens[:max_tokens]`.
@@ -139,20 +149,28 @@ def embed_texts(model, tokenizer, texts: Sequence[str], layer: int = -1, pool: s
 
     out: np.ndarray | None = None
     order = np.argsort([len(s) for s in seqs], kind="stable")  # similar lengths together: less padding
-    bar = tqdm(total=len(seqs), desc=f"embedding (layer {layer}, {pool if isinstance(pool, str) else 'pool'})",
-               unit="msg", disable=not progress)
+    bar = tqdm(
+        total=len(seqs),
+        desc=f"embedding (layer {layer}, {pool if isinstance(pool, str) else 'pool'})",
+        unit="msg",
+        disable=not progress,
+    )
     try:
         with torch.inference_mode():
             for start in range(0, len(order), batch_size):
-                idx = order[start:start + batch_size]
+                idx = order[start : start + batch_size]
                 ids, attn, pmask = _pad_batch([seqs[i] for i in idx], [pooled[i] for i in idx], pad_id, side)
                 # Positions count real tokens only, so left padding cannot shift them. (RoPE models would
                 # not mind a constant shift; models with absolute position embeddings would.)
                 positions = (attn.cumsum(-1) - 1).clamp_min(0)
                 with record_activations(model, [layer]) as acts, _stop_after(block):
                     try:
-                        model(input_ids=ids.to(device), attention_mask=attn.to(device),
-                              position_ids=positions.to(device), use_cache=False)
+                        model(
+                            input_ids=ids.to(device),
+                            attention_mask=attn.to(device),
+                            position_ids=positions.to(device),
+                            use_cache=False,
+                        )
                     except _StopForward:
                         pass
                 vecs = pool_fn(acts[layer], pmask.to(device)).float().cpu().numpy()

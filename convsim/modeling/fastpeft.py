@@ -11,6 +11,7 @@ the memory traffic. `tests/unit/test_fastpeft.py` checks logits and gradients ag
 
 Under FSDP2 a tied head needs one more thing: `show_tied_weights(peft_model)` (see there).
 """
+
 from __future__ import annotations
 
 import types
@@ -28,7 +29,7 @@ def _fast_forward(self, x, *args, **kwargs):
         idx = torch.as_tensor(self.token_indices[name], device=base.weight.device)
         delta = self.trainable_tokens_delta[name]
         if isinstance(base, torch.nn.Embedding):
-            out = base(x, *args, **kwargs)                   # includes any embedding scale (Gemma)
+            out = base(x, *args, **kwargs)  # includes any embedding scale (Gemma)
             hit = (x[..., None] == idx).any(-1)
             if hit.any():
                 pos = (x[hit][:, None] == idx).float().argmax(-1)
@@ -41,8 +42,13 @@ def _fast_forward(self, x, *args, **kwargs):
         if isinstance(base, torch.nn.Linear):
             out = F.linear(x, base.weight, base.bias)
             cols = F.linear(x, delta.to(x.dtype))
-            return out.index_copy(-1, idx, cols) if out.dim() == 2 else \
-                out.reshape(-1, out.shape[-1]).index_copy(-1, idx, cols.reshape(-1, cols.shape[-1])).view(out.shape)
+            return (
+                out.index_copy(-1, idx, cols)
+                if out.dim() == 2
+                else out.reshape(-1, out.shape[-1])
+                .index_copy(-1, idx, cols.reshape(-1, cols.shape[-1]))
+                .view(out.shape)
+            )
     return self._convsim_original_forward(x, *args, **kwargs)
 
 
@@ -55,7 +61,11 @@ def patch_trainable_tokens(model) -> int:
     n = 0
     for mod in model.modules():
         if isinstance(mod, TrainableTokensLayer) and not hasattr(mod, "_convsim_original_forward"):
-            if len(mod.active_adapters) != 1 or mod.tied_adapter is not None and not hasattr(mod, "trainable_tokens_delta"):
+            if (
+                len(mod.active_adapters) != 1
+                or mod.tied_adapter is not None
+                and not hasattr(mod, "trainable_tokens_delta")
+            ):
                 continue
             mod._convsim_original_forward = mod.forward
             mod.forward = types.MethodType(_fast_forward, mod)
@@ -69,8 +79,9 @@ def head_weight(head):
     the trainable-token delta through `index_copy`."""
     from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
     from peft.utils.other import TrainableTokensWrapper
+
     if isinstance(head, TrainableTokensWrapper):
-        head = head.token_adapter        # not `head.weight`: see show_tied_weights
+        head = head.token_adapter  # not `head.weight`: see show_tied_weights
     if not isinstance(head, TrainableTokensLayer):
         return head.weight, getattr(head, "bias", None)
     base = head.base_layer

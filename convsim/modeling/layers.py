@@ -7,6 +7,7 @@ compilation), whether the head is tied to the input embedding, and the final log
 
 Every other module asks here instead of testing a model's class or name.
 """
+
 from __future__ import annotations
 
 
@@ -44,6 +45,7 @@ def decoder_layers(model):
     """The model's list of decoder layers: the shortest-named `...layers` ModuleList with as many entries as
     the config has hidden layers. ValueError when there is none."""
     import torch.nn as nn
+
     base = causal_lm(model)
     n = getattr(text_config(base), "num_hidden_layers", None)
     best = None

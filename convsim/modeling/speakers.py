@@ -5,6 +5,7 @@ words) plus small noise, as the seed project did. Only those rows are trained (P
 
     ids = add_speaker_tokens(model, tok, ["Ana", "Ben"], seed=0)   # {"Ana": 262145, "Ben": 262146}
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -25,8 +26,15 @@ def reference_ids(tokenizer, name: str, words: Sequence[str] = ()) -> list[int]:
     return [i for i in ids if i not in specials] or [tokenizer.unk_token_id or 0]
 
 
-def add_speaker_tokens(model, tokenizer, names: Sequence[str], references: dict[str, list[str]] | None = None,
-                       words: Sequence[str] = ("friend",), noise: float = 0.01, seed: int = 0) -> dict[str, int]:
+def add_speaker_tokens(
+    model,
+    tokenizer,
+    names: Sequence[str],
+    references: dict[str, list[str]] | None = None,
+    words: Sequence[str] = ("friend",),
+    noise: float = 0.01,
+    seed: int = 0,
+) -> dict[str, int]:
     """Add `[name]` special tokens, grow the embeddings and initialise the new rows (input and, when untied,
     output). Deterministic for a given seed, so a run reloads to exactly the same starting rows."""
     import torch
@@ -35,8 +43,9 @@ def add_speaker_tokens(model, tokenizer, names: Sequence[str], references: dict[
         raise UserError("no speakers to add")
     references = references or {}
     tokens = [speaker_token(n) for n in names]
-    refs = {n: reference_ids(tokenizer, " ".join(references.get(n, [n])), () if n in references else words)
-            for n in names}
+    refs = {
+        n: reference_ids(tokenizer, " ".join(references.get(n, [n])), () if n in references else words) for n in names
+    }
     tokenizer.add_special_tokens({"additional_special_tokens": tokens}, replace_extra_special_tokens=False)
     ids = {n: tokenizer.convert_tokens_to_ids(t) for n, t in zip(names, tokens)}
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:

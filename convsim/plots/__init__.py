@@ -14,6 +14,7 @@ A figure whose data the run lacks (no metrics, no message times) is skipped with
 Modules: figures.py (one maker per figure group), data.py (numbers without a model), hidden.py (hidden
 states), draw.py (matplotlib); this file is the command and index.html.
 """
+
 from __future__ import annotations
 
 import html
@@ -50,6 +51,7 @@ def make_all(args) -> tuple[Path, Report]:
     """Every figure of `args.run_dir` into `args.out` (default RUN_DIR/plots): the directory and a report."""
     from convsim.fsutil import private_dir, write_json
     from convsim.runs import open_run
+
     run = open_run(args.run_dir)
     if args.sample < 3:
         raise UserError("--sample must be at least 3")
@@ -57,6 +59,7 @@ def make_all(args) -> tuple[Path, Report]:
         raise UserError(f"--template must contain {{w}} where the word goes, got {args.template!r}")
     if not args.no_model:
         from convsim.plots.data import read_words
+
         read_words(args.words)  # a bad word list fails now, not after minutes of work
     out = private_dir(args.out or run.path / "plots")
     ctx = Context(run, out, args)
@@ -74,6 +77,7 @@ def make_all(args) -> tuple[Path, Report]:
 
 def write_index(out: Path, run, report: Report) -> None:
     from convsim.fsutil import write_text
+
     e = html.escape
     meta = run.meta
     parts = [
@@ -85,15 +89,19 @@ def write_index(out: Path, run, report: Report) -> None:
         "</style></head><body>",
         f"<h1>convsim plots: {e(run.path.name)}</h1>",
         f"<p>Model {e(str(meta.model))}, speakers {e(', '.join(run.speakers))}, "
-        f"{e('?' if meta.global_step is None else str(meta.global_step))} steps, adapter {e(run.adapter_hash)}.</p>"]
+        f"{e('?' if meta.global_step is None else str(meta.global_step))} steps, adapter {e(run.adapter_hash)}.</p>",
+    ]
     if report.notes:
-        parts.append("<div class='notes'><h2>Notes</h2><ul>" +
-                     "".join(f"<li>{e(n)}</li>" for n in report.notes) + "</ul></div>")
+        parts.append(
+            "<div class='notes'><h2>Notes</h2><ul>" + "".join(f"<li>{e(n)}</li>" for n in report.notes) + "</ul></div>"
+        )
     for section in dict.fromkeys(s for _, s, _ in MAKERS):
         parts.append(f"<h2>{e(section)}</h2>")
         for f in (f for f in report.figures if f.section == section):
-            parts.append(f"<figure id='{e(f.file)}'><img src='{e(f.file)}' alt='{e(f.title)}'>"
-                         f"<figcaption><b>{e(f.title)}.</b> {e(f.caption)}</figcaption></figure>")
+            parts.append(
+                f"<figure id='{e(f.file)}'><img src='{e(f.file)}' alt='{e(f.title)}'>"
+                f"<figcaption><b>{e(f.title)}.</b> {e(f.caption)}</figcaption></figure>"
+            )
         for s in (s for s in report.skipped if s["section"] == section):
             parts.append(f"<p class='skip'><b>{e(s['title'])}: skipped.</b> {e(s['note'])}</p>")
     parts.append("</body></html>\n")

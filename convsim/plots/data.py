@@ -7,6 +7,7 @@
 
 Anything a run may lack (metrics, message times) comes back empty, and the caller skips that figure.
 """
+
 from __future__ import annotations
 
 import json

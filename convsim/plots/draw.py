@@ -3,6 +3,7 @@
 No pyplot (no global state, no display needed); `save_png` writes a figure atomically. Speakers keep
 one colour across every figure (`colour(i)`: the i-th speaker of the run).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -68,8 +69,9 @@ def heatmap(matrix: np.ndarray, words: Sequence[str], title: str, diverging: boo
     return fig
 
 
-def length_histograms(chars: dict[str, list[int]], tokens: dict[str, list[int]], speakers: Sequence[str],
-                      clip: float = 99.5) -> Figure:
+def length_histograms(
+    chars: dict[str, list[int]], tokens: dict[str, list[int]], speakers: Sequence[str], clip: float = 99.5
+) -> Figure:
     """Characters and tokens per message, one step histogram per speaker, log y. Messages past the
     `clip` percentile of everyone's lengths are counted in the last bin, so one huge paste doesn't
     squash the rest."""
@@ -81,8 +83,14 @@ def length_histograms(chars: dict[str, list[int]], tokens: dict[str, list[int]],
         bins = np.linspace(0, top, 51) if top > 50 else np.arange(0, top + 2) - 0.5
         for i, s in enumerate(speakers):
             if data.get(s):
-                ax.hist(np.clip(data[s], 0, top), bins=bins, histtype="step", linewidth=1.8, color=colour(i),
-                        label=f"{s} (n={len(data[s]):,}, median {np.median(data[s]):g})")
+                ax.hist(
+                    np.clip(data[s], 0, top),
+                    bins=bins,
+                    histtype="step",
+                    linewidth=1.8,
+                    color=colour(i),
+                    label=f"{s} (n={len(data[s]):,}, median {np.median(data[s]):g})",
+                )
         _plain_log_y(ax)
         ax.set_xlabel(f"{what} per message (last bin: ≥ {top:g})", fontsize=11)
         ax.set_ylabel("messages (log scale)", fontsize=11)
@@ -123,8 +131,13 @@ def burst_sizes(sizes: dict[str, list[int]], speakers: Sequence[str], cap: int =
         if not len(v):
             continue
         share = np.array([(v == x).mean() for x in xs])
-        ax.bar(xs + (i - (len(speakers) - 1) / 2) * width, np.where(share > 0, share, np.nan), width,
-               color=colour(i), label=f"{s} ({len(v):,} bursts, mean {np.mean(sizes[s]):.2f})")
+        ax.bar(
+            xs + (i - (len(speakers) - 1) / 2) * width,
+            np.where(share > 0, share, np.nan),
+            width,
+            color=colour(i),
+            label=f"{s} ({len(v):,} bursts, mean {np.mean(sizes[s]):.2f})",
+        )
     ax.set_xticks(xs, labels=[str(x) for x in xs[:-1]] + [f"{cap}+"])
     _plain_log_y(ax)
     ax.set_xlabel("messages in a row (burst size)", fontsize=11)
@@ -136,8 +149,17 @@ def burst_sizes(sizes: dict[str, list[int]], speakers: Sequence[str], cap: int =
     return fig
 
 
-TIME_TICKS = [(1, "1 s"), (10, "10 s"), (60, "1 min"), (600, "10 min"), (3600, "1 h"), (6 * 3600, "6 h"),
-              (86400, "1 day"), (7 * 86400, "1 week"), (30 * 86400, "30 days")]
+TIME_TICKS = [
+    (1, "1 s"),
+    (10, "10 s"),
+    (60, "1 min"),
+    (600, "10 min"),
+    (3600, "1 h"),
+    (6 * 3600, "6 h"),
+    (86400, "1 day"),
+    (7 * 86400, "1 week"),
+    (30 * 86400, "30 days"),
+]
 
 
 def reply_delays(delays: dict[str, list[float]], speakers: Sequence[str]) -> Figure:
@@ -150,8 +172,14 @@ def reply_delays(delays: dict[str, list[float]], speakers: Sequence[str]) -> Fig
     for i, s in enumerate(speakers):
         d = np.asarray(delays.get(s, []), dtype=float)
         if len(d):
-            ax.hist(np.clip(d, 1, None), bins=bins, histtype="step", linewidth=1.8, color=colour(i),
-                    label=f"{s} (n={len(d):,}, median {_human(float(np.median(d)))})")
+            ax.hist(
+                np.clip(d, 1, None),
+                bins=bins,
+                histtype="step",
+                linewidth=1.8,
+                color=colour(i),
+                label=f"{s} (n={len(d):,}, median {_human(float(np.median(d)))})",
+            )
     ax.set_xscale("log")
     ticks = [(t, lab) for t, lab in TIME_TICKS if t <= top * 1.5]
     ax.set_xticks([t for t, _ in ticks], labels=[lab for _, lab in ticks])
@@ -171,20 +199,21 @@ def _human(seconds: float) -> str:
     return f"{seconds:.0f} s"
 
 
-def pca_scatter(coords: np.ndarray, labels: Sequence[str], speakers: Sequence[str],
-                explained: Sequence[float]) -> Figure:
+def pca_scatter(
+    coords: np.ndarray, labels: Sequence[str], speakers: Sequence[str], explained: Sequence[float]
+) -> Figure:
     fig = Figure(figsize=(9, 8))
     ax = fig.add_subplot()
     labels = np.asarray(labels)
     for i, s in enumerate(speakers):
         pts = coords[labels == s]
         if len(pts):
-            ax.scatter(pts[:, 0], pts[:, 1], s=12, alpha=0.6, color=colour(i), edgecolors="none",
-                       label=f"{s} ({len(pts):,})")
+            ax.scatter(
+                pts[:, 0], pts[:, 1], s=12, alpha=0.6, color=colour(i), edgecolors="none", label=f"{s} ({len(pts):,})"
+            )
     ax.set_xlabel(f"PC 1 ({explained[0]:.1%} of variance)", fontsize=11)
     ax.set_ylabel(f"PC 2 ({explained[1]:.1%} of variance)", fontsize=11)
-    ax.set_title("Message activations of the fine-tuned model (final layer, mean over tokens), PCA",
-                 fontsize=12)
+    ax.set_title("Message activations of the fine-tuned model (final layer, mean over tokens), PCA", fontsize=12)
     ax.legend(fontsize=10, markerscale=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()

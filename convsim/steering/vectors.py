@@ -13,6 +13,7 @@ A phrase's activation is pooled over the phrase's own tokens: the BOS and an opt
 prefix give it context but are not pooled, padding never is. Files are safetensors with the metadata
 as a JSON string (no pickle). `convsim steer` (steering_cli.py) builds vectors and sweeps strength.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -29,10 +30,11 @@ from convsim.modeling.activations import POOLS, Pool
 from convsim.modeling.layers import backbone, decoder_layers, text_config
 
 FORMAT = "convsim-steering-vector/1"
-HOOK_POINT = "decoder_layer_output"      # the residual stream after the layer
+HOOK_POINT = "decoder_layer_output"  # the residual stream after the layer
 
 
 # ----------------------------------------------------------------------------- model identity
+
 
 def model_key(model) -> str:
     """A name for the base model that survives reloading: the last part of the path/hub id it was loaded
@@ -52,28 +54,32 @@ def model_shape(model) -> tuple[int, int]:
 def resolve_layers(layers: int | Sequence[int], num_layers: int) -> list[int]:
     """Absolute layer indices; negative ones count from the last layer (-1 = the last)."""
     out = []
-    for l in ([layers] if isinstance(layers, int) else list(layers)):
+    for l in [layers] if isinstance(layers, int) else list(layers):
         a = int(l) + num_layers if int(l) < 0 else int(l)
         if not 0 <= a < num_layers:
-            raise UserError(f"layer {l} is out of range: the model has {num_layers} decoder layers "
-                            f"(use 0..{num_layers - 1}, or -1..-{num_layers} from the last)")
+            raise UserError(
+                f"layer {l} is out of range: the model has {num_layers} decoder layers "
+                f"(use 0..{num_layers - 1}, or -1..-{num_layers} from the last)"
+            )
         out.append(a)
     return sorted(set(out))
 
 
 # ----------------------------------------------------------------------------- the value
 
+
 @dataclass
 class SteeringVector:
     """Directions to add to the residual stream, one per decoder layer, and what they fit."""
-    directions: dict[int, torch.Tensor]       # absolute layer index -> [hidden_size] float32
-    model: str                                # model_key() of the base model it was built on
+
+    directions: dict[int, torch.Tensor]  # absolute layer index -> [hidden_size] float32
+    model: str  # model_key() of the base model it was built on
     hidden_size: int
     num_layers: int
-    adapter_hash: str = "none"                # the adapter it was built with (steering works across them)
-    base_model: str = ""                      # human name (run's model row), shown in messages
+    adapter_hash: str = "none"  # the adapter it was built with (steering works across them)
+    base_model: str = ""  # human name (run's model row), shown in messages
     hook: str = HOOK_POINT
-    method: str = ""                          # how it was built: phrases, pairs-mean, pairs-pca, sentiment, ...
+    method: str = ""  # how it was built: phrases, pairs-mean, pairs-pca, sentiment, ...
     info: dict = field(default_factory=dict)  # build settings: phrases, pool, alphas, counts
 
     def __post_init__(self):
@@ -94,15 +100,25 @@ class SteeringVector:
         if not isinstance(other, SteeringVector):
             return NotImplemented
         if (self.model, self.hidden_size, self.num_layers, self.hook) != (
-                other.model, other.hidden_size, other.num_layers, other.hook):
-            raise UserError(f"cannot {what} steering vectors of different models or hook points "
-                            f"({self.model}/{self.hidden_size}x{self.num_layers} vs "
-                            f"{other.model}/{other.hidden_size}x{other.num_layers})")
+            other.model,
+            other.hidden_size,
+            other.num_layers,
+            other.hook,
+        ):
+            raise UserError(
+                f"cannot {what} steering vectors of different models or hook points "
+                f"({self.model}/{self.hidden_size}x{self.num_layers} vs "
+                f"{other.model}/{other.hidden_size}x{other.num_layers})"
+            )
         dirs = {k: v.clone() for k, v in self.directions.items()}
         for k, v in other.directions.items():
             dirs[k] = dirs[k] + sign * v if k in dirs else sign * v
-        return replace(self, directions=dirs, method=f"({self.method or '?'} {'+' if sign > 0 else '-'} "
-                                                     f"{other.method or '?'})", info={})
+        return replace(
+            self,
+            directions=dirs,
+            method=f"({self.method or '?'} {'+' if sign > 0 else '-'} {other.method or '?'})",
+            info={},
+        )
 
     def __add__(self, other):
         return self._combine(other, 1.0, "add")
@@ -113,8 +129,11 @@ class SteeringVector:
     def __mul__(self, k):
         if not isinstance(k, (int, float)):
             return NotImplemented
-        return replace(self, directions={l: v * float(k) for l, v in self.directions.items()},
-                       method=f"{float(k):g}*{self.method or '?'}")
+        return replace(
+            self,
+            directions={l: v * float(k) for l, v in self.directions.items()},
+            method=f"{float(k):g}*{self.method or '?'}",
+        )
 
     __rmul__ = __mul__
 
@@ -139,8 +158,9 @@ class SteeringVector:
             raise UserError(f"the vector has no recorded residual norm for layer(s) {missing}; rebuild it")
         if not (math.isfinite(fraction) and fraction > 0):
             raise UserError(f"the normalising fraction must be a positive number, not {fraction!r}")
-        dirs = {l: v * (float(fraction) * res[str(l)] / max(float(v.norm()), 1e-12))
-                for l, v in self.directions.items()}
+        dirs = {
+            l: v * (float(fraction) * res[str(l)] / max(float(v.norm()), 1e-12)) for l, v in self.directions.items()
+        }
         return replace(self, directions=dirs, info={**self.info, "normalized": float(fraction)})
 
     def direction_for(self, layer: int) -> torch.Tensor:
@@ -162,28 +182,41 @@ class SteeringVector:
         if key != self.model:
             problems.append(f"base model {key!r} vs the vector's {self.model!r}")
         if problems:
-            raise UserError(f"this steering vector was built for {self.base_model or self.model} and does not fit "
-                            f"this model: {'; '.join(problems)}")
+            raise UserError(
+                f"this steering vector was built for {self.base_model or self.model} and does not fit "
+                f"this model: {'; '.join(problems)}"
+            )
 
     # files
     def metadata(self) -> dict:
-        return {"format": FORMAT, "model": self.model, "base_model": self.base_model, "hidden_size": self.hidden_size,
-                "num_layers": self.num_layers, "layer_numbering": "absolute index into decoder_layers(model)",
-                "hook": self.hook, "adapter_hash": self.adapter_hash, "method": self.method,
-                "layers": self.layers, "info": self.info}
+        return {
+            "format": FORMAT,
+            "model": self.model,
+            "base_model": self.base_model,
+            "hidden_size": self.hidden_size,
+            "num_layers": self.num_layers,
+            "layer_numbering": "absolute index into decoder_layers(model)",
+            "hook": self.hook,
+            "adapter_hash": self.adapter_hash,
+            "method": self.method,
+            "layers": self.layers,
+            "info": self.info,
+        }
 
     def save(self, path) -> Path:
         from safetensors.torch import save_file
         from convsim.fsutil import atomic_path
+
         path = Path(path)
         tensors = {f"layer.{k}": v.contiguous() for k, v in self.directions.items()}
-        with atomic_path(path) as tmp:   # owner-only: a vector can be built from private messages
+        with atomic_path(path) as tmp:  # owner-only: a vector can be built from private messages
             save_file(tensors, str(tmp), metadata={"convsim": json.dumps(self.metadata(), ensure_ascii=False)})
         return path
 
     @staticmethod
     def load(path) -> "SteeringVector":
         from safetensors import SafetensorError, safe_open
+
         path = Path(path)
         if not path.is_file():
             raise UserError(f"steering vector {path} not found")
@@ -198,9 +231,17 @@ class SteeringVector:
             assert meta.get("format") == FORMAT
             dirs = {int(k.split(".", 1)[1]): v for k, v in tensors.items() if k.startswith("layer.")}
             assert dirs
-            return SteeringVector(dirs, meta["model"], int(meta["hidden_size"]), int(meta["num_layers"]),
-                                  meta.get("adapter_hash", "none"), meta.get("base_model", ""),
-                                  meta.get("hook", HOOK_POINT), meta.get("method", ""), meta.get("info") or {})
+            return SteeringVector(
+                dirs,
+                meta["model"],
+                int(meta["hidden_size"]),
+                int(meta["num_layers"]),
+                meta.get("adapter_hash", "none"),
+                meta.get("base_model", ""),
+                meta.get("hook", HOOK_POINT),
+                meta.get("method", ""),
+                meta.get("info") or {},
+            )
         except (TypeError, ValueError, KeyError, AssertionError):
             raise UserError(f"{path}: not a convsim steering vector (missing or bad metadata)") from None
 
@@ -222,14 +263,22 @@ def suggest_strengths(vector: SteeringVector, fractions=(0.025, 0.05, 0.1, 0.15)
     return [float(f"{f * r:.2g}") for f in fractions]
 
 
-def new_vector(model, directions: dict[int, torch.Tensor], method: str, info: dict,
-               base_model: str = "", adapter_hash: str = "none") -> SteeringVector:
+def new_vector(
+    model,
+    directions: dict[int, torch.Tensor],
+    method: str,
+    info: dict,
+    base_model: str = "",
+    adapter_hash: str = "none",
+) -> SteeringVector:
     hidden, n = model_shape(model)
-    return SteeringVector(directions, model_key(model), hidden, n, adapter_hash, base_model or model_key(model),
-                          HOOK_POINT, method, info)
+    return SteeringVector(
+        directions, model_key(model), hidden, n, adapter_hash, base_model or model_key(model), HOOK_POINT, method, info
+    )
 
 
 # ----------------------------------------------------------------------------- activations
+
 
 def _layer_output(output) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
@@ -243,8 +292,15 @@ def encode_phrase(tok, text: str, prefix: Sequence[int] = ()) -> tuple[list[int]
 
 
 @torch.no_grad()
-def pooled_states(model, tok, texts: Sequence[str], layers: Sequence[int], pool: str | Pool = "mean",
-                  prefix: Sequence[int] | Sequence[Sequence[int]] = (), batch_size: int = 16) -> dict[int, torch.Tensor]:
+def pooled_states(
+    model,
+    tok,
+    texts: Sequence[str],
+    layers: Sequence[int],
+    pool: str | Pool = "mean",
+    prefix: Sequence[int] | Sequence[Sequence[int]] = (),
+    batch_size: int = 16,
+) -> dict[int, torch.Tensor]:
     """For each absolute layer, [len(texts), hidden] activations at that layer's output, pooled over each
     text's own tokens. `prefix` is one token list for all texts or one per text."""
     if not texts:
@@ -256,20 +312,25 @@ def pooled_states(model, tok, texts: Sequence[str], layers: Sequence[int], pool:
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     out: dict[int, list[torch.Tensor]] = {l: [] for l in layers}
     for i in range(0, len(texts), batch_size):
-        enc = [encode_phrase(tok, t, prefix[i + j] if per_text else prefix) for j, t in enumerate(texts[i:i + batch_size])]
+        enc = [
+            encode_phrase(tok, t, prefix[i + j] if per_text else prefix)
+            for j, t in enumerate(texts[i : i + batch_size])
+        ]
         T = max(len(ids) for ids, _ in enc)
         ids = torch.full((len(enc), T), pad, dtype=torch.long)
         attn = torch.zeros((len(enc), T), dtype=torch.long)
         pool_mask = torch.zeros((len(enc), T), dtype=torch.bool)
         for j, (row, start) in enumerate(enc):
-            ids[j, :len(row)] = torch.tensor(row)
-            attn[j, :len(row)] = 1
-            pool_mask[j, start:len(row)] = True
-            if start >= len(row):        # an empty phrase: pool its last context token instead
+            ids[j, : len(row)] = torch.tensor(row)
+            attn[j, : len(row)] = 1
+            pool_mask[j, start : len(row)] = True
+            if start >= len(row):  # an empty phrase: pool its last context token instead
                 pool_mask[j, len(row) - 1] = True
         got: dict[int, torch.Tensor] = {}
-        handles = [mods[l].register_forward_hook(
-            lambda m, a, o, l=l: got.__setitem__(l, _layer_output(o).detach())) for l in layers]
+        handles = [
+            mods[l].register_forward_hook(lambda m, a, o, l=l: got.__setitem__(l, _layer_output(o).detach()))
+            for l in layers
+        ]
         try:
             backbone(model)(input_ids=ids.to(dev), attention_mask=attn.to(dev), use_cache=False)
         finally:
@@ -285,6 +346,7 @@ def speaker_prefix(tok, fmt, speaker: str | None) -> list[int]:
     if not speaker:
         return []
     from convsim.data.examples import tag_ids
+
     if speaker not in fmt.speakers:
         raise UserError(f"unknown speaker {speaker!r}; this run knows {', '.join(fmt.speakers)}")
     return tag_ids(tok, fmt, speaker)
@@ -292,8 +354,18 @@ def speaker_prefix(tok, fmt, speaker: str | None) -> list[int]:
 
 # ----------------------------------------------------------------------------- building
 
-def from_phrases(model, tok, weights: dict[str, float], layers: int | Sequence[int] = -5, pos_alpha: float = 1.0,
-                 neg_alpha: float = 1.0, pool: str = "mean", prefix: Sequence[int] = (), **meta) -> SteeringVector:
+
+def from_phrases(
+    model,
+    tok,
+    weights: dict[str, float],
+    layers: int | Sequence[int] = -5,
+    pos_alpha: float = 1.0,
+    neg_alpha: float = 1.0,
+    pool: str = "mean",
+    prefix: Sequence[int] = (),
+    **meta,
+) -> SteeringVector:
     """The seed's recipe: each phrase's pooled activation times |weight|; positive and negative phrases
     averaged separately; vector = pos_alpha * mean(pos) - neg_alpha * mean(neg). No normalisation."""
     pos = [(p, w) for p, w in weights.items() if w > 0]
@@ -309,18 +381,31 @@ def from_phrases(model, tok, weights: dict[str, float], layers: int | Sequence[i
         a = a * scale
         v = torch.zeros(a.shape[1])
         if pos:
-            v = v + pos_alpha * a[:len(pos)].mean(0)
+            v = v + pos_alpha * a[: len(pos)].mean(0)
         if neg:
-            v = v - neg_alpha * a[len(pos):].mean(0)
+            v = v - neg_alpha * a[len(pos) :].mean(0)
         dirs[l] = v
-    info = {"phrases": {p: float(w) for p, w in weights.items()}, "pos_alpha": pos_alpha, "neg_alpha": neg_alpha,
-            "pool": pool if isinstance(pool, str) else "custom", "prefix_ids": list(prefix),
-            "residual_norm": residual_norms(acts)}
+    info = {
+        "phrases": {p: float(w) for p, w in weights.items()},
+        "pos_alpha": pos_alpha,
+        "neg_alpha": neg_alpha,
+        "pool": pool if isinstance(pool, str) else "custom",
+        "prefix_ids": list(prefix),
+        "residual_norm": residual_norms(acts),
+    }
     return new_vector(model, dirs, "phrases", info, **meta)
 
 
-def from_pairs(model, tok, pairs: Sequence[tuple[str, str]], layers: int | Sequence[int] = -5, method: str = "mean",
-               pool: str = "mean", prefix: Sequence[int] = (), **meta) -> SteeringVector:
+def from_pairs(
+    model,
+    tok,
+    pairs: Sequence[tuple[str, str]],
+    layers: int | Sequence[int] = -5,
+    method: str = "mean",
+    pool: str = "mean",
+    prefix: Sequence[int] = (),
+    **meta,
+) -> SteeringVector:
     """Contrastive pairs (toward, away): the mean of the differences, or ("pca") the first principal
     component of the differences (uncentred, so the shared shift counts), sign-aligned with their mean
     and scaled to the differences' mean projection on it."""
@@ -332,8 +417,13 @@ def from_pairs(model, tok, pairs: Sequence[tuple[str, str]], layers: int | Seque
     pos = pooled_states(model, tok, [p for p, _ in pairs], absl, pool, prefix)
     neg = pooled_states(model, tok, [n for _, n in pairs], absl, pool, prefix)
     dirs = {l: aggregate(pos[l] - neg[l], method) for l in absl}
-    return new_vector(model, dirs, f"pairs-{method}", {"pairs": len(pairs), "pool": pool, "prefix_ids": list(prefix),
-                                                      "residual_norm": residual_norms(pos, neg)}, **meta)
+    return new_vector(
+        model,
+        dirs,
+        f"pairs-{method}",
+        {"pairs": len(pairs), "pool": pool, "prefix_ids": list(prefix), "residual_norm": residual_norms(pos, neg)},
+        **meta,
+    )
 
 
 def aggregate(diffs: torch.Tensor, method: str = "mean") -> torch.Tensor:
@@ -348,9 +438,19 @@ def aggregate(diffs: torch.Tensor, method: str = "mean") -> torch.Tensor:
     return pc * (diffs @ pc).mean()
 
 
-def from_texts(model, tok, positive: Sequence[str], negative: Sequence[str], layers: int | Sequence[int] = -5,
-               pool: str = "mean", prefix_pos=(), prefix_neg=(), method: str = "texts", info: dict | None = None,
-               **meta) -> SteeringVector:
+def from_texts(
+    model,
+    tok,
+    positive: Sequence[str],
+    negative: Sequence[str],
+    layers: int | Sequence[int] = -5,
+    pool: str = "mean",
+    prefix_pos=(),
+    prefix_neg=(),
+    method: str = "texts",
+    info: dict | None = None,
+    **meta,
+) -> SteeringVector:
     """Two unpaired sets of texts: mean(positive) - mean(negative) activations."""
     if not positive or not negative:
         raise UserError(f"need texts on both sides (got {len(positive)} positive, {len(negative)} negative)")
@@ -358,12 +458,24 @@ def from_texts(model, tok, positive: Sequence[str], negative: Sequence[str], lay
     p = pooled_states(model, tok, list(positive), absl, pool, prefix_pos)
     n = pooled_states(model, tok, list(negative), absl, pool, prefix_neg)
     dirs = {l: p[l].mean(0) - n[l].mean(0) for l in absl}
-    return new_vector(model, dirs, method, {"positive": len(positive), "negative": len(negative), "pool": pool,
-                                           "residual_norm": residual_norms(p, n), **(info or {})}, **meta)
+    return new_vector(
+        model,
+        dirs,
+        method,
+        {
+            "positive": len(positive),
+            "negative": len(negative),
+            "pool": pool,
+            "residual_norm": residual_norms(p, n),
+            **(info or {}),
+        },
+        **meta,
+    )
 
 
 def vader():
     from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
     return SentimentIntensityAnalyzer()
 
 
@@ -382,29 +494,48 @@ def from_sentiment(model, tok, fmt, messages: Sequence, k: int = 64, layers=-5, 
     each read after its author's speaker tag."""
     pos, neg = sentiment_texts(messages, k)
     if len(pos) < 2 or len(neg) < 2:
-        raise UserError(f"too few clearly positive ({len(pos)}) or negative ({len(neg)}) messages to build a "
-                        "sentiment vector; use --phrases or --pairs")
-    return from_texts(model, tok, [m.text for m in pos], [m.text for m in neg], layers, pool,
-                      [speaker_prefix(tok, fmt, m.speaker) for m in pos],
-                      [speaker_prefix(tok, fmt, m.speaker) for m in neg], "sentiment",
-                      {"k": k, "speakers": sorted({m.speaker for m in pos + neg})}, **meta)
+        raise UserError(
+            f"too few clearly positive ({len(pos)}) or negative ({len(neg)}) messages to build a "
+            "sentiment vector; use --phrases or --pairs"
+        )
+    return from_texts(
+        model,
+        tok,
+        [m.text for m in pos],
+        [m.text for m in neg],
+        layers,
+        pool,
+        [speaker_prefix(tok, fmt, m.speaker) for m in pos],
+        [speaker_prefix(tok, fmt, m.speaker) for m in neg],
+        "sentiment",
+        {"k": k, "speakers": sorted({m.speaker for m in pos + neg})},
+        **meta,
+    )
 
 
-def from_speakers(model, tok, fmt, messages: Sequence, speaker: str, other: str, k: int = 256, layers=-5,
-                  pool="mean", **meta) -> SteeringVector:
+def from_speakers(
+    model, tok, fmt, messages: Sequence, speaker: str, other: str, k: int = 256, layers=-5, pool="mean", **meta
+) -> SteeringVector:
     """Toward `speaker`'s way of writing, away from `other`'s: mean activation of up to `k` messages
     each (the text alone, no tag, so the direction is about what they write)."""
     a = [m.text for m in messages if m.speaker == speaker][:k]
     b = [m.text for m in messages if m.speaker == other][:k]
-    return from_texts(model, tok, a, b, layers, pool, (), (), "speakers",
-                      {"toward": speaker, "away": other, "k": k}, **meta)
+    return from_texts(
+        model, tok, a, b, layers, pool, (), (), "speakers", {"toward": speaker, "away": other, "k": k}, **meta
+    )
 
 
 # ----------------------------------------------------------------------------- applying
 
+
 @contextlib.contextmanager
-def steer(model, vector: SteeringVector, strength: float = 1.0, layers: Sequence[int] | int | None = None,
-          positions: str | int = "all") -> Iterator[SteeringVector]:
+def steer(
+    model,
+    vector: SteeringVector,
+    strength: float = 1.0,
+    layers: Sequence[int] | int | None = None,
+    positions: str | int = "all",
+) -> Iterator[SteeringVector]:
     """Add `strength * vector` to the output hidden states of decoder layers while the block runs.
 
     layers: absolute (or negative) indices; default the vector's own. A single-layer vector is applied
@@ -442,6 +573,7 @@ def _adder(delta: torch.Tensor, positions):
         else:
             h2 = torch.cat([h[:, :positions], h[:, positions:] + delta.to(h.dtype)], dim=1)
         return (h2, *output[1:]) if isinstance(output, tuple) else h2
+
     return hook
 
 
@@ -452,8 +584,9 @@ def active_hooks(model) -> int:
 
 # ----------------------------------------------------------------------------- `--steer VECTOR[:STRENGTH]`
 
+
 def parse_steer_arg(arg: str, default_strength: float = 1.0) -> tuple[SteeringVector, float]:
-    """"vec.safetensors:4.0" -> (vector, 4.0); without ":STRENGTH" the strength is `default_strength`."""
+    """ "vec.safetensors:4.0" -> (vector, 4.0); without ":STRENGTH" the strength is `default_strength`."""
     path, strength = arg, default_strength
     head, sep, tail = arg.rpartition(":")
     if sep and head:
@@ -478,16 +611,33 @@ def apply_steer_arg(model, arg: str, positions: str = "new"):
 
 # ----------------------------------------------------------------------------- the seed's API
 
-def generate_steering_vector(model, tokenizer, steer_dict: dict[str, float], pos_alpha: float = 1.0,
-                             neg_alpha: float = 1.0, layer_from_last: int = -5, prefix: Sequence[int] = (),
-                             pool: str = "mean") -> SteeringVector:
+
+def generate_steering_vector(
+    model,
+    tokenizer,
+    steer_dict: dict[str, float],
+    pos_alpha: float = 1.0,
+    neg_alpha: float = 1.0,
+    layer_from_last: int = -5,
+    prefix: Sequence[int] = (),
+    pool: str = "mean",
+) -> SteeringVector:
     """The seed's function name: `from_phrases` at one layer counted from the last."""
     return from_phrases(model, tokenizer, steer_dict, layer_from_last, pos_alpha, neg_alpha, pool, prefix)
 
 
-def generate_with_steering(model, prompt: str, tokenizer, steering_vector, layer_from_last: int = -2,
-                           strength: float = 0.5, max_new_tokens: int = 100, temperature: float = 0.7,
-                           top_p: float = 0.95, positions: str = "new") -> str:
+def generate_with_steering(
+    model,
+    prompt: str,
+    tokenizer,
+    steering_vector,
+    layer_from_last: int = -2,
+    strength: float = 0.5,
+    max_new_tokens: int = 100,
+    temperature: float = 0.7,
+    top_p: float = 0.95,
+    positions: str = "new",
+) -> str:
     """The seed's function: generate after a text prompt with the vector added at `layer_from_last`
     on decode steps (its behaviour); returns the new text. A plain tensor is accepted as the seed's was."""
     n = len(decoder_layers(model))
@@ -499,4 +649,4 @@ def generate_with_steering(model, prompt: str, tokenizer, steering_vector, layer
     kw = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
     with steer(model, steering_vector, strength, layers=layer, positions=positions), torch.inference_mode():
         out = model.generate(**x, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **kw)
-    return tokenizer.decode(out[0, x["input_ids"].shape[1]:], skip_special_tokens=True)
+    return tokenizer.decode(out[0, x["input_ids"].shape[1] :], skip_special_tokens=True)

@@ -12,15 +12,24 @@ and `bench/tda_canary.py` for how well each method finds planted training messag
 
 Names are imported lazily, so `convsim.tda.index` works where faiss is not installed.
 """
+
 from __future__ import annotations
 
 import importlib
 
 _NAMES = {
-    "Hit": "search", "VectorIndex": "search", "build_index": "search", "index_for_store": "search",
+    "Hit": "search",
+    "VectorIndex": "search",
+    "build_index": "search",
+    "index_for_store": "search",
     "nearest": "search",
-    "CorruptStore": "store", "NoStore": "store", "StaleStore": "store", "StoreError": "store",
-    "VectorStore": "store", "content_key": "store", "record_key": "store",
+    "CorruptStore": "store",
+    "NoStore": "store",
+    "StaleStore": "store",
+    "StoreError": "store",
+    "VectorStore": "store",
+    "content_key": "store",
+    "record_key": "store",
 }
 __all__ = sorted(_NAMES)
 

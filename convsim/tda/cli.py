@@ -6,6 +6,7 @@
 `index` writes RUN_DIR/tda/METHOD (incremental: only new or changed messages are computed; a stale or
 damaged index is rebuilt). `query` reads it and never builds it: without an index it says so and exits 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,11 +29,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     ix = sub.add_parser("index", help="compute one vector per training message (incremental)")
     ix.add_argument("run_dir")
     ix.add_argument("--method", default="activations", choices=["activations", "gradients"])
-    ix.add_argument("--layer", default="mid", help="activations: decoder layer, an integer (negative from the end), "
-                                                   "mid or last (default mid)")
+    ix.add_argument(
+        "--layer",
+        default="mid",
+        help="activations: decoder layer, an integer (negative from the end), mid or last (default mid)",
+    )
     ix.add_argument("--pool", default="mean", choices=["mean", "last"], help="activations: pooling over the text")
-    ix.add_argument("--center", action=argparse.BooleanOptionalAction, default=True,
-                    help="subtract the corpus mean before normalising (default on)")
+    ix.add_argument(
+        "--center",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="subtract the corpus mean before normalising (default on)",
+    )
     ix.add_argument("--dim", type=int, default=2048, help="gradients: projection size (default 2048)")
     ix.add_argument("--batch-size", type=int, default=16)
     ix.add_argument("--rebuild", action="store_true", help="drop the index and compute everything again")
@@ -51,6 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from convsim.runs import open_run
+
     run_ = open_run(args.run_dir)
     if args.action == "index":
         return _index(run_, args)
@@ -59,38 +68,50 @@ def run(args) -> int:
 
 def _index(run_, args) -> int:
     from convsim.tda.index import IndexSpec, max_seq_length, update_index
+
     if args.dim < 1 or args.batch_size < 1:
         raise UserError("--dim and --batch-size must be at least 1")
-    spec = IndexSpec(method=args.method, layer=args.layer, pool=args.pool, center=args.center, dim=args.dim,
-                     batch_size=args.batch_size, max_len=max_seq_length(run_))
+    spec = IndexSpec(
+        method=args.method,
+        layer=args.layer,
+        pool=args.pool,
+        center=args.center,
+        dim=args.dim,
+        batch_size=args.batch_size,
+        max_len=max_seq_length(run_),
+    )
     stats = update_index(run_, spec, rebuild=args.rebuild, progress=not args.json or sys.stderr.isatty())
     if args.json:
         print(json.dumps(stats))
     else:
         what = "nothing new to compute" if not stats["computed"] else f"computed {stats['computed']} vectors"
-        print(f"{args.method} index: {what}; {stats['live']} messages searchable, {stats['masked']} masked "
-              f"({stats['seconds']:.1f}s) in {stats['path']}")
+        print(
+            f"{args.method} index: {what}; {stats['live']} messages searchable, {stats['masked']} masked "
+            f"({stats['seconds']:.1f}s) in {stats['path']}"
+        )
     return 0
 
 
 def _query(run_, args) -> int:
     from convsim.tda.query import Attributor, open_for_query
+
     if args.k < 1:
         raise UserError("--k must be at least 1")
     run_.check_speaker(args.as_)
     if args.speaker:
         run_.check_speaker(args.speaker)
-    open_for_query(run_, args.method)          # fail fast, before loading the model
+    open_for_query(run_, args.method)  # fail fast, before loading the model
     context = []
     if args.history:
         from convsim.data.transcript import read_transcript
+
         context = read_transcript(args.history, run_.speakers)
     texts = [t for t in args.text.split("\n") if t.strip()] or [args.text]
-    hits = Attributor(run_, method=args.method, k=args.k).query(texts, args.as_, k=args.k, speaker=args.speaker,
-                                                                context=context)
+    hits = Attributor(run_, method=args.method, k=args.k).query(
+        texts, args.as_, k=args.k, speaker=args.speaker, context=context
+    )
     if args.json:
-        print(json.dumps({"query": args.text, "as": args.as_, "method": args.method, "hits": hits},
-                         ensure_ascii=False))
+        print(json.dumps({"query": args.text, "as": args.as_, "method": args.method, "hits": hits}, ensure_ascii=False))
     else:
         for h in hits:
             print(f"{h['rank']:>2}. {h['score']:.3f}  [{h['speaker']}] {h['time'] or ''}  {h['text']}")

@@ -21,6 +21,7 @@ concatenated gradient is added, with a random sign, to one of `dim` buckets. Inn
 preserved in expectation; it costs one `index_add_` per module and no dense matrix, whatever the number
 of LoRA parameters.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -34,19 +35,22 @@ from convsim.data.examples import PromptFormat, render
 from convsim.data.schema import Message
 from convsim.modeling.loss import per_example_loss
 
-GradExample = tuple[Sequence[Message], str, Sequence[str]]     # (context, speaker, reply texts)
+GradExample = tuple[Sequence[Message], str, Sequence[str]]  # (context, speaker, reply texts)
 
 
 def lora_pairs(model) -> list[tuple[str, torch.nn.Linear, torch.nn.Linear]]:
     """(name, lora_A, lora_B) of every active LoRA linear layer, in a fixed order."""
     from peft.tuners.lora import LoraLayer
+
     pairs = []
     for name, mod in model.named_modules():
         if not isinstance(mod, LoraLayer):
             continue
         for adapter in mod.active_adapters:
-            a, b = mod.lora_A[adapter] if adapter in mod.lora_A else None, \
-                mod.lora_B[adapter] if adapter in mod.lora_B else None
+            a, b = (
+                mod.lora_A[adapter] if adapter in mod.lora_A else None,
+                mod.lora_B[adapter] if adapter in mod.lora_B else None,
+            )
             if isinstance(a, torch.nn.Linear) and isinstance(b, torch.nn.Linear):
                 pairs.append((f"{name}.{adapter}", a, b))
     if not pairs:
@@ -57,10 +61,11 @@ def lora_pairs(model) -> list[tuple[str, torch.nn.Linear, torch.nn.Linear]]:
 @dataclass
 class GradientSketch:
     """The seeded count-sketch projection, one (bucket, sign) per LoRA parameter."""
+
     dim: int
     seed: int
     names: list[str]
-    buckets: list[torch.Tensor]       # per module: A's then B's flattened parameters → bucket
+    buckets: list[torch.Tensor]  # per module: A's then B's flattened parameters → bucket
     signs: list[torch.Tensor]
     n_params: int
 
@@ -112,12 +117,14 @@ class _Taps:
             self.a[i] = output.detach()
             if output.requires_grad:
                 output.register_hook(lambda g: self.ga.__setitem__(i, g.detach()))
+
         return hook
 
     def _hook_b(self, i):
         def hook(_mod, _inputs, output):
             if output.requires_grad:
                 output.register_hook(lambda g: self.gy.__setitem__(i, g.detach()))
+
         return hook
 
 
@@ -146,9 +153,17 @@ def render_example(tok, fmt: PromptFormat, ex: GradExample, max_len: int) -> tup
     return r.input_ids, [i if m else -100 for i, m in zip(r.input_ids, r.loss_mask)]
 
 
-def lora_gradients(model, tok, fmt: PromptFormat, examples: Sequence[GradExample], sketch: GradientSketch,
-                   batch_size: int = 8, max_len: int = 512, raw: bool = False,
-                   on_batch: Callable[[int], None] | None = None) -> np.ndarray:
+def lora_gradients(
+    model,
+    tok,
+    fmt: PromptFormat,
+    examples: Sequence[GradExample],
+    sketch: GradientSketch,
+    batch_size: int = 8,
+    max_len: int = 512,
+    raw: bool = False,
+    on_batch: Callable[[int], None] | None = None,
+) -> np.ndarray:
     """Projected per-example LoRA gradients, float32 `[len(examples), sketch.dim]` (not normalised).
 
     `raw`: return the unprojected concatenated gradients instead (for tests). An example with an empty
@@ -157,24 +172,24 @@ def lora_gradients(model, tok, fmt: PromptFormat, examples: Sequence[GradExample
     device = pairs[0][1].weight.device
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     rendered = [render_example(tok, fmt, ex, max_len) for ex in examples]
-    order = np.argsort([len(r[0]) for r in rendered], kind="stable")   # similar lengths: less padding
+    order = np.argsort([len(r[0]) for r in rendered], kind="stable")  # similar lengths: less padding
     width_out = sketch.n_params if raw else sketch.dim
     out = np.zeros((len(examples), width_out), dtype=np.float32)
     was_training = model.training
-    model.eval()                                   # no dropout: the gradient of the model as it is
+    model.eval()  # no dropout: the gradient of the model as it is
     try:
         with _LoraTrainable(pairs) as weights, torch.enable_grad():
             for start in range(0, len(order), batch_size):
-                idx = order[start:start + batch_size]
+                idx = order[start : start + batch_size]
                 width = max(len(rendered[i][0]) for i in idx)
                 ids = torch.full((len(idx), width), pad, dtype=torch.long)
                 labels = torch.full((len(idx), width), -100, dtype=torch.long)
                 attn = torch.zeros((len(idx), width), dtype=torch.long)
-                for r, i in enumerate(idx):        # right padding: real tokens never see the padding
+                for r, i in enumerate(idx):  # right padding: real tokens never see the padding
                     seq, lab = rendered[i]
-                    ids[r, :len(seq)] = torch.tensor(seq)
-                    labels[r, :len(lab)] = torch.tensor(lab)
-                    attn[r, :len(seq)] = 1
+                    ids[r, : len(seq)] = torch.tensor(seq)
+                    labels[r, : len(lab)] = torch.tensor(lab)
+                    attn[r, : len(seq)] = 1
                 ids, labels, attn = ids.to(device), labels.to(device), attn.to(device)
                 if not (labels != -100).any():
                     if on_batch:
@@ -193,7 +208,7 @@ def lora_gradients(model, tok, fmt: PromptFormat, examples: Sequence[GradExample
                     d_b = torch.einsum("bto,btr->bor", taps.gy[m].float(), a).flatten(1)
                     flat = torch.cat([d_a, d_b], 1)
                     if raw:
-                        vec[:, offset:offset + flat.shape[1]] = flat
+                        vec[:, offset : offset + flat.shape[1]] = flat
                         offset += flat.shape[1]
                     else:
                         vec.index_add_(1, sketch.buckets[m], flat * sketch.signs[m])

@@ -31,6 +31,7 @@ The store's meta records model, adapter hash, method, layer, pool, centring, pro
 settings; any difference, or damage (truncated vectors, an edited index, a missing or altered mean),
 makes `update_index` rebuild from scratch, never use the old vectors.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -55,22 +56,24 @@ LAYER_NAMES = ("mid", "last")
 @dataclass(frozen=True)
 class Item:
     """One training message and the context it was trained after (`record_fields` reads the first three)."""
+
     speaker: str
     time: str | None
     text: str
     context: tuple = field(default=(), compare=False, repr=False)
-    burst: tuple = field(default=(), compare=False, repr=False)   # earlier messages of the same burst
+    burst: tuple = field(default=(), compare=False, repr=False)  # earlier messages of the same burst
 
 
 @dataclass(frozen=True)
 class IndexSpec:
     """How vectors are made; everything here that changes a vector is recorded in the store's meta."""
+
     method: str = "activations"
-    layer: int | str = "mid"        # activations: decoder layer (int, negative from the end, "mid", "last")
-    pool: str = "mean"              # activations: mean | last
+    layer: int | str = "mid"  # activations: decoder layer (int, negative from the end, "mid", "last")
+    pool: str = "mean"  # activations: mean | last
     center: bool = True
-    dim: int = 2048                 # gradients: projection size
-    seed: int = 0                   # gradients: projection seed
+    dim: int = 2048  # gradients: projection size
+    seed: int = 0  # gradients: projection seed
     batch_size: int = 16
     max_len: int = 512
 
@@ -94,12 +97,14 @@ def resolve_layer(layer: int | str, n_layers: int) -> int:
 def n_layers_of(run) -> int:
     """Decoder layer count from the model config, without loading weights where possible."""
     from convsim.modeling.models import resolve
+
     spec = resolve(run.model_name)
     if spec.tiny_config:
         return int(spec.tiny_config["num_hidden_layers"])
     try:
         from transformers import AutoConfig
         from convsim.modeling.models import ensure_embedded_cache
+
         where = str(ensure_embedded_cache(verbose=False)) if spec.source == "embedded" else spec.location
         cfg = AutoConfig.from_pretrained(where)
         cfg = getattr(cfg, "text_config", None) or cfg
@@ -110,11 +115,12 @@ def n_layers_of(run) -> int:
 
 # ---------------------------------------------------------------- what gets indexed
 
+
 def training_messages(run) -> list[Item]:
     """Every message the run was trained to produce, with its context, in corpus order."""
     from convsim.data.examples import build_examples
-    examples = build_examples(run.split("train"), run.targets, run.meta.context_size,
-                              run.meta.max_burst)
+
+    examples = build_examples(run.split("train"), run.targets, run.meta.context_size, run.meta.max_burst)
     items = []
     for ex in examples:
         for j, m in enumerate(ex.reply):
@@ -126,6 +132,7 @@ def max_seq_length(run) -> int:
     """The run's --max-seq-length (from config.yaml), 512 if unknown."""
     try:
         import yaml
+
         cfg = yaml.safe_load((Path(run.path) / "config.yaml").read_text(encoding="utf-8")) or {}
         return int(cfg.get("max_seq_length") or 512)
     except (OSError, ValueError, TypeError, AttributeError):
@@ -138,24 +145,33 @@ def index_dir(run, method: str) -> Path:
 
 def store_meta(run, spec: IndexSpec, layer: int | None) -> dict:
     """What a store must have been built with to be used for `run` and `spec` (compared on open)."""
-    meta = {"model": run.model_name, "adapter_hash": run.adapter_hash, "method": spec.method,
-            "center": bool(spec.center), "prompt_style": run.meta.prompt_style,
-            "special_tokens": run.meta.special_tokens}
+    meta = {
+        "model": run.model_name,
+        "adapter_hash": run.adapter_hash,
+        "method": spec.method,
+        "center": bool(spec.center),
+        "prompt_style": run.meta.prompt_style,
+        "special_tokens": run.meta.special_tokens,
+    }
     if spec.method == "activations":
         meta.update(layer=layer, pool=spec.pool)
     else:
-        meta.update(projection="countsketch", proj_seed=spec.seed, context_size=run.meta.context_size,
-                    max_len=spec.max_len)
+        meta.update(
+            projection="countsketch", proj_seed=spec.seed, context_size=run.meta.context_size, max_len=spec.max_len
+        )
     return meta
 
 
 # ---------------------------------------------------------------- vectors
 
-def activation_vectors(model, tok, fmt, items: Sequence, layer: int, pool: str, batch_size: int = 16,
-                       on_batch=None) -> np.ndarray:
+
+def activation_vectors(
+    model, tok, fmt, items: Sequence, layer: int, pool: str, batch_size: int = 16, on_batch=None
+) -> np.ndarray:
     """Pooled hidden states of each item's text after its speaker's tag; float32 [n, hidden]."""
     from convsim.modeling.activations import embed_texts
     from convsim.data.examples import tag_ids
+
     hidden = model.get_input_embeddings().weight.shape[1]
     out = np.zeros((len(items), hidden), dtype=np.float32)
     by_speaker: dict[str, list[int]] = {}
@@ -164,23 +180,32 @@ def activation_vectors(model, tok, fmt, items: Sequence, layer: int, pool: str, 
     for speaker, idx in by_speaker.items():
         prefix = tag_ids(tok, fmt, speaker)
         for start in range(0, len(idx), 256):
-            part = idx[start:start + 256]
+            part = idx[start : start + 256]
             # " text" as in training, where a message's text follows its tag after a space.
             texts = [" " + items[i].text.strip() for i in part]
-            out[part] = embed_texts(model, tok, texts, layer=layer, pool=pool, batch_size=batch_size,
-                                    prefix_ids=prefix, padding_side="right")
+            out[part] = embed_texts(
+                model,
+                tok,
+                texts,
+                layer=layer,
+                pool=pool,
+                batch_size=batch_size,
+                prefix_ids=prefix,
+                padding_side="right",
+            )
             if on_batch:
                 on_batch(len(part))
     return out
 
 
-def gradient_vectors(model, tok, fmt, items: Sequence, sketch, batch_size: int = 8, max_len: int = 512,
-                     on_batch=None) -> np.ndarray:
+def gradient_vectors(
+    model, tok, fmt, items: Sequence, sketch, batch_size: int = 8, max_len: int = 512, on_batch=None
+) -> np.ndarray:
     """Projected per-example LoRA gradients of each item's loss given its context; float32 [n, dim]."""
     from convsim.tda.gradients import lora_gradients
+
     examples = [(list(it.context) + list(it.burst), it.speaker, [it.text]) for it in items]
-    return lora_gradients(model, tok, fmt, examples, sketch, batch_size=batch_size, max_len=max_len,
-                          on_batch=on_batch)
+    return lora_gradients(model, tok, fmt, examples, sketch, batch_size=batch_size, max_len=max_len, on_batch=on_batch)
 
 
 class Embedder:
@@ -192,22 +217,34 @@ class Embedder:
         self.sketch = None
         if spec.method == "gradients":
             from convsim.tda.gradients import GradientSketch
+
             self.sketch = GradientSketch.for_model(model, dim=spec.dim, seed=spec.seed)
 
     @property
     def dim(self) -> int:
-        return self.spec.dim if self.spec.method == "gradients" else \
-            int(self.model.get_input_embeddings().weight.shape[1])
+        return (
+            self.spec.dim if self.spec.method == "gradients" else int(self.model.get_input_embeddings().weight.shape[1])
+        )
 
     def __call__(self, items: Sequence, on_batch=None) -> np.ndarray:
         if self.spec.method == "activations":
-            return activation_vectors(self.model, self.tok, self.fmt, items, self.layer, self.spec.pool,
-                                      self.spec.batch_size, on_batch)
-        return gradient_vectors(self.model, self.tok, self.fmt, items, self.sketch,
-                                max(1, self.spec.batch_size // 2), self.spec.max_len, on_batch)
+            return activation_vectors(
+                self.model, self.tok, self.fmt, items, self.layer, self.spec.pool, self.spec.batch_size, on_batch
+            )
+        return gradient_vectors(
+            self.model,
+            self.tok,
+            self.fmt,
+            items,
+            self.sketch,
+            max(1, self.spec.batch_size // 2),
+            self.spec.max_len,
+            on_batch,
+        )
 
 
 # ---------------------------------------------------------------- centring
+
 
 def center_file(sha: str) -> str:
     return f"center-{sha[:16]}.f32"
@@ -252,15 +289,24 @@ def _spread(n: int, k: int) -> list[int]:
 
 # ---------------------------------------------------------------- build / update
 
+
 def open_store(run, spec: IndexSpec, layer: int | None, directory: Path | None = None):
     """(store, mean) if a matching, undamaged store exists; raises NoStore / StaleStore / CorruptStore."""
     store = VectorStore.open(directory or index_dir(run, spec.method), expect=store_meta(run, spec, layer))
     return store, read_center(store)
 
 
-def update_index(run, spec: IndexSpec = IndexSpec(), model=None, tok=None, items: Sequence | None = None,
-                 directory: str | os.PathLike | None = None, progress: bool = True, rebuild: bool = False,
-                 log=None) -> dict:
+def update_index(
+    run,
+    spec: IndexSpec = IndexSpec(),
+    model=None,
+    tok=None,
+    items: Sequence | None = None,
+    directory: str | os.PathLike | None = None,
+    progress: bool = True,
+    rebuild: bool = False,
+    log=None,
+) -> dict:
     """Bring RUN_DIR/tda/METHOD (or `directory`) in line with the run's training messages (or `items`).
 
     Loads the model only when something must be computed. Returns counts: computed (vectors made now),
@@ -301,15 +347,27 @@ def update_index(run, spec: IndexSpec = IndexSpec(), model=None, tok=None, items
         todo = store.missing(items)
         if not todo:
             masked = store.retain(items)
-            return {"computed": 0, "masked": masked, "live": len(store.live_rows()), "rows": store.n,
-                    "rebuilt": None, "seconds": round(time.time() - t0, 2), "dim": store.dim, "layer": layer,
-                    "path": str(directory)}
+            return {
+                "computed": 0,
+                "masked": masked,
+                "live": len(store.live_rows()),
+                "rows": store.n,
+                "rebuilt": None,
+                "seconds": round(time.time() - t0, 2),
+                "dim": store.dim,
+                "layer": layer,
+                "path": str(directory),
+            }
 
     if model is None:
         model, tok = run.load()
     embed = Embedder(run, spec, model, tok, layer)
-    bar = tqdm(total=0, desc=f"tda index ({spec.method}{'' if layer is None else f', layer {layer}'})",
-               unit="msg", disable=not progress)
+    bar = tqdm(
+        total=0,
+        desc=f"tda index ({spec.method}{'' if layer is None else f', layer {layer}'})",
+        unit="msg",
+        disable=not progress,
+    )
     cache: dict[int, np.ndarray] = {}
     try:
         if store is None:
@@ -339,18 +397,28 @@ def update_index(run, spec: IndexSpec = IndexSpec(), model=None, tok=None, items
         stats = store.update(items, vectors, chunk=4096)
     finally:
         bar.close()
-    return {"computed": stats["added"], "masked": stats["masked"], "live": stats["live"], "rows": stats["rows"],
-            "rebuilt": rebuilt, "seconds": round(time.time() - t0, 2), "dim": store.dim, "layer": layer,
-            "path": str(directory)}
+    return {
+        "computed": stats["added"],
+        "masked": stats["masked"],
+        "live": stats["live"],
+        "rows": stats["rows"],
+        "rebuilt": rebuilt,
+        "seconds": round(time.time() - t0, 2),
+        "dim": store.dim,
+        "layer": layer,
+        "path": str(directory),
+    }
 
 
 def _model_layers(model) -> int:
     from convsim.modeling.layers import decoder_layers
+
     return len(decoder_layers(model))
 
 
 def _unique_positions(items: Sequence) -> list[int]:
     from convsim.tda.store import record_key
+
     seen, out = set(), []
     for i, it in enumerate(items):
         k = record_key(it)

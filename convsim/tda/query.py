@@ -11,6 +11,7 @@ cosine with FAISS (`convsim.tda.search`), or with numpy when faiss is not instal
 `convsim tda query` and `convsim chat --tda`. The index must exist and match the run's adapter:
 otherwise a clear error says to run `convsim tda index`.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -31,8 +32,9 @@ def open_for_query(run, method: str, directory=None) -> VectorStore:
     where = directory or index_dir(run, method)
     fix = f"run `convsim tda index {run.path} --method {method}`"
     try:
-        store = VectorStore.open(where, expect={"model": run.model_name, "adapter_hash": run.adapter_hash,
-                                                "method": method})
+        store = VectorStore.open(
+            where, expect={"model": run.model_name, "adapter_hash": run.adapter_hash, "method": method}
+        )
         read_center(store)
     except NoStore:
         raise UserError(f"{run.path} has no {method} attribution index yet: {fix} first") from None
@@ -49,8 +51,9 @@ class _NumpySearch:
     def __init__(self, store: VectorStore):
         self.rows = store.live_rows()
         self.vectors = np.asarray(store.vectors[self.rows], dtype=np.float32)
-        self.speakers = np.asarray(store.speakers(), dtype=object)[self.rows] if len(self.rows) else \
-            np.zeros(0, dtype=object)
+        self.speakers = (
+            np.asarray(store.speakers(), dtype=object)[self.rows] if len(self.rows) else np.zeros(0, dtype=object)
+        )
 
     def search(self, q: np.ndarray, k: int, speaker: str | None) -> list[tuple[int, float]]:
         scores = self.vectors @ q
@@ -62,6 +65,7 @@ class _NumpySearch:
 class _FaissSearch:
     def __init__(self, store: VectorStore):
         from convsim.tda.search import index_for_store
+
         self.store = store
         self.index = index_for_store(store)
 
@@ -89,15 +93,23 @@ class Attributor:
         self.store = open_for_query(run, method, directory)
         meta = self.store.meta
         self.mean = read_center(self.store)
-        spec = IndexSpec(method=method, layer=meta.get("layer", "mid"), pool=meta.get("pool", "mean"),
-                         center=bool(meta.get("center")), dim=self.store.dim, seed=int(meta.get("proj_seed", 0)),
-                         max_len=int(meta.get("max_len", 512)))
+        spec = IndexSpec(
+            method=method,
+            layer=meta.get("layer", "mid"),
+            pool=meta.get("pool", "mean"),
+            center=bool(meta.get("center")),
+            dim=self.store.dim,
+            seed=int(meta.get("proj_seed", 0)),
+            max_len=int(meta.get("max_len", 512)),
+        )
         if model is None:
             model, tok = run.load()
         self.embed = Embedder(run, spec, model, tok, meta.get("layer"))
         if self.embed.dim != self.store.dim:
-            raise UserError(f"the {method} index has dimension {self.store.dim}, the model gives {self.embed.dim}: "
-                            f"run `convsim tda index {run.path} --method {method}`")
+            raise UserError(
+                f"the {method} index has dimension {self.store.dim}, the model gives {self.embed.dim}: "
+                f"run `convsim tda index {run.path} --method {method}`"
+            )
         self.search = make_search(self.store)
 
     def vector(self, text: str | Sequence[str], as_speaker: str, context: Sequence[Message] = ()) -> np.ndarray:
@@ -108,13 +120,21 @@ class Attributor:
             raw = self.embed([item])
         else:
             from convsim.tda.gradients import lora_gradients
+
             e = self.embed
-            raw = lora_gradients(e.model, e.tok, e.fmt, [(list(context), as_speaker, texts)], e.sketch,
-                                 max_len=e.spec.max_len)
+            raw = lora_gradients(
+                e.model, e.tok, e.fmt, [(list(context), as_speaker, texts)], e.sketch, max_len=e.spec.max_len
+            )
         return centred(raw, self.mean)[0]
 
-    def query(self, text: str | Sequence[str], as_speaker: str, k: int | None = None, speaker: str | None = None,
-              context: Sequence[Message] = ()) -> list[dict]:
+    def query(
+        self,
+        text: str | Sequence[str],
+        as_speaker: str,
+        k: int | None = None,
+        speaker: str | None = None,
+        context: Sequence[Message] = (),
+    ) -> list[dict]:
         """The k training messages most like `text` as said by `as_speaker` (best first); `speaker`
         restricts them to one speaker's messages. `context`: what the reply followed (gradients)."""
         self.run.check_speaker(as_speaker)
@@ -124,6 +144,14 @@ class Attributor:
         out = []
         for rank, (row, score) in enumerate(self.search.search(q, k or self.k, speaker), 1):
             rec = self.store.rows[row]
-            out.append({"rank": rank, "score": round(score, 4), "speaker": rec["speaker"], "time": rec.get("time"),
-                        "text": rec["text"], "row": row})
+            out.append(
+                {
+                    "rank": rank,
+                    "score": round(score, 4),
+                    "speaker": rec["speaker"],
+                    "time": rec.get("time"),
+                    "text": rec["text"],
+                    "row": row,
+                }
+            )
         return out

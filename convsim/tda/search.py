@@ -15,6 +15,7 @@ opt-in (`kind="hnsw"`). A speaker filter is a bitmap of
 allowed ids passed to the search itself (no post-filtering, so k results whenever the speaker has k
 rows in the probed lists; the search widens its probes when fewer come back).
 """
+
 from __future__ import annotations
 
 import math
@@ -28,7 +29,7 @@ import numpy as np
 from convsim.fsutil import atomic_path
 
 Kind = Literal["auto", "exact", "ivf", "hnsw"]
-CHUNK = 65536          # rows converted to float32 at a time, so a float16 memmap is never copied whole
+CHUNK = 65536  # rows converted to float32 at a time, so a float16 memmap is never copied whole
 
 
 def unit_float32(x: np.ndarray) -> np.ndarray:
@@ -43,7 +44,7 @@ def unit_float32(x: np.ndarray) -> np.ndarray:
 def _chunks(vectors: np.ndarray, ids: np.ndarray | None):
     n = len(ids) if ids is not None else len(vectors)
     for start in range(0, n, CHUNK):
-        part = vectors[ids[start:start + CHUNK]] if ids is not None else vectors[start:start + CHUNK]
+        part = vectors[ids[start : start + CHUNK]] if ids is not None else vectors[start : start + CHUNK]
         yield unit_float32(part)
 
 
@@ -58,11 +59,12 @@ def ivf_params(n: int) -> dict:
 @dataclass
 class VectorIndex:
     """A FAISS index over some rows; `search` answers in the caller's row numbers."""
+
     index: faiss.Index
     kind: str
     params: dict
-    rows: np.ndarray                          # faiss id → caller's row number
-    speaker_codes: np.ndarray | None = None   # faiss id → position in speaker_names
+    rows: np.ndarray  # faiss id → caller's row number
+    speaker_codes: np.ndarray | None = None  # faiss id → position in speaker_names
     speaker_names: list[str] = field(default_factory=list)
     _selectors: dict = field(default_factory=dict, repr=False)
 
@@ -76,12 +78,18 @@ class VectorIndex:
     def _search_params(self, sel, widen: int):
         if self.kind == "ivf":
             nprobe = min(self.params["nlist"], self.params["nprobe"] * widen)
-            return faiss.SearchParametersIVF(sel=sel, nprobe=nprobe) if sel is not None else \
-                faiss.SearchParametersIVF(nprobe=nprobe)
+            return (
+                faiss.SearchParametersIVF(sel=sel, nprobe=nprobe)
+                if sel is not None
+                else faiss.SearchParametersIVF(nprobe=nprobe)
+            )
         if self.kind == "hnsw":
             ef = self.params["ef_search"] * widen
-            return faiss.SearchParametersHNSW(sel=sel, efSearch=ef) if sel is not None else \
-                faiss.SearchParametersHNSW(efSearch=ef)
+            return (
+                faiss.SearchParametersHNSW(sel=sel, efSearch=ef)
+                if sel is not None
+                else faiss.SearchParametersHNSW(efSearch=ef)
+            )
         return faiss.SearchParameters(sel=sel) if sel is not None else None
 
     def _selector(self, speaker: str):
@@ -89,13 +97,12 @@ class VectorIndex:
             if self.speaker_codes is None or speaker not in self.speaker_names:
                 raise KeyError(f"no rows for speaker {speaker!r}")
             allowed = self.speaker_codes == self.speaker_names.index(speaker)
-            bitmap = np.packbits(allowed, bitorder="little")   # faiss reads bit i&7 of byte i>>3
+            bitmap = np.packbits(allowed, bitorder="little")  # faiss reads bit i&7 of byte i>>3
             sel = faiss.IDSelectorBitmap(len(allowed), faiss.swig_ptr(bitmap))
             self._selectors[speaker] = (sel, bitmap, int(allowed.sum()))  # keep bitmap alive with sel
         return self._selectors[speaker]
 
-    def search(self, queries: np.ndarray, k: int = 10, speaker: str | None = None
-               ) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int = 10, speaker: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-k cosine scores and row numbers, `[len(queries), k]` each, best first; a missing result
         (fewer than k rows) is row -1 with score -inf. `speaker` restricts to that speaker's rows."""
         q = unit_float32(queries)
@@ -108,18 +115,31 @@ class VectorIndex:
             params = self._search_params(sel, widen)
             scores, ids = self.index.search(q, k, params=params) if params is not None else self.index.search(q, k)
             short = (ids[:, :want] < 0).any()
-            if not short or self.kind == "exact" or (self.kind == "ivf" and widen * self.params["nprobe"]
-                                                     >= self.params["nlist"]) or widen >= 64:
+            if (
+                not short
+                or self.kind == "exact"
+                or (self.kind == "ivf" and widen * self.params["nprobe"] >= self.params["nlist"])
+                or widen >= 64
+            ):
                 break
             widen *= 4
         rows = np.where(ids >= 0, self.rows[np.clip(ids, 0, None)], -1) if len(self.rows) else ids
         return np.where(ids >= 0, scores, -np.inf).astype(np.float32), rows.astype(np.int64)
 
 
-def build_index(vectors: np.ndarray, exact_below: int = 100_000, kind: Kind = "auto",
-                speakers: Sequence[str] | None = None, rows: np.ndarray | None = None,
-                nlist: int | None = None, nprobe: int | None = None, niter: int | None = None, hnsw_m: int = 32,
-                ef_search: int = 128, progress: bool = False) -> VectorIndex:
+def build_index(
+    vectors: np.ndarray,
+    exact_below: int = 100_000,
+    kind: Kind = "auto",
+    speakers: Sequence[str] | None = None,
+    rows: np.ndarray | None = None,
+    nlist: int | None = None,
+    nprobe: int | None = None,
+    niter: int | None = None,
+    hnsw_m: int = 32,
+    ef_search: int = 128,
+    progress: bool = False,
+) -> VectorIndex:
     """Index `vectors[rows]` (all rows by default; float16 or float32, e.g. a store's memmap).
 
     `speakers`: one name per row of `vectors`, for `search(..., speaker=)`. `kind="auto"`: exact below
@@ -133,18 +153,19 @@ def build_index(vectors: np.ndarray, exact_below: int = 100_000, kind: Kind = "a
         index, params = faiss.IndexFlatIP(dim), {}
     elif kind == "ivf":
         params = ivf_params(n)
-        params["nlist"] = min(nlist or params["nlist"], max(1, n // 39))   # FAISS wants ≥ 39 rows per list
+        params["nlist"] = min(nlist or params["nlist"], max(1, n // 39))  # FAISS wants ≥ 39 rows per list
         params["nprobe"] = min(nprobe or params["nprobe"], params["nlist"])
         params["train_rows"] = min(n, 40 * params["nlist"])
         params["niter"] = niter or params["niter"]
         quantizer = faiss.IndexFlatIP(dim)
-        index = faiss.IndexIVFScalarQuantizer(quantizer, dim, params["nlist"], faiss.ScalarQuantizer.QT_fp16,
-                                              faiss.METRIC_INNER_PRODUCT)
+        index = faiss.IndexIVFScalarQuantizer(
+            quantizer, dim, params["nlist"], faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT
+        )
         index.cp.spherical = True
         index.cp.niter = params["niter"]
         sample = np.sort(np.random.default_rng(0).choice(n, params["train_rows"], replace=False))
         index.train(unit_float32(vectors[ids[sample]]))
-        index.nprobe = params["nprobe"]   # the faiss wrapper keeps `quantizer` alive with `index`
+        index.nprobe = params["nprobe"]  # the faiss wrapper keeps `quantizer` alive with `index`
         params["codes"] = "fp16"
     elif kind == "hnsw":
         index = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
@@ -154,6 +175,7 @@ def build_index(vectors: np.ndarray, exact_below: int = 100_000, kind: Kind = "a
     else:
         raise ValueError(f"unknown index kind {kind!r}: use auto, exact, ivf or hnsw")
     from tqdm.auto import tqdm
+
     with tqdm(total=n, desc=f"indexing ({kind})", unit="row", disable=not progress) as bar:
         for part in _chunks(vectors, ids):
             index.add(part)
@@ -174,8 +196,9 @@ def _wrap(index, kind: str, params: dict, vectors, ids: np.ndarray, speakers) ->
 CACHE_PREFIX = "ann-"
 
 
-def index_for_store(store, kind: Kind = "auto", exact_below: int = 100_000, progress: bool = False,
-                    **params) -> VectorIndex:
+def index_for_store(
+    store, kind: Kind = "auto", exact_below: int = 100_000, progress: bool = False, **params
+) -> VectorIndex:
     """An index over a store's live rows (row numbers are the store's), speakers attached.
 
     An approximate index is cached beside the store as `ann-<kind>-<store checksum>.faiss`: the first
@@ -213,8 +236,11 @@ def _index_params(index, kind: str) -> dict:
         ivf = faiss.extract_index_ivf(index)
         return {"nlist": int(ivf.nlist), "nprobe": int(ivf.nprobe), "codes": "fp16"}
     if kind == "hnsw":
-        return {"M": int(index.hnsw.nb_neighbors(1)), "ef_construction": int(index.hnsw.efConstruction),
-                "ef_search": int(index.hnsw.efSearch)}
+        return {
+            "M": int(index.hnsw.nb_neighbors(1)),
+            "ef_construction": int(index.hnsw.efConstruction),
+            "ef_search": int(index.hnsw.efSearch),
+        }
     return {}
 
 
@@ -228,8 +254,7 @@ class Hit:
     key: str
 
 
-def nearest(store, index: VectorIndex, queries: np.ndarray, k: int = 10,
-            speaker: str | None = None) -> list[list[Hit]]:
+def nearest(store, index: VectorIndex, queries: np.ndarray, k: int = 10, speaker: str | None = None) -> list[list[Hit]]:
     """For each query vector, the k most similar training messages of the store, best first."""
     scores, rows = index.search(queries, k, speaker=speaker)
     out = []

@@ -25,6 +25,7 @@ damaged index), the data file size (truncation) and the hash of a few sampled ro
 re-hashes every chunk. Meta that differs from what the caller expects raises `StaleStore`; damage
 raises `CorruptStore`; neither store is ever used silently. One writer at a time.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -41,10 +42,10 @@ from convsim.fsutil import PRIVATE_FILE, atomic_path, private_dir
 
 VERSION = 1
 INDEX = "index.json"
-DATA_FILES = ("vectors.f16", "vectors.1.f16")   # a rewrite goes to the one the index does not name
+DATA_FILES = ("vectors.f16", "vectors.1.f16")  # a rewrite goes to the one the index does not name
 SAMPLE_ROWS = 16
-_PREFIX = b'{"checksum":"'                        # index.json starts with the checksum of what follows it
-_HEAD = len(_PREFIX) + 64 + 2                     # + hex digest + '",'
+_PREFIX = b'{"checksum":"'  # index.json starts with the checksum of what follows it
+_HEAD = len(_PREFIX) + 64 + 2  # + hex digest + '",'
 
 
 class StoreError(UserError):
@@ -64,6 +65,7 @@ class CorruptStore(StoreError):
 
 
 # ---------------------------------------------------------------- records and vectors
+
 
 def content_key(speaker: str, time: str | None, text: str) -> str:
     """sha256 hex of (speaker, time, text): the same message always gets the same key."""
@@ -111,6 +113,7 @@ def _sample(path: Path, n: int, dim: int) -> dict:
 
 # ---------------------------------------------------------------- index file
 
+
 def _encode_index(body: dict) -> bytes:
     rest = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")[1:]
     return _PREFIX + _sha(rest).encode() + b'",' + rest
@@ -118,15 +121,15 @@ def _encode_index(body: dict) -> bytes:
 
 def _decode_index(raw: bytes, where: Path) -> tuple[dict, str]:
     """(body, checksum) of an index file's bytes."""
-    if not raw.startswith(_PREFIX) or raw[_HEAD - 2:_HEAD] != b'",':
+    if not raw.startswith(_PREFIX) or raw[_HEAD - 2 : _HEAD] != b'",':
         raise CorruptStore(f"{where} is not a convsim activation index: rebuild the store")
-    if _sha(raw[_HEAD:]).encode() != raw[len(_PREFIX):_HEAD - 2]:
+    if _sha(raw[_HEAD:]).encode() != raw[len(_PREFIX) : _HEAD - 2]:
         raise CorruptStore(f"{where} was edited or damaged (checksum mismatch): rebuild the store")
     try:
         body = json.loads(b"{" + raw[_HEAD:])
     except ValueError as e:
         raise CorruptStore(f"{where} is not valid JSON ({e}): rebuild the store") from None
-    return body, raw[len(_PREFIX):_HEAD - 2].decode()
+    return body, raw[len(_PREFIX) : _HEAD - 2].decode()
 
 
 def _write_index(directory: Path, body: dict) -> str:
@@ -134,7 +137,7 @@ def _write_index(directory: Path, body: dict) -> str:
     raw = _encode_index(body)
     with atomic_path(directory / INDEX) as tmp:
         tmp.write_bytes(raw)
-    return raw[len(_PREFIX):_HEAD - 2].decode()
+    return raw[len(_PREFIX) : _HEAD - 2].decode()
 
 
 def _fsync(path: Path) -> None:
@@ -148,9 +151,11 @@ def _comparable(value: Any) -> Any:
 
 # ---------------------------------------------------------------- the store
 
+
 @dataclass
 class VectorStore:
     """An opened store. Read with `vectors`, `rows`, `live_rows()`; change with `add`, `retain`, `compact`."""
+
     path: Path
     dim: int
     meta: dict
@@ -182,8 +187,17 @@ class VectorStore:
         with open(target, "wb") as f:
             os.fsync(f.fileno())
         os.chmod(target, PRIVATE_FILE)
-        body = {"version": VERSION, "dim": int(dim), "meta": _comparable(meta), "n": 0, "vectors": data_file,
-                "rows": [], "dead": [], "chunks": [], "sample": _sample(target, 0, dim)}
+        body = {
+            "version": VERSION,
+            "dim": int(dim),
+            "meta": _comparable(meta),
+            "n": 0,
+            "vectors": data_file,
+            "rows": [],
+            "dead": [],
+            "chunks": [],
+            "sample": _sample(target, 0, dim),
+        }
         store = cls._from_body(directory, body, _write_index(directory, body))
         store._remove_unused_files()
         return store
@@ -198,12 +212,17 @@ class VectorStore:
             raise NoStore(f"no activation store in {directory}")
         body, checksum = _decode_index(index.read_bytes(), index)
         if body.get("version") != VERSION:
-            raise StaleStore(f"{directory} was written by store version {body.get('version')}, "
-                             f"this is {VERSION}: rebuild it")
+            raise StaleStore(
+                f"{directory} was written by store version {body.get('version')}, this is {VERSION}: rebuild it"
+            )
         try:
             n, dim, data_file = int(body["n"]), int(body["dim"]), str(body["vectors"])
-            ok = (len(body["rows"]) == n and data_file in DATA_FILES and isinstance(body["meta"], dict)
-                  and all(0 <= int(r) < n for r in body["dead"]))
+            ok = (
+                len(body["rows"]) == n
+                and data_file in DATA_FILES
+                and isinstance(body["meta"], dict)
+                and all(0 <= int(r) < n for r in body["dead"])
+            )
         except (KeyError, TypeError, ValueError):
             ok = False
         if not ok:
@@ -217,15 +236,13 @@ class VectorStore:
         data = directory / data_file
         size = data.stat().st_size if data.exists() else -1
         if size < n * dim * 2:
-            raise CorruptStore(f"{data} is truncated ({max(size, 0)} bytes, expected {n * dim * 2}): "
-                               f"rebuild the store")
+            raise CorruptStore(f"{data} is truncated ({max(size, 0)} bytes, expected {n * dim * 2}): rebuild the store")
         if _sample(data, n, dim) != body["sample"]:
             raise CorruptStore(f"{data} does not match its index (sampled rows differ): rebuild the store")
         return cls._from_body(directory, body, checksum)
 
     @classmethod
-    def open_or_create(cls, path: str | os.PathLike, dim: int, meta: dict,
-                       rebuild: bool = True) -> "VectorStore":
+    def open_or_create(cls, path: str | os.PathLike, dim: int, meta: dict, rebuild: bool = True) -> "VectorStore":
         """Open the store if it matches `meta` and `dim`; otherwise start an empty one (with `rebuild`)
         or raise."""
         try:
@@ -240,16 +257,32 @@ class VectorStore:
     @classmethod
     def _from_body(cls, directory: Path, body: dict, checksum: str) -> "VectorStore":
         rows = body["rows"]
-        store = cls(directory, int(body["dim"]), body["meta"], rows, set(int(r) for r in body["dead"]),
-                    body["vectors"], [list(c) for c in body["chunks"]], checksum)
+        store = cls(
+            directory,
+            int(body["dim"]),
+            body["meta"],
+            rows,
+            set(int(r) for r in body["dead"]),
+            body["vectors"],
+            [list(c) for c in body["chunks"]],
+            checksum,
+        )
         store._key_row = {r["key"]: i for i, r in enumerate(rows)}
         return store
 
     def _body(self, rows: list[dict], dead: Iterable[int], data_file: str, chunks: list[list]) -> dict:
         n = len(rows)
-        return {"version": VERSION, "dim": self.dim, "meta": self.meta, "n": n, "vectors": data_file,
-                "rows": rows, "dead": sorted(int(r) for r in dead), "chunks": chunks,
-                "sample": _sample(self.path / data_file, n, self.dim)}
+        return {
+            "version": VERSION,
+            "dim": self.dim,
+            "meta": self.meta,
+            "n": n,
+            "vectors": data_file,
+            "rows": rows,
+            "dead": sorted(int(r) for r in dead),
+            "chunks": chunks,
+            "sample": _sample(self.path / data_file, n, self.dim),
+        }
 
     def _commit(self, body: dict) -> None:
         fresh = self._from_body(self.path, body, _write_index(self.path, body))
@@ -291,8 +324,9 @@ class VectorStore:
             vec = self.vectors
             for start, end, digest in self.chunks:
                 if _sha(np.ascontiguousarray(vec[start:end]).tobytes()) != digest:
-                    raise CorruptStore(f"{self.path / self.data_file} rows {start}..{end} were changed: "
-                                       f"rebuild the store")
+                    raise CorruptStore(
+                        f"{self.path / self.data_file} rows {start}..{end} were changed: rebuild the store"
+                    )
 
     # -------------------------------------------------------- changing
 
@@ -329,13 +363,14 @@ class VectorStore:
         new = unit_rows(vectors[take]).astype(np.float16)
         data = self.path / self.data_file
         with open(data, "r+b" if data.exists() else "wb") as f:
-            f.seek(n * self.dim * 2)              # past the committed rows: a crash before the commit
-            f.write(new.tobytes())                # leaves the old store whole
+            f.seek(n * self.dim * 2)  # past the committed rows: a crash before the commit
+            f.write(new.tobytes())  # leaves the old store whole
             f.truncate()
             f.flush()
             os.fsync(f.fileno())
-        rows = self.rows + [dict(zip(("speaker", "time", "text"), record_fields(records[i])),
-                                 key=record_key(records[i])) for i in take]
+        rows = self.rows + [
+            dict(zip(("speaker", "time", "text"), record_fields(records[i])), key=record_key(records[i])) for i in take
+        ]
         chunks = self.chunks + ([[n, n + len(take), _sha(new.tobytes())]] if take else [])
         self._commit(self._body(rows, self.dead - revive, self.data_file, chunks))
         return list(range(n, n + len(take)))
@@ -358,7 +393,7 @@ class VectorStore:
         src, chunks = self.vectors, []
         with open(self.path / target, "wb") as f:
             for start in range(0, len(live), 65536):
-                block = np.ascontiguousarray(src[live[start:start + 65536]])
+                block = np.ascontiguousarray(src[live[start : start + 65536]])
                 f.write(block.tobytes())
                 chunks.append([start, start + len(block), _sha(block.tobytes())])
             f.flush()
@@ -368,14 +403,13 @@ class VectorStore:
         self._commit(self._body([self.rows[i] for i in live], (), target, chunks))
         return dropped
 
-    def update(self, records: Sequence[Any], embed: Callable[[list[Any]], np.ndarray],
-               chunk: int = 10_000) -> dict:
+    def update(self, records: Sequence[Any], embed: Callable[[list[Any]], np.ndarray], chunk: int = 10_000) -> dict:
         """Bring the store in line with `records`: mask rows no longer there, embed and add the missing
         ones `chunk` at a time (each chunk committed, so an interrupted update resumes where it stopped).
         `embed(records) -> [len, dim]`. Returns counts."""
         masked = self.retain(records)
         todo = self.missing(records)
         for start in range(0, len(todo), chunk):
-            part = [records[i] for i in todo[start:start + chunk]]
+            part = [records[i] for i in todo[start : start + chunk]]
             self.add(part, embed(part))
         return {"added": len(todo), "masked": masked, "live": len(self.live_rows()), "rows": self.n}

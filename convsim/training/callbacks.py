@@ -1,6 +1,7 @@
 """Trainer callbacks of `convsim train`: the time budget, metrics.jsonl, validation samples, the optional
 profiler (CONVSIM_PROFILE=DIR) and --keep-best.
 """
+
 from __future__ import annotations
 
 import json
@@ -47,19 +48,32 @@ def make_callbacks(cfg, run_dir: Path, tok, fmt, val_examples):
 
         def on_evaluate(self, args, state, control, model=None, **kw):
             if not cfg.samples or not val_examples or not state.is_world_process_zero or sharded_training():
-                return          # under FSDP a forward on rank 0 alone would wait forever for the other shards
+                return  # under FSDP a forward on rank 0 alone would wait forever for the other shards
             from convsim.inference import fastgen
             from convsim.inference.generate import SampleConfig, reply
+
             was_training = model.training
             model.eval()
             rows = []
-            for e in val_examples[:cfg.samples]:
-                with fastgen.disabled(), eager():     # weights and shapes change: no compiled graphs here
-                    got = reply(model, tok, fmt, e.context, e.speaker,
-                                SampleConfig(temperature=0.7, max_new_tokens=48, seed=cfg.seed))[0]
-                rows.append({"step": state.global_step, "speaker": e.speaker,
-                             "context": [f"[{m.speaker}] {m.text}" for m in e.context[-3:]],
-                             "real": [m.text for m in e.reply], "sampled": got})
+            for e in val_examples[: cfg.samples]:
+                with fastgen.disabled(), eager():  # weights and shapes change: no compiled graphs here
+                    got = reply(
+                        model,
+                        tok,
+                        fmt,
+                        e.context,
+                        e.speaker,
+                        SampleConfig(temperature=0.7, max_new_tokens=48, seed=cfg.seed),
+                    )[0]
+                rows.append(
+                    {
+                        "step": state.global_step,
+                        "speaker": e.speaker,
+                        "context": [f"[{m.speaker}] {m.text}" for m in e.context[-3:]],
+                        "real": [m.text for m in e.reply],
+                        "sampled": got,
+                    }
+                )
             with open(run_dir / "samples.jsonl", "a", encoding="utf-8") as f:
                 for r in rows:
                     f.write(json.dumps(r, ensure_ascii=False) + "\n")
@@ -75,15 +89,18 @@ def make_callbacks(cfg, run_dir: Path, tok, fmt, val_examples):
 
         def on_step_begin(self, args, state, control, **kw):
             import torch
+
             if state.global_step == self.first and self.prof is None and state.is_world_process_zero:
                 acts = [torch.profiler.ProfilerActivity.CPU] + (
-                    [torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+                    [torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else []
+                )
                 self.prof = torch.profiler.profile(activities=acts)
                 self.prof.__enter__()
                 self.t0 = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
             import torch
+
             if self.prof is None or state.global_step != self.first + self.count:
                 return
             if torch.cuda.is_available():
@@ -93,17 +110,22 @@ def make_callbacks(cfg, run_dir: Path, tok, fmt, val_examples):
             self.where.mkdir(parents=True, exist_ok=True)
             ka = self.prof.key_averages()
             dev = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-            text = (f"steps {self.first + 1}-{self.first + self.count}: {1000 * wall:.1f} ms per step (wall)\n\n"
-                    f"by {dev}\n{ka.table(sort_by=dev, row_limit=40)}\n\n"
-                    f"by cpu_time_total\n{ka.table(sort_by='cpu_time_total', row_limit=40)}\n")
+            text = (
+                f"steps {self.first + 1}-{self.first + self.count}: {1000 * wall:.1f} ms per step (wall)\n\n"
+                f"by {dev}\n{ka.table(sort_by=dev, row_limit=40)}\n\n"
+                f"by cpu_time_total\n{ka.table(sort_by='cpu_time_total', row_limit=40)}\n"
+            )
             (self.where / "profile.txt").write_text(text, encoding="utf-8")
             self.prof.export_chrome_trace(str(self.where / "trace.json"))
             self.prof = None
 
         def on_train_end(self, args, state, control, **kw):
             if state.is_world_process_zero and not (self.where / "profile.txt").exists():
-                print(f"warning: CONVSIM_PROFILE wrote nothing: training ended at step {state.global_step}, before "
-                      f"the profiled steps {self.first + 1}-{self.first + self.count}", file=sys.stderr)
+                print(
+                    f"warning: CONVSIM_PROFILE wrote nothing: training ended at step {state.global_step}, before "
+                    f"the profiled steps {self.first + 1}-{self.first + self.count}",
+                    file=sys.stderr,
+                )
 
     class KeepBest(TrainerCallback):
         """--keep-best: after each evaluation with a lower validation loss than any before, the trained

@@ -1,6 +1,7 @@
 """A run's checkpoints on disk: written into a staging dir and renamed into place whole, the newest
 complete one resumed from, logs rewound to it, and the --keep-best weights in RUN_DIR/best/.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -23,6 +24,7 @@ def trained_tensors(model) -> dict:
 def save_best(run_dir: Path, model, step: int, eval_loss: float) -> None:
     import torch
     from convsim.fsutil import atomic_dir
+
     with atomic_dir(run_dir / BEST) as tmp:
         torch.save(trained_tensors(model), tmp / "trained.pt")
         (tmp / "best.json").write_text(json.dumps({"step": step, "eval_loss": eval_loss}))
@@ -39,6 +41,7 @@ def best_record(run_dir: Path) -> dict | None:
 def restore_best(run_dir: Path, model) -> dict | None:
     """Load the kept best tensors into `model` (by parameter name); their record, or None if none kept."""
     import torch
+
     rec = best_record(run_dir)
     if rec is None:
         return None
@@ -59,12 +62,12 @@ def restore_best(run_dir: Path, model) -> dict | None:
 # renamed away before they are deleted, and resuming takes the newest complete one.
 
 STAGING = ".staging"
-LOSS_FILE = "convsim_loss.json"      # summed step losses so far: the whole run's train loss after a resume
+LOSS_FILE = "convsim_loss.json"  # summed step losses so far: the whole run's train loss after a resume
 
 
 def checkpoint_step(path: Path) -> int | None:
     name = path.name
-    return int(name[len("checkpoint-"):]) if name.startswith("checkpoint-") and name[11:].isdigit() else None
+    return int(name[len("checkpoint-") :]) if name.startswith("checkpoint-") and name[11:].isdigit() else None
 
 
 def complete_checkpoint(path: Path) -> bool:
@@ -76,20 +79,33 @@ def complete_checkpoint(path: Path) -> bool:
         return False
     # FSDP's sharded checkpoints hold the model and optimizer as folders of shards (pytorch_model_fsdp_0/,
     # optimizer_0/) or as one file each (pytorch_model_fsdp.bin, optimizer.bin)
-    weights = ("adapter_model.safetensors", "model.safetensors", "adapter_model.bin", "pytorch_model.bin",
-               "pytorch_model_fsdp_0", "pytorch_model_fsdp.bin")
+    weights = (
+        "adapter_model.safetensors",
+        "model.safetensors",
+        "adapter_model.bin",
+        "pytorch_model.bin",
+        "pytorch_model_fsdp_0",
+        "pytorch_model_fsdp.bin",
+    )
     optimizer = ("optimizer.pt", "optimizer_0", "optimizer.bin")
-    return (state.get("global_step") == checkpoint_step(path) and (path / "scheduler.pt").is_file()
-            and any((path / f).exists() for f in optimizer)
-            and any(path.glob("rng_state*.pth")) and any((path / f).exists() for f in weights))
+    return (
+        state.get("global_step") == checkpoint_step(path)
+        and (path / "scheduler.pt").is_file()
+        and any((path / f).exists() for f in optimizer)
+        and any(path.glob("rng_state*.pth"))
+        and any((path / f).exists() for f in weights)
+    )
 
 
 def last_checkpoint(ckpt_dir: Path) -> Path | None:
     """The newest complete checkpoint-N in `ckpt_dir`, or None."""
     if not ckpt_dir.is_dir():
         return None
-    found = sorted((p for p in ckpt_dir.iterdir() if p.is_dir() and checkpoint_step(p) is not None),
-                   key=checkpoint_step, reverse=True)
+    found = sorted(
+        (p for p in ckpt_dir.iterdir() if p.is_dir() and checkpoint_step(p) is not None),
+        key=checkpoint_step,
+        reverse=True,
+    )
     return next((p for p in found if complete_checkpoint(p)), None)
 
 
@@ -137,8 +153,14 @@ def publish_checkpoint(staged: Path, final: Path, keep: int | None) -> None:
     finally:
         os.close(fd)
     if keep:
-        done = sorted((p for p in final.parent.iterdir() if p.is_dir() and checkpoint_step(p) is not None
-                       and complete_checkpoint(p)), key=checkpoint_step)
+        done = sorted(
+            (
+                p
+                for p in final.parent.iterdir()
+                if p.is_dir() and checkpoint_step(p) is not None and complete_checkpoint(p)
+            ),
+            key=checkpoint_step,
+        )
         for old in done[:-keep]:
             _remove_dir(old)
 
@@ -147,6 +169,7 @@ def rewind_logs(run_dir: Path, step: int) -> None:
     """Resuming from `step`: drop the log rows a killed run wrote after it (and a torn last line), and kept
     best weights from after it (the resumed run meets that evaluation again)."""
     from convsim.fsutil import write_jsonl
+
     best = best_record(run_dir)
     if best is not None and best["step"] > step:
         _remove_dir(run_dir / BEST)
@@ -188,7 +211,7 @@ class AtomicCheckpoints:
     reports the whole run's train loss."""
 
     _staging: str | None = None
-    loss_before = 0.0        # summed step losses up to the checkpoint this run resumed from
+    loss_before = 0.0  # summed step losses up to the checkpoint this run resumed from
     step_before = 0
 
     def _get_output_dir(self, trial):
@@ -197,7 +220,7 @@ class AtomicCheckpoints:
     def _loss_sum(self) -> float | None:
         if self.loss_before is None:
             return None
-        pending = getattr(self, "_tr_loss", 0.0)      # transformers' running sums since this train() began
+        pending = getattr(self, "_tr_loss", 0.0)  # transformers' running sums since this train() began
         return self.loss_before + getattr(self, "_total_loss_scalar", 0.0) + float(pending)
 
     def _save(self, output_dir=None, state_dict=None):
@@ -211,11 +234,12 @@ class AtomicCheckpoints:
         try:
             super()._save_checkpoint(model, trial)
             if self.args.should_save:
-                (staged / LOSS_FILE).write_text(json.dumps({"global_step": self.state.global_step,
-                                                            "loss_sum": self._loss_sum()}), encoding="utf-8")
+                (staged / LOSS_FILE).write_text(
+                    json.dumps({"global_step": self.state.global_step, "loss_sum": self._loss_sum()}), encoding="utf-8"
+                )
         finally:
             self._staging = None
-        self.accelerator.wait_for_everyone()        # every process has written its RNG state
+        self.accelerator.wait_for_everyone()  # every process has written its RNG state
         if self.args.should_save:
             publish_checkpoint(staged, root / staged.name, self.args.save_total_limit)
             shutil.rmtree(root / STAGING, ignore_errors=True)
@@ -228,14 +252,14 @@ class AtomicCheckpoints:
         try:
             self.loss_before = json.loads((checkpoint / LOSS_FILE).read_text(encoding="utf-8"))["loss_sum"]
         except (OSError, ValueError, KeyError):
-            self.loss_before = None          # a checkpoint from before this file existed
+            self.loss_before = None  # a checkpoint from before this file existed
 
     def run_loss(self, result) -> float:
         """Mean step loss over the whole run, including the steps before a resume."""
         steps = self.state.global_step
         if not self.step_before or self.loss_before is None or not steps:
             return result.training_loss
-        since = getattr(self, "_total_loss_scalar", None)   # summed step losses since the resume
+        since = getattr(self, "_total_loss_scalar", None)  # summed step losses since the resume
         if since is None:
             since = result.training_loss * (steps - self.step_before)
         # (not training_loss x steps since: transformers 5.17 divides that sum by global_step, 5.24 by the steps run)

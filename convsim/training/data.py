@@ -1,6 +1,7 @@
 """The data side of a training run: conversations read and split by time, `--extra-data` added to training
 only, examples built and tokenized with the loss mask on the reply.
 """
+
 from __future__ import annotations
 
 import sys
@@ -17,15 +18,20 @@ def prepare_data(cfg: TrainConfig, data_dir: str):
     """Conversations → split → examples; every way this can end empty is a clear error."""
     from convsim.data.examples import build_examples, split_conversations
     from convsim.data.schema import read_conversations, speakers_of
+
     convs = read_conversations(data_dir)
     speakers = speakers_of(convs)
     if len(speakers) < 2:
-        raise UserError(f"{data_dir}: the chat has only one speaker ({', '.join(speakers) or 'none'}); "
-                        "convsim needs at least two people talking")
+        raise UserError(
+            f"{data_dir}: the chat has only one speaker ({', '.join(speakers) or 'none'}); "
+            "convsim needs at least two people talking"
+        )
     if len(speakers) > MAX_SPEAKERS:
-        raise UserError(f"{data_dir}: {len(speakers):,} speakers; convsim adds one token per speaker and trains at "
-                        f"most {MAX_SPEAKERS} (re-import with `convsim import --max-speakers N`, or keep the most "
-                        "active people)")
+        raise UserError(
+            f"{data_dir}: {len(speakers):,} speakers; convsim adds one token per speaker and trains at "
+            f"most {MAX_SPEAKERS} (re-import with `convsim import --max-speakers N`, or keep the most "
+            "active people)"
+        )
     targets = speakers if cfg.targets in (["all"], [], None) else cfg.targets
     split = split_conversations(convs, cfg.val_fraction, cfg.test_fraction)
     if cfg.extra_data:
@@ -36,8 +42,10 @@ def prepare_data(cfg: TrainConfig, data_dir: str):
         convs = convs + extra
         speakers = speakers + [s for s in speakers_of(extra) if s not in speakers]
         if len(speakers) > MAX_SPEAKERS:
-            raise UserError(f"--extra-data brings the speakers to {len(speakers):,}, more than {MAX_SPEAKERS} "
-                            "(merge the people who are not simulated into one name with `convsim import --speaker`)")
+            raise UserError(
+                f"--extra-data brings the speakers to {len(speakers):,}, more than {MAX_SPEAKERS} "
+                "(merge the people who are not simulated into one name with `convsim import --speaker`)"
+            )
     for t in targets:
         if t not in speakers:
             raise UserError(f"unknown target speaker {t!r}; the data has {', '.join(speakers[:20])}")
@@ -52,12 +60,15 @@ def default_extra_data(cfg: TrainConfig, data_dir: Path) -> list[str]:
     """The extra-data dirs a run uses: those given, else DATA_DIR/extra when it holds conversations (and
     `auto_extra_data` is on), as an absolute path so a resumed run finds it from any directory."""
     from convsim.data.schema import CONVERSATIONS
+
     if cfg.extra_data or not cfg.auto_extra_data:
         return list(cfg.extra_data)
     extra = data_dir / "extra"
     if (extra / CONVERSATIONS).exists():
-        print(f"extra data: using {extra} (other chats of the same people; --no-auto-extra-data leaves it out)",
-              file=sys.stderr)
+        print(
+            f"extra data: using {extra} (other chats of the same people; --no-auto-extra-data leaves it out)",
+            file=sys.stderr,
+        )
         return [str(extra.resolve())]
     return []
 
@@ -66,15 +77,20 @@ def most_recent(convs: list, max_messages: int) -> list:
     """The most recent conversations (by start time; untimed ones last) holding at most `max_messages`
     messages in all, in their original order."""
     from convsim.data.examples import start_time
+
     order = sorted(range(len(convs)), key=lambda i: start_time(convs[i]) or "", reverse=True)
     keep, total = set(), 0
     for i in order:
         n = len(convs[i].messages)
         if total + n > max_messages:
             break
-        keep.add(i); total += n
-    print(f"extra data: the most recent {len(keep):,} of {len(convs):,} conversations kept ({total:,} messages, "
-          f"at most {max_messages:,})", file=sys.stderr)
+        keep.add(i)
+        total += n
+    print(
+        f"extra data: the most recent {len(keep):,} of {len(convs):,} conversations kept ({total:,} messages, "
+        f"at most {max_messages:,})",
+        file=sys.stderr,
+    )
     return [c for i, c in enumerate(convs) if i in keep]
 
 
@@ -82,11 +98,16 @@ def extra_summary(cfg: TrainConfig, convs, speakers) -> dict:
     """run.json's record of `--extra-data`: the dirs, how many conversations came from them, and the speakers
     found only there (people the run was not made to simulate)."""
     from convsim.runs import extra_prefixes
+
     prefixes = extra_prefixes(len(cfg.extra_data))
     extra = [c for c in convs if c.id.startswith(prefixes)]
     main = {m.speaker for c in convs if not c.id.startswith(prefixes) for m in c.messages}
-    return {"dirs": list(cfg.extra_data), "conversations": len(extra),
-            "messages": sum(len(c.messages) for c in extra), "speakers_only_here": [s for s in speakers if s not in main]}
+    return {
+        "dirs": list(cfg.extra_data),
+        "conversations": len(extra),
+        "messages": sum(len(c.messages) for c in extra),
+        "speakers_only_here": [s for s in speakers if s not in main],
+    }
 
 
 def extra_conversations(dirs, split) -> list:
@@ -97,6 +118,7 @@ def extra_conversations(dirs, split) -> list:
     from convsim.data.examples import start_time
     from convsim.data.schema import read_conversations
     from convsim.runs import extra_prefixes
+
     held = [start_time(c) for c in split["val"] + split["test"] if start_time(c)]
     main_ids = {c.id for v in split.values() for c in v}
     cutoff = min(held) if held else None
@@ -104,7 +126,7 @@ def extra_conversations(dirs, split) -> list:
     for d, prefix in zip(dirs, extra_prefixes(len(dirs))):
         got = read_conversations(d)
         n_read = sum(len(c.messages) for c in got)
-        if cutoff:   # messages from the held-out period on are dropped (whole conversations, or their ends)
+        if cutoff:  # messages from the held-out period on are dropped (whole conversations, or their ends)
             for c in got:
                 c.messages = [m for m in c.messages if not (m.time and m.time >= cutoff)]
         kept = [c for c in got if c.messages]
@@ -113,20 +135,26 @@ def extra_conversations(dirs, split) -> list:
             if c.id in main_ids:
                 raise UserError(f"{d}: conversation id {c.id!r} clashes with one of the main data's ids")
         n_msgs = sum(len(c.messages) for c in kept)
-        print(f"extra data {d}: {len(kept):,} conversations ({n_msgs:,} messages) added to training"
-              + (f"; {n_read - n_msgs:,} messages from the held-out period on ({cutoff}) left out"
-                 if n_read > n_msgs else ""), file=sys.stderr)
+        print(
+            f"extra data {d}: {len(kept):,} conversations ({n_msgs:,} messages) added to training"
+            + (
+                f"; {n_read - n_msgs:,} messages from the held-out period on ({cutoff}) left out"
+                if n_read > n_msgs
+                else ""
+            ),
+            file=sys.stderr,
+        )
         out.extend(kept)
     return out
 
 
 def tokenize(tok, fmt, examples, cfg: TrainConfig, whole: bool = False):
     from convsim.data.examples import render_example, render_whole
+
     fn = render_whole if whole else render_example
     rows, truncated = [], 0
     for e in examples:
         r = fn(tok, fmt, e, cfg.max_seq_length)
         truncated += r.truncated
-        rows.append({"input_ids": r.input_ids,
-                     "labels": [i if m else -100 for i, m in zip(r.input_ids, r.loss_mask)]})
+        rows.append({"input_ids": r.input_ids, "labels": [i if m else -100 for i, m in zip(r.input_ids, r.loss_mask)]})
     return rows, truncated

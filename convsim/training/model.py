@@ -2,6 +2,7 @@
 that train, dtypes, and the speed settings (activation checkpointing, compiled decoder layers, length
 grouping, padding-free batches) with the defaults that pay off on each machine.
 """
+
 from __future__ import annotations
 
 import os
@@ -44,8 +45,10 @@ def gathered_trained_state(model):
     if not any(isinstance(m, FSDPModule) for m in model.modules()):
         return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
-                                                                ignore_frozen_params=True))
+
+    return get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    )
 
 
 def frozen_dtype(cfg: TrainConfig, device: str) -> str:
@@ -57,7 +60,13 @@ def frozen_dtype(cfg: TrainConfig, device: str) -> str:
     if cfg.frozen_dtype:
         return cfg.frozen_dtype
     import torch
-    if device.startswith("cuda") and not sharded_training() and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+
+    if (
+        device.startswith("cuda")
+        and not sharded_training()
+        and torch.cuda.is_available()
+        and torch.cuda.is_bf16_supported()
+    ):
         return "bfloat16"
     return "float32"
 
@@ -66,6 +75,7 @@ def trainable_in_float32(model) -> int:
     """Every trainable parameter (LoRA matrices, speaker-token rows) in float32, whatever the frozen
     weights' dtype: AdamW's small updates vanish in bf16 rounding. Returns how many were cast."""
     import torch
+
     n = 0
     for p in model.parameters():
         if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
@@ -74,7 +84,7 @@ def trainable_in_float32(model) -> int:
     return n
 
 
-CHECKPOINTING_FROM = 1e9      # parameters: below this, activations are small and recomputing them only costs time
+CHECKPOINTING_FROM = 1e9  # parameters: below this, activations are small and recomputing them only costs time
 
 
 def wants_checkpointing(cfg: TrainConfig, model) -> bool:
@@ -91,10 +101,14 @@ def wants_compile(cfg: TrainConfig, device: str) -> bool:
     saves). CONVSIM_COMPILE=0 turns the default off."""
     if cfg.compile is not None:
         return cfg.compile and _can_compile()
-    if cfg.backend == "unsloth":        # Unsloth compiles its own kernels; not ours on top unless asked
+    if cfg.backend == "unsloth":  # Unsloth compiles its own kernels; not ours on top unless asked
         return False
-    return (device.startswith("cuda") and not sharded_training() and _can_compile()   # FSDP wraps layers itself
-            and os.environ.get("CONVSIM_COMPILE", "1") != "0")
+    return (
+        device.startswith("cuda")
+        and not sharded_training()
+        and _can_compile()  # FSDP wraps layers itself
+        and os.environ.get("CONVSIM_COMPILE", "1") != "0"
+    )
 
 
 def wants_grouping(cfg: TrainConfig, device: str) -> bool:
@@ -120,6 +134,7 @@ def wants_packing(cfg: TrainConfig) -> bool:
 def sampling_args(grouped: bool) -> dict:
     """The Trainer argument for length-grouped sampling, in this transformers version's spelling."""
     from trl import SFTConfig
+
     fields = getattr(SFTConfig, "__dataclass_fields__", {})
     if "train_sampling_strategy" in fields:
         return {"train_sampling_strategy": "group_by_length" if grouped else "random"}
@@ -128,6 +143,7 @@ def sampling_args(grouped: bool) -> dict:
 
 def _can_compile() -> bool:
     import torch
+
     return hasattr(torch, "compile") and sys.platform != "win32"
 
 
@@ -145,16 +161,22 @@ def compile_layers(model, probe: bool = True) -> int:
         layer.compile(dynamic=True)
     if not probe:
         return len(layers)
-    print(f"compiling the {len(layers)} decoder layers (about a minute the first time; --no-compile skips it)",
-          file=sys.stderr, flush=True)
+    print(
+        f"compiling the {len(layers)} decoder layers (about a minute the first time; --no-compile skips it)",
+        file=sys.stderr,
+        flush=True,
+    )
     try:
         _probe(model)
-    except Exception as e:                      # noqa: BLE001 - any compiler failure means: train eagerly
+    except Exception as e:  # noqa: BLE001 - any compiler failure means: train eagerly
         for layer in layers:
             layer._compiled_call_impl = None
         first = (str(e).strip().splitlines() or [""])[0][:200]
-        print(f"warning: torch.compile of the decoder layers failed ({type(e).__name__}: {first}); "
-              "training without it (--no-compile skips the attempt)", file=sys.stderr)
+        print(
+            f"warning: torch.compile of the decoder layers failed ({type(e).__name__}: {first}); "
+            "training without it (--no-compile skips the attempt)",
+            file=sys.stderr,
+        )
         return 0
     return len(layers)
 
@@ -163,10 +185,11 @@ def _probe(model) -> None:
     """One training-mode forward + backward of a fixed 2 x 16 batch (no RNG drawn, gradients cleared)."""
     import contextlib
     import torch
+
     device = next(p.device for p in model.parameters() if p.device.type != "meta")
     x = (torch.arange(32, device=device).view(2, 16) % 64) + 10
     batch = {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x}
-    cast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
+    cast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     was = model.training
     model.train()
     try:
@@ -182,5 +205,6 @@ def eager():
     """Context: run compiled modules eagerly (generation inside training, whose shapes change each step)."""
     import contextlib
     import torch
+
     stance = getattr(torch.compiler, "set_stance", None)
     return stance("force_eager") if stance else contextlib.nullcontext()

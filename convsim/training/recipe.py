@@ -8,6 +8,7 @@ positions that carry loss (Gemma 3 270M spends most of its compute in its 262k-w
     convsim train data/ --out runs/ana --max-steps 200
     convsim train data/ --out runs/ana --continue-training        # resume after a crash or a budget stop
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,15 @@ from convsim.training.backends import build_model
 from convsim.training.callbacks import make_callbacks
 from convsim.training.checkpoints import checkpoint_step, clean_checkpoints, last_checkpoint, restore_best, rewind_logs
 from convsim.training.data import default_extra_data, extra_summary, prepare_data, tokenize
-from convsim.training.model import (compile_layers, gathered_trained_state, sampling_args, wants_checkpointing,
-                                    wants_compile, wants_grouping, wants_packing)
+from convsim.training.model import (
+    compile_layers,
+    gathered_trained_state,
+    sampling_args,
+    wants_checkpointing,
+    wants_compile,
+    wants_grouping,
+    wants_packing,
+)
 from convsim.training.trainer import make_trainer_class
 
 HELP = "LoRA fine-tune a model on a data dir (from `convsim import`), with one special token per speaker."
@@ -47,18 +55,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="run directory to write")
     p.add_argument("--config", help="YAML file with TrainConfig fields (flags override it)")
     p.add_argument("--model", help="model table row, hub id or local path (default gemma-3-270m)")
-    p.add_argument("--target", action="append", dest="targets", metavar="NAME",
-                   help="train on this person's replies (repeatable); default: everyone in DATA_DIR (not the people "
-                        "found only in --extra-data)")
-    p.add_argument("--extra-data", action="append", metavar="DATA_DIR",
-                   help="more conversations of the same people (e.g. their chats with others), for training "
-                        "only: never validation or test, and none from the held-out period (repeatable)")
-    p.add_argument("--extra-data-ratio", type=float, metavar="R",
-                   help="use at most R extra messages per message of the chat's own training split, the most "
-                        "recent extra conversations first (default 0: all of them)")
-    p.add_argument("--auto-extra-data", action=argparse.BooleanOptionalAction, default=None,
-                   help="without --extra-data, train also on DATA_DIR/extra (where `convsim import ... --out "
-                        "DATA_DIR/extra` put other chats of the same people) when it exists (default on)")
+    p.add_argument(
+        "--target",
+        action="append",
+        dest="targets",
+        metavar="NAME",
+        help="train on this person's replies (repeatable); default: everyone in DATA_DIR (not the people "
+        "found only in --extra-data)",
+    )
+    p.add_argument(
+        "--extra-data",
+        action="append",
+        metavar="DATA_DIR",
+        help="more conversations of the same people (e.g. their chats with others), for training "
+        "only: never validation or test, and none from the held-out period (repeatable)",
+    )
+    p.add_argument(
+        "--extra-data-ratio",
+        type=float,
+        metavar="R",
+        help="use at most R extra messages per message of the chat's own training split, the most "
+        "recent extra conversations first (default 0: all of them)",
+    )
+    p.add_argument(
+        "--auto-extra-data",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="without --extra-data, train also on DATA_DIR/extra (where `convsim import ... --out "
+        "DATA_DIR/extra` put other chats of the same people) when it exists (default on)",
+    )
     p.add_argument("--context-size", type=int, metavar="N", help="earlier messages shown before each reply (default 8)")
     p.add_argument("--epochs", type=float)
     p.add_argument("--batch-size", type=int)
@@ -69,34 +94,69 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-seq-length", type=int)
     p.add_argument("--lora-r", type=int)
     p.add_argument("--lora-alpha", type=int)
-    p.add_argument("--special-tokens", action=argparse.BooleanOptionalAction, default=None,
-                   help="one added token per speaker (default on)")
-    p.add_argument("--include-mlp", action=argparse.BooleanOptionalAction, default=None,
-                   help="LoRA on the MLP projections too (default on)")
-    p.add_argument("--instruct-format", action=argparse.BooleanOptionalAction, default=None,
-                   help="chat-template rendering (default: the model's prompt style)")
+    p.add_argument(
+        "--special-tokens",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="one added token per speaker (default on)",
+    )
+    p.add_argument(
+        "--include-mlp",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="LoRA on the MLP projections too (default on)",
+    )
+    p.add_argument(
+        "--instruct-format",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="chat-template rendering (default: the model's prompt style)",
+    )
     p.add_argument("--loss", choices=["reply", "whole"], help="loss on the reply only (default) or all text")
     p.add_argument("--continue-training", action="store_true", help="resume from the latest checkpoint")
     p.add_argument("--quantization", choices=["4bit", "8bit"], help="QLoRA via bitsandbytes (CUDA only)")
     p.add_argument("--backend", choices=["peft", "unsloth"])
-    p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
-                   help="recompute activations in the backward pass to save memory (default: on for models "
-                        "of 1B parameters or more)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile each decoder layer (default: on CUDA; first steps are slower)")
-    p.add_argument("--frozen-dtype", choices=["float32", "bfloat16"],
-                   help="dtype of the frozen base weights (default: bfloat16 on CUDA, float32 elsewhere); the "
-                        "trained LoRA and speaker rows stay float32")
-    p.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=None,
-                   help="draw batches of similar lengths, so less compute goes to padding (default: off; measured no faster "
-                        "on an H200 at 2x the peak memory)")
-    p.add_argument("--packing", action=argparse.BooleanOptionalAction, default=None,
-                   help="padding-free batches: a batch's examples side by side in one row, each attending only to "
-                        "itself (same examples per step and losses, no compute on padding; default: off, as it measured slower "
-                        "with PyTorch's attention kernels: docs/PERFORMANCE.md)")
-    p.add_argument("--keep-best", action=argparse.BooleanOptionalAction, default=None,
-                   help="end with the weights of the evaluation with the lowest validation loss (kept in "
-                        "RUN_DIR/best/, resumable), not the last step's (default: off)")
+    p.add_argument(
+        "--activation-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="recompute activations in the backward pass to save memory (default: on for models "
+        "of 1B parameters or more)",
+    )
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile each decoder layer (default: on CUDA; first steps are slower)",
+    )
+    p.add_argument(
+        "--frozen-dtype",
+        choices=["float32", "bfloat16"],
+        help="dtype of the frozen base weights (default: bfloat16 on CUDA, float32 elsewhere); the "
+        "trained LoRA and speaker rows stay float32",
+    )
+    p.add_argument(
+        "--group-by-length",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="draw batches of similar lengths, so less compute goes to padding (default: off; measured no faster "
+        "on an H200 at 2x the peak memory)",
+    )
+    p.add_argument(
+        "--packing",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="padding-free batches: a batch's examples side by side in one row, each attending only to "
+        "itself (same examples per step and losses, no compute on padding; default: off, as it measured slower "
+        "with PyTorch's attention kernels: docs/PERFORMANCE.md)",
+    )
+    p.add_argument(
+        "--keep-best",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="end with the weights of the evaluation with the lowest validation loss (kept in "
+        "RUN_DIR/best/, resumable), not the last step's (default: off)",
+    )
     p.add_argument("--eval-steps", type=int)
     p.add_argument("--max-val-examples", type=int, help="validation examples used for the loss (default 200)")
     p.add_argument("--save-steps", type=int)
@@ -105,28 +165,63 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args) -> TrainConfig:
-    keys = ["model", "targets", "extra_data", "extra_data_ratio", "auto_extra_data", "context_size", "epochs", "batch_size", "grad_accum", "learning_rate", "max_steps", "time_budget",
-            "max_seq_length", "lora_r", "lora_alpha", "special_tokens", "include_mlp", "instruct_format", "loss",
-            "quantization", "backend", "activation_checkpointing", "compile", "frozen_dtype", "group_by_length", "packing", "keep_best", "eval_steps", "save_steps", "seed", "max_val_examples"]
+    keys = [
+        "model",
+        "targets",
+        "extra_data",
+        "extra_data_ratio",
+        "auto_extra_data",
+        "context_size",
+        "epochs",
+        "batch_size",
+        "grad_accum",
+        "learning_rate",
+        "max_steps",
+        "time_budget",
+        "max_seq_length",
+        "lora_r",
+        "lora_alpha",
+        "special_tokens",
+        "include_mlp",
+        "instruct_format",
+        "loss",
+        "quantization",
+        "backend",
+        "activation_checkpointing",
+        "compile",
+        "frozen_dtype",
+        "group_by_length",
+        "packing",
+        "keep_best",
+        "eval_steps",
+        "save_steps",
+        "seed",
+        "max_val_examples",
+    ]
     flags = {k: getattr(args, k, None) for k in keys}
     saved = Path(args.out) / "config.yaml"
     if getattr(args, "continue_training", False) and saved.exists():
         # resuming: the interrupted run's settings, then --config, then the flags given now
         from convsim.config import load_yaml
-        values = {**load_yaml(saved), **(load_yaml(args.config) if args.config else {}),
-                  **{k: v for k, v in flags.items() if v is not None}}
+
+        values = {
+            **load_yaml(saved),
+            **(load_yaml(args.config) if args.config else {}),
+            **{k: v for k, v in flags.items() if v is not None},
+        }
         return TrainConfig(**values).validate()
     return resolve(TrainConfig, args.config, flags).validate()
 
 
-
 # ----------------------------------------------------------------------------- stage
+
 
 def finish_distributed() -> None:
     """Under torchrun/accelerate: every rank meets here (rank 0 after writing the run) and the process
     group is destroyed before exit. A rank that simply exited while another still used the group could be
     aborted by the communication library ('terminate called without an active exception')."""
     import torch.distributed as dist
+
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -145,6 +240,7 @@ def fused_attention_kernels():
     with masked, varying-length chat batches. The memory-efficient and flash kernels take microseconds to
     launch. Must hold while the layers compile: the compiled graph fixes the backend it calls."""
     import torch
+
     backends = getattr(torch.backends, "cuda", None)
     if not (torch.cuda.is_available() and hasattr(backends, "enable_cudnn_sdp")):
         yield
@@ -177,7 +273,7 @@ def _run(args) -> int:
     ckpt_dir = run_dir / "checkpoints"
     resume = None
     if args.continue_training:
-        resume = last_checkpoint(ckpt_dir)        # the newest complete one; half-written ones are skipped
+        resume = last_checkpoint(ckpt_dir)  # the newest complete one; half-written ones are skipped
         if int(os.environ.get("RANK", "0")) == 0:
             clean_checkpoints(ckpt_dir)
             if resume is not None:
@@ -194,32 +290,51 @@ def _run(args) -> int:
     torch.manual_seed(cfg.seed)
     device = default_device()
     model, tok, spec, ids = build_model(cfg, speakers, device)
-    style = "instruct" if (cfg.instruct_format if cfg.instruct_format is not None
-                           else spec.prompt_style == "instruct") else "base"
+    style = (
+        "instruct"
+        if (cfg.instruct_format if cfg.instruct_format is not None else spec.prompt_style == "instruct")
+        else "base"
+    )
     fmt = PromptFormat(style=style, speakers=tuple(speakers), special_tokens=cfg.special_tokens)
     train_rows, trunc = tokenize(tok, fmt, ex["train"], cfg, whole=cfg.loss == "whole")
-    val_examples = ex["val"][:cfg.max_val_examples]
+    val_examples = ex["val"][: cfg.max_val_examples]
     val_rows, _ = tokenize(tok, fmt, val_examples, cfg, whole=False)
     if cfg.keep_best and not val_rows:
-        print("warning: --keep-best needs validation examples and there are none; the run ends with its last "
-              "weights", file=sys.stderr)
+        print(
+            "warning: --keep-best needs validation examples and there are none; the run ends with its last weights",
+            file=sys.stderr,
+        )
     if trunc > 0.05 * len(train_rows):
-        print(f"warning: --max-seq-length {cfg.max_seq_length} truncated {trunc} of {len(train_rows)} training "
-              f"examples ({100 * trunc / len(train_rows):.0f}%)", file=sys.stderr)
+        print(
+            f"warning: --max-seq-length {cfg.max_seq_length} truncated {trunc} of {len(train_rows)} training "
+            f"examples ({100 * trunc / len(train_rows):.0f}%)",
+            file=sys.stderr,
+        )
 
-    main = int(os.environ.get("RANK", "0")) == 0       # under accelerate/torchrun only rank 0 writes files
+    main = int(os.environ.get("RANK", "0")) == 0  # under accelerate/torchrun only rank 0 writes files
     if main:
         private_dir(run_dir)
-        private_dir(run_dir / "checkpoints"); private_dir(run_dir / "logs")   # owner-only even outside cli.main
+        private_dir(run_dir / "checkpoints")
+        private_dir(run_dir / "logs")  # owner-only even outside cli.main
         write_conversations(private_dir(run_dir / "data") / "conversations.jsonl", convs)
         write_text(run_dir / "config.yaml", to_yaml(cfg))
-    meta = RunMeta(model=cfg.model, prompt_style=style, special_tokens=cfg.special_tokens,
-                   speakers=speakers, targets=targets, speaker_token_ids=ids, loss=cfg.loss,
-                   context_size=cfg.context_size, max_burst=cfg.max_burst, seed=cfg.seed,
-                   split={k: [c.id for c in v] for k, v in split.items()},
-                   examples={k: len(v) for k, v in ex.items()}, status="training",
-                   resumed_from=resume.name if resume else None,
-                   extra_data=extra_summary(cfg, convs, speakers))
+    meta = RunMeta(
+        model=cfg.model,
+        prompt_style=style,
+        special_tokens=cfg.special_tokens,
+        speakers=speakers,
+        targets=targets,
+        speaker_token_ids=ids,
+        loss=cfg.loss,
+        context_size=cfg.context_size,
+        max_burst=cfg.max_burst,
+        seed=cfg.seed,
+        split={k: [c.id for c in v] for k, v in split.items()},
+        examples={k: len(v) for k, v in ex.items()},
+        status="training",
+        resumed_from=resume.name if resume else None,
+        extra_data=extra_summary(cfg, convs, speakers),
+    )
     if main:
         write_meta(run_dir, meta)
         tok.save_pretrained(run_dir / "tokenizer")
@@ -229,39 +344,68 @@ def _run(args) -> int:
     compiled = compile_layers(model) if wants_compile(cfg, device) else 0
     grouped = wants_grouping(cfg, device)
     packed = wants_packing(cfg)
-    meta = replace(meta, activation_checkpointing=checkpointing, compiled_layers=compiled, group_by_length=grouped,
-                   packing=packed,
-                   frozen_dtype=str(next(p for p in model.parameters() if not p.requires_grad).dtype).replace("torch.", ""))
+    meta = replace(
+        meta,
+        activation_checkpointing=checkpointing,
+        compiled_layers=compiled,
+        group_by_length=grouped,
+        packing=packed,
+        frozen_dtype=str(next(p for p in model.parameters() if not p.requires_grad).dtype).replace("torch.", ""),
+    )
     steps_per_epoch = math.ceil(len(train_rows) / (cfg.batch_size * cfg.grad_accum))
     sft = SFTConfig(
-        output_dir=str(ckpt_dir), per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.learning_rate, num_train_epochs=cfg.epochs,
-        max_steps=cfg.max_steps, warmup_steps=int(cfg.warmup_ratio * (cfg.max_steps if cfg.max_steps > 0 else
-                                                                      steps_per_epoch * cfg.epochs)),
-        weight_decay=cfg.weight_decay, lr_scheduler_type="linear", logging_steps=cfg.logging_steps,
-        eval_strategy="steps" if val_rows else "no", eval_steps=cfg.eval_steps, save_strategy="steps",
-        save_steps=cfg.save_steps, save_total_limit=2, seed=cfg.seed, data_seed=cfg.seed, bf16=cuda,
-        report_to=["tensorboard"], max_length=None,
-        prediction_loss_only=True, remove_unused_columns=False, dataloader_num_workers=0,
-        disable_tqdm=False, use_cpu=not cuda, save_only_model=False, ddp_find_unused_parameters=False,
-        dataset_kwargs={"skip_prepare_dataset": False}, gradient_checkpointing=checkpointing,
-        pad_to_multiple_of=8 if cuda else None,      # aligned widths: the attention kernels' mask needs them
+        output_dir=str(ckpt_dir),
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.learning_rate,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        warmup_steps=int(cfg.warmup_ratio * (cfg.max_steps if cfg.max_steps > 0 else steps_per_epoch * cfg.epochs)),
+        weight_decay=cfg.weight_decay,
+        lr_scheduler_type="linear",
+        logging_steps=cfg.logging_steps,
+        eval_strategy="steps" if val_rows else "no",
+        eval_steps=cfg.eval_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=2,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        bf16=cuda,
+        report_to=["tensorboard"],
+        max_length=None,
+        prediction_loss_only=True,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+        use_cpu=not cuda,
+        save_only_model=False,
+        ddp_find_unused_parameters=False,
+        dataset_kwargs={"skip_prepare_dataset": False},
+        gradient_checkpointing=checkpointing,
+        pad_to_multiple_of=8 if cuda else None,  # aligned widths: the attention kernels' mask needs them
         padding_free=packed,
         **sampling_args(grouped),
     )
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "logs")
     Trainer = make_trainer_class()
-    trainer = Trainer(model=model, args=sft, train_dataset=Dataset.from_list(train_rows),
-                      eval_dataset=Dataset.from_list(val_rows) if val_rows else None, processing_class=tok,
-                      callbacks=make_callbacks(cfg, run_dir, tok, fmt, val_examples))
+    trainer = Trainer(
+        model=model,
+        args=sft,
+        train_dataset=Dataset.from_list(train_rows),
+        eval_dataset=Dataset.from_list(val_rows) if val_rows else None,
+        processing_class=tok,
+        callbacks=make_callbacks(cfg, run_dir, tok, fmt, val_examples),
+    )
     trainer.resume_from(resume)
     t0 = time.time()
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    train_loss = trainer.run_loss(result)       # over the whole run, also when it resumed
+    train_loss = trainer.run_loss(result)  # over the whole run, also when it resumed
     seconds = time.time() - t0
     kept = None
     if cfg.keep_best and val_rows:
-        final_eval = trainer.evaluate()      # the last step is a candidate too
+        final_eval = trainer.evaluate()  # the last step is a candidate too
         kept = restore_best(run_dir, model) if main else None
         if kept is not None and kept["step"] != trainer.state.global_step:
             for cb in [c for c in trainer.callback_handler.callbacks if type(c).__name__ == "KeepBest"]:
@@ -269,9 +413,9 @@ def _run(args) -> int:
             final_eval = trainer.evaluate()  # now of the restored weights (equal to kept["eval_loss"])
     else:
         final_eval = trainer.evaluate() if val_rows else {}
-    gathered = gathered_trained_state(model)      # FSDP: every process takes part; None otherwise
+    gathered = gathered_trained_state(model)  # FSDP: every process takes part; None otherwise
     if not main:
-        finish_distributed()        # wait for rank 0 to write the run, then leave the group together
+        finish_distributed()  # wait for rank 0 to write the run, then leave the group together
         return 0
     # the adapter is the product: write it whole or not at all
     with atomic_dir(run_dir / "adapter") as tmp:
@@ -279,26 +423,43 @@ def _run(args) -> int:
         model.save_pretrained(tmp, state_dict=gathered, save_embedding_layers=False)
     rates = sorted(r["tokens_per_s"] for r in trainer.state.log_history if "tokens_per_s" in r)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    tokens_per_s = round(rates[len(rates) // 2] * world, 1) if rates else None   # median interval, all processes
-    meta = replace(meta, status="done", adapter_hash=dir_hash(run_dir / "adapter"), train_seconds=round(seconds, 1),
-                tokens_per_s=tokens_per_s, world_size=world,
-                global_step=trainer.state.global_step, train_loss=train_loss,
-                eval_loss=final_eval.get("eval_loss"), device=device,
-                kept_best=kept,
-                stop_reason=getattr(trainer.state, "stop_reason", "done"))
+    tokens_per_s = round(rates[len(rates) // 2] * world, 1) if rates else None  # median interval, all processes
+    meta = replace(
+        meta,
+        status="done",
+        adapter_hash=dir_hash(run_dir / "adapter"),
+        train_seconds=round(seconds, 1),
+        tokens_per_s=tokens_per_s,
+        world_size=world,
+        global_step=trainer.state.global_step,
+        train_loss=train_loss,
+        eval_loss=final_eval.get("eval_loss"),
+        device=device,
+        kept_best=kept,
+        stop_reason=getattr(trainer.state, "stop_reason", "done"),
+    )
     write_meta(run_dir, meta)
     finish_distributed()
-    summary = {"run_dir": str(run_dir), "steps": trainer.state.global_step, "train_loss": train_loss,
-               "eval_loss": final_eval.get("eval_loss"), "seconds": round(seconds, 1),
-               "tokens_per_s": tokens_per_s, "world_size": world,
-               "examples": meta.examples, "speakers": speakers, "targets": targets,
-               "adapter_mb": round(sum(f.stat().st_size for f in (run_dir / "adapter").rglob("*") if f.is_file()) / 1e6, 2)}
+    summary = {
+        "run_dir": str(run_dir),
+        "steps": trainer.state.global_step,
+        "train_loss": train_loss,
+        "eval_loss": final_eval.get("eval_loss"),
+        "seconds": round(seconds, 1),
+        "tokens_per_s": tokens_per_s,
+        "world_size": world,
+        "examples": meta.examples,
+        "speakers": speakers,
+        "targets": targets,
+        "adapter_mb": round(sum(f.stat().st_size for f in (run_dir / "adapter").rglob("*") if f.is_file()) / 1e6, 2),
+    }
     if args.json:
         print(json.dumps(summary))
     else:
-        print(f"trained {summary['steps']} steps in {seconds:.0f}s: train loss {train_loss:.3f}"
-              + (f", val loss {summary['eval_loss']:.3f}" if summary["eval_loss"] is not None else "")
-              + f"; adapter {summary['adapter_mb']} MB in {run_dir}/adapter")
+        print(
+            f"trained {summary['steps']} steps in {seconds:.0f}s: train loss {train_loss:.3f}"
+            + (f", val loss {summary['eval_loss']:.3f}" if summary["eval_loss"] is not None else "")
+            + f"; adapter {summary['adapter_mb']} MB in {run_dir}/adapter"
+        )
         print(f"next: convsim chat {run_dir} --as {targets[0]!r}")
     return 0
-

@@ -1,4 +1,5 @@
 """Tier 1 and 2: examples, training, generation and the conversation commands on tiny models."""
+
 import json
 
 import pytest
@@ -16,8 +17,14 @@ def test_models_lists_rows():
     assert {"gemma-3-270m", "gemma-3-27b-it", "mistral-7b", "tiny-gemma3", "tiny-llama"} <= names
 
 
-@pytest.mark.parametrize("argv", [["train", "/nonexistent", "--out", "/tmp/x", "--model", "tiny-llama"],
-                                  ["models-nope"], ["reply", "/nonexistent", "--as", "A", "--history", "-"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", "/nonexistent", "--out", "/tmp/x", "--model", "tiny-llama"],
+        ["models-nope"],
+        ["reply", "/nonexistent", "--as", "A", "--history", "-"],
+    ],
+)
 def test_user_errors_are_one_line(argv):
     p = cli(*argv, check=False)
     assert p.returncode == 2 and "Traceback" not in p.stderr and p.stderr.strip().splitlines()[-1].startswith("error:")
@@ -39,12 +46,13 @@ def test_split_is_by_time_and_disjoint():
 def test_loss_mask_covers_only_reply():
     from convsim.modeling.models import load
     from convsim.modeling.speakers import add_speaker_tokens
+
     model, tok = load("tiny-llama")
     add_speaker_tokens(model, tok, ["Ana", "Ben"])
     fmt = PromptFormat("base", ("Ana", "Ben"))
     ex = build_examples(synthetic_conversations(2), ["Ana"])[0]
     r = render(tok, fmt, ex.context, ex.speaker, ex.reply, ex.next_speaker)
-    assert not any(r.loss_mask[:r.prompt_len]) and all(r.loss_mask[r.prompt_len:])
+    assert not any(r.loss_mask[: r.prompt_len]) and all(r.loss_mask[r.prompt_len :])
     reply_text = tok.decode([i for i, m in zip(r.input_ids, r.text_mask) if m])
     assert reply_text.strip().split("\n")[0].strip() == ex.reply[0].text.strip()
     assert r.input_ids[r.prompt_len - 1] == tok.convert_tokens_to_ids("[Ana]")
@@ -88,13 +96,47 @@ def test_stop_logic_and_streaming_equals_greedy(tiny_run):
 
 
 def test_reply_pipe_json_and_chat_save(tiny_run, tmp_path):
-    p = cli("reply", tiny_run, "--as", "Ana", "--history", "-", "--n", "2", "--json", "--max-new-tokens", "8",
-            input="[Ben] are you coming?\n")
+    p = cli(
+        "reply",
+        tiny_run,
+        "--as",
+        "Ana",
+        "--history",
+        "-",
+        "--n",
+        "2",
+        "--json",
+        "--max-new-tokens",
+        "8",
+        input="[Ben] are you coming?\n",
+    )
     assert len(json.loads(p.stdout)["replies"]) == 2
-    a = cli("reply", tiny_run, "--as", "Ana", "--history", "-", "--temperature", "0", "--max-new-tokens", "8",
-            input="[Ben] hi\n").stdout
-    b = cli("reply", tiny_run, "--as", "Ana", "--history", "-", "--temperature", "0", "--max-new-tokens", "8",
-            input="[Ben] hi\n").stdout
+    a = cli(
+        "reply",
+        tiny_run,
+        "--as",
+        "Ana",
+        "--history",
+        "-",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "8",
+        input="[Ben] hi\n",
+    ).stdout
+    b = cli(
+        "reply",
+        tiny_run,
+        "--as",
+        "Ana",
+        "--history",
+        "-",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "8",
+        input="[Ben] hi\n",
+    ).stdout
     assert a == b
     db = tmp_path / "c.sqlite"
     cli("chat", tiny_run, "--as", "Ana", "--save", "--db", db, "--max-new-tokens", "6", input="hello\n/quit\n")
@@ -110,10 +152,25 @@ def test_eval_json_shape(tiny_run):
     p = cli("eval", tiny_run, "--n", "3", "--max-new-tokens", "6", "--judge-n", "6", "--json")
     res = json.loads(p.stdout)
     for row in res["speakers"].values():
-        for k in ("ppl_finetuned", "ppl_in_context", "ppl_base", "ppl_hybrid", "speaker_id_real",
-                  "speaker_id_finetuned", "speaker_id_in_context", "ppl_ratio", "ppl_ratio_ci", "speaker_auc_real",
-                  "judge_acc_finetuned", "judge_acc_in_context", "copy_rate_finetuned", "copy_rate_real",
-                  "repeat_rate_finetuned", "repeat_rate_real", "distinct_finetuned"):
+        for k in (
+            "ppl_finetuned",
+            "ppl_in_context",
+            "ppl_base",
+            "ppl_hybrid",
+            "speaker_id_real",
+            "speaker_id_finetuned",
+            "speaker_id_in_context",
+            "ppl_ratio",
+            "ppl_ratio_ci",
+            "speaker_auc_real",
+            "judge_acc_finetuned",
+            "judge_acc_in_context",
+            "copy_rate_finetuned",
+            "copy_rate_real",
+            "repeat_rate_finetuned",
+            "repeat_rate_real",
+            "distinct_finetuned",
+        ):
             assert k in row
         assert row["ppl_ratio"] == pytest.approx(row["ppl_finetuned"] / row["ppl_in_context"])
         lo, hi = row["ppl_ratio_ci"]
@@ -137,6 +194,7 @@ def test_plain_prompts_never_contain_speaker_tokens(tiny_run):
     from convsim.data.schema import Message
     from convsim.evaluation.incontext import Retriever, incontext_prompt, plain
     from convsim.runs import open_run
+
     run = open_run(tiny_run)
     tok = AutoTokenizer.from_pretrained(str(run.path / "tokenizer"))
     special = set(run.meta.speaker_token_ids.values())
@@ -148,13 +206,14 @@ def test_plain_prompts_never_contain_speaker_tokens(tiny_run):
     assert not special & set(ids)
     ic = incontext_prompt(tok, pfmt, e.context, e.speaker, Retriever(exs).top(e.context, e.speaker, k=5), 512)
     assert not special & set(ic)
-    assert special & set(render(tok, run.fmt, e.context, e.speaker, e.reply).input_ids)   # the run's own format does
+    assert special & set(render(tok, run.fmt, e.context, e.speaker, e.reply).input_ids)  # the run's own format does
 
 
 def test_nll_computes_the_head_only_on_the_reply_but_scores_the_same(tiny_run):
     import torch
     from convsim.evaluation.evaluate import nll
     from convsim.runs import open_run
+
     model, tok = open_run(tiny_run).load()
     prompt, reply = [2, 11, 12, 13, 14, 15], [16, 17, 18, 19]
     mask = [1, 1, 0, 1]

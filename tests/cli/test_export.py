@@ -1,6 +1,7 @@
 """`convsim export`: the merged model loads with plain transformers and replies exactly as convsim does;
 the trained speaker-token rows survive the merge (untied and tied output heads).
 """
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,12 @@ from conftest import cli
 
 HISTORIES = [
     [Message("Ben", "are you coming tonight?")],
-    [Message("Ana", "hey how are you"), Message("Ben", "Not bad. Working late again."), Message("Ana", "lol yes"),
-     Message("Ben", "Maybe tomorrow then.")],
+    [
+        Message("Ana", "hey how are you"),
+        Message("Ben", "Not bad. Working late again."),
+        Message("Ana", "lol yes"),
+        Message("Ben", "Maybe tomorrow then."),
+    ],
 ]
 
 
@@ -23,10 +28,17 @@ def plain_reply(model, tok, prompt_text: str, stops: list[int], speaker: str, ma
     """What a user of the export does with transformers alone (as its README says)."""
     x = tok(prompt_text, return_tensors="pt")
     with torch.inference_mode():
-        out = model.generate(**x, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
-                             temperature=None, top_p=None, top_k=None)
-    new = out[0, x.input_ids.shape[1]:].tolist()
-    new = new[:next((i for i, t in enumerate(new) if t in stops), len(new))]
+        out = model.generate(
+            **x,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=stops,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+        )
+    new = out[0, x.input_ids.shape[1] :].tolist()
+    new = new[: next((i for i, t in enumerate(new) if t in stops), len(new))]
     return [m.strip() for m in tok.decode(new).split(f"[{speaker}]") if m.strip()]
 
 
@@ -41,18 +53,27 @@ def test_export_round_trip(tiny_run, tmp_path, capsys):
     summary = json.loads(cli("export", tiny_run, "--out", out, "--json").stdout)
     assert summary["merge_max_logit_diff"] < 1e-3
     names = {p.name for p in out.iterdir()}
-    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "convsim-format.json",
-            "README.md"} <= names
-    assert not any(n.startswith("adapter") for n in names)          # standalone: no PEFT files
-    assert (out.stat().st_mode & 0o077) == 0                         # owner-only, like the chat it learned
+    assert {
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "tokenizer.json",
+        "convsim-format.json",
+        "README.md",
+    } <= names
+    assert not any(n.startswith("adapter") for n in names)  # standalone: no PEFT files
+    assert (out.stat().st_mode & 0o077) == 0  # owner-only, like the chat it learned
 
     tok = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out)
     card = json.loads((out / "convsim-format.json").read_text())
     assert model.get_input_embeddings().weight.shape[0] == len(tok) == model.config.vocab_size
-    assert set(model.generation_config.eos_token_id) == {card["speakers"]["Ana"]["ids"][0],
-                                                         card["speakers"]["Ben"]["ids"][0], tok.eos_token_id,
-                                                         tok.pad_token_id}
+    assert set(model.generation_config.eos_token_id) == {
+        card["speakers"]["Ana"]["ids"][0],
+        card["speakers"]["Ben"]["ids"][0],
+        tok.eos_token_id,
+        tok.pad_token_id,
+    }
 
     run = open_run(tiny_run)
     peft_model, run_tok = run.load(device="cpu", dtype=torch.float32)
@@ -63,25 +84,26 @@ def test_export_round_trip(tiny_run, tmp_path, capsys):
             want = reply(peft_model, run_tok, run.fmt, history, speaker, cfg)[0]
             ids = render(run_tok, run.fmt, history, speaker).input_ids
             text = "".join(f"[{m.speaker}] {m.text}\n" for m in history) + f"[{speaker}]"
-            assert tok(text).input_ids == ids          # the documented format gives convsim's exact tokens
+            assert tok(text).input_ids == ids  # the documented format gives convsim's exact tokens
             stops = card["speakers"][speaker]["stop_token_ids"]
             got = plain_reply(model, tok, text, stops, speaker, cfg.max_new_tokens)
             assert got == want, (history, speaker)
             # the default generation_config stops at every speaker token: the burst's first message
             first = plain_reply(model, tok, text, model.generation_config.eos_token_id, speaker, cfg.max_new_tokens)
-            assert first in ([], want[:1]), (first, want)   # [] when the burst opens with an empty message
+            assert first in ([], want[:1]), (first, want)  # [] when the burst opens with an empty message
             compared += bool(want)
     assert compared >= 1, "the tiny model said nothing at all: the comparison would be empty"
 
     # in this process from here on (the subprocess above was the whole command; imports are slow)
     from convsim.cli import main
-    out2 = tmp_path / "export-ana"                  # --as: the generation config is one speaker's
+
+    out2 = tmp_path / "export-ana"  # --as: the generation config is one speaker's
     assert main(["export", str(tiny_run), "--out", str(out2), "--as", "Ana", "--dtype", "bfloat16"]) == 0
     cfg2 = json.loads((out2 / "generation_config.json").read_text())
     assert cfg2["eos_token_id"] == card["speakers"]["Ana"]["stop_token_ids"]
     assert json.loads((out2 / "config.json").read_text())["dtype"] == "bfloat16"
     capsys.readouterr()
-    assert main(["export", str(tiny_run), "--out", str(out)]) == 2          # never overwrites by accident
+    assert main(["export", str(tiny_run), "--out", str(out)]) == 2  # never overwrites by accident
     assert "--force" in capsys.readouterr().err
     assert main(["export", str(tiny_run), "--out", str(tmp_path / "x"), "--as", "Nobody"]) == 2
     assert "unknown speaker" in capsys.readouterr().err
@@ -106,13 +128,21 @@ def test_merge_keeps_trained_speaker_rows(name, tmp_path):
     tied = model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
     if not tied:
         tt["lm_head"] = sorted(ids.values())
-    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM",
-                                                  trainable_token_indices=tt, init_lora_weights=False))
+    peft_model = get_peft_model(
+        model,
+        LoraConfig(
+            r=4,
+            target_modules=["q_proj", "v_proj"],
+            task_type="CAUSAL_LM",
+            trainable_token_indices=tt,
+            init_lora_weights=False,
+        ),
+    )
     torch.manual_seed(0)
     with torch.no_grad():
         for p in peft_model.parameters():
             if p.requires_grad:
-                p.add_(torch.randn_like(p))            # as if trained: far from the initial rows
+                p.add_(torch.randn_like(p))  # as if trained: far from the initial rows
     fmt = PromptFormat("base", ("Ana", "Ben"))
     x = torch.tensor([[tok.bos_token_id, ids["Ben"], 100, 200, ids["Ana"], 300, ids["Ana"]]])
     with torch.no_grad():

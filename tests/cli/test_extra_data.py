@@ -1,6 +1,7 @@
 """More data of the same people for training only: `convsim import chitchat --other-chats` and
 `convsim train --extra-data` (the held-out splits stay those of the main data; nothing from the held-out
 period is trained on)."""
+
 from __future__ import annotations
 
 import json
@@ -16,17 +17,31 @@ from convsim.errors import UserError
 from convsim.training.data import extra_summary, prepare_data
 from tests.conftest import cli, synthetic_conversations
 
-A, B, C, D = ("549cc1d1-0000-0000-0000-000000000001", "a54af4d5-0000-0000-0000-000000000002",
-              "720840be-0000-0000-0000-000000000003", "99999999-0000-0000-0000-000000000004")
+A, B, C, D = (
+    "549cc1d1-0000-0000-0000-000000000001",
+    "a54af4d5-0000-0000-0000-000000000002",
+    "720840be-0000-0000-0000-000000000003",
+    "99999999-0000-0000-0000-000000000004",
+)
 
 
 def _chat(*senders):
-    return {"messages": [[{"text": f"hi from {s[:4]} {i}", "timestamp": f"2018-05-0{i + 1}T10:00:00Z", "sender": s}]
-                         for i, s in enumerate(senders)]}
+    return {
+        "messages": [
+            [{"text": f"hi from {s[:4]} {i}", "timestamp": f"2018-05-0{i + 1}T10:00:00Z", "sender": s}]
+            for i, s in enumerate(senders)
+        ]
+    }
 
 
-CHITCHAT = {"p1": _chat(A, B, A), "p2": _chat(B, A), "o1": _chat(A, C, A), "o2": _chat(D, B),
-            "o3": _chat(C, D), "solo": _chat(A, A)}
+CHITCHAT = {
+    "p1": _chat(A, B, A),
+    "p2": _chat(B, A),
+    "o1": _chat(A, C, A),
+    "o2": _chat(D, B),
+    "o3": _chat(C, D),
+    "solo": _chat(A, A),
+}
 
 
 def test_other_chats_are_the_pairs_chats_with_everyone_else():
@@ -36,8 +51,10 @@ def test_other_chats_are_the_pairs_chats_with_everyone_else():
     assert sorted(c.source for c in pair) == ["chitchat:p1", "chitchat:p2"]
     # the pair's chats with someone else; not the pair's own, not strangers alone, not one person alone
     assert sorted(c.source for c in others) == ["chitchat:o1", "chitchat:o2"]
-    assert [[m.speaker for m in c.messages] for c in others] == [["549cc1d1", "stranger", "549cc1d1"],
-                                                                  ["stranger", "a54af4d5"]]
+    assert [[m.speaker for m in c.messages] for c in others] == [
+        ["549cc1d1", "stranger", "549cc1d1"],
+        ["stranger", "a54af4d5"],
+    ]
     # the pair are named as in the pair's own import, so their tokens are the same people
     assert {m.speaker for c in pair for m in c.messages} == {"549cc1d1", "a54af4d5"}
     assert rep.notes["other_chats"] == {"chats": 2, "partners": 2}
@@ -57,14 +74,16 @@ def _extra(start: datetime, n=6):
     out = []
     for k in range(n):
         t = start + timedelta(days=k)
-        msgs = [Message("Ana" if i % 2 else "Zed", f"extra {k} {i}", (t + timedelta(minutes=i)).isoformat())
-                for i in range(10)]
+        msgs = [
+            Message("Ana" if i % 2 else "Zed", f"extra {k} {i}", (t + timedelta(minutes=i)).isoformat())
+            for i in range(10)
+        ]
         out.append(Conversation(f"c{k:03d}", msgs, "extra"))
     return out
 
 
 def test_extra_data_trains_only_and_never_from_the_held_out_period(tmp_path):
-    main = synthetic_conversations()            # 12 conversations from 2024-01-01, a day apart
+    main = synthetic_conversations()  # 12 conversations from 2024-01-01, a day apart
     main_dir = _write(tmp_path / "main", main)
     extra_dir = _write(tmp_path / "extra", _extra(datetime(2024, 1, 5, 9, 0, tzinfo=timezone.utc), n=12))
     cfg = TrainConfig(context_size=4)
@@ -81,21 +100,32 @@ def test_extra_data_trains_only_and_never_from_the_held_out_period(tmp_path):
     cutoff = min(c.messages[0].time for c in split["val"] + split["test"])
     extra = [c for c in split["train"] if c.id.startswith("x0:")]
     assert extra and all(m.time < cutoff for c in extra for m in c.messages)
-    n_before = sum(m.time < cutoff for c in _extra(datetime(2024, 1, 5, 9, 0, tzinfo=timezone.utc), n=12)
-                   for m in c.messages)
+    n_before = sum(
+        m.time < cutoff for c in _extra(datetime(2024, 1, 5, 9, 0, tzinfo=timezone.utc), n=12) for m in c.messages
+    )
     assert sum(len(c.messages) for c in extra) == n_before < 120
     # more training examples: Ana's replies in the extra chats
     assert len(ex["train"]) > len(ex0["train"]) and {e.speaker for e in ex["train"]} == {"Ana", "Ben"}
-    assert extra_summary(cfg, convs, speakers) == {"dirs": [str(extra_dir)], "conversations": len(extra),
-                                                    "messages": n_before, "speakers_only_here": ["Zed"]}
+    assert extra_summary(cfg, convs, speakers) == {
+        "dirs": [str(extra_dir)],
+        "conversations": len(extra),
+        "messages": n_before,
+        "speakers_only_here": ["Zed"],
+    }
 
 
 def test_extra_data_errors(tmp_path):
     main_dir = _write(tmp_path / "main", synthetic_conversations())
     with pytest.raises(UserError, match="no conversations.jsonl"):
         prepare_data(TrainConfig(extra_data=[str(tmp_path / "missing")]), str(main_dir))
-    many = [Conversation(f"c{k}", [Message(f"p{k}", "hi", "2020-01-01T00:00:00+00:00"),
-                                   Message("Ana", "yo", "2020-01-01T00:01:00+00:00")], "x") for k in range(300)]
+    many = [
+        Conversation(
+            f"c{k}",
+            [Message(f"p{k}", "hi", "2020-01-01T00:00:00+00:00"), Message("Ana", "yo", "2020-01-01T00:01:00+00:00")],
+            "x",
+        )
+        for k in range(300)
+    ]
     with pytest.raises(UserError, match="more than 256"):
         prepare_data(TrainConfig(extra_data=[str(_write(tmp_path / "many", many))]), str(main_dir))
 
@@ -106,14 +136,30 @@ def test_train_and_eval_with_extra_data(tmp_path):
     main_dir = _write(tmp_path / "main", synthetic_conversations())
     extra_dir = _write(tmp_path / "extra", _extra(datetime(2023, 12, 1, 9, 0, tzinfo=timezone.utc)))
     run = tmp_path / "run"
-    cli("train", main_dir, "--extra-data", extra_dir, "--out", run, "--model", "tiny-gemma3", "--max-steps", "2",
-        "--batch-size", "4", "--context-size", "4", "--json")
+    cli(
+        "train",
+        main_dir,
+        "--extra-data",
+        extra_dir,
+        "--out",
+        run,
+        "--model",
+        "tiny-gemma3",
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--context-size",
+        "4",
+        "--json",
+    )
     meta = json.loads((run / "run.json").read_text())
     assert meta["context_size"] == 4 and meta["targets"] == ["Ana", "Ben"]
     assert meta["extra_data"]["conversations"] == 6 and meta["extra_data"]["speakers_only_here"] == ["Zed"]
     # the speaker classifier learns from the chat itself only: the same messages as without --extra-data
     from convsim.evaluation.evaluate import ruler_examples
     from convsim.runs import open_run
+
     run_ = open_run(run)
     ruler = ruler_examples(run_)
     assert ruler and not any(e.conv_id.startswith("x0:") for e in ruler)
@@ -130,6 +176,7 @@ def test_train_and_eval_with_extra_data(tmp_path):
 def test_import_other_chats_of_the_top_pair(tmp_path):
     """The embedded data: the top pair's 565 chats with 154 other people (the headline's extra data)."""
     from convsim.data.import_cli import import_chats
+
     convs, summary = import_chats(["chitchat"], top_pair=True, other_chats=True)
     assert summary["speakers"] == {"stranger": 16_254, "549cc1d1": 16_131, "a54af4d5": 1_549}
     assert summary["sources"][0]["other_chats"] == {"chats": 565, "partners": 154}

@@ -9,6 +9,7 @@ times), with stdout and stderr on their own files, calling `convsim.cli.main`, t
 entry point; an exception escaping it is printed as the interpreter would print it. A handful also run
 as real `python -m convsim import` subprocesses (test_real_subprocesses_agree).
 """
+
 from __future__ import annotations
 
 import json
@@ -143,6 +144,7 @@ def _child(args: list, out, err) -> int:
         sys.stdout = open(1, "w", encoding="utf-8", closefd=False)
         sys.stderr = open(2, "w", encoding="utf-8", closefd=False)
         from convsim.cli import main
+
         try:
             rc = main(["import", *map(str, args)])
         except SystemExit as e:
@@ -160,6 +162,7 @@ def _run_forked(jobs: dict[str, list], parallel: int = 3) -> dict[str, Result]:
     """Run every job in its own forked process, `parallel` at a time (forked from this thread only)."""
     import convsim.data.import_cli  # noqa: F401  (compile the modules and regexes once, before forking)
     from convsim.data import importers
+
     for fmt in importers.FORMATS:
         importers.module(fmt)
     pending = list(jobs.items())
@@ -176,16 +179,24 @@ def _run_forked(jobs: dict[str, list], parallel: int = 3) -> dict[str, Result]:
         name, out, err = running.pop(pid)
         out.seek(0)
         err.seek(0)
-        done[name] = Result(os.waitstatus_to_exitcode(status), out.read().decode("utf-8", "replace"),
-                            err.read().decode("utf-8", "replace"))
+        done[name] = Result(
+            os.waitstatus_to_exitcode(status),
+            out.read().decode("utf-8", "replace"),
+            err.read().decode("utf-8", "replace"),
+        )
         out.close()
         err.close()
     return done
 
 
 def _run_subprocess(args: list) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "convsim", "import", *map(str, args)],
-                          capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [sys.executable, "-m", "convsim", "import", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -230,24 +241,46 @@ def test_formula_injection_is_kept_as_text(results):
 def test_specific_messages(results):
     """A few errors should say what went wrong, not just that something did."""
     expect = {
-        "zip_dotdot_entry.zip": "outside the archive", "zip_bomb_bz2.zip": "zip bomb",
-        "zip_bomb_many_entries.zip": "zip bomb", "zip_no_chat.zip": "zip without a chat export",
-        "deep_nesting_array.json": "nested too deeply", "whatsapp_one_person.txt": "only one speaker",
-        "whatsapp_only_system.txt": "0 messages kept", "utf16le_no_bom.txt": "UTF-16",
-        "latin1_chat.txt": "not UTF-8", "random_binary.bin": "binary", "empty.txt": "empty file",
-        "dir_without_export": "directory without a chat export", "dir_telegram_html": "HTML",
-        "symlink_dangling": "symlink to nothing", "symlink_to_dev_zero": "not a regular file",
-        "fifo": "not a regular file", "million_distinct_speakers": "--max-speakers",
-        "line_of_30_mb": "--max-input-mb", "too_many_messages": "--max-messages",
-        "truncated_telegram.json": "truncated", "zip_encrypted_flag.zip": "encrypted",
-        "zip_nested_only.zip": "zips inside a zip", "discord_csv_unterminated_quote.csv": "malformed CSV",
+        "zip_dotdot_entry.zip": "outside the archive",
+        "zip_bomb_bz2.zip": "zip bomb",
+        "zip_bomb_many_entries.zip": "zip bomb",
+        "zip_no_chat.zip": "zip without a chat export",
+        "deep_nesting_array.json": "nested too deeply",
+        "whatsapp_one_person.txt": "only one speaker",
+        "whatsapp_only_system.txt": "0 messages kept",
+        "utf16le_no_bom.txt": "UTF-16",
+        "latin1_chat.txt": "not UTF-8",
+        "random_binary.bin": "binary",
+        "empty.txt": "empty file",
+        "dir_without_export": "directory without a chat export",
+        "dir_telegram_html": "HTML",
+        "symlink_dangling": "symlink to nothing",
+        "symlink_to_dev_zero": "not a regular file",
+        "fifo": "not a regular file",
+        "million_distinct_speakers": "--max-speakers",
+        "line_of_30_mb": "--max-input-mb",
+        "too_many_messages": "--max-messages",
+        "truncated_telegram.json": "truncated",
+        "zip_encrypted_flag.zip": "encrypted",
+        "zip_nested_only.zip": "zips inside a zip",
+        "discord_csv_unterminated_quote.csv": "malformed CSV",
     }
     for name, needle in expect.items():
         assert needle in results[name][0].stderr, (name, results[name][0].stderr)
 
 
-@pytest.mark.parametrize("name", ["zip_bomb_bz2.zip", "zip_dotdot_entry.zip", "deep_nesting_array.json",
-                                  "random_binary.bin", "whatsapp_one_person.txt", "symlink_loop", "fifo"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "zip_bomb_bz2.zip",
+        "zip_dotdot_entry.zip",
+        "deep_nesting_array.json",
+        "random_binary.bin",
+        "whatsapp_one_person.txt",
+        "symlink_loop",
+        "fifo",
+    ],
+)
 def test_real_subprocesses_agree(name, inputs, results, tmp_path):
     r = _run_subprocess([*inputs[name], "--out", tmp_path / "x" / "data"])
     assert "Traceback" not in r.stderr and r.returncode == 2

@@ -3,6 +3,7 @@ files, permissions, JSON shape and error behaviour.
 
     python -m pytest tests/cli/test_import_cli.py -q
 """
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,9 @@ WA = EXPORTS / "whatsapp" / "android_us_12h.txt"
 
 
 def convsim(*args, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "convsim", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "convsim", *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=120
+    )
 
 
 def ok_json(*args) -> dict:
@@ -74,8 +76,19 @@ def test_written_file_matches_schema_writer(tmp_path):
 
 
 def test_no_scrub_aliases_and_gap(tmp_path):
-    j = ok_json("import", WA, "--out", tmp_path / "a", "--no-scrub", "--speaker", "Ana López=Ana",
-                "--speaker", "Caro=Ben", "--gap-minutes", "0")
+    j = ok_json(
+        "import",
+        WA,
+        "--out",
+        tmp_path / "a",
+        "--no-scrub",
+        "--speaker",
+        "Ana López=Ana",
+        "--speaker",
+        "Caro=Ben",
+        "--gap-minutes",
+        "0",
+    )
     assert j["speakers"] == {"Ben": 6, "Ana": 4} and j["conversations"] == 1 and j["scrubbed"] is None
     text = (tmp_path / "a" / "conversations.jsonl").read_text()
     assert "ana@example.com" in text and "+1 (555) 123-4567" in text
@@ -133,19 +146,31 @@ def test_truncation_counted(tmp_path):
 
 
 def test_several_sources_directory_and_zip(tmp_path):
-    j = ok_json("import", EXPORTS / "telegram", EXPORTS / "whatsapp" / "ios_export.zip", EXPORTS / "discord" / "dce.csv",
-                "--out", tmp_path / "d")
+    j = ok_json(
+        "import",
+        EXPORTS / "telegram",
+        EXPORTS / "whatsapp" / "ios_export.zip",
+        EXPORTS / "discord" / "dce.csv",
+        "--out",
+        tmp_path / "d",
+    )
     assert j["formats"] == ["discord", "telegram", "whatsapp"]
     meta = json.loads((tmp_path / "d" / "import.json").read_text())
-    assert [s["name"] for s in meta["sources"]] == ["telegram/account_export.json", "telegram/single_chat.json",
-                                                    "ios_export.zip/_chat.txt", "dce.csv"]
+    assert [s["name"] for s in meta["sources"]] == [
+        "telegram/account_export.json",
+        "telegram/single_chat.json",
+        "ios_export.zip/_chat.txt",
+        "dce.csv",
+    ]
 
 
 def test_telegram_chat_choice(tmp_path):
     j = ok_json("import", EXPORTS / "telegram" / "account_export.json", "--chat", "Ana", "--out", tmp_path / "d")
     assert j["speakers"] == {"Ana": 1, "Ben": 1} and j["dropped"]["chat_not_selected"] == 6
-    assert_user_error(convsim("import", EXPORTS / "telegram" / "account_export.json", "--chat", "Zed",
-                              "--out", tmp_path / "e"), "no chat named 'Zed'")
+    assert_user_error(
+        convsim("import", EXPORTS / "telegram" / "account_export.json", "--chat", "Zed", "--out", tmp_path / "e"),
+        "no chat named 'Zed'",
+    )
     assert not (tmp_path / "e").exists()
 
 
@@ -159,8 +184,9 @@ def test_chitchat_top_pair_and_pair(tmp_path):
     j = ok_json("import", EXPORTS / "chitchat" / "mini.json", "--pair", "549cc1d1,a54af4d5", "--out", tmp_path / "e")
     assert j["messages"] == 7
     assert_user_error(convsim("import", "chitchat", "--pair", "549cc1d1", "--out", tmp_path / "f"), "A,B")
-    assert_user_error(convsim("import", "chitchat", "--pair", "549cc1d1,a54af4d5", "--top-pair", "--out",
-                              tmp_path / "f"), "not both")
+    assert_user_error(
+        convsim("import", "chitchat", "--pair", "549cc1d1,a54af4d5", "--top-pair", "--out", tmp_path / "f"), "not both"
+    )
 
 
 def test_reimport_own_jsonl_roundtrip(tmp_path):
@@ -176,8 +202,16 @@ def test_stats(tmp_path):
     s = ok_json("stats", tmp_path / "d")
     assert s["conversations"] == 3 and s["messages"] == 10
     ben = s["speakers"]["Ben"]
-    assert set(ben) >= {"messages", "chars_mean", "chars_median", "words_mean", "words_median", "burst_mean",
-                        "burst_median", "reply_delay_s_median"}
+    assert set(ben) >= {
+        "messages",
+        "chars_mean",
+        "chars_median",
+        "words_mean",
+        "words_median",
+        "burst_mean",
+        "burst_median",
+        "reply_delay_s_median",
+    }
     assert ben["messages"] == 5 and ben["reply_delay_s_median"] == 120.0  # 60, 120, 300 s
     r = convsim("stats", tmp_path / "d")
     assert r.returncode == 0 and "Ana López" in r.stdout and "burst" in r.stdout
@@ -192,6 +226,7 @@ def test_every_fixture_imports(fixture, tmp_path, capsys):
     # In-process through the same entry point (cli.main) to keep the suite fast; the subprocess tests
     # above cover process-level behaviour.
     from convsim.cli import main
+
     assert main(["import", str(EXPORTS / fixture), "--out", str(tmp_path / "d"), "--json"]) == 0
     j = json.loads(capsys.readouterr().out)
     assert j["messages"] > 0 and len(j["speakers"]) >= 2

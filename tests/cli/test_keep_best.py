@@ -1,4 +1,5 @@
 """--keep-best: a run ends with the weights of its lowest validation loss, and they are what it saves."""
+
 import json
 
 import pytest
@@ -14,14 +15,34 @@ def test_keep_best_ends_with_the_lowest_validation_loss(tmp_path):
     conf.write_text("logging_steps: 2\nsamples: 0\n")
     out = tmp_path / "run"
     # a learning rate high enough that the validation loss turns back up before the end
-    cli("train", data_dir, "--out", out, "--model", "tiny-gemma3", "--max-steps", "12", "--batch-size", "8",
-        "--learning-rate", "3e-1", "--eval-steps", "2", "--save-steps", "100", "--seed", "0", "--keep-best",
-        "--config", conf)
+    cli(
+        "train",
+        data_dir,
+        "--out",
+        out,
+        "--model",
+        "tiny-gemma3",
+        "--max-steps",
+        "12",
+        "--batch-size",
+        "8",
+        "--learning-rate",
+        "3e-1",
+        "--eval-steps",
+        "2",
+        "--save-steps",
+        "100",
+        "--seed",
+        "0",
+        "--keep-best",
+        "--config",
+        conf,
+    )
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
     meta = json.loads((out / "run.json").read_text())
     best_step, best_loss = min(evals, key=lambda e: e[1])
-    assert best_step < meta["global_step"], evals         # the case that matters: the best is not the last
+    assert best_step < meta["global_step"], evals  # the case that matters: the best is not the last
     assert meta["kept_best"]["step"] == best_step
     assert meta["eval_loss"] == pytest.approx(best_loss, abs=1e-5)
     # the saved adapter is the kept one: evaluating it again gives the best loss, not the last step's
@@ -32,6 +53,16 @@ def test_keep_best_ends_with_the_lowest_validation_loss(tmp_path):
 
 def test_keep_best_is_refused_under_several_processes(tmp_path, data_dir, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    p = cli("train", data_dir, "--out", tmp_path / "r", "--model", "tiny-gemma3", "--max-steps", "2", "--keep-best",
-            check=False)
+    p = cli(
+        "train",
+        data_dir,
+        "--out",
+        tmp_path / "r",
+        "--model",
+        "tiny-gemma3",
+        "--max-steps",
+        "2",
+        "--keep-best",
+        check=False,
+    )
     assert p.returncode == 2 and "--keep-best" in p.stderr and "Traceback" not in p.stderr

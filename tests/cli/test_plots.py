@@ -1,7 +1,8 @@
 """`convsim plots`: every figure from the tiny run through the CLI, skips with notes, and the pure parts.
 
-    pytest tests/cli/test_plots.py        # about a minute, most of it training the shared tiny run
+pytest tests/cli/test_plots.py        # about a minute, most of it training the shared tiny run
 """
+
 from __future__ import annotations
 
 import html
@@ -19,9 +20,18 @@ from convsim.plots.hidden import emotion_texts, message_vectors
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TINY_FIGURES = {
-    "loss.png", "lengths.png", "bursts.png", "reply-delays.png", "activations-pca.png",
-    "emotion-base.png", "emotion-finetuned.png", "emotion-finetuned-Ana.png", "emotion-finetuned-Ben.png",
-    "emotion-diff-Ana-minus-none.png", "emotion-diff-Ben-minus-none.png", "emotion-diff-Ana-minus-Ben.png",
+    "loss.png",
+    "lengths.png",
+    "bursts.png",
+    "reply-delays.png",
+    "activations-pca.png",
+    "emotion-base.png",
+    "emotion-finetuned.png",
+    "emotion-finetuned-Ana.png",
+    "emotion-finetuned-Ben.png",
+    "emotion-diff-Ana-minus-none.png",
+    "emotion-diff-Ben-minus-none.png",
+    "emotion-diff-Ana-minus-Ben.png",
     "emotion-diff-finetuned-minus-base.png",
 }
 
@@ -36,6 +46,7 @@ def assert_png(path):
 
 
 # ----------------------------------------------------------------------------- end to end
+
 
 def test_every_figure_from_the_tiny_run(tiny_run, tmp_path):
     out = tmp_path / "figs"
@@ -95,11 +106,14 @@ def test_run_without_metrics_or_times_skips_with_notes(tiny_run, tmp_path):
     assert "<img src='lengths.png'" in page and "loss.png" not in page
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--words", "no-such-words.txt"], "no word list"),
-    (["--template", "i feel"], "--template must contain {w}"),
-    (["--sample", "1"], "--sample must be at least 3"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--words", "no-such-words.txt"], "no word list"),
+        (["--template", "i feel"], "--template must contain {w}"),
+        (["--sample", "1"], "--sample must be at least 3"),
+    ],
+)
 def test_user_errors_are_one_line(tiny_run, tmp_path, extra, message):
     p = cli("plots", tiny_run, "--out", tmp_path / "o", *extra, check=False)
     assert p.returncode == 2 and p.stderr.startswith("error: ") and message in p.stderr, p.stderr
@@ -113,15 +127,23 @@ def test_not_a_run_dir(tmp_path):
 
 # ----------------------------------------------------------------------------- the numbers
 
+
 def conv(*rows, cid="c"):
     return Conversation(cid, [Message(s, t, time) for s, t, time in rows])
 
 
 def test_burst_sizes_and_reply_delays():
-    c = conv(("A", "hi", "2024-01-01T10:00:00+00:00"), ("A", "there", "2024-01-01T10:00:05+00:00"),
-             ("B", "yo", "2024-01-01T10:01:05+00:00"), ("A", "ok", None),          # no time: no delay
-             ("B", "so", "2024-01-01T10:02:00"), ("A", "hm", "2024-01-01T10:02:10+00:00"),  # naive, aware
-             ("B", "ah", "2024-01-01T10:02:20"), ("A", "fine", "2024-01-01T10:02:50"), ("A", "bye", "bad"))
+    c = conv(
+        ("A", "hi", "2024-01-01T10:00:00+00:00"),
+        ("A", "there", "2024-01-01T10:00:05+00:00"),
+        ("B", "yo", "2024-01-01T10:01:05+00:00"),
+        ("A", "ok", None),  # no time: no delay
+        ("B", "so", "2024-01-01T10:02:00"),
+        ("A", "hm", "2024-01-01T10:02:10+00:00"),  # naive, aware
+        ("B", "ah", "2024-01-01T10:02:20"),
+        ("A", "fine", "2024-01-01T10:02:50"),
+        ("A", "bye", "bad"),
+    )
     assert data.burst_sizes([c]) == {"A": [2, 1, 1, 2], "B": [1, 1, 1]}
     assert data.reply_delays([c]) == {"B": [60.0], "A": [30.0]}
     assert data.reply_delays([conv(("A", "x", None), ("B", "y", None))]) == {}
@@ -129,10 +151,19 @@ def test_burst_sizes_and_reply_delays():
 
 def test_loss_curves_last_row_of_a_step_wins(tmp_path):
     f = tmp_path / "metrics.jsonl"
-    f.write_text("\n".join([
-        json.dumps({"step": 10, "loss": 3.0}), json.dumps({"step": 10, "eval_loss": 2.9}),
-        "{not json", json.dumps({"step": 20, "loss": 2.5}), json.dumps({"step": 20, "train_loss": 2.7}),
-        json.dumps({"step": 20, "eval_loss": 2.4}), json.dumps({"step": 20, "eval_loss": 2.3})]))
+    f.write_text(
+        "\n".join(
+            [
+                json.dumps({"step": 10, "loss": 3.0}),
+                json.dumps({"step": 10, "eval_loss": 2.9}),
+                "{not json",
+                json.dumps({"step": 20, "loss": 2.5}),
+                json.dumps({"step": 20, "train_loss": 2.7}),
+                json.dumps({"step": 20, "eval_loss": 2.4}),
+                json.dumps({"step": 20, "eval_loss": 2.3}),
+            ]
+        )
+    )
     assert data.loss_curves(f) == {"train": [(10, 3.0), (20, 2.5)], "val": [(10, 2.9), (20, 2.3)]}
     assert data.loss_curves(tmp_path / "missing.jsonl") == {"train": [], "val": []}
 
@@ -148,6 +179,7 @@ def test_single_token_check_and_speaker_prefix():
     from convsim.data.examples import PromptFormat
     from convsim.modeling.models import load
     from convsim.modeling.speakers import add_speaker_tokens
+
     model, tok = load("tiny-llama", device="cpu")
     kept, dropped = data.single_token_words(tok, ["happy", "angry"])
     assert kept == ["happy"] and dropped == ["angry"]
@@ -155,7 +187,7 @@ def test_single_token_check_and_speaker_prefix():
     fmt = PromptFormat(speakers=("Ana",))
     plain, tagged = emotion_texts(tok, fmt, ["happy"]), emotion_texts(tok, fmt, ["happy"], "Ana")
     assert tagged[0][:2] == [tok.bos_token_id, ids["Ana"]]
-    assert plain[0][0] == tok.bos_token_id and plain[0][-1] == tagged[0][-1]   # same word token last
+    assert plain[0][0] == tok.bos_token_id and plain[0][-1] == tagged[0][-1]  # same word token last
     # Right padding: a message's vector does not depend on what shares its batch.
     texts = ["hi", "this one is a good deal longer than the first message"]
     both = message_vectors(model, tok, texts, progress=False)

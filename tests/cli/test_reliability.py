@@ -12,6 +12,7 @@ written. Commands run in-process through `convsim.cli.main` (a subprocess costs 
 here); the kill tests use real subprocesses (seeded random moments) and forked children killed at each
 rename/fsync of an atomic write.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -45,6 +46,7 @@ pytestmark = pytest.mark.skipif(not hasattr(os, "fork") or sys.platform != "linu
 
 
 # ----------------------------------------------------------------------------- helpers
+
 
 def cli(capsys, *args) -> tuple[int, str, str]:
     """`convsim ARGS` in this process; an exception escaping main() fails the test (it would be a traceback)."""
@@ -96,20 +98,46 @@ def fake_run(tmp_path) -> Path:
     run = tmp_path / "run"
     (run / "adapter").mkdir(parents=True)
     (run / "adapter" / "adapter_config.json").write_text("{}")
-    (run / "run.json").write_text(json.dumps({
-        "model": "tiny-llama", "prompt_style": "base", "special_tokens": True, "speakers": ["Ana", "Ben"],
-        "targets": ["Ana", "Ben"], "split": {"train": [], "val": [], "test": []}}))
+    (run / "run.json").write_text(
+        json.dumps(
+            {
+                "model": "tiny-llama",
+                "prompt_style": "base",
+                "special_tokens": True,
+                "speakers": ["Ana", "Ben"],
+                "targets": ["Ana", "Ben"],
+                "split": {"train": [], "val": [], "test": []},
+            }
+        )
+    )
     return run
 
 
 # ----------------------------------------------------------------------------- bad files, every command
 
+
 def test_corpus_covers_the_issue():
     names = {p.name for p in CORPUS}
     assert len(CORPUS) >= 60
-    for needle in ("truncated", "binary", "latin1", "utf16", "enormous_line", "deep_nesting", "formula_injection",
-                   "zip_bomb", "zip_dotdot", "empty", "one_person", "config_", "phrases_", "pairs_", "history_",
-                   "conversations_", "sqlite_"):
+    for needle in (
+        "truncated",
+        "binary",
+        "latin1",
+        "utf16",
+        "enormous_line",
+        "deep_nesting",
+        "formula_injection",
+        "zip_bomb",
+        "zip_dotdot",
+        "empty",
+        "one_person",
+        "config_",
+        "phrases_",
+        "pairs_",
+        "history_",
+        "conversations_",
+        "sqlite_",
+    ):
         assert any(needle in n for n in names), needle
 
 
@@ -128,21 +156,26 @@ def test_reply_history(capsys, fake_run, special):
 def test_train_config(capsys, tmp_path, special, data_dir):
     for p in [*CORPUS, *special.values()]:
         out = tmp_path / "runs" / p.name
-        rc, so, se = cli(capsys, "train", data_dir, "--out", out, "--model", "tiny-llama", "--max-steps", "1",
-                         "--config", p) if p.name not in VALID_CONFIG else (None, "", "")
+        rc, so, se = (
+            cli(capsys, "train", data_dir, "--out", out, "--model", "tiny-llama", "--max-steps", "1", "--config", p)
+            if p.name not in VALID_CONFIG
+            else (None, "", "")
+        )
         if rc is None:
             continue
         assert_one_error(rc, so, se, mentions=p.name)
         assert not (tmp_path / "runs").exists(), p.name
-    assert not Path("/tmp/convsim-pwned").exists()    # config_python_tag.yaml ran nothing
+    assert not Path("/tmp/convsim-pwned").exists()  # config_python_tag.yaml ran nothing
 
 
 def test_train_config_types_are_checked(capsys, tmp_path, data_dir):
-    for name, needle in (("config_wrong_types.yaml", "batch_size must be an integer"),
-                         ("config_billion_laughs.yaml", "targets must be a list of strings"),
-                         ("config_deep_nesting.yaml", "exceeded maximum nesting depth"),
-                         ("config_python_tag.yaml", "not valid YAML"),
-                         ("config_mixed_keys.yaml", "unknown setting(s) 1, None, batchsize")):
+    for name, needle in (
+        ("config_wrong_types.yaml", "batch_size must be an integer"),
+        ("config_billion_laughs.yaml", "targets must be a list of strings"),
+        ("config_deep_nesting.yaml", "exceeded maximum nesting depth"),
+        ("config_python_tag.yaml", "not valid YAML"),
+        ("config_mixed_keys.yaml", "unknown setting(s) 1, None, batchsize"),
+    ):
         rc, out, err = cli(capsys, "train", data_dir, "--out", tmp_path / "r", "--config", BAD / name)
         assert_one_error(rc, out, err, mentions=needle)
 
@@ -156,11 +189,13 @@ def test_steer_phrases_and_pairs(capsys, fake_run, special, tmp_path):
             assert_one_error(rc, out, err, mentions=p.name)
             assert not vec.exists()
     assert tree(fake_run) == before
-    for name, flag, needle in (("phrases_bad_weights.yaml", "--phrases", "finite number"),
-                               ("phrases_layer_not_int.yaml", "--phrases", "layer must be an integer"),
-                               ("pairs_wrong_shape.yaml", "--pairs", "pair 1 must be"),
-                               ("pairs_deep_nesting.jsonl", "--pairs", "nested too deeply"),
-                               ("config_deep_nesting.yaml", "--phrases", "exceeded maximum nesting depth")):
+    for name, flag, needle in (
+        ("phrases_bad_weights.yaml", "--phrases", "finite number"),
+        ("phrases_layer_not_int.yaml", "--phrases", "layer must be an integer"),
+        ("pairs_wrong_shape.yaml", "--pairs", "pair 1 must be"),
+        ("pairs_deep_nesting.jsonl", "--pairs", "nested too deeply"),
+        ("config_deep_nesting.yaml", "--phrases", "exceeded maximum nesting depth"),
+    ):
         rc, out, err = cli(capsys, "steer", "build", fake_run, flag, BAD / name, "--out", tmp_path / "v.st")
         assert_one_error(rc, out, err, mentions=needle)
 
@@ -192,13 +227,18 @@ def test_train_and_stats_on_a_corrupt_data_dir(capsys, tmp_path, special):
         before = tree(d)
         rc, out, err = cli(capsys, "stats", d)
         assert_one_error(rc, out, err)
-        rc, out, err = cli(capsys, "train", d, "--out", tmp_path / "runs" / p.name, "--model", "tiny-llama",
-                           "--max-steps", "1")
+        rc, out, err = cli(
+            capsys, "train", d, "--out", tmp_path / "runs" / p.name, "--model", "tiny-llama", "--max-steps", "1"
+        )
         assert_one_error(rc, out, err)
         assert "conversations.jsonl" in err or "speaker" in err, (p.name, err)
         assert not (tmp_path / "runs").exists() and tree(d) == before
-    for name, needle in (("conversations_time_not_iso.jsonl", "ISO 8601"), ("random_binary.bin", "not UTF-8"),
-                         ("deep_nesting_array.json", "nested too deeply"), ("truncated_telegram.json", ":1:")):
+    for name, needle in (
+        ("conversations_time_not_iso.jsonl", "ISO 8601"),
+        ("random_binary.bin", "not UTF-8"),
+        ("deep_nesting_array.json", "nested too deeply"),
+        ("truncated_telegram.json", ":1:"),
+    ):
         d = tmp_path / f"x-{name}"
         d.mkdir()
         shutil.copy(BAD / name, d / "conversations.jsonl")
@@ -207,14 +247,22 @@ def test_train_and_stats_on_a_corrupt_data_dir(capsys, tmp_path, special):
 
 def test_a_few_real_subprocesses(tmp_path, fake_run):
     """The same answers from the console entry point: one `error:` line, exit 2, no traceback."""
-    for args in (["reply", fake_run, "--as", "Ana", "--history", BAD / "random_binary.bin"],
-                 ["history", tmp_path, "--db", BAD / "sqlite_truncated.sqlite"]):
-        r = subprocess.run([sys.executable, "-m", "convsim", *map(str, args)], capture_output=True, text=True,
-                           timeout=120, stdin=subprocess.DEVNULL)
+    for args in (
+        ["reply", fake_run, "--as", "Ana", "--history", BAD / "random_binary.bin"],
+        ["history", tmp_path, "--db", BAD / "sqlite_truncated.sqlite"],
+    ):
+        r = subprocess.run(
+            [sys.executable, "-m", "convsim", *map(str, args)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            stdin=subprocess.DEVNULL,
+        )
         assert_one_error(r.returncode, r.stdout, r.stderr)
 
 
 # ----------------------------------------------------------------------------- permissions
+
 
 def modes(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): oct(os.lstat(p).st_mode & 0o777) for p in [root, *root.rglob("*")]}
@@ -227,7 +275,7 @@ def test_data_dir_is_owner_only_whatever_the_umask(capsys, tmp_path):
         rc, _, err = cli(capsys, "import", tmp_path / "chat.txt", "--out", tmp_path / "new" / "data")
         assert rc == 0, err
         (tmp_path / "existing").mkdir(mode=0o777)
-        (tmp_path / "existing" / "notes.txt").write_text("mine")       # another file: per-file replacement
+        (tmp_path / "existing" / "notes.txt").write_text("mine")  # another file: per-file replacement
         rc, _, err = cli(capsys, "import", tmp_path / "chat.txt", "--out", tmp_path / "existing")
         assert rc == 0, err
     finally:
@@ -236,7 +284,7 @@ def test_data_dir_is_owner_only_whatever_the_umask(capsys, tmp_path):
         m = modes(tmp_path / d)
         assert m["."] == "0o700", m
         assert m["conversations.jsonl"] == m["import.json"] == "0o600", m
-    assert oct(os.stat(tmp_path / "new").st_mode & 0o777) == "0o700"     # a parent convsim created
+    assert oct(os.stat(tmp_path / "new").st_mode & 0o777) == "0o700"  # a parent convsim created
 
 
 def test_run_dir_is_owner_only(capsys, tmp_path, data_dir):
@@ -244,9 +292,26 @@ def test_run_dir_is_owner_only(capsys, tmp_path, data_dir):
     (checkpoints, tokenizer, logs, metrics) are owner-only."""
     old = os.umask(0o022)
     try:
-        rc, out, err = cli(capsys, "train", data_dir, "--out", tmp_path / "runs" / "r", "--model", "tiny-llama",
-                           "--max-steps", "1", "--batch-size", "4", "--eval-steps", "1", "--save-steps", "1",
-                           "--max-val-examples", "4", "--json")
+        rc, out, err = cli(
+            capsys,
+            "train",
+            data_dir,
+            "--out",
+            tmp_path / "runs" / "r",
+            "--model",
+            "tiny-llama",
+            "--max-steps",
+            "1",
+            "--batch-size",
+            "4",
+            "--eval-steps",
+            "1",
+            "--save-steps",
+            "1",
+            "--max-val-examples",
+            "4",
+            "--json",
+        )
     finally:
         os.umask(old)
     assert rc == 0, err[-2000:]
@@ -261,19 +326,23 @@ def test_run_dir_is_owner_only(capsys, tmp_path, data_dir):
 def test_conversation_db_is_owner_only(tmp_path):
     from convsim.data.schema import Message
     from convsim.chat.history import connect, save_session
+
     old = os.umask(0o022)
     try:
         db_path = tmp_path / "new" / "conversations.sqlite"
         save_session(db_path, "chat", [Message("Ana", "hi"), Message("Ben", "yo")], "m", "h", {}, None)
-        db = connect(db_path)            # while open, the WAL and shared-memory files exist
+        db = connect(db_path)  # while open, the WAL and shared-memory files exist
         db.execute("INSERT INTO sessions (kind) VALUES ('x')")
         db.commit()
         side = {p.name: oct(p.stat().st_mode & 0o777) for p in db_path.parent.iterdir()}
         db.close()
     finally:
         os.umask(old)
-    assert side == {"conversations.sqlite": "0o600", "conversations.sqlite-wal": "0o600",
-                    "conversations.sqlite-shm": "0o600"}, side
+    assert side == {
+        "conversations.sqlite": "0o600",
+        "conversations.sqlite-wal": "0o600",
+        "conversations.sqlite-shm": "0o600",
+    }, side
     assert oct(os.stat(tmp_path / "new").st_mode & 0o777) == "0o700"
 
 
@@ -293,7 +362,7 @@ def call_text(text: str, start: int) -> str:
     while True:
         depth += {"(": 1, ")": -1}.get(text[i], 0)
         if depth == 0:
-            return text[start:i + 1]
+            return text[start : i + 1]
         i += 1
 
 
@@ -304,7 +373,7 @@ def test_no_pickle_or_unsafe_loading_in_convsim():
         text = f.read_text(encoding="utf-8")
         for rx, what in UNSAFE:
             found += [f"{f.name}: {what}: {m.group(0)}" for m in rx.finditer(text)]
-        for m in re.finditer(r"torch\.load\(", text):   # allowed only as torch.load(..., weights_only=True)
+        for m in re.finditer(r"torch\.load\(", text):  # allowed only as torch.load(..., weights_only=True)
             if "weights_only=True" not in call_text(text, m.start()):
                 found.append(f"{f.name}: {call_text(text, m.start())}")
     assert not found, found
@@ -315,6 +384,7 @@ def test_dependencies_resume_without_unrestricted_pickle():
     torch.load(weights_only=True); guard against an upgrade that changes that."""
     import peft.utils.save_and_load as peft_io
     import transformers.trainer as trainer
+
     text = Path(trainer.__file__).read_text()
     calls = [call_text(text, m.start()) for m in re.finditer(r"torch\.load\(", text)]
     assert calls and all("weights_only=True" in c for c in calls), [c for c in calls if "weights_only=True" not in c]
@@ -323,6 +393,7 @@ def test_dependencies_resume_without_unrestricted_pickle():
 
 def test_pickled_adapter_is_refused(tmp_path):
     from convsim.modeling.models import load
+
     (tmp_path / "adapter").mkdir()
     (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
     (tmp_path / "adapter" / "adapter_model.bin").write_bytes(b"\x80\x04not really")
@@ -332,10 +403,12 @@ def test_pickled_adapter_is_refused(tmp_path):
 
 # ----------------------------------------------------------------------------- names that become paths
 
+
 @SETTINGS
 @given(st.text(max_size=120), st.text(max_size=120))
 def test_safe_name_is_never_a_path_and_never_collides(a, b):
     from convsim.fsutil import safe_name
+
     for name in (a, b):
         s = safe_name(name)
         assert s and len(s) <= 80 and s not in (".", "..") and not s.startswith(".")
@@ -347,10 +420,12 @@ def test_safe_name_is_never_a_path_and_never_collides(a, b):
 
 def test_path_like_speaker_names_stay_inside(capsys, tmp_path):
     from convsim.fsutil import safe_name
+
     src = tmp_path / "in" / "chat.txt"
     src.parent.mkdir()
-    src.write_text("01/02/2024, 10:00 - ../../evil: hi\n01/02/2024, 10:01 - /etc/passwd: yo\n"
-                   "01/02/2024, 10:02 - ..: x\n")
+    src.write_text(
+        "01/02/2024, 10:00 - ../../evil: hi\n01/02/2024, 10:01 - /etc/passwd: yo\n01/02/2024, 10:02 - ..: x\n"
+    )
     rc, _, err = cli(capsys, "import", src, "--out", tmp_path / "out" / "data")
     assert rc == 0, err
     made = {str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")}
@@ -361,10 +436,13 @@ def test_path_like_speaker_names_stay_inside(capsys, tmp_path):
 
 # ----------------------------------------------------------------------------- crash safety: import
 
+
 def _wa(n: int, seed: int, who=("Ana", "Ben")) -> str:
     r = random.Random(seed)
-    return "".join(f"01/02/2024, {10 + i // 3600 % 12:02d}:{i // 60 % 60:02d} - {r.choice(who)}: msg {i} {seed}\n"
-                   for i in range(n))
+    return "".join(
+        f"01/02/2024, {10 + i // 3600 % 12:02d}:{i // 60 % 60:02d} - {r.choice(who)}: msg {i} {seed}\n"
+        for i in range(n)
+    )
 
 
 def _state(out: Path) -> tuple[str, str] | None:
@@ -375,7 +453,7 @@ def _state(out: Path) -> tuple[str, str] | None:
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["conversations.jsonl", "import.json"]
     rows = [json.loads(line) for line in (out / "conversations.jsonl").read_text().splitlines()]
     meta = json.loads((out / "import.json").read_text())
-    assert meta["messages"] == sum(len(r["messages"]) for r in rows)        # both files from one import
+    assert meta["messages"] == sum(len(r["messages"]) for r in rows)  # both files from one import
     assert all(r["source"].startswith(f"whatsapp:{meta['sources'][0]['name']}") for r in rows)
     return hashlib.sha256((out / "conversations.jsonl").read_bytes()).hexdigest(), meta["sources"][0]["name"]
 
@@ -385,8 +463,11 @@ def _leftovers(root: Path) -> list[str]:
 
 
 def _import(src: Path, out: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "convsim", "import", str(src), "--out", str(out), "--gap-minutes",
-                             "0", "--no-scrub"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, "-m", "convsim", "import", str(src), "--out", str(out), "--gap-minutes", "0", "--no-scrub"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
 
 
 def test_import_killed_at_random_moments(tmp_path):
@@ -414,9 +495,9 @@ def test_import_killed_at_random_moments(tmp_path):
         got = _state(out)
         assert got in (old, new), (i, got)
         outcomes.append((rc, got == new))
-        assert _import(new_src, out).wait() == 0                    # a rerun finishes
+        assert _import(new_src, out).wait() == 0  # a rerun finishes
         assert _state(out) == new
-        assert _leftovers(root) == [], _leftovers(root)             # and cleans what the killed one left
+        assert _leftovers(root) == [], _leftovers(root)  # and cleans what the killed one left
     assert any(rc == -signal.SIGKILL for rc, _ in outcomes)
 
 
@@ -425,6 +506,7 @@ def _kill_at(point: int, when: str, src: Path, out: Path) -> int:
     exchange or fsync an atomic write makes; returns the number of such points the child reached."""
     import convsim.data.import_cli  # noqa: F401  (imported once, before forking)
     import convsim.fsutil as fs
+
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -441,7 +523,9 @@ def _kill_at(point: int, when: str, src: Path, out: Path) -> int:
                 if count[0] == point and when == "after":
                     os.kill(os.getpid(), signal.SIGKILL)
                 return res
+
             return inner
+
         fs.os.replace = wrap(os.replace)
         fs.os.fsync = wrap(os.fsync)
         fs._exchange = wrap(fs._exchange)
@@ -480,7 +564,7 @@ def test_import_killed_at_every_rename_and_fsync(tmp_path):
                     (out / "notes.txt").write_text("kept")
                 old = _state(out) if layout != "existing+other" else None
                 reached = _kill_at(point or 10**9, when, new_src, out)
-                if point == 0:          # a run without a kill: count the points, check it completed
+                if point == 0:  # a run without a kill: count the points, check it completed
                     total = reached
                     assert layout == "existing+other" or _state(out) == new
                     break
@@ -497,11 +581,12 @@ def test_import_killed_at_every_rename_and_fsync(tmp_path):
                 assert _leftovers(root) == [], (layout, point, when, _leftovers(root))
             if point >= total:
                 break
-        assert total >= 6, (layout, total)     # fsync + rename + directory fsync of each of the two files
+        assert total >= 6, (layout, total)  # fsync + rename + directory fsync of each of the two files
 
 
 def test_atomic_dir_swaps_in_one_step_and_repairs_the_fallback(tmp_path, monkeypatch):
     import convsim.fsutil as fs
+
     target = tmp_path / "d"
     with fs.atomic_dir(target) as tmp:
         (tmp / "v").write_text("1")
@@ -525,6 +610,7 @@ def test_atomic_dir_swaps_in_one_step_and_repairs_the_fallback(tmp_path, monkeyp
 
 def test_stale_temporaries_of_live_processes_are_kept(tmp_path):
     from convsim.fsutil import clean_stale_temps, write_text
+
     live = tmp_path / f".f.{os.getppid()}.abc.tmp"
     live.write_text("someone else is writing")
     dead = tmp_path / ".f.999999999.abc.tmp"
@@ -554,9 +640,10 @@ def _check_db(path: Path) -> int:
         sessions = db.execute("SELECT id, sampling FROM sessions ORDER BY id").fetchall()
         for sid, sampling in sessions:
             n = json.loads(sampling)["n"]
-            rows = db.execute("SELECT idx, speaker, text, generated FROM messages WHERE session=? ORDER BY idx",
-                              (sid,)).fetchall()
-            assert len(rows) == 300, (sid, len(rows))                       # never a half-saved session
+            rows = db.execute(
+                "SELECT idx, speaker, text, generated FROM messages WHERE session=? ORDER BY idx", (sid,)
+            ).fetchall()
+            assert len(rows) == 300, (sid, len(rows))  # never a half-saved session
             assert rows[-1][2] == f"session {n} message 299 " + "x" * (299 % 97)
             assert [r[3] for r in rows[:4]] == [0, 1, 0, 1]
         return len(sessions)
@@ -569,23 +656,32 @@ def test_saving_conversations_killed_at_random_moments(tmp_path):
     rng = random.Random(5)
     saved = 0
     for k in range(6):
-        p = subprocess.Popen([sys.executable, "-c", SAVER, str(path), str(k * 10_000)], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+        p = subprocess.Popen(
+            [sys.executable, "-c", SAVER, str(path), str(k * 10_000)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         time.sleep(rng.uniform(0.15, 0.9))
         p.send_signal(signal.SIGKILL)
         printed = p.stdout.read().split()
         p.wait()
         n = _check_db(path)
-        assert n >= saved + len(printed)       # every session reported saved is there, whole
+        assert n >= saved + len(printed)  # every session reported saved is there, whole
         saved = n
         assert oct(path.stat().st_mode & 0o777) == "0o600"
-    r = subprocess.run([sys.executable, "-c", SAVER.replace("10_000)", "1)"), str(path), "99"], capture_output=True,
-                       text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-c", SAVER.replace("10_000)", "1)"), str(path), "99"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
-    assert _check_db(path) == saved + 1       # and saving goes on after the kills
+    assert _check_db(path) == saved + 1  # and saving goes on after the kills
 
 
 # ----------------------------------------------------------------------------- resource bounds
+
 
 def test_import_bounds(capsys, tmp_path):
     src = tmp_path / "chat.txt"
@@ -604,11 +700,12 @@ def test_a_model_that_does_not_fit_is_a_clear_error(capsys, tmp_path, data_dir):
     model = tmp_path / "huge-model"
     model.mkdir()
     (model / "config.json").write_text(json.dumps({"model_type": "llama", "torch_dtype": "bfloat16"}))
-    (model / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": 140 << 30},
-                                                                    "weight_map": {}}))
+    (model / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": 140 << 30}, "weight_map": {}})
+    )
     rc, out, err = cli(capsys, "train", data_dir, "--out", tmp_path / "r", "--model", model, "--max-steps", "1")
     assert_one_error(rc, out, err, mentions="does not fit in memory")
-    assert "280.0 GiB" in err and "GiB free" in err               # bf16 on disk, float32 on the CPU
+    assert "280.0 GiB" in err and "GiB free" in err  # bf16 on disk, float32 on the CPU
     assert not (tmp_path / "r").exists()
 
 
@@ -617,6 +714,7 @@ def test_out_of_memory_while_loading_is_a_user_error(monkeypatch):
 
     def boom(*a, **k):
         raise MemoryError()
+
     monkeypatch.setattr(models, "_tiny_model", boom)
     with pytest.raises(UserError, match=r"out of memory loading tiny-llama \(.*GiB free on cpu\)"):
         models.load_base("tiny-llama", device="cpu")
@@ -631,12 +729,14 @@ def test_torch_out_of_memory_is_one_error_line(capsys):
 
     def run(args):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
     assert _run(types.SimpleNamespace(run=run), None) == 2
     assert_one_error(2, "", capsys.readouterr().err, mentions="out of accelerator memory")
 
 
 def test_user_text_files_are_bounded(tmp_path):
     from convsim.fsutil import read_user_text
+
     (tmp_path / "big.yaml").write_bytes(b"a: 1\n" * 300_000)
     with pytest.raises(UserError, match="larger than|more than"):
         read_user_text(tmp_path / "big.yaml", "config file", max_bytes=1 << 20)
@@ -644,6 +744,7 @@ def test_user_text_files_are_bounded(tmp_path):
 
 
 # ----------------------------------------------------------------------------- fuzzing the other readers
+
 
 def _user_error_or_value(fn, *args):
     try:
@@ -653,31 +754,60 @@ def _user_error_or_value(fn, *args):
         return None
 
 
-HISTORY_PIECES = st.sampled_from(["[Ana] ", "[Ben] ", "[", "]", "[Eve] ", "\n", "{", "}", '"speaker": "Ana"',
-                                  '"text": "hi"', '"messages": [', ", ", ":", "null", "\ufeff", "\0", "😀"])
+HISTORY_PIECES = st.sampled_from(
+    [
+        "[Ana] ",
+        "[Ben] ",
+        "[",
+        "]",
+        "[Eve] ",
+        "\n",
+        "{",
+        "}",
+        '"speaker": "Ana"',
+        '"text": "hi"',
+        '"messages": [',
+        ", ",
+        ":",
+        "null",
+        "\ufeff",
+        "\0",
+        "😀",
+    ]
+)
 
 
 @SETTINGS
 @given(st.lists(HISTORY_PIECES | st.text(max_size=8), max_size=40).map("".join))
 def test_fuzz_history(text):
     from convsim.data.transcript import parse_transcript
+
     msgs = _user_error_or_value(parse_transcript, text, ["Ana", "Ben"])
     for m in msgs or []:
         assert m.speaker in ("Ana", "Ben") and isinstance(m.text, str) and (m.time is None or isinstance(m.time, str))
 
 
-JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=10)
-                           | st.sampled_from(["2024-01-02T10:00:00", "Ana", "Ben", "yesterday"]),
-                           lambda kids: st.lists(kids, max_size=3) | st.dictionaries(
-                               st.sampled_from(["id", "messages", "speaker", "text", "time", "source"]), kids,
-                               max_size=4), max_leaves=10)
+JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.text(max_size=10)
+    | st.sampled_from(["2024-01-02T10:00:00", "Ana", "Ben", "yesterday"]),
+    lambda kids: (
+        st.lists(kids, max_size=3)
+        | st.dictionaries(st.sampled_from(["id", "messages", "speaker", "text", "time", "source"]), kids, max_size=4)
+    ),
+    max_leaves=10,
+)
 
 
 @SETTINGS
-@given(st.lists(JSON_VALUES.map(lambda v: json.dumps(v, ensure_ascii=False).encode()) | st.binary(max_size=40),
-                max_size=4))
+@given(
+    st.lists(JSON_VALUES.map(lambda v: json.dumps(v, ensure_ascii=False).encode()) | st.binary(max_size=40), max_size=4)
+)
 def test_fuzz_conversations_jsonl(tmp_path_factory, lines):
     from convsim.data.schema import read_conversations
+
     d = tmp_path_factory.mktemp("fz")
     (d / "conversations.jsonl").write_bytes(b"\n".join(lines))
     for c in _user_error_or_value(read_conversations, d) or []:
@@ -686,11 +816,44 @@ def test_fuzz_conversations_jsonl(tmp_path_factory, lines):
             assert m.time is None or m.dt() is not None
 
 
-YAML_PIECES = st.sampled_from(["model: ", "targets: ", "batch_size: ", "learning_rate: ", "phrases: ", "pairs: ",
-                               "- ", "[", "]", "{", "}", ": ", "\n", "  ", "&a ", "*a", "!!python/object ", "1",
-                               "-2.5", ".nan", "null", "true", "Ana", "'x'", "lora_r: ", "speaker_references: ",
-                               "positive: ", "negative: ", "layer: ", "pool: ", "# c", "2024-13-45", "!!binary ",
-                               "? "])
+YAML_PIECES = st.sampled_from(
+    [
+        "model: ",
+        "targets: ",
+        "batch_size: ",
+        "learning_rate: ",
+        "phrases: ",
+        "pairs: ",
+        "- ",
+        "[",
+        "]",
+        "{",
+        "}",
+        ": ",
+        "\n",
+        "  ",
+        "&a ",
+        "*a",
+        "!!python/object ",
+        "1",
+        "-2.5",
+        ".nan",
+        "null",
+        "true",
+        "Ana",
+        "'x'",
+        "lora_r: ",
+        "speaker_references: ",
+        "positive: ",
+        "negative: ",
+        "layer: ",
+        "pool: ",
+        "# c",
+        "2024-13-45",
+        "!!binary ",
+        "? ",
+    ]
+)
 
 
 @SETTINGS
@@ -698,6 +861,7 @@ YAML_PIECES = st.sampled_from(["model: ", "targets: ", "batch_size: ", "learning
 def test_fuzz_config_phrases_pairs(tmp_path_factory, text):
     from convsim.config import TrainConfig, load_yaml
     from convsim.steering.cli import load_pairs, load_phrase_set
+
     d = tmp_path_factory.mktemp("fy")
     f = d / "f.yaml"
     f.write_text(text, encoding="utf-8")

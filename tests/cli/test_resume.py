@@ -3,6 +3,7 @@ ends where an uninterrupted run ends, and a half-written checkpoint is never res
 
     pytest tests/cli/test_resume.py        # ~40 s on 2 idle CPU cores (three tiny-gemma3 runs through the CLI)
 """
+
 import json
 import os
 import shutil
@@ -16,7 +17,7 @@ from safetensors.torch import load_file
 
 from convsim.training.checkpoints import clean_checkpoints, complete_checkpoint, last_checkpoint, publish_checkpoint
 
-STEPS, SAVE = 30, 3     # 90 training examples / batch 4: the run crosses an epoch boundary at step 23
+STEPS, SAVE = 30, 3  # 90 training examples / batch 4: the run crosses an epoch boundary at step 23
 
 
 # one thread: a tiny model gains nothing from more, and the three runs must do their sums the same way
@@ -24,15 +25,35 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def convsim(*args):
-    p = subprocess.run([sys.executable, "-m", "convsim", *map(str, args)], capture_output=True, text=True,
-                       env=ENV, timeout=600)
+    p = subprocess.run(
+        [sys.executable, "-m", "convsim", *map(str, args)], capture_output=True, text=True, env=ENV, timeout=600
+    )
     assert p.returncode == 0, f"convsim {' '.join(map(str, args))} failed ({p.returncode}):\n{p.stderr[-3000:]}"
     return p
 
 
 def train_args(data_dir, out, cfg):
-    return ["train", data_dir, "--out", out, "--model", "tiny-gemma3", "--max-steps", STEPS, "--save-steps", SAVE,
-            "--eval-steps", 1000, "--batch-size", 4, "--seed", 7, "--config", cfg, "--json"]
+    return [
+        "train",
+        data_dir,
+        "--out",
+        out,
+        "--model",
+        "tiny-gemma3",
+        "--max-steps",
+        STEPS,
+        "--save-steps",
+        SAVE,
+        "--eval-steps",
+        1000,
+        "--batch-size",
+        4,
+        "--seed",
+        7,
+        "--config",
+        cfg,
+        "--json",
+    ]
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -45,8 +66,12 @@ def losses(run_dir: Path) -> dict[int, float]:
 def kill_after_checkpoint(argv, ckpt_dir: Path, min_step: int) -> int:
     """Start training, SIGKILL it once a checkpoint at `min_step` or later exists; return that step.
     While polling, every checkpoint-N seen must already be whole (written elsewhere, renamed in)."""
-    p = subprocess.Popen([sys.executable, "-m", "convsim", *map(str, argv)],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "convsim", *map(str, argv)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=ENV,
+    )
     try:
         deadline = time.time() + 120
         while time.time() < deadline and p.poll() is None:
@@ -97,10 +122,13 @@ def test_kill_and_resume_ends_where_uninterrupted_ends(tmp_path, data_dir):
     ref_losses, got_losses = losses(ref_dir), losses(run_dir)
     assert sorted(got_losses) == list(range(1, STEPS + 1))
     assert max(abs(ref_losses[s] - got_losses[s]) for s in ref_losses) < 1e-3
-    a, b = load_file(ref_dir / "adapter" / "adapter_model.safetensors"), load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    a, b = (
+        load_file(ref_dir / "adapter" / "adapter_model.safetensors"),
+        load_file(run_dir / "adapter" / "adapter_model.safetensors"),
+    )
     assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
     left = sorted(d.name for d in (run_dir / "checkpoints").iterdir() if d.is_dir())
-    assert left == [f"checkpoint-{STEPS - SAVE}", f"checkpoint-{STEPS}"]      # save_total_limit 2, no debris
+    assert left == [f"checkpoint-{STEPS - SAVE}", f"checkpoint-{STEPS}"]  # save_total_limit 2, no debris
 
 
 def _fake_checkpoint(d: Path, step: int, whole=True):
@@ -115,9 +143,9 @@ def test_incomplete_checkpoints_are_skipped_and_replaced(tmp_path):
     ck = tmp_path / "checkpoints"
     _fake_checkpoint(ck / "checkpoint-3", 3)
     _fake_checkpoint(ck / "checkpoint-6", 6)
-    _fake_checkpoint(ck / "checkpoint-9", 9, whole=False)               # killed before trainer_state.json
-    (ck / "checkpoint-12").mkdir()                                       # killed right after mkdir
-    _fake_checkpoint(ck / "checkpoint-15", 99)                           # state of another step: not ours
+    _fake_checkpoint(ck / "checkpoint-9", 9, whole=False)  # killed before trainer_state.json
+    (ck / "checkpoint-12").mkdir()  # killed right after mkdir
+    _fake_checkpoint(ck / "checkpoint-15", 99)  # state of another step: not ours
     assert last_checkpoint(ck).name == "checkpoint-6"
     assert not complete_checkpoint(ck / "checkpoint-9")
     clean_checkpoints(ck)
@@ -139,8 +167,29 @@ def test_keep_best_survives_kill_and_resume(tmp_path, data_dir):
     cfg.write_text("logging_steps: 1\nsamples: 0\nmax_val_examples: 8\nlearning_rate: 0.05\n")
 
     def args(out):
-        return ["train", data_dir, "--out", out, "--model", "tiny-gemma3", "--max-steps", 18, "--save-steps", SAVE,
-                "--eval-steps", 2, "--batch-size", 4, "--seed", 7, "--config", cfg, "--keep-best", "--json"]
+        return [
+            "train",
+            data_dir,
+            "--out",
+            out,
+            "--model",
+            "tiny-gemma3",
+            "--max-steps",
+            18,
+            "--save-steps",
+            SAVE,
+            "--eval-steps",
+            2,
+            "--batch-size",
+            4,
+            "--seed",
+            7,
+            "--config",
+            cfg,
+            "--keep-best",
+            "--json",
+        ]
+
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "killed"
     convsim(*args(ref_dir))
     ref = json.loads((ref_dir / "run.json").read_text())

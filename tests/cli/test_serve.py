@@ -4,6 +4,7 @@
 Servers run in this process on 127.0.0.1 with a free port and are always shut down; each has its own
 copy of the tiny run's model.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -98,27 +99,44 @@ def sse_events(data: bytes) -> list:
 
 
 def greedy(url, messages, speaker="Ana", headers=AUTH, **extra):
-    status, _, data = chat(url, {"model": f"convsim/{speaker}", "messages": messages, "temperature": 0, **extra},
-                           headers)
+    status, _, data = chat(
+        url, {"model": f"convsim/{speaker}", "messages": messages, "temperature": 0, **extra}, headers
+    )
     assert status == 200, data
     return json.loads(data)
 
 
 # ----------------------------------------------------------------------------- requests → history
 
+
 def test_history_mapping():
     speakers = ["Ana", "Ben", "Cy"]
-    msgs = parse_history([
-        {"role": "system", "content": "ignored"},
-        {"role": "user", "content": "hi ana"},
-        {"role": "assistant", "content": "hey\nwhat's up?\n"},
-        {"role": "user", "name": "Cy", "content": [{"type": "text", "text": "me too"}]},
-        {"role": "user", "content": "two\nlines"},
-    ], "Ana", speakers, "Ben")
+    msgs = parse_history(
+        [
+            {"role": "system", "content": "ignored"},
+            {"role": "user", "content": "hi ana"},
+            {"role": "assistant", "content": "hey\nwhat's up?\n"},
+            {"role": "user", "name": "Cy", "content": [{"type": "text", "text": "me too"}]},
+            {"role": "user", "content": "two\nlines"},
+        ],
+        "Ana",
+        speakers,
+        "Ben",
+    )
     assert [(m.speaker, m.text) for m in msgs] == [
-        ("Ben", "hi ana"), ("Ana", "hey"), ("Ana", "what's up?"), ("Cy", "me too"), ("Ben", "two\nlines")]
-    for bad in ([{"role": "tool", "content": "x"}], [{"role": "user", "name": "Zed", "content": "x"}],
-                [{"role": "user", "content": [{"type": "image_url"}]}], "not a list", [3]):
+        ("Ben", "hi ana"),
+        ("Ana", "hey"),
+        ("Ana", "what's up?"),
+        ("Cy", "me too"),
+        ("Ben", "two\nlines"),
+    ]
+    for bad in (
+        [{"role": "tool", "content": "x"}],
+        [{"role": "user", "name": "Zed", "content": "x"}],
+        [{"role": "user", "content": [{"type": "image_url"}]}],
+        "not a list",
+        [3],
+    ):
         with pytest.raises(ApiError) as e:
             parse_history(bad, "Ana", speakers, "Ben")
         assert e.value.status == 400
@@ -126,6 +144,7 @@ def test_history_mapping():
 
 def test_history_is_capped_in_tokens(api):
     from convsim.data.examples import render, tag_ids
+
     _, svc = api
     tok, fmt = svc.tok, svc.fmt
     long = [Message("Ben" if i % 2 else "Ana", f"message number {i} " * 5) for i in range(3000)]
@@ -136,14 +155,15 @@ def test_history_is_capped_in_tokens(api):
     kept = fit_history(tok, fmt, huge, "Ana", 64)
     ids = render(tok, fmt, kept, "Ana").input_ids
     assert len(ids) <= 64 and kept[0].text.endswith("the end")
-    assert ids[-1:] == tag_ids(tok, fmt, "Ana")       # the prompt still ends with who speaks
+    assert ids[-1:] == tag_ids(tok, fmt, "Ana")  # the prompt still ends with who speaks
 
 
 # ----------------------------------------------------------------------------- the API over HTTP
 
+
 def test_health_and_models(api):
     url, _ = api
-    status, _, data = call(url, "GET", "/health")                     # no key needed, nothing private
+    status, _, data = call(url, "GET", "/health")  # no key needed, nothing private
     assert status == 200 and json.loads(data)["status"] == "ok"
     status, _, data = call(url, "GET", "/v1/models", headers=AUTH)
     assert status == 200
@@ -164,8 +184,17 @@ def test_completion_and_stream_agree(api):
     assert choice["message"]["role"] == "assistant" and choice["finish_reason"] in ("stop", "length")
     assert choice["message"]["content"] == "\n".join(body["convsim"]["messages"][0])
     assert body["usage"]["prompt_tokens"] > 0
-    status, h, data = chat(url, {"model": "convsim/Ana", "messages": messages, "temperature": 0, "max_tokens": 24,
-                                 "stream": True, "stream_options": {"include_usage": True}})
+    status, h, data = chat(
+        url,
+        {
+            "model": "convsim/Ana",
+            "messages": messages,
+            "temperature": 0,
+            "max_tokens": 24,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    )
     assert status == 200 and h["Content-Type"].startswith("text/event-stream")
     events = sse_events(data)
     assert events[0]["choices"][0]["delta"]["role"] == "assistant"
@@ -209,13 +238,13 @@ def test_errors(api):
     err(403, "forbidden_origin", ok, headers={**AUTH, "Origin": "http://evil.example"})
     assert call(url, "GET", "/nope")[0] == 404
     assert call(url, "DELETE", "/v1/models", headers=AUTH)[0] == 405
-    assert call(url, "GET", "/health")[0] == 200                    # still fine after all that
+    assert call(url, "GET", "/health")[0] == 200  # still fine after all that
 
 
 def test_without_key_only_loopback_hosts(open_api):
     url, _ = open_api
     assert call(url, "GET", "/v1/models")[0] == 200
-    status, _, data = call(url, "GET", "/v1/models", headers={"Host": "attacker.example:80"})   # DNS rebinding
+    status, _, data = call(url, "GET", "/v1/models", headers={"Host": "attacker.example:80"})  # DNS rebinding
     assert status == 403 and json.loads(data)["error"]["code"] == "forbidden_host"
 
 
@@ -226,7 +255,7 @@ def test_steer_strength_reaches_the_vector(open_api):
     m = [{"role": "user", "content": "hi"}]
     greedy(url, m, headers={}, max_tokens=2)
     greedy(url, m, headers={}, max_tokens=2, steer_strength=-1.5)
-    greedy(url, m, headers={}, max_tokens=2, steer_strength=0)        # 0: no hook at all
+    greedy(url, m, headers={}, max_tokens=2, steer_strength=0)  # 0: no hook at all
     assert svc.steer_used == [2.0, -1.5]
     assert chat(url, {"model": "Ana", "messages": m, "steer_strength": 1e9}, {})[0] == 400
 
@@ -234,16 +263,19 @@ def test_steer_strength_reaches_the_vector(open_api):
 def test_real_steering_vector(tiny_run, tmp_path):
     steering = pytest.importorskip("convsim.steering.vectors")
     from convsim.runs import open_run
+
     model, tok = open_run(tiny_run).load()
     v = steering.from_phrases(model, tok, {"i feel happy": 1.0, "i feel sad": -1.0}, layers=-1)
     v.save(tmp_path / "happy.safetensors")
     with serving(tiny_run, steer_arg=f"{tmp_path / 'happy.safetensors'}:8") as (url, svc):
         assert json.loads(call(url, "GET", "/v1/info")[2])["steer"]["strength"] == 8.0
         m = [{"role": "user", "content": "are you coming tonight?"}]
-        replies = {s: greedy(url, m, headers={}, max_tokens=12, steer_strength=s)["choices"][0]["message"]["content"]
-                   for s in (0, 8, -8, 64)}
-        assert len(set(replies.values())) > 1, replies      # steering changes what the model says
-        assert steering.active_hooks(svc.model) == 0         # and leaves no hook behind
+        replies = {
+            s: greedy(url, m, headers={}, max_tokens=12, steer_strength=s)["choices"][0]["message"]["content"]
+            for s in (0, 8, -8, 64)
+        }
+        assert len(set(replies.values())) > 1, replies  # steering changes what the model says
+        assert steering.active_hooks(svc.model) == 0  # and leaves no hook behind
 
 
 def test_full_queue_answers_429_and_loses_nothing(open_api):
@@ -255,7 +287,7 @@ def test_full_queue_answers_429_and_loses_nothing(open_api):
         results[i] = chat(url, body, {})
 
     threads = []
-    with svc.model_lock:               # the worker takes one job and waits; the queue (2) fills up
+    with svc.model_lock:  # the worker takes one job and waits; the queue (2) fills up
         threads.append(threading.Thread(target=send, args=(0,)))
         threads[-1].start()
         deadline = time.time() + 20
@@ -279,11 +311,15 @@ def test_load_200_concurrent_requests(api):
     n = 200
 
     def one(i):
-        body = {"model": "convsim/" + ("Ana", "Ben")[i % 2], "max_tokens": 8, "stream": i % 3 == 0,
-                "messages": [{"role": "user", "content": f"message {i}: are you coming tonight?"}]}
+        body = {
+            "model": "convsim/" + ("Ana", "Ben")[i % 2],
+            "max_tokens": 8,
+            "stream": i % 3 == 0,
+            "messages": [{"role": "user", "content": f"message {i}: are you coming tonight?"}],
+        }
         try:
             status, h, data = chat(url, body, timeout=90)
-        except Exception as e:          # a dropped or hung connection fails the test below
+        except Exception as e:  # a dropped or hung connection fails the test below
             return ("lost", repr(e))
         if status == 200:
             if body["stream"]:
@@ -309,18 +345,23 @@ def test_load_200_concurrent_requests(api):
 
 # ----------------------------------------------------------------------------- the official client
 
+
 def test_openai_client(api):
     openai = pytest.importorskip("openai", reason="the official client: pip install openai")
     url, _ = api
     client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
     assert [m.id for m in client.models.list()] == ["convsim/Ana", "convsim/Ben"]
-    messages = [{"role": "user", "name": "Ben", "content": "are you coming tonight?"},
-                {"role": "assistant", "content": "haha ok"}, {"role": "user", "content": "see you"}]
+    messages = [
+        {"role": "user", "name": "Ben", "content": "are you coming tonight?"},
+        {"role": "assistant", "content": "haha ok"},
+        {"role": "user", "content": "see you"},
+    ]
     r = client.chat.completions.create(model="convsim/Ana", messages=messages, temperature=0, max_tokens=16)
     want = greedy(url, messages, max_tokens=16)["choices"][0]["message"]["content"]
     assert r.choices[0].message.content == want and r.usage.total_tokens > 0
-    stream = client.chat.completions.create(model="convsim/Ana", messages=messages, temperature=0, max_tokens=16,
-                                            stream=True)
+    stream = client.chat.completions.create(
+        model="convsim/Ana", messages=messages, temperature=0, max_tokens=16, stream=True
+    )
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == want
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
@@ -330,18 +371,31 @@ def test_openai_client(api):
 
 # ----------------------------------------------------------------------------- the page, in Chromium
 
+
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
     if not Path(CHROMIUM).exists() or not Path(CHROMEDRIVER).exists():
-        pytest.skip(f"needs Debian's chromium and chromium-driver ({CHROMIUM}, {CHROMEDRIVER}): "
-                    "apt-get install -y chromium chromium-driver")
+        pytest.skip(
+            f"needs Debian's chromium and chromium-driver ({CHROMIUM}, {CHROMEDRIVER}): "
+            "apt-get install -y chromium chromium-driver"
+        )
     webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (pip install selenium)")
     from selenium.webdriver.chrome.service import Service as DriverService
+
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={tmp_path_factory.mktemp('chromium')}",
+    ):
         opts.add_argument(flag)
     driver = webdriver.Chrome(service=DriverService(executable_path=CHROMEDRIVER), options=opts)
     try:
@@ -363,6 +417,7 @@ def wait_for(fn, timeout=60, what="condition"):
 def test_chat_page_streams_a_reply(api, browser):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
+
     url, _ = api
     # a message the tiny model answers with some text, and that greedy answer from the API
     for text in ["hey how are you", "are you coming tonight?", "i love pizza so much", "lol yes", "hi"]:
@@ -384,9 +439,13 @@ def test_chat_page_streams_a_reply(api, browser):
     temp.send_keys("0")
     d.find_element(By.ID, "input").send_keys(text + Keys.ENTER)
     wait_for(lambda: d.find_elements(By.CSS_SELECTOR, '.msg[data-speaker="Ben"]'), what="my message")
-    wait_for(lambda: state() == "idle" and d.find_elements(By.CSS_SELECTOR, '.msg[data-speaker="Ana"]'),
-             what="the streamed reply")
-    got = [e.find_element(By.CLASS_NAME, "text").text for e in d.find_elements(By.CSS_SELECTOR, '.msg[data-speaker="Ana"]')]
+    wait_for(
+        lambda: state() == "idle" and d.find_elements(By.CSS_SELECTOR, '.msg[data-speaker="Ana"]'),
+        what="the streamed reply",
+    )
+    got = [
+        e.find_element(By.CLASS_NAME, "text").text for e in d.find_elements(By.CSS_SELECTOR, '.msg[data-speaker="Ana"]')
+    ]
     assert "\n".join(got) == want
     assert d.execute_script("return window.convsimChunks") >= 1
     assert not d.find_elements(By.CSS_SELECTOR, ".note.error")
@@ -394,6 +453,7 @@ def test_chat_page_streams_a_reply(api, browser):
 
 def test_chat_page_shows_the_steering_slider(open_api, browser):
     from selenium.webdriver.common.by import By
+
     url, _ = open_api
     browser.get(url + "/")
     wait_for(lambda: browser.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "idle", what="load")
@@ -404,19 +464,25 @@ def test_chat_page_shows_the_steering_slider(open_api, browser):
 
 # ----------------------------------------------------------------------------- the command
 
+
 def test_serve_command(tiny_run):
     p = cli("serve", tiny_run, "--host", "0.0.0.0", check=False)
     assert p.returncode == 2 and "API key" in p.stderr and "Traceback" not in p.stderr
     env = {**os.environ, "CONVSIM_API_KEY": KEY}
-    proc = subprocess.Popen([sys.executable, "-m", "convsim", "serve", str(tiny_run), "--port", "0", "--quiet"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "convsim", "serve", str(tiny_run), "--port", "0", "--quiet"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         line = proc.stdout.readline()
         m = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
         assert m, (line, proc.stderr.read() if proc.poll() is not None else "")
         url = f"http://127.0.0.1:{m.group(1)}"
         assert call(url, "GET", "/health")[0] == 200
-        assert call(url, "GET", "/v1/models")[0] == 401                   # the key came from the environment
+        assert call(url, "GET", "/v1/models")[0] == 401  # the key came from the environment
         assert call(url, "GET", "/v1/models", headers=AUTH)[0] == 200
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0

@@ -1,5 +1,6 @@
 """Steering vectors on tiny random models: the value type, building, the steer() context manager, and
 `convsim steer build/sweep` end to end on the tiny run."""
+
 from __future__ import annotations
 
 import json
@@ -11,9 +12,21 @@ import torch
 from conftest import cli
 from convsim.errors import UserError
 from convsim.modeling.models import load
-from convsim.steering.vectors import (SteeringVector, active_hooks, apply_steer_arg, from_pairs, from_phrases, from_texts,
-                              generate_steering_vector, generate_with_steering, model_key, parse_steer_arg,
-                              pooled_states, sentiment_texts, steer)
+from convsim.steering.vectors import (
+    SteeringVector,
+    active_hooks,
+    apply_steer_arg,
+    from_pairs,
+    from_phrases,
+    from_texts,
+    generate_steering_vector,
+    generate_with_steering,
+    model_key,
+    parse_steer_arg,
+    pooled_states,
+    sentiment_texts,
+    steer,
+)
 
 HAPPY = {"i feel happy": 0.25, "i feel sad": -0.25, "life is amazing": 0.25, "life is terrible": -0.25}
 EXAMPLE = Path(__file__).parents[2] / "examples" / "steer-happy.yaml"
@@ -73,7 +86,7 @@ def test_positions_new_leaves_prompt_pass_alone(tiny, vec):
     base = logits(model, ids)
     with steer(model, big, 1.0, positions="new"):
         assert torch.equal(logits(model, ids), base)
-        one = logits(model, ids[:1])           # a one-token pass is a decode step: steered
+        one = logits(model, ids[:1])  # a one-token pass is a decode step: steered
     assert not torch.allclose(one, base[:1])
     with steer(model, big, 1.0, positions="all"):
         assert not torch.allclose(logits(model, ids), base)
@@ -88,7 +101,7 @@ def test_arithmetic_and_roundtrip(tiny, vec, tmp_path):
     s = vec + other
     assert s.layers == [0, 1]
     assert torch.allclose(s.directions[1], vec.directions[1] + other.directions[1])
-    assert torch.allclose(s.directions[0], other.directions[0])        # missing layer counts as zero
+    assert torch.allclose(s.directions[0], other.directions[0])  # missing layer counts as zero
     assert torch.allclose((s - other).directions[1], vec.directions[1], atol=1e-6)
     assert torch.allclose((2 * vec).directions[1], vec.directions[1] * 2)
     assert torch.allclose((vec * 2).directions[1], (-vec * -2).directions[1])
@@ -100,7 +113,7 @@ def test_arithmetic_and_roundtrip(tiny, vec, tmp_path):
     assert all(torch.equal(back.directions[k], s.directions[k]) for k in s.layers)
     assert vec.metadata()["info"]["phrases"] == HAPPY and vec.method == "phrases"
     assert vec.metadata()["hook"] == "decoder_layer_output"
-    with open(path, "rb") as f:                  # safetensors: JSON header, no pickle
+    with open(path, "rb") as f:  # safetensors: JSON header, no pickle
         n = int.from_bytes(f.read(8), "little")
         assert "convsim-steering-vector/1" in json.loads(f.read(n))["__metadata__"]["convsim"]
 
@@ -112,6 +125,7 @@ def test_bad_files_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="not found"):
         SteeringVector.load(tmp_path / "missing.safetensors")
     from safetensors.torch import save_file
+
     save_file({"w": torch.zeros(3)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(UserError, match="not a convsim steering vector"):
         SteeringVector.load(tmp_path / "other.safetensors")
@@ -152,13 +166,16 @@ def test_pairs_texts_and_sentiment(tiny):
     pairs = [("i feel happy", "i feel sad"), ("so great", "so bad"), ("love it", "hate it")]
     mean = from_pairs(model, tok, pairs, layers=1, method="mean")
     pca = from_pairs(model, tok, pairs, layers=1, method="pca")
-    assert torch.dot(mean.directions[1], pca.directions[1]) > 0          # sign-aligned
+    assert torch.dot(mean.directions[1], pca.directions[1]) > 0  # sign-aligned
     assert mean.method == "pairs-mean" and pca.method == "pairs-pca"
     t = from_texts(model, tok, [p for p, _ in pairs], [n for _, n in pairs], layers=1)
     assert torch.allclose(t.directions[1], mean.directions[1], atol=1e-5)  # mean pool is linear
     from convsim.data.schema import Message
-    msgs = [Message("A", x) for x in ["i love this, great!", "ok", "this is terrible and sad", "happy day",
-                                      "awful awful", "the bus"]]
+
+    msgs = [
+        Message("A", x)
+        for x in ["i love this, great!", "ok", "this is terrible and sad", "happy day", "awful awful", "the bus"]
+    ]
     pos, neg = sentiment_texts(msgs, k=2)
     assert [m.text for m in pos] == ["i love this, great!", "happy day"]
     assert {m.text for m in neg} == {"this is terrible and sad", "awful awful"}
@@ -170,8 +187,9 @@ def test_seed_api_and_steer_arg(tiny, tmp_path):
     assert v.layers == [1] and v.model == model_key(model)
     text = generate_with_steering(model, "hey", tok, v, layer_from_last=-2, max_new_tokens=4, temperature=0)
     assert isinstance(text, str)
-    text2 = generate_with_steering(model, "hey", tok, v.directions[1], layer_from_last=-1, max_new_tokens=4,
-                                   temperature=0)
+    text2 = generate_with_steering(
+        model, "hey", tok, v.directions[1], layer_from_last=-1, max_new_tokens=4, temperature=0
+    )
     assert isinstance(text2, str) and active_hooks(model) == 0
     path = tmp_path / "happy.safetensors"
     v.save(path)
@@ -187,6 +205,7 @@ def test_seed_api_and_steer_arg(tiny, tmp_path):
 
 def test_example_yaml_is_a_phrase_set():
     from convsim.steering.cli import PhraseSet, load_phrase_set
+
     ps = load_phrase_set(EXAMPLE)
     assert isinstance(ps, PhraseSet)
     assert ps.phrases["i feel happy"] == 0.25 and ps.phrases["i feel sad"] == -0.25
@@ -195,6 +214,7 @@ def test_example_yaml_is_a_phrase_set():
 
 def test_suggested_strengths_scale_with_the_residual_stream(tiny, vec):
     from convsim.steering.vectors import suggest_strengths
+
     s = suggest_strengths(vec)
     ratio = vec.info["residual_norm"]["1"] / vec.norms()[1]
     assert len(s) == 4 and s == sorted(s) and abs(s[2] - 0.1 * ratio) < 0.01 * ratio
@@ -205,9 +225,10 @@ def test_peft_run_streaming_and_generation_steered(tiny_run):
     from convsim.data.schema import Message
     from convsim.inference.generate import SampleConfig, reply, stream_reply
     from convsim.runs import open_run
+
     run_ = open_run(tiny_run)
     model, tok = run_.load(device="cpu")
-    assert hasattr(model, "get_base_model")                              # PEFT-wrapped
+    assert hasattr(model, "get_base_model")  # PEFT-wrapped
     v = from_phrases(model, tok, HAPPY, layers=-1)
     v = v * (200 / v.norms()[1])
     hist = [Message("Ben", "Not bad. Working late again.")]
@@ -218,7 +239,7 @@ def test_peft_run_streaming_and_generation_steered(tiny_run):
     with steer(model, v, 1.0):
         steered = reply(model, tok, run_.fmt, hist, "Ana", cfg)[0]
         streamed: dict[int, str] = {}
-        for i, d in stream_reply(model, tok, run_.fmt, hist, "Ana", cfg):   # generate runs in a thread
+        for i, d in stream_reply(model, tok, run_.fmt, hist, "Ana", cfg):  # generate runs in a thread
             streamed[i] = streamed.get(i, "") + d
     assert [streamed[i] for i in sorted(streamed)] == steered
     assert steered != plain
@@ -233,10 +254,27 @@ def test_cli_build_and_sweep(tiny_run, tmp_path):
     back = SteeringVector.load(vec)
     assert back.base_model == "tiny-llama" and back.adapter_hash != "none"
     sweep_dir = tmp_path / "sweep"
-    out = cli("steer", "sweep", tiny_run, vec, "--strengths", "4,40", "--n", "2", "--samples", "2",
-              "--max-new-tokens", "6", "--positions", "all", "--out", sweep_dir, "--json")
+    out = cli(
+        "steer",
+        "sweep",
+        tiny_run,
+        vec,
+        "--strengths",
+        "4,40",
+        "--n",
+        "2",
+        "--samples",
+        "2",
+        "--max-new-tokens",
+        "6",
+        "--positions",
+        "all",
+        "--out",
+        sweep_dir,
+        "--json",
+    )
     res = json.loads(out.stdout)
-    assert [r["strength"] for r in res["strengths"]] == [0.0, 4.0, 40.0]    # the baseline is always added
+    assert [r["strength"] for r in res["strengths"]] == [0.0, 4.0, 40.0]  # the baseline is always added
     assert res["strengths"][0]["ppl_ratio"] == 1.0 and res["layers"] == [1] and res["positions"] == "all"
     assert res["samples_per_context"] == 2 and res["strengths"][1]["ppl_ratio"] != 1.0
     data = json.loads((sweep_dir / "sweep.json").read_text())
@@ -249,20 +287,82 @@ def test_cli_build_and_sweep(tiny_run, tmp_path):
 
 def test_cli_build_sources_in_process(tiny_run, tmp_path, capsys):
     from convsim.cli import main
-    assert main(["steer", "build", str(tiny_run), "--from-data", "sentiment", "--layer", "-1",
-                 "--out", str(tmp_path / "s.safetensors")]) == 2     # the synthetic chat has no negative messages
+
+    assert (
+        main(
+            [
+                "steer",
+                "build",
+                str(tiny_run),
+                "--from-data",
+                "sentiment",
+                "--layer",
+                "-1",
+                "--out",
+                str(tmp_path / "s.safetensors"),
+            ]
+        )
+        == 2
+    )  # the synthetic chat has no negative messages
     assert "too few" in capsys.readouterr().err and not (tmp_path / "s.safetensors").exists()
-    assert main(["steer", "build", str(tiny_run), "--from-data", "speakers", "--speaker", "Ben", "--layer=-1,0",
-                 "--out", str(tmp_path / "ben.safetensors"), "--json"]) == 0
+    assert (
+        main(
+            [
+                "steer",
+                "build",
+                str(tiny_run),
+                "--from-data",
+                "speakers",
+                "--speaker",
+                "Ben",
+                "--layer=-1,0",
+                "--out",
+                str(tmp_path / "ben.safetensors"),
+                "--json",
+            ]
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out)
     assert summary["layers"] == [0, 1] and summary["method"] == "speakers"
     (tmp_path / "pairs.yaml").write_text("- [i feel happy, i feel sad]\n- {positive: so great, negative: so bad}\n")
-    assert main(["steer", "build", str(tiny_run), "--pairs", str(tmp_path / "pairs.yaml"), "--method", "pca",
-                 "--layer", "1", "--speaker", "Ana", "--out", str(tmp_path / "p.safetensors"), "--json"]) == 0
+    assert (
+        main(
+            [
+                "steer",
+                "build",
+                str(tiny_run),
+                "--pairs",
+                str(tmp_path / "pairs.yaml"),
+                "--method",
+                "pca",
+                "--layer",
+                "1",
+                "--speaker",
+                "Ana",
+                "--out",
+                str(tmp_path / "p.safetensors"),
+                "--json",
+            ]
+        )
+        == 0
+    )
     v = SteeringVector.load(tmp_path / "p.safetensors")
     assert v.method == "pairs-pca" and v.info["prefix_ids"] and v.info["residual_norm"]["1"] > 0
-    assert main(["steer", "build", str(tiny_run), "--phrases", str(tmp_path / "pairs.yaml"),
-                 "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert (
+        main(
+            [
+                "steer",
+                "build",
+                str(tiny_run),
+                "--phrases",
+                str(tmp_path / "pairs.yaml"),
+                "--out",
+                str(tmp_path / "x.safetensors"),
+            ]
+        )
+        == 2
+    )
     assert "expected a mapping" in capsys.readouterr().err
 
 
@@ -279,13 +379,30 @@ def test_normalized_scales_each_layer_to_a_fraction_of_its_residual_norm(tiny, t
     with pytest.raises(UserError):
         v.normalized(0.0)
     with pytest.raises(UserError):
-        (v - v).normalized(0.05)           # arithmetic drops the build record
+        (v - v).normalized(0.05)  # arithmetic drops the build record
 
 
 def test_cli_build_normalize(tiny_run, tmp_path, capsys):
     from convsim.cli import main
-    assert main(["steer", "build", str(tiny_run), "--phrases", str(EXAMPLE), "--layer=0,1", "--normalize", "0.1",
-                 "--out", str(tmp_path / "n.safetensors"), "--json"]) == 0
+
+    assert (
+        main(
+            [
+                "steer",
+                "build",
+                str(tiny_run),
+                "--phrases",
+                str(EXAMPLE),
+                "--layer=0,1",
+                "--normalize",
+                "0.1",
+                "--out",
+                str(tmp_path / "n.safetensors"),
+                "--json",
+            ]
+        )
+        == 0
+    )
     v = SteeringVector.load(tmp_path / "n.safetensors")
     for l in (0, 1):
         assert abs(v.norms()[l] - 0.1 * v.info["residual_norm"][str(l)]) < 1e-3 * v.info["residual_norm"][str(l)]

@@ -3,6 +3,7 @@ gradients, `convsim tda` and `chat --tda` end to end: `pytest tests/cli/test_tda
 
 (Pooling over real tokens only, padding ignored, is tested in tests/unit/test_activations.py.)
 """
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,7 @@ from convsim.errors import UserError
 from convsim.runs import Run, open_run
 from convsim.tda import index as index_mod
 from convsim.modeling.loss import per_example_loss
-from convsim.tda.gradients import GradientSketch, _LoraTrainable, lora_gradients, lora_pairs, \
-    render_example
+from convsim.tda.gradients import GradientSketch, _LoraTrainable, lora_gradients, lora_pairs, render_example
 from convsim.tda.index import IndexSpec, training_messages, update_index
 from convsim.tda.query import Attributor
 
@@ -59,16 +59,18 @@ def quiet(_msg):
 
 # ---------------------------------------------------------------- what is indexed
 
+
 def test_training_messages_are_the_trained_replies(loaded):
     run, _, _ = loaded
     items = training_messages(run)
     train_ids = set(run.meta.split["train"])
     texts = {(m.speaker, m.time, m.text) for c in run.conversations if c.id in train_ids for m in c.messages}
     assert items and all((it.speaker, it.time, it.text) in texts for it in items)
-    assert all(it.context or it.burst for it in items)           # every reply follows a real context
+    assert all(it.context or it.burst for it in items)  # every reply follows a real context
 
 
 # ---------------------------------------------------------------- incremental, stale, corrupt
+
 
 def test_incremental_reindex_computes_only_new_messages(loaded, tmp_path, counting):
     run, model, tok = loaded
@@ -81,7 +83,7 @@ def test_incremental_reindex_computes_only_new_messages(loaded, tmp_path, counti
     assert second["computed"] == 5 and counting == [5] and second["rebuilt"] is None
     counting.clear()
     assert update_index(run, IndexSpec(), items=items, directory=where, progress=False)["computed"] == 0
-    assert counting == []                                         # nothing new: no model needed either
+    assert counting == []  # nothing new: no model needed either
     edited = list(items)
     edited[3] = replace(items[3], text="a message edited after indexing")
     third = update_index(run, IndexSpec(), model, tok, items=edited, directory=where, progress=False, log=quiet)
@@ -92,10 +94,12 @@ def test_incremental_reindex_computes_only_new_messages(loaded, tmp_path, counti
     update_index(run, plain, model, tok, items=items, directory=tmp_path / "a", progress=False)
     update_index(run, plain, model, tok, items=items, directory=tmp_path / "b", progress=False)
     from convsim.tda.store import VectorStore
+
     a, b = VectorStore.open(tmp_path / "a"), VectorStore.open(tmp_path / "b")
     for it in items[:20] + items[-5:]:
-        np.testing.assert_allclose(a.vectors[a.row_of(it)].astype(np.float32),
-                                   b.vectors[b.row_of(it)].astype(np.float32), atol=2e-3)
+        np.testing.assert_allclose(
+            a.vectors[a.row_of(it)].astype(np.float32), b.vectors[b.row_of(it)].astype(np.float32), atol=2e-3
+        )
 
 
 def test_corrupt_or_mismatched_cache_is_rebuilt(loaded, tmp_path, counting):
@@ -115,7 +119,7 @@ def test_corrupt_or_mismatched_cache_is_rebuilt(loaded, tmp_path, counting):
         f.truncate(data.stat().st_size - 10)
     assert "truncated" in again()
     assert "adapter_hash" in again(Run(run.path, {**run.meta, "adapter_hash": "0123456789abcdef"}))
-    again()                                                       # back to the real adapter
+    again()  # back to the real adapter
     assert "layer" in again(spec=IndexSpec(layer="last"))
     assert "pool" in again(spec=IndexSpec(layer="last", pool="last"))
     center = next(where.glob("center-*.f32"))
@@ -125,6 +129,7 @@ def test_corrupt_or_mismatched_cache_is_rebuilt(loaded, tmp_path, counting):
 
 
 # ---------------------------------------------------------------- gradients
+
 
 def test_per_example_gradients_equal_autograd(loaded):
     run, model, tok = loaded
@@ -136,8 +141,9 @@ def test_per_example_gradients_equal_autograd(loaded):
     for row, ex in zip(batched, examples):
         ids, labels = render_example(tok, run.fmt, ex, 512)
         with _LoraTrainable(pairs) as weights, torch.enable_grad():
-            loss = per_example_loss(model, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long),
-                                     torch.tensor([labels]))
+            loss = per_example_loss(
+                model, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), torch.tensor([labels])
+            )
             grads = torch.autograd.grad(loss.sum(), weights)
         want = torch.cat([g.flatten() for g in grads]).numpy()
         np.testing.assert_allclose(row, want, rtol=1e-3, atol=1e-6 * np.abs(want).max())
@@ -153,7 +159,7 @@ def test_per_example_gradients_equal_autograd(loaded):
 
 def test_gradients_method_returns_k_finite_results(loaded):
     run, model, tok = loaded
-    items = training_messages(run)[:40]            # a part of the corpus keeps this quick on a CPU
+    items = training_messages(run)[:40]  # a part of the corpus keeps this quick on a CPU
     stats = update_index(run, IndexSpec(method="gradients", dim=512), model, tok, items=items, progress=False)
     assert stats["dim"] == 512 and stats["computed"] == stats["rows"] > 10
     tda = Attributor(run, model, tok, method="gradients", k=4)
@@ -174,6 +180,7 @@ def test_query_refuses_a_stale_index(loaded):
 
 
 # ---------------------------------------------------------------- CLI
+
 
 def test_cli_index_query_and_errors(run_dir):
     shutil.rmtree(run_dir / "tda" / "activations", ignore_errors=True)
@@ -199,8 +206,20 @@ def test_cli_index_query_and_errors(run_dir):
 def test_chat_tda_through_a_pipe(run_dir):
     if not (run_dir / "tda" / "activations" / "index.json").exists():
         cli("tda", "index", run_dir)
-    p = cli("chat", run_dir, "--as", "Ana", "--tda", "--tda-k", "2", "--temperature", "0", "--max-new-tokens", "8",
-            input="are you coming tonight?\n/quit\n")
+    p = cli(
+        "chat",
+        run_dir,
+        "--as",
+        "Ana",
+        "--tda",
+        "--tda-k",
+        "2",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "8",
+        input="are you coming tonight?\n/quit\n",
+    )
     replies = [line for line in p.stdout.splitlines() if line.startswith("[Ana]")]
     hits = [line for line in p.stdout.splitlines() if line.startswith("    ~ ")]
     assert len(replies) == 1 and len(hits) == (0 if replies == ["[Ana] …"] else 2), p.stdout

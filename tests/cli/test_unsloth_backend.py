@@ -7,6 +7,7 @@ The real thing runs on a GPU machine: tools/gpu/unsloth_train.sh.
 
     pytest tests/cli/test_unsloth_backend.py        # ~30 s on 2 CPU cores
 """
+
 import inspect
 import json
 import os
@@ -27,15 +28,19 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _peft_path(cfg, speakers=("Ana", "Ben")):
     from convsim.training.backends import build_model
+
     return build_model(cfg, list(speakers), "cpu")
 
 
-@pytest.mark.parametrize("model,extra", [
-    ("tiny-gemma3", {}),                                   # tied head: the speaker rows of embed_tokens only
-    ("tiny-llama", {}),                                    # untied: lm_head's rows too
-    ("tiny-llama", {"lora_alpha": 32, "lora_r": 8, "lora_dropout": 0.1, "use_rslora": False, "include_mlp": False}),
-    ("tiny-gemma3", {"special_tokens": False, "seed": 3}),
-])
+@pytest.mark.parametrize(
+    "model,extra",
+    [
+        ("tiny-gemma3", {}),  # tied head: the speaker rows of embed_tokens only
+        ("tiny-llama", {}),  # untied: lm_head's rows too
+        ("tiny-llama", {"lora_alpha": 32, "lora_r": 8, "lora_dropout": 0.1, "use_rslora": False, "include_mlp": False}),
+        ("tiny-gemma3", {"special_tokens": False, "seed": 3}),
+    ],
+)
 def test_peft_kwargs_are_build_models_lora(model, extra):
     cfg = TrainConfig(model=model, **extra).validate()
     spec = resolve(model)
@@ -51,6 +56,7 @@ def test_peft_kwargs_are_build_models_lora(model, extra):
     # what Unsloth does with them (vision.py/llama.py: every keyword LoraConfig takes goes to LoraConfig);
     # the rest are Unsloth's own
     from peft import LoraConfig
+
     allowed = inspect.signature(LoraConfig).parameters
     assert {k for k in kw if k not in allowed} == {"random_state", "use_gradient_checkpointing"}
     made = LoraConfig(**{k: v for k, v in kw.items() if k in allowed}, task_type="CAUSAL_LM")
@@ -60,8 +66,13 @@ def test_peft_kwargs_are_build_models_lora(model, extra):
 def test_load_kwargs():
     cfg = TrainConfig(max_seq_length=384, quantization="4bit").validate()
     kw = ub.load_kwargs(cfg, "/m", "bf16")
-    assert (kw["model_name"], kw["max_seq_length"], kw["dtype"], kw["load_in_4bit"], kw["load_in_8bit"]) == \
-        ("/m", 384, "bf16", True, False)
+    assert (kw["model_name"], kw["max_seq_length"], kw["dtype"], kw["load_in_4bit"], kw["load_in_8bit"]) == (
+        "/m",
+        384,
+        "bf16",
+        True,
+        False,
+    )
     assert kw["fix_tokenizer"] is False and kw["full_finetuning"] is False and kw["use_exact_model_name"] is True
     kw = ub.load_kwargs(TrainConfig(quantization="8bit").validate(), "/m", None)
     assert (kw["load_in_4bit"], kw["load_in_8bit"]) == (False, True)
@@ -83,6 +94,7 @@ def test_wants_unsloth(tmp_path):
 
 # ----------------------------------------------------------------------------- a stand-in for unsloth
 
+
 def fake_unsloth(calls: list):
     """An `unsloth` module whose FastLanguageModel loads with transformers and wraps with PEFT the way
     Unsloth 2026.10 does: from_pretrained(model_name, dtype, ...), and get_peft_model(model, **kw) ->
@@ -94,15 +106,18 @@ def fake_unsloth(calls: list):
         @staticmethod
         def from_pretrained(model_name, dtype=None, **kw):
             calls.append(("from_pretrained", model_name, dtype, kw))
-            return (AutoModelForCausalLM.from_pretrained(model_name, dtype=dtype),
-                    AutoTokenizer.from_pretrained(model_name))
+            return (
+                AutoModelForCausalLM.from_pretrained(model_name, dtype=dtype),
+                AutoTokenizer.from_pretrained(model_name),
+            )
 
         @staticmethod
         def get_peft_model(model, **kw):
             calls.append(("get_peft_model", kw))
             allowed = inspect.signature(LoraConfig).parameters
-            model = get_peft_model(model, LoraConfig(**{k: v for k, v in kw.items() if k in allowed},
-                                                     task_type="CAUSAL_LM"))
+            model = get_peft_model(
+                model, LoraConfig(**{k: v for k, v in kw.items() if k in allowed}, task_type="CAUSAL_LM")
+            )
             # then, as Unsloth's post_patch_model -> unsloth_zoo prepare_model_for_training: only LoRA
             # matrices stay trainable (the speaker rows' trainable_tokens_delta is frozen)
             for name, p in model.named_parameters():
@@ -115,6 +130,7 @@ def fake_unsloth(calls: list):
 @pytest.mark.parametrize("model", ["tiny-gemma3", "tiny-llama"])
 def test_load_unsloth_builds_build_models_model(model, tmp_path, monkeypatch):
     import torch
+
     monkeypatch.setenv("CONVSIM_HOME", str(tmp_path / "home"))
     calls = []
     monkeypatch.setitem(sys.modules, "unsloth", fake_unsloth(calls))
@@ -134,10 +150,11 @@ def test_load_unsloth_builds_build_models_model(model, tmp_path, monkeypatch):
     assert {n for n, p in g.items() if p.requires_grad} == {n for n, p in w.items() if p.requires_grad}
     assert all(p.dtype == torch.float32 for p in g.values() if p.requires_grad)
     for n, p in w.items():
-        if "lora_B" in n or "lora_A" not in n:              # lora_A is random (seeded differently), B starts at 0
+        if "lora_B" in n or "lora_A" not in n:  # lora_A is random (seeded differently), B starts at 0
             assert torch.equal(g[n], p), n
     # the fast speaker-row forward is on (fastpeft), as in build_model
     from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
     layers = [m for m in got.modules() if isinstance(m, TrainableTokensLayer)]
     assert layers and all(hasattr(m, "_convsim_original_forward") for m in layers)
 
@@ -158,17 +175,24 @@ def test_require_unsloth_refuses_cpu_and_late_import(monkeypatch):
 
 # ----------------------------------------------------------------------------- through the CLI
 
+
 def run_cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "convsim", *map(str, args)], capture_output=True, text=True,
-                          timeout=600, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "convsim", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def test_cli_without_unsloth_exits_2(data_dir, tmp_path):
     pytest.importorskip("transformers")
     if __import__("importlib").util.find_spec("unsloth") is not None:
         pytest.skip("unsloth is installed here")
-    p = run_cli("train", data_dir, "--out", tmp_path / "u", "--model", "tiny-gemma3", "--backend", "unsloth",
-                "--max-steps", 1)
+    p = run_cli(
+        "train", data_dir, "--out", tmp_path / "u", "--model", "tiny-gemma3", "--backend", "unsloth", "--max-steps", 1
+    )
     assert p.returncode == 2, p.stderr[-2000:]
     assert "Traceback" not in p.stderr
     assert p.stderr.strip().splitlines()[-1] == "error: " + ub.NOT_INSTALLED
@@ -185,10 +209,14 @@ def test_cli_imports_unsloth_before_transformers(data_dir, tmp_path):
         "import json, os, sys\n"
         "with open(os.environ['FAKE_UNSLOTH_LOG'], 'a') as f:\n"
         "    f.write(json.dumps([m for m in ('transformers', 'peft', 'trl', 'torch') if m in sys.modules]) + '\\n')\n"
-        "_IS_CPU_BACKEND = True\n")
+        "_IS_CPU_BACKEND = True\n"
+    )
     log = tmp_path / "imports.jsonl"
-    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           "FAKE_UNSLOTH_LOG": str(log), "CONVSIM_HOME": str(tmp_path / "home")}
+    env = {
+        "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        "FAKE_UNSLOTH_LOG": str(log),
+        "CONVSIM_HOME": str(tmp_path / "home"),
+    }
     yaml = tmp_path / "u.yaml"
     yaml.write_text("backend: unsloth\n")
     for i, extra in enumerate([["--backend", "unsloth"], ["--config", yaml]]):
@@ -196,10 +224,25 @@ def test_cli_imports_unsloth_before_transformers(data_dir, tmp_path):
         assert p.returncode == 2 and "needs a CUDA GPU" in p.stderr.strip().splitlines()[-1], p.stderr[-2000:]
         seen = [json.loads(line) for line in log.read_text().splitlines()]
         assert len(seen) == i + 1 and seen[-1] == [], seen
-    p = run_cli("train", data_dir, "--out", tmp_path / "peft", "--model", "tiny-gemma3", "--max-steps", 1,
-                "--batch-size", 4, "--eval-steps", 1000, "--save-steps", 1000, env=env)
+    p = run_cli(
+        "train",
+        data_dir,
+        "--out",
+        tmp_path / "peft",
+        "--model",
+        "tiny-gemma3",
+        "--max-steps",
+        1,
+        "--batch-size",
+        4,
+        "--eval-steps",
+        1000,
+        "--save-steps",
+        1000,
+        env=env,
+    )
     assert p.returncode == 0, p.stderr[-2000:]
-    assert len(log.read_text().splitlines()) == 2          # the PEFT backend never imports it
+    assert len(log.read_text().splitlines()) == 2  # the PEFT backend never imports it
 
 
 def test_late_import_is_refused_in_process(tmp_path):
@@ -207,10 +250,12 @@ def test_late_import_is_refused_in_process(tmp_path):
     pkg = tmp_path / "site" / "unsloth"
     pkg.mkdir(parents=True)
     (pkg / "__init__.py").write_text("_IS_CPU_BACKEND = False\n")
-    code = ("import transformers\n"
-            "from convsim.training.backends.unsloth import require_unsloth\n"
-            "from convsim.errors import UserError\n"
-            "try:\n    require_unsloth('cuda')\nexcept UserError as e:\n    print(e)\n")
+    code = (
+        "import transformers\n"
+        "from convsim.training.backends.unsloth import require_unsloth\n"
+        "from convsim.errors import UserError\n"
+        "try:\n    require_unsloth('cuda')\nexcept UserError as e:\n    print(e)\n"
+    )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), str(ROOT)])}
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]

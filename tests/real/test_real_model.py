@@ -1,4 +1,5 @@
 """Tier 3: the real embedded Gemma 3 270M (converted once into the cache; about two minutes the first time)."""
+
 import pytest
 import torch
 
@@ -7,12 +8,14 @@ pytestmark = pytest.mark.real
 
 def test_tokenizer_ids_of_fixed_prompt():
     from convsim.modeling.models import load
+
     _, tok = load("gemma-3-270m")
     assert tok("[FRIEND] hello there").input_ids == [2, 236840, 142572, 8516, 236842, 29104, 993]
 
 
 def test_cache_gives_same_logits_as_gguf():
     from convsim.modeling.models import load, load_gguf
+
     cached, tok = load("gemma-3-270m", device="cpu")
     gguf, _ = load_gguf(torch.float32)
     x = tok("The capital of France is", return_tensors="pt").input_ids
@@ -20,7 +23,8 @@ def test_cache_gives_same_logits_as_gguf():
         a, b = cached(input_ids=x).logits, gguf(input_ids=x).logits
     assert torch.allclose(a, b, atol=1e-4)
     assert tok.decode(cached.generate(input_ids=x, max_new_tokens=6, do_sample=False)[0]).startswith(
-        "<bos>The capital of France is")
+        "<bos>The capital of France is"
+    )
 
 
 def test_checkpoints_hold_the_adapter_not_the_embedding(tmp_path, data_dir):
@@ -29,9 +33,23 @@ def test_checkpoints_hold_the_adapter_not_the_embedding(tmp_path, data_dir):
     import json
     from safetensors import safe_open
     from conftest import cli
+
     run = tmp_path / "run"
-    args = ["train", data_dir, "--out", run, "--batch-size", "2", "--save-steps", "1", "--eval-steps", "1000",
-            "--max-val-examples", "2", "--json"]
+    args = [
+        "train",
+        data_dir,
+        "--out",
+        run,
+        "--batch-size",
+        "2",
+        "--save-steps",
+        "1",
+        "--eval-steps",
+        "1000",
+        "--max-val-examples",
+        "2",
+        "--json",
+    ]
     cli(*args, "--max-steps", "1")
     ckpt = run / "checkpoints" / "checkpoint-1" / "adapter_model.safetensors"
     assert ckpt.stat().st_size < 50e6, ckpt.stat().st_size

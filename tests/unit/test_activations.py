@@ -1,4 +1,5 @@
 """Hooks and pooling on tiny random models: `pytest tests/unit/test_activations.py` (a few seconds)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -24,9 +25,10 @@ def hooks(model) -> list[set]:
 
 # ---------------------------------------------------------------- pooling functions
 
+
 def test_mean_pool_ignores_masked_positions_even_nan():
     hidden = torch.arange(2 * 4 * 3, dtype=torch.float32).reshape(2, 4, 3)
-    hidden[0, 0] = float("nan")                      # padding may hold NaN: it must not leak
+    hidden[0, 0] = float("nan")  # padding may hold NaN: it must not leak
     mask = torch.tensor([[0, 1, 1, 1], [1, 1, 0, 0]])
     out = mean_pool(hidden, mask)
     torch.testing.assert_close(out[0], hidden[0, 1:].mean(0))
@@ -35,9 +37,13 @@ def test_mean_pool_ignores_masked_positions_even_nan():
 
 def test_last_pool_left_and_right_padding():
     hidden = torch.randn(3, 5, 4)
-    mask = torch.tensor([[0, 0, 1, 1, 1],            # left padded: last real token is position 4
-                         [1, 1, 1, 0, 0],            # right padded: position 2
-                         [0, 1, 1, 0, 0]])           # BOS excluded and right padded: position 2
+    mask = torch.tensor(
+        [
+            [0, 0, 1, 1, 1],  # left padded: last real token is position 4
+            [1, 1, 1, 0, 0],  # right padded: position 2
+            [0, 1, 1, 0, 0],
+        ]
+    )  # BOS excluded and right padded: position 2
     out = last_pool(hidden, mask)
     torch.testing.assert_close(out, torch.stack([hidden[0, 4], hidden[1, 2], hidden[2, 2]]))
     assert set(POOLS) == {"mean", "last"}
@@ -45,19 +51,20 @@ def test_last_pool_left_and_right_padding():
 
 # ---------------------------------------------------------------- record_activations
 
+
 def test_record_activations_matches_hidden_states(tiny):
     model, tok = tiny
     batch = tok([LONG], return_tensors="pt")
     with torch.inference_mode():
-        model(**batch, output_hidden_states=True)   # transformers adds hooks of its own the first time
+        model(**batch, output_hidden_states=True)  # transformers adds hooks of its own the first time
         before = hooks(model)
         with record_activations(model, [0, -1]) as acts:
             out = model(**batch, output_hidden_states=True)
         with record_activations(model, [len(decoder_layers(model)) - 1]) as last:
             model(**batch)
     assert acts[0].shape == (1, batch["input_ids"].shape[1], model.config.hidden_size)
-    torch.testing.assert_close(acts[0], out.hidden_states[1])          # hidden_states[0] is the embedding
-    torch.testing.assert_close(acts[-1], next(iter(last.values())))    # -1 is the last decoder layer
+    torch.testing.assert_close(acts[0], out.hidden_states[1])  # hidden_states[0] is the embedding
+    torch.testing.assert_close(acts[-1], next(iter(last.values())))  # -1 is the last decoder layer
     assert hooks(model) == before
 
 
@@ -78,6 +85,7 @@ def test_hooks_removed_after_exception(tiny):
 
 def test_record_activations_on_peft_model():
     from peft import LoraConfig, get_peft_model
+
     model, tok = load("tiny-llama", device="cpu")
     peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     before = hooks(peft_model)
@@ -92,6 +100,7 @@ def test_record_activations_on_peft_model():
 
 # ---------------------------------------------------------------- embed_texts
 
+
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("pool", ["mean", "last"])
 def test_pooling_ignores_padding(tiny, side, pool):
@@ -100,7 +109,7 @@ def test_pooling_ignores_padding(tiny, side, pool):
     batched = embed_texts(model, tok, [LONG, SHORT, ""], pool=pool, padding_side=side, batch_size=8)
     assert batched.shape == (3, model.config.hidden_size) and batched.dtype == np.float32
     np.testing.assert_allclose(batched[1], alone[0], atol=1e-4, rtol=1e-4)
-    assert np.isfinite(batched).all()                 # the empty text falls back to its BOS
+    assert np.isfinite(batched).all()  # the empty text falls back to its BOS
 
 
 def test_batching_and_order_do_not_change_vectors(tiny):
@@ -125,7 +134,7 @@ def test_prefix_ids_pooled_or_not(tiny):
     ids = [tok.bos_token_id] + speaker + tok(SHORT, add_special_tokens=False)["input_ids"]
     with torch.inference_mode(), record_activations(model, [-1]) as acts:
         model(input_ids=torch.tensor([ids]))
-    expect = acts[-1][0, 1 + len(speaker):].mean(0).numpy()
+    expect = acts[-1][0, 1 + len(speaker) :].mean(0).numpy()
     np.testing.assert_allclose(excluded[0], expect, atol=1e-5, rtol=1e-4)
 
 

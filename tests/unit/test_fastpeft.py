@@ -1,4 +1,5 @@
 """The fast trainable-token forward gives PEFT's own logits and gradients (tied and untied heads)."""
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -43,6 +44,7 @@ def test_head_weight_is_what_the_head_multiplies_by(name):
     """The weight handed to a fused head + cross-entropy kernel (Liger on CUDA) gives the head's own logits,
     speaker columns included, and passes gradients to the speaker rows."""
     from convsim.modeling.fastpeft import head_weight
+
     model, tok = load(name, device="cpu")
     ids = add_speaker_tokens(model, tok, ["Ana", "Ben"])
     tt = {"embed_tokens": sorted(ids.values())}
@@ -59,5 +61,6 @@ def test_head_weight_is_what_the_head_multiplies_by(name):
     w, b = head_weight(head)
     assert torch.allclose(torch.nn.functional.linear(h, w, b), head(h), atol=1e-5)
     torch.nn.functional.linear(h, w, b)[:, sorted(ids.values())].sum().backward()
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in pm.named_parameters()
-               if "trainable_tokens_delta" in n)
+    assert any(
+        p.grad is not None and p.grad.abs().sum() > 0 for n, p in pm.named_parameters() if "trainable_tokens_delta" in n
+    )

@@ -1,7 +1,8 @@
 """Each export format and its quirks, on the hand-written fixtures in tests/data/exports/.
 
-    python -m pytest tests/unit/test_import_formats.py -q
+python -m pytest tests/unit/test_import_formats.py -q
 """
+
 from __future__ import annotations
 
 import zipfile
@@ -29,6 +30,7 @@ def triples(msgs):
 
 # --- WhatsApp -------------------------------------------------------------------------------------
 
+
 def test_whatsapp_android_us_12h():
     convs, msgs, r = load("whatsapp/android_us_12h.txt")
     assert r.notes["format"] == "whatsapp" and r.notes["date_order"].startswith("MDY")
@@ -39,7 +41,9 @@ def test_whatsapp_android_us_12h():
         ("Ana López", "7ish\nbring the thing\nyou know which one", "2024-01-05T22:02:00"),  # one message
         ("Ben", "ok see you", "2024-01-05T22:04:00"),  # <This message was edited> removed
     ]
-    assert msgs[5].time == "2024-01-13T08:15:00" and msgs[-1] == msgs[-1].__class__("Caro", "hi all", "2024-01-13T12:46:00")
+    assert msgs[5].time == "2024-01-13T08:15:00" and msgs[-1] == msgs[-1].__class__(
+        "Caro", "hi all", "2024-01-13T12:46:00"
+    )
     assert r.read == 14 and r.dropped == {"system": 2, "media": 1, "deleted": 1}
     assert len(convs) == 1  # sessions are split later, by clean.split_sessions
 
@@ -55,14 +59,22 @@ def test_whatsapp_android_24h_day_first_captions_and_system_with_colon():
 
 def test_whatsapp_dotted_two_digit_years():
     _, msgs, _ = load("whatsapp/android_de_dots.txt")
-    assert [m.time for m in msgs] == ["2024-02-28T07:45:00", "2024-02-28T07:46:00", "2024-02-28T07:46:00",
-                                      "2024-03-01T19:00:00"]
+    assert [m.time for m in msgs] == [
+        "2024-02-28T07:45:00",
+        "2024-02-28T07:46:00",
+        "2024-02-28T07:46:00",
+        "2024-03-01T19:00:00",
+    ]
 
 
 def test_whatsapp_narrow_no_break_space_and_midnight():
     _, msgs, _ = load("whatsapp/android_nnbsp.txt")
-    assert [m.time for m in msgs] == ["2024-01-05T22:00:00", "2024-01-05T22:01:00", "2024-01-05T23:59:00",
-                                      "2024-01-06T00:10:00"]
+    assert [m.time for m in msgs] == [
+        "2024-01-05T22:00:00",
+        "2024-01-05T22:01:00",
+        "2024-01-05T23:59:00",
+        "2024-01-06T00:10:00",
+    ]
 
 
 def test_whatsapp_ios_marks_unicode_names_media_and_events():
@@ -79,8 +91,12 @@ def test_whatsapp_ios_marks_unicode_names_media_and_events():
 def test_whatsapp_ios_12h_month_first_from_order():
     _, msgs, r = load("whatsapp/ios_us_12h.txt")
     assert r.notes["date_order"].startswith("MDY")
-    assert [m.time for m in msgs] == ["2024-01-02T10:00:00", "2024-01-02T10:00:05", "2024-01-03T21:30:10",
-                                      "2024-02-01T12:00:00"]
+    assert [m.time for m in msgs] == [
+        "2024-01-02T10:00:00",
+        "2024-01-02T10:00:05",
+        "2024-01-03T21:30:10",
+        "2024-02-01T12:00:00",
+    ]
     assert r.dropped == {"media": 1}
 
 
@@ -88,9 +104,11 @@ def test_whatsapp_crlf_and_bom():
     raw = (EXPORTS / "whatsapp/ios_crlf_bom.txt").read_bytes()
     assert raw.startswith(b"\xef\xbb\xbf") and b"\r\n" in raw  # the fixture really has both
     _, msgs, _ = load("whatsapp/ios_crlf_bom.txt")
-    assert triples(msgs) == [("Mila", "bom and crlf", "2024-04-01T08:01:00"),
-                             ("Teo", "second line follows\nstill Teo", "2024-04-01T08:02:00"),
-                             ("Mila", "ok", "2024-04-01T08:03:00")]
+    assert triples(msgs) == [
+        ("Mila", "bom and crlf", "2024-04-01T08:01:00"),
+        ("Teo", "second line follows\nstill Teo", "2024-04-01T08:02:00"),
+        ("Mila", "ok", "2024-04-01T08:03:00"),
+    ]
 
 
 def test_whatsapp_dates_ambiguous_are_decided_from_the_whole_file():
@@ -117,11 +135,13 @@ def test_whatsapp_invalid_timestamp_line_continues_previous_message():
     assert [m.text for m in convs[0].messages] == ["quoting:\n31/02/2024, 10:00 - Ben: fake", "ok"]
 
 
-@pytest.mark.parametrize("zip_name, speakers", [("android_export.zip", {"Zoë", "Jörg"}),
-                                                ("ios_export.zip", {"Riya", "李雷"})])
+@pytest.mark.parametrize(
+    "zip_name, speakers", [("android_export.zip", {"Zoë", "Jörg"}), ("ios_export.zip", {"Riya", "李雷"})]
+)
 def test_whatsapp_zips_read_in_memory(zip_name, speakers, monkeypatch, tmp_path):
     def refuse(*a, **k):
         raise AssertionError("zip entries must not be extracted to disk")
+
     monkeypatch.setattr(zipfile.ZipFile, "extract", refuse)
     monkeypatch.setattr(zipfile.ZipFile, "extractall", refuse)
     monkeypatch.chdir(tmp_path)
@@ -133,6 +153,7 @@ def test_whatsapp_zips_read_in_memory(zip_name, speakers, monkeypatch, tmp_path)
 
 
 # --- Telegram -------------------------------------------------------------------------------------
+
 
 def test_telegram_single_chat():
     convs, msgs, r = load("telegram/single_chat.json")
@@ -161,6 +182,7 @@ def test_telegram_account_export_all_chats_and_chosen_ones():
 
 # --- Discord --------------------------------------------------------------------------------------
 
+
 def test_discord_csv():
     convs, msgs, r = load("discord/dce.csv")
     assert r.notes["format"] == "discord"
@@ -176,13 +198,16 @@ def test_discord_csv():
 def test_discord_json():
     convs, msgs, r = load("discord/dce.json")
     assert convs[0].source == "discord:dce.json#riya"
-    assert triples(msgs) == [("Riya", "hi from json", "2024-03-01T18:00:00.123000+00:00"),
-                             ("Friend Ö", "replying\nover two lines", "2024-03-01T18:01:00+00:00"),
-                             ("Riya", "that was fun", "2024-03-01T18:11:00+00:00")]
+    assert triples(msgs) == [
+        ("Riya", "hi from json", "2024-03-01T18:00:00.123000+00:00"),
+        ("Friend Ö", "replying\nover two lines", "2024-03-01T18:01:00+00:00"),
+        ("Riya", "that was fun", "2024-03-01T18:11:00+00:00"),
+    ]
     assert r.dropped == {"system": 2, "media": 2}
 
 
 # --- the seed project's prompt/response pairs ---------------------------------------------------
+
 
 def test_pairs_base_windows_stitched():
     convs, _, r = load("pairs/base.json")
@@ -198,8 +223,14 @@ def test_pairs_instruct_unwrapped_and_deduplicated():
     convs, _, r = load("pairs/instruct.json")
     assert len(convs) == 1
     assert [(m.speaker, m.text) for m in convs[0].messages] == [
-        ("FRIEND", "yo"), ("Riya", "sup"), ("FRIEND", "movie tonight?"), ("Riya", "which one"),
-        ("FRIEND", "dune 2"), ("Riya", "ok"), ("Riya", "8pm?")]
+        ("FRIEND", "yo"),
+        ("Riya", "sup"),
+        ("FRIEND", "movie tonight?"),
+        ("Riya", "which one"),
+        ("FRIEND", "dune 2"),
+        ("Riya", "ok"),
+        ("Riya", "8pm?"),
+    ]
     assert r.notes["records_inside_earlier_ones"] == 1
     assert not any("[SYS]" in m.text or "How does" in m.text for m in convs[0].messages)
 
@@ -213,6 +244,7 @@ def test_pairs_json_lines():
 
 
 # --- chitchat -------------------------------------------------------------------------------------
+
 
 def test_chitchat_mini_names_and_pairs():
     convs, msgs, r = load("chitchat/mini.json")
@@ -231,6 +263,7 @@ def test_chitchat_mini_names_and_pairs():
 
 # --- JSONL (our own schema) -----------------------------------------------------------------------
 
+
 def test_jsonl_roundtrip_and_bad_times():
     convs, msgs, r = load("jsonl/conversations.jsonl")
     assert r.notes["format"] == "jsonl" and [c.id for c in convs] == ["c0001", "c0002"]
@@ -241,12 +274,23 @@ def test_jsonl_roundtrip_and_bad_times():
 
 # --- detection ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("rel, fmt", [
-    ("whatsapp/android_us_12h.txt", "whatsapp"), ("whatsapp/ios_us_12h.txt", "whatsapp"),
-    ("whatsapp/ios_crlf_bom.txt", "whatsapp"), ("telegram/single_chat.json", "telegram"),
-    ("telegram/account_export.json", "telegram"), ("discord/dce.csv", "discord"), ("discord/dce.json", "discord"),
-    ("pairs/base.json", "pairs"), ("pairs/instruct.json", "pairs"), ("chitchat/mini.json", "chitchat"),
-    ("jsonl/conversations.jsonl", "jsonl")])
+
+@pytest.mark.parametrize(
+    "rel, fmt",
+    [
+        ("whatsapp/android_us_12h.txt", "whatsapp"),
+        ("whatsapp/ios_us_12h.txt", "whatsapp"),
+        ("whatsapp/ios_crlf_bom.txt", "whatsapp"),
+        ("telegram/single_chat.json", "telegram"),
+        ("telegram/account_export.json", "telegram"),
+        ("discord/dce.csv", "discord"),
+        ("discord/dce.json", "discord"),
+        ("pairs/base.json", "pairs"),
+        ("pairs/instruct.json", "pairs"),
+        ("chitchat/mini.json", "chitchat"),
+        ("jsonl/conversations.jsonl", "jsonl"),
+    ],
+)
 def test_detection(rel, fmt):
     found, _ = sniff((EXPORTS / rel).read_bytes(), rel, Report())
     assert found == fmt
@@ -272,9 +316,11 @@ def test_every_fixture_is_small():
 
 
 def test_whatsapp_call_notices_and_view_once():
-    text = ("[1/2/24, 10:00:00] Ana: \u200eVoice call, \u200e12 min\n[1/2/24, 10:01:00] Ben: ok\n"
-            "[1/2/24, 10:02:00] Ana: \u200eMissed group video call\n[1/2/24, 10:03:00] Ben: null\n"
-            "[1/2/24, 10:04:00] Ana: video call later?\n")
+    text = (
+        "[1/2/24, 10:00:00] Ana: \u200eVoice call, \u200e12 min\n[1/2/24, 10:01:00] Ben: ok\n"
+        "[1/2/24, 10:02:00] Ana: \u200eMissed group video call\n[1/2/24, 10:03:00] Ben: null\n"
+        "[1/2/24, 10:04:00] Ana: video call later?\n"
+    )
     report = Report()
     convs = parse(text, "calls.txt", report)
     assert [m.text for m in convs[0].messages] == ["ok", "video call later?"]

@@ -6,6 +6,7 @@ outcome is a list of conversations or a `UserError`, never another exception.
 Bounded (200 examples a test, no deadline) so the suite stays fast; strategies mix pure noise with
 near-misses of each format (WhatsApp-like lines, JSON of the right keys with wrong values, CSV rows).
 """
+
 from __future__ import annotations
 
 import csv
@@ -59,14 +60,45 @@ def test_arbitrary_text_as_any_format(text, fmt):
     check(text, fmt)
 
 
-WA_PIECES = st.sampled_from([
-    "01/02/2024, 10:00 - ", "[1/2/24, 10:00:00 PM] ", "[31/12/2024, 23:59:59] ", "13/13/2024, 25:61 - ",
-    "99.99.99, 99.99 - ", "2024-01-02, 10:00 - ", "1/2/24, 10:00\u202fPM - ", "\u200e", "\u200f", "\ufeff",
-    "Ana: ", "Ben: ", "李雷: ", ": ", ":", "\n", "\r\n", "\r", "<Media omitted>", "image omitted",
-    "\u200e<attached: x.jpg>", "IMG-1.jpg (file attached)", "null", "This message was deleted",
-    "<This message was edited>", "Messages and calls are end-to-end encrypted.", "Ana added Ben",
-    "Missed voice call", "a@b.co", "+1 555 123 4567", "https://x.y/z", "4111 1111 1111 1111", " ", "[", "]",
-])
+WA_PIECES = st.sampled_from(
+    [
+        "01/02/2024, 10:00 - ",
+        "[1/2/24, 10:00:00 PM] ",
+        "[31/12/2024, 23:59:59] ",
+        "13/13/2024, 25:61 - ",
+        "99.99.99, 99.99 - ",
+        "2024-01-02, 10:00 - ",
+        "1/2/24, 10:00\u202fPM - ",
+        "\u200e",
+        "\u200f",
+        "\ufeff",
+        "Ana: ",
+        "Ben: ",
+        "李雷: ",
+        ": ",
+        ":",
+        "\n",
+        "\r\n",
+        "\r",
+        "<Media omitted>",
+        "image omitted",
+        "\u200e<attached: x.jpg>",
+        "IMG-1.jpg (file attached)",
+        "null",
+        "This message was deleted",
+        "<This message was edited>",
+        "Messages and calls are end-to-end encrypted.",
+        "Ana added Ben",
+        "Missed voice call",
+        "a@b.co",
+        "+1 555 123 4567",
+        "https://x.y/z",
+        "4111 1111 1111 1111",
+        " ",
+        "[",
+        "]",
+    ]
+)
 
 
 @SETTINGS
@@ -76,33 +108,91 @@ def test_whatsapp_like_text(text):
     check(text, "whatsapp", max_speakers=3)
 
 
-KEYS = ["messages", "chats", "list", "left_chats", "type", "from", "from_id", "text", "date", "name", "id",
-        "guild", "channel", "author", "content", "timestamp", "attachments", "stickers", "nickname", "prompt",
-        "response", "completion", "speaker", "time", "sender", "photo", "media_type", "source"]
-LEAVES = (st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=False)
-          | st.text(max_size=20) | st.sampled_from(["message", "service", "Default", "Reply", "2024-01-02T10:00:00",
-                                                    "2024-01-02T10:00:00Z", "[A] hi\n[B]", "[SYS] x [/SYS] [USER] "
-                                                    "[A] yo\n\nHow does the conversation continue? [/USER]"]))
-JSON = st.recursive(LEAVES, lambda kids: st.lists(kids, max_size=4)
-                    | st.dictionaries(st.sampled_from(KEYS), kids, max_size=4), max_leaves=8)
+KEYS = [
+    "messages",
+    "chats",
+    "list",
+    "left_chats",
+    "type",
+    "from",
+    "from_id",
+    "text",
+    "date",
+    "name",
+    "id",
+    "guild",
+    "channel",
+    "author",
+    "content",
+    "timestamp",
+    "attachments",
+    "stickers",
+    "nickname",
+    "prompt",
+    "response",
+    "completion",
+    "speaker",
+    "time",
+    "sender",
+    "photo",
+    "media_type",
+    "source",
+]
+LEAVES = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(10**6), 10**6)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=20)
+    | st.sampled_from(
+        [
+            "message",
+            "service",
+            "Default",
+            "Reply",
+            "2024-01-02T10:00:00",
+            "2024-01-02T10:00:00Z",
+            "[A] hi\n[B]",
+            "[SYS] x [/SYS] [USER] [A] yo\n\nHow does the conversation continue? [/USER]",
+        ]
+    )
+)
+JSON = st.recursive(
+    LEAVES,
+    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.sampled_from(KEYS), kids, max_size=4),
+    max_leaves=8,
+)
 VALUE = LEAVES | st.lists(LEAVES, max_size=3)
 MESSAGE_LIKE = st.dictionaries(st.sampled_from(KEYS), VALUE, max_size=7)
 SHAPES = st.one_of(
     JSON,
     st.fixed_dictionaries({"name": VALUE, "type": VALUE, "messages": st.lists(MESSAGE_LIKE, max_size=6)}),
-    st.fixed_dictionaries({"chats": st.fixed_dictionaries({"list": st.lists(
-        st.fixed_dictionaries({"name": VALUE, "messages": st.lists(MESSAGE_LIKE, max_size=4)}), max_size=3)})}),
+    st.fixed_dictionaries(
+        {
+            "chats": st.fixed_dictionaries(
+                {
+                    "list": st.lists(
+                        st.fixed_dictionaries({"name": VALUE, "messages": st.lists(MESSAGE_LIKE, max_size=4)}),
+                        max_size=3,
+                    )
+                }
+            )
+        }
+    ),
     st.fixed_dictionaries({"guild": VALUE, "channel": VALUE, "messages": st.lists(MESSAGE_LIKE, max_size=6)}),
     st.lists(st.fixed_dictionaries({"prompt": VALUE | st.text(max_size=60), "response": VALUE}), max_size=5),
-    st.dictionaries(st.text(max_size=5), st.fixed_dictionaries({"messages": st.lists(
-        st.lists(MESSAGE_LIKE, max_size=3) | VALUE, max_size=3)}), min_size=1, max_size=3),
+    st.dictionaries(
+        st.text(max_size=5),
+        st.fixed_dictionaries({"messages": st.lists(st.lists(MESSAGE_LIKE, max_size=3) | VALUE, max_size=3)}),
+        min_size=1,
+        max_size=3,
+    ),
     st.fixed_dictionaries({"id": VALUE, "messages": st.lists(MESSAGE_LIKE, max_size=5)}),
 )
 
 
 @SETTINGS
-@given(SHAPES, st.sampled_from(("auto", "telegram", "discord", "pairs", "chitchat", "jsonl")),
-       st.booleans())
+@given(SHAPES, st.sampled_from(("auto", "telegram", "discord", "pairs", "chitchat", "jsonl")), st.booleans())
 def test_json_near_misses(obj, fmt, top_pair):
     text = json.dumps(obj, ensure_ascii=False)
     check(text, fmt, top_pair=top_pair, chats=None)
@@ -111,9 +201,19 @@ def test_json_near_misses(obj, fmt, top_pair):
 
 
 @SETTINGS
-@given(st.lists(st.lists(st.text(max_size=15) | st.sampled_from(["", "2024-01-02T10:00:00+00:00", "01-Mar-24 06:05 PM",
-                                                                 "Joined the server.", "=HYPERLINK(\"x\")"]),
-                         max_size=8), max_size=12), st.booleans())
+@given(
+    st.lists(
+        st.lists(
+            st.text(max_size=15)
+            | st.sampled_from(
+                ["", "2024-01-02T10:00:00+00:00", "01-Mar-24 06:05 PM", "Joined the server.", '=HYPERLINK("x")']
+            ),
+            max_size=8,
+        ),
+        max_size=12,
+    ),
+    st.booleans(),
+)
 def test_discord_csv_rows(rows, header):
     buf = io.StringIO()
     w = csv.writer(buf)
@@ -134,10 +234,16 @@ def test_zip_bytes(data):
 
 
 @SETTINGS
-@given(st.lists(st.tuples(st.text(st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)),
-                                  min_size=1, max_size=20),
-                          st.binary(max_size=300) | WA_PIECES.map(str.encode)),
-                max_size=5, unique_by=lambda e: e[0]))
+@given(
+    st.lists(
+        st.tuples(
+            st.text(st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)), min_size=1, max_size=20),
+            st.binary(max_size=300) | WA_PIECES.map(str.encode),
+        ),
+        max_size=5,
+        unique_by=lambda e: e[0],
+    )
+)
 def test_zips_with_odd_entries(entries):
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as z:
@@ -152,8 +258,10 @@ def test_zips_with_odd_entries(entries):
 
 
 @SETTINGS
-@given(st.text(max_size=400) | st.lists(WA_PIECES | st.text(alphabet="0123456789 .-+()@:/wx", max_size=12),
-                                         max_size=30).map("".join))
+@given(
+    st.text(max_size=400)
+    | st.lists(WA_PIECES | st.text(alphabet="0123456789 .-+()@:/wx", max_size=12), max_size=30).map("".join)
+)
 def test_scrubber_never_raises_and_is_stable(text):
     s = Scrubber()
     once = s(text)

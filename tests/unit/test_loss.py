@@ -4,6 +4,7 @@ training, evaluation, steering and attribution.
 
     pytest tests/unit/test_loss.py        # seconds
 """
+
 from __future__ import annotations
 
 import pytest
@@ -47,7 +48,7 @@ def by_hand(model, seq, mask):
 def cap(request, trained):
     config = causal_lm(trained[0]).config
     was = getattr(config, "final_logit_softcapping", None)
-    config.final_logit_softcapping = request.param   # small: the random model's logits are small too
+    config.final_logit_softcapping = request.param  # small: the random model's logits are small too
     yield request.param
     config.final_logit_softcapping = was
 
@@ -60,8 +61,11 @@ def test_every_stage_gets_the_hand_computed_reply_loss(trained, cap):
     labels = [t if m else -100 for t, m in zip(seq, mask)]
 
     # training: the trainer's loss is the mean over the reply tokens
-    batch = {"input_ids": torch.tensor([seq]), "attention_mask": torch.ones(1, len(seq), dtype=torch.long),
-             "labels": torch.tensor([labels])}
+    batch = {
+        "input_ids": torch.tensor([seq]),
+        "attention_mask": torch.ones(1, len(seq), dtype=torch.long),
+        "labels": torch.tensor([labels]),
+    }
     with torch.no_grad():
         train_mean = float(loss.reply_loss(model, batch))
     assert train_mean * count == pytest.approx(want, rel=1e-5)
@@ -94,8 +98,9 @@ def test_per_example_loss_keeps_padded_rows_apart(trained):
     pad = 0
     rows = torch.tensor([seq, short + [pad]])
     attn = torch.tensor([[1] * len(seq), [1] * len(short) + [0]])
-    labels = torch.tensor([[t if m else -100 for t, m in zip(seq, mask)],
-                           [t if m else -100 for t, m in zip(short, short_mask)] + [-100]])
+    labels = torch.tensor(
+        [[t if m else -100 for t, m in zip(seq, mask)], [t if m else -100 for t, m in zip(short, short_mask)] + [-100]]
+    )
     with torch.no_grad():
         got = loss.per_example_loss(model, rows, attn, labels)
     for i, (s, m) in enumerate([(seq, mask), (short, short_mask)]):
@@ -106,4 +111,4 @@ def test_per_example_loss_keeps_padded_rows_apart(trained):
 def test_nothing_to_score_is_zero(trained):
     model, ids = trained
     seq, _ = example(ids)
-    assert loss.reply_nll(model, seq, [1] + [0] * (len(seq) - 1)) == (0.0, 0)   # the first token: nothing predicts it
+    assert loss.reply_nll(model, seq, [1] + [0] * (len(seq) - 1)) == (0.0, 0)  # the first token: nothing predicts it

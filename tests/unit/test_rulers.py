@@ -66,5 +66,5 @@ def test_judge_tells_looping_replies_from_real_ones_and_not_copies():
     acc, flags = rulers.judge_accuracy((ctx[:30], real[:30], looping[:30]), (ctx[30:], real[30:], looping[30:]))
     assert acc == 1.0 and len(flags) == 10
     same, _ = rulers.judge_accuracy((ctx[:30], real[:30], real[:30]), (ctx[30:], real[30:], real[30:]))
-    assert same == 0.5   # identical replies: every held-out pair is a tie
+    assert same == 0.5  # identical replies: every held-out pair is a tie
     assert rulers.judge_accuracy((ctx[:2], real[:2], real[:2]), (ctx, real, real)) == (None, [])

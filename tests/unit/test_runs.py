@@ -5,6 +5,7 @@ the code from before run.json was typed; the older record below lacks the keys a
 
     pytest tests/unit/test_runs.py        # well under a second, no model
 """
+
 from __future__ import annotations
 
 import json
@@ -16,9 +17,17 @@ from convsim.errors import UserError
 from convsim.runs import RunMeta, open_run, read_meta, write_meta
 
 BEFORE = Path(__file__).parents[1] / "data" / "runs" / "run-before-runmeta.json"
-OLDER = {"model": "tiny-llama", "prompt_style": "base", "special_tokens": True, "speakers": ["Ana", "Ben"],
-         "speaker_token_ids": {"Ana": 4096, "Ben": 4097}, "split": {"train": ["c0"], "val": [], "test": ["c1"]},
-         "status": "done", "adapter_hash": "abc", "some_future_key": [1, 2]}
+OLDER = {
+    "model": "tiny-llama",
+    "prompt_style": "base",
+    "special_tokens": True,
+    "speakers": ["Ana", "Ben"],
+    "speaker_token_ids": {"Ana": 4096, "Ben": 4097},
+    "split": {"train": ["c0"], "val": [], "test": ["c1"]},
+    "status": "done",
+    "adapter_hash": "abc",
+    "some_future_key": [1, 2],
+}
 
 
 def run_dir(tmp_path, meta: dict) -> Path:
@@ -38,7 +47,7 @@ def test_a_run_written_before_runmeta_loads_and_writes_back_unchanged(tmp_path):
     assert run.targets == ["Ana", "Ben"]
     assert run.fmt.style == "base" and run.fmt.special_tokens and run.fmt.chat_template is None
     assert run.adapter_hash == raw["adapter_hash"]
-    assert m.to_json() == raw and list(m.to_json()) == list(raw)      # same keys, same order, same values
+    assert m.to_json() == raw and list(m.to_json()) == list(raw)  # same keys, same order, same values
     (tmp_path / "again").mkdir()
     write_meta(tmp_path / "again", m)
     assert json.loads((tmp_path / "again" / "run.json").read_text()) == raw
@@ -48,7 +57,7 @@ def test_an_older_run_gets_the_defaults_and_keeps_unknown_keys(tmp_path):
     run = open_run(run_dir(tmp_path, OLDER))
     m = run.meta
     assert (m.context_size, m.max_burst, m.loss, m.extra_data, m.chat_template) == (8, 8, "reply", None, None)
-    assert run.targets == ["Ana", "Ben"]                 # no targets recorded: every speaker
+    assert run.targets == ["Ana", "Ben"]  # no targets recorded: every speaker
     assert not run.is_extra(type("C", (), {"id": "x0:c9"})())
     assert m.other == {"some_future_key": [1, 2]}
     assert m.to_json()["some_future_key"] == [1, 2]
@@ -62,7 +71,7 @@ def test_a_run_still_training_has_no_results_yet():
     assert "adapter_hash" not in written and "global_step" not in written and "chat_template" not in written
 
 
-@pytest.mark.parametrize("bad", ["[]", "{\"model\": \"x\"}", "not json"])
+@pytest.mark.parametrize("bad", ["[]", '{"model": "x"}', "not json"])
 def test_a_broken_run_json_is_a_user_error(tmp_path, bad):
     d = tmp_path / "r"
     d.mkdir()

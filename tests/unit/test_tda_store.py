@@ -1,4 +1,5 @@
 """Activation store and vector search: `pytest tests/unit/test_tda_store.py` (a few seconds, no model)."""
+
 from __future__ import annotations
 
 import json
@@ -10,16 +11,17 @@ import pytest
 import convsim.tda.store as store_mod
 from convsim.data.schema import Message
 from convsim.tda.search import build_index, index_for_store, nearest
-from convsim.tda.store import (INDEX, CorruptStore, NoStore, StaleStore, VectorStore, content_key,
-                               record_key, unit_rows)
+from convsim.tda.store import INDEX, CorruptStore, NoStore, StaleStore, VectorStore, content_key, record_key, unit_rows
 
 DIM = 16
 META = {"model": "tiny-llama", "adapter_hash": "abc", "layer": -1, "pool": "mean"}
 
 
 def msgs(n: int, speaker_of=lambda i: "Ana" if i % 3 else "Ben", start: int = 0) -> list[Message]:
-    return [Message(speaker_of(i), f"message number {i}", f"2024-01-01T00:{i // 60 % 60:02d}:{i % 60:02d}")
-            for i in range(start, start + n)]
+    return [
+        Message(speaker_of(i), f"message number {i}", f"2024-01-01T00:{i // 60 % 60:02d}:{i % 60:02d}")
+        for i in range(start, start + n)
+    ]
 
 
 def fake_embed(records) -> np.ndarray:
@@ -41,25 +43,33 @@ def store(tmp_path):
 
 # ---------------------------------------------------------------- keys
 
+
 def test_content_key_is_stable_and_sensitive():
     key = content_key("Ana", "2024-01-01T10:00:00", "hi")
     assert key == content_key("Ana", "2024-01-01T10:00:00", "hi")
     assert key == record_key(Message("Ana", "hi", "2024-01-01T10:00:00"))
     assert key == record_key({"speaker": "Ana", "time": "2024-01-01T10:00:00", "text": "hi"})
-    others = {content_key("Ben", "2024-01-01T10:00:00", "hi"), content_key("Ana", None, "hi"),
-              content_key("Ana", "2024-01-01T10:00:00", "hi "), content_key("Ana|2024", "01-01T10:00:00", "hi")}
+    others = {
+        content_key("Ben", "2024-01-01T10:00:00", "hi"),
+        content_key("Ana", None, "hi"),
+        content_key("Ana", "2024-01-01T10:00:00", "hi "),
+        content_key("Ana|2024", "01-01T10:00:00", "hi"),
+    }
     assert key not in others and len(others) == 4
 
 
 def test_content_key_pinned():
     # The key must not change between releases (a change would re-embed every stored message):
     # sha256 of the compact JSON list [speaker, time, text].
-    assert content_key("Ana", "2024-01-01T10:00:00", "hi") == \
-        "9b8f8f58b7507c4535577464f6137033377b5f7164a90284fce1930c484b7d7a"
+    assert (
+        content_key("Ana", "2024-01-01T10:00:00", "hi")
+        == "9b8f8f58b7507c4535577464f6137033377b5f7164a90284fce1930c484b7d7a"
+    )
     assert content_key("Zoë", None, "ça va ?") == content_key("Zoë", None, "ça va ?")
 
 
 # ---------------------------------------------------------------- incremental
+
 
 def test_incremental_update_embeds_only_new_and_changed(tmp_path):
     s = VectorStore.create(tmp_path / "tda", DIM, META)
@@ -69,7 +79,7 @@ def test_incremental_update_embeds_only_new_and_changed(tmp_path):
         calls.append(len(records))
         return fake_embed(records)
 
-    records = msgs(100) + msgs(5)                 # duplicates are embedded once
+    records = msgs(100) + msgs(5)  # duplicates are embedded once
     assert s.update(records, embed, chunk=40) == {"added": 100, "masked": 0, "live": 100, "rows": 100}
     assert calls == [40, 40, 20]
 
@@ -89,19 +99,21 @@ def test_incremental_update_embeds_only_new_and_changed(tmp_path):
     assert all(h.row != old_row for h in hits) and len(hits) == 5
     assert again.compact() == 1 and again.n == 101 and again.missing(changed) == []
     reopened = VectorStore.open(tmp_path / "tda")
-    np.testing.assert_array_equal(reopened.vectors[again.row_of(changed[8])],
-                                  unit_rows(fake_embed([changed[8]]))[0].astype(np.float16))
+    np.testing.assert_array_equal(
+        reopened.vectors[again.row_of(changed[8])], unit_rows(fake_embed([changed[8]]))[0].astype(np.float16)
+    )
     reopened.verify(full=True)
 
 
 def test_removed_record_comes_back_without_embedding(store):
     records = msgs(50)
     assert store.retain(records[1:]) == 1
-    assert store.missing(records) == []           # still stored, just masked
+    assert store.missing(records) == []  # still stored, just masked
     assert store.add(records[:1], fake_embed(records[:1])) == [] and not store.dead
 
 
 # ---------------------------------------------------------------- crash safety
+
 
 @pytest.mark.parametrize("step", ["add", "retain", "compact", "overwrite"])
 def test_crash_before_commit_leaves_old_store(store, monkeypatch, step):
@@ -163,18 +175,22 @@ def test_crash_after_commit_is_the_new_store(store, monkeypatch):
 
 # ---------------------------------------------------------------- stale and corrupt
 
+
 def test_missing_store(tmp_path):
     with pytest.raises(NoStore):
         VectorStore.open(tmp_path / "nothing")
 
 
-@pytest.mark.parametrize("field,value", [("layer", 3), ("model", "tiny-gemma3"), ("adapter_hash", "other"),
-                                         ("pool", "last"), ("dim", DIM * 2)])
+@pytest.mark.parametrize(
+    "field,value",
+    [("layer", 3), ("model", "tiny-gemma3"), ("adapter_hash", "other"), ("pool", "last"), ("dim", DIM * 2)],
+)
 def test_mismatched_meta_is_stale(store, field, value):
     with pytest.raises(StaleStore, match=field):
         VectorStore.open(store.path, expect={**META, "dim": DIM, field: value})
-    fresh = VectorStore.open_or_create(store.path, DIM if field != "dim" else value,
-                                       {**META, field: value} if field != "dim" else META)
+    fresh = VectorStore.open_or_create(
+        store.path, DIM if field != "dim" else value, {**META, field: value} if field != "dim" else META
+    )
     assert fresh.n == 0
 
 
@@ -198,7 +214,7 @@ def test_edited_index_is_corrupt(store):
     index.write_bytes(raw.replace(b"message number 7", b"message number 8"))
     with pytest.raises(CorruptStore, match="edited"):
         VectorStore.open(store.path)
-    index.write_bytes(json.dumps(json.loads(raw), indent=1).encode())   # even a reformatted one
+    index.write_bytes(json.dumps(json.loads(raw), indent=1).encode())  # even a reformatted one
     with pytest.raises(CorruptStore):
         VectorStore.open(store.path)
     index.write_bytes(b"not json at all")
@@ -213,9 +229,9 @@ def test_changed_vector_rows_are_corrupt(store):
     blob = bytearray(data.read_bytes())
     blob[unsampled * DIM * 2] ^= 0xFF
     data.write_bytes(bytes(blob))
-    VectorStore.open(store.path)                  # the cheap check samples rows ...
+    VectorStore.open(store.path)  # the cheap check samples rows ...
     with pytest.raises(CorruptStore):
-        VectorStore.open(store.path).verify(full=True)   # ... the full one reads them all
+        VectorStore.open(store.path).verify(full=True)  # ... the full one reads them all
     blob[sampled * DIM * 2] ^= 0xFF
     data.write_bytes(bytes(blob))
     with pytest.raises(CorruptStore, match="sampled"):
@@ -229,10 +245,11 @@ def test_store_files_are_private(store):
 
 # ---------------------------------------------------------------- search
 
+
 def clustered(n: int, dim: int, clusters: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(clusters, dim)) * 3
-    scales = rng.uniform(0.2, 1.5, size=dim)      # anisotropic noise
+    scales = rng.uniform(0.2, 1.5, size=dim)  # anisotropic noise
     return (centres[rng.integers(0, clusters, n)] + rng.normal(size=(n, dim)) * scales).astype(np.float32)
 
 
@@ -262,7 +279,7 @@ def test_exact_search_speaker_filter_and_subset():
     ben = subset[speakers[subset] == "Ben"]
     want_scores, want = brute_force(vectors[ben], queries, 10)
     np.testing.assert_array_equal(rows, ben[want])
-    few = build_index(vectors[:20], speakers=speakers[:20])          # Ben has 3 rows there
+    few = build_index(vectors[:20], speakers=speakers[:20])  # Ben has 3 rows there
     s, r = few.search(queries[:1], 5, speaker="Ben")
     assert list(r[0, 3:]) == [-1, -1] and set(r[0, :3]) == {0, 7, 14} and np.isinf(s[0, 3:]).all()
 
@@ -295,6 +312,7 @@ def test_index_for_store_is_cached_by_checksum(tmp_path, monkeypatch):
     assert len(caches) == 1 and s.checksum[:16] in caches[0].name
 
     import convsim.tda.search as search_mod
+
     monkeypatch.setattr(search_mod, "build_index", lambda *a, **k: pytest.fail("rebuilt despite cache"))
     again = index_for_store(VectorStore.open(s.path), kind="ivf")
     q = s.vectors[:5].astype(np.float32)
@@ -302,7 +320,7 @@ def test_index_for_store_is_cached_by_checksum(tmp_path, monkeypatch):
     assert again.search(q, 5, speaker="Ben")[1].size == 25
     monkeypatch.undo()
 
-    s.retain(records[1:])                         # any change → new checksum → new cache, old one gone
+    s.retain(records[1:])  # any change → new checksum → new cache, old one gone
     third = index_for_store(s, kind="ivf")
     assert third.ntotal == 2999 and 0 not in third.search(q[:1], 10)[1]
     caches = list(s.path.glob("ann-*.faiss"))

@@ -1,5 +1,6 @@
 """The training speed-ups change speed only: compiled decoder layers give the eager losses and gradients;
 activation checkpointing and compilation default to what pays off on each machine."""
+
 import pytest
 import torch
 
@@ -34,7 +35,7 @@ def test_compile_defaults(monkeypatch):
     monkeypatch.setenv("CONVSIM_COMPILE", "0")
     assert not wants_compile(TrainConfig(), "cuda")
     monkeypatch.delenv("CONVSIM_COMPILE")
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")       # FSDP wraps the layers itself
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # FSDP wraps the layers itself
     assert not wants_compile(TrainConfig(), "cuda")
 
 
@@ -43,9 +44,9 @@ def _batch(ids, vocab, seed=0):
     x = torch.randint(5, vocab - 10, (3, 12), generator=g)
     x[:, 4] = ids["Ana"]
     mask = torch.ones_like(x)
-    mask[2, 9:] = 0                                            # a padded row
+    mask[2, 9:] = 0  # a padded row
     labels = torch.full_like(x, -100)
-    labels[:, 5:9] = x[:, 5:9]                                 # loss on a "reply" only
+    labels[:, 5:9] = x[:, 5:9]  # loss on a "reply" only
     return {"input_ids": x, "attention_mask": mask, "labels": labels}
 
 
@@ -65,7 +66,7 @@ def test_compiled_layers_give_the_eager_loss_and_gradients():
     keys_before = set(model.state_dict())
     assert compile_layers(model) == len(decoder_layers(model)) >= 1
     compiled = [step(b) for b in batches]
-    assert set(model.state_dict()) == keys_before               # adapters save as before
+    assert set(model.state_dict()) == keys_before  # adapters save as before
     for (l1, g1), (l2, g2) in zip(eager, compiled):
         assert torch.allclose(l1, l2, atol=1e-5), (l1, l2)
         assert sorted(g1) == sorted(g2) and g1
@@ -75,27 +76,30 @@ def test_compiled_layers_give_the_eager_loss_and_gradients():
 
 def test_a_failing_compile_falls_back_to_eager(monkeypatch, capsys):
     from convsim.training import model as training_model
+
     model, tok, spec, ids = build_model(TrainConfig(model="tiny-gemma3", lora_r=4), ["Ana", "Ben"], "cpu")
 
     def broken(m):
         raise RuntimeError("inductor says no\nmore detail")
+
     monkeypatch.setattr(training_model, "_probe", broken)
     assert compile_layers(model) == 0
     assert all(layer._compiled_call_impl is None for layer in decoder_layers(model))
     assert "inductor says no" in capsys.readouterr().err
-    loss = reply_loss(model, _batch(ids, len(tok)))         # trains eagerly
+    loss = reply_loss(model, _batch(ids, len(tok)))  # trains eagerly
     assert torch.isfinite(loss)
 
 
 def test_frozen_weights_dtype_defaults(monkeypatch):
     from convsim.training.model import frozen_dtype
+
     monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
     assert frozen_dtype(TrainConfig(), "cpu") == "float32"
     assert frozen_dtype(TrainConfig(frozen_dtype="bfloat16"), "cpu") == "bfloat16"
     assert frozen_dtype(TrainConfig(frozen_dtype="float32"), "cuda") == "float32"
     if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         assert frozen_dtype(TrainConfig(), "cuda") == "bfloat16"
-        monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")     # one dtype per sharded unit
+        monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # one dtype per sharded unit
         assert frozen_dtype(TrainConfig(), "cuda") == "float32"
 
 
@@ -105,8 +109,9 @@ def test_bf16_frozen_weights_train_float32_parameters_to_the_same_loss():
     losses = {}
     for dt in ("float32", "bfloat16"):
         torch.manual_seed(0)
-        model, tok, spec, ids = build_model(TrainConfig(model="tiny-gemma3", lora_r=4, frozen_dtype=dt),
-                                            ["Ana", "Ben"], "cpu")
+        model, tok, spec, ids = build_model(
+            TrainConfig(model="tiny-gemma3", lora_r=4, frozen_dtype=dt), ["Ana", "Ben"], "cpu"
+        )
         trainable = [p for p in model.parameters() if p.requires_grad]
         frozen = [p for p in model.parameters() if not p.requires_grad]
         assert trainable and all(p.dtype == torch.float32 for p in trainable)
@@ -121,10 +126,12 @@ def test_bf16_frozen_weights_train_float32_parameters_to_the_same_loss():
 
 def test_length_grouping_defaults_and_argument():
     from convsim.training.model import sampling_args, wants_grouping
+
     assert not wants_grouping(TrainConfig(), "cpu") and not wants_grouping(TrainConfig(), "cuda:0")
     assert wants_grouping(TrainConfig(group_by_length=True), "cpu")
     assert not wants_grouping(TrainConfig(group_by_length=False), "cuda")
     from trl import SFTConfig
+
     on = SFTConfig(output_dir="/tmp/x", use_cpu=True, bf16=False, **sampling_args(True))
     off = SFTConfig(output_dir="/tmp/x", use_cpu=True, bf16=False, **sampling_args(False))
     assert getattr(on, "train_sampling_strategy", None) == "group_by_length" or getattr(on, "group_by_length", False)
@@ -135,6 +142,7 @@ def test_cudnn_attention_off_while_training_and_restored(monkeypatch):
     """On CUDA, training runs without cuDNN's SDPA backend (host-bound there) and puts the flag back after,
     also when training fails; on a machine without CUDA nothing is touched."""
     from convsim.training.recipe import fused_attention_kernels
+
     before = torch.backends.cuda.cudnn_sdp_enabled()
     with fused_attention_kernels():
         assert torch.backends.cuda.cudnn_sdp_enabled() == before or torch.cuda.is_available()

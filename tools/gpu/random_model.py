@@ -4,6 +4,7 @@ values. Losses from it mean nothing.
 
     python tools/gpu/random_model.py --tok TOK_DIR --out MODEL_DIR     # then `--model MODEL_DIR`
 """
+
 import argparse
 import gzip
 import shutil

@@ -4,6 +4,7 @@ token per speaker, and PEFT's LoRA with the speaker rows trainable (`trainable_t
 `load_peft(cfg, speakers, device, spec) -> (model, tok, ids)`, the interface every backend has
 (`convsim.training.backends.build_model` picks one by `--backend`).
 """
+
 from __future__ import annotations
 
 from convsim.config import TrainConfig
@@ -18,23 +19,31 @@ def load_peft(cfg: TrainConfig, speakers, device: str, spec):
     from convsim.modeling.models import load_base
     from convsim.modeling.speakers import add_speaker_tokens
     import torch
-    if cfg.quantization:            # the base is loaded once, quantized (not loaded whole and then again)
+
+    if cfg.quantization:  # the base is loaded once, quantized (not loaded whole and then again)
         model, tok = _load_quantized(cfg, device)
     else:
-        dtype = getattr(torch, frozen_dtype(cfg, device))   # frozen weights; what trains is float32 (below)
+        dtype = getattr(torch, frozen_dtype(cfg, device))  # frozen weights; what trains is float32 (below)
         model, tok = load_base(cfg.model, device=device, dtype=dtype)
     ids = {}
     if cfg.special_tokens:
         ids = add_speaker_tokens(model, tok, speakers, cfg.speaker_references, spec.reference_words, seed=cfg.seed)
-    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha or cfg.lora_r, lora_dropout=cfg.lora_dropout,
-                      use_rslora=cfg.use_rslora, target_modules=lora_targets(cfg, spec),
-                      trainable_token_indices=speaker_rows(ids, head_is_tied(model)), task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha or cfg.lora_r,
+        lora_dropout=cfg.lora_dropout,
+        use_rslora=cfg.use_rslora,
+        target_modules=lora_targets(cfg, spec),
+        trainable_token_indices=speaker_rows(ids, head_is_tied(model)),
+        task_type="CAUSAL_LM",
+    )
     model = get_peft_model(model, lora)
     trainable_in_float32(model)
     from convsim.modeling.fastpeft import patch_trainable_tokens, show_tied_weights
+
     patch_trainable_tokens(model)
     if sharded_training():
-        show_tied_weights(model)      # else FSDP2 shards a tied head's weight twice (issue #13)
+        show_tied_weights(model)  # else FSDP2 shards a tied head's weight twice (issue #13)
     return model, tok, ids
 
 
@@ -46,9 +55,13 @@ def _load_quantized(cfg, device):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
     from convsim.modeling.models import resolve as resolve_model, weights_location, with_pad_token
+
     spec = resolve_model(cfg.model)
     where = weights_location(spec)
-    q = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_type="nf4")
-         if cfg.quantization == "4bit" else BitsAndBytesConfig(load_in_8bit=True))
+    q = (
+        BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_type="nf4")
+        if cfg.quantization == "4bit"
+        else BitsAndBytesConfig(load_in_8bit=True)
+    )
     model = AutoModelForCausalLM.from_pretrained(where, quantization_config=q, device_map={"": device})
     return model, with_pad_token(AutoTokenizer.from_pretrained(where))
