@@ -135,7 +135,7 @@ def text_ids(tokenizer, text: str) -> list[int]:
 
 
 def end_of_turn_id(tokenizer) -> int:
-    # kept on the tokenizer: get_vocab() builds a 262k-entry dict (0.5 s on a CPU), once per reply otherwise
+    # kept on the tokenizer: get_vocab() builds a dict of the whole vocabulary, once per reply otherwise
     if "_convsim_eot" not in tokenizer.__dict__:
         eot = tokenizer.convert_tokens_to_ids("<end_of_turn>") if "<end_of_turn>" in tokenizer.get_vocab() else None
         tokenizer.__dict__["_convsim_eot"] = eot if eot is not None else tokenizer.eos_token_id

@@ -163,7 +163,7 @@ def _import_and_write(args, out: Path) -> tuple[list[Conversation], dict]:
 @contextmanager
 def _gc_paused():
     """Pause the cyclic garbage collector: an import allocates millions of small acyclic objects, and
-    every collection would walk all of them again (measured: about 3x slower parsing with it on)."""
+    every collection would walk all of them again (parsing measured several times slower with it on)."""
     was = gc.isenabled()
     gc.disable()
     try:

@@ -2,8 +2,8 @@
 `generate` compiles the decode step once (torch.compile, mode "reduce-overhead" = CUDA graphs) and
 replays it for every later token and every later call.
 
-Plain `generate` on a 270M model is bound by Python overhead, not by the GPU (about 28 new tokens/s at
-batch 1 on an H100); replaying one captured graph per token removes that overhead. Shapes must stay
+Plain `generate` on a small model is bound by Python overhead, not by the GPU (docs/PERFORMANCE.md);
+replaying one captured graph per token removes that overhead. Shapes must stay
 fixed for the graph to be replayed, so the cache length is rounded up to a bucket and the cache object
 is kept on the model and reset between calls.
 

@@ -96,8 +96,7 @@ def _liger_loss(cap):
     """Liger's fused linear cross-entropy (sum over tokens) when asked for with CONVSIM_LIGER=1 and
     liger-kernel is installed; else None (the plain head + cross-entropy over the reply positions only).
     Off by default because it was slower here: with the speaker rows trainable it differentiates the whole
-    262k x 640 head weight every step; measured on an H200, compiled layers without it 47.6k tokens/s, with
-    it 13.7k (bench/results/train-speed-gpu-compiled-only.json). Worth trying for models whose head is frozen."""
+    head weight every step, which cost more than the fused kernel saved (docs/PERFORMANCE.md). Worth trying for models whose head is frozen."""
     if os.environ.get("CONVSIM_LIGER", "0") != "1":
         return None
     if cap not in _LIGER:

@@ -253,8 +253,8 @@ def residual_norms(*acts: dict[int, torch.Tensor]) -> dict[str, float]:
 
 
 def suggest_strengths(vector: SteeringVector, fractions=(0.025, 0.05, 0.1, 0.15)) -> list[float]:
-    """Strengths adding these fractions of the residual norm (about 0.1 moved sentiment clearly at a
-    small perplexity cost on Gemma 3 270M); [1, 2, 4, 8] when the vector has no record of it."""
+    """Strengths adding these fractions of the residual norm (around 0.1 moved sentiment clearly at a
+    small perplexity cost on the embedded model); [1, 2, 4, 8] when the vector has no record of it."""
     res = vector.info.get("residual_norm") or {}
     ratios = [res[str(l)] / n for l, n in vector.norms().items() if str(l) in res and n > 0]
     if not ratios:

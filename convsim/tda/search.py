@@ -8,10 +8,9 @@
 
 Rows are L2-normalised, so inner product is cosine. Below `exact_below` rows the index is exact
 (`IndexFlatIP`); above it, approximate: IVF with float16 codes (the store's own precision, so the only
-loss is which lists get probed). On a 2-core CPU, 1M×640 rows, it builds in about 40 s and answers one
-query in about 5 ms at recall@10 0.98, against about 230 ms for exact search (`python
-bench/tda_query.py`). HNSW would answer faster but takes far longer to build on 2 cores, so it is
-opt-in (`kind="hnsw"`). A speaker filter is a bitmap of
+loss is which lists get probed): it builds in seconds and answers a query far faster than exact search
+at high recall (`python bench/tda_query.py` measures both; docs/PERFORMANCE.md has the figures). HNSW
+would answer faster still but takes far longer to build on a small CPU, so it is opt-in (`kind="hnsw"`). A speaker filter is a bitmap of
 allowed ids passed to the search itself (no post-filtering, so k results whenever the speaker has k
 rows in the probed lists; the search widens its probes when fewer come back).
 """
@@ -50,8 +49,8 @@ def _chunks(vectors: np.ndarray, ids: np.ndarray | None):
 
 def ivf_params(n: int) -> dict:
     """IVF settings for n rows: about 2·sqrt(n) lists (a power of two; 2048 for 1M), probing 1/64 of
-    them but at least 24, k-means on 40 rows a list for 10 rounds. Measured by bench/tda_query.py on
-    2 cores: 1M rows build in ~40 s, recall@10 0.98 at ~5 ms a query; 100k rows, recall@10 0.97."""
+    them but at least 24, k-means on 40 rows a list for 10 rounds: the settings bench/tda_query.py found
+    to keep recall@10 high from 100k to 1M rows."""
     nlist = max(16, 2 ** round(math.log2(2 * math.sqrt(max(n, 1)))))
     return {"nlist": nlist, "nprobe": max(24, nlist // 64), "train_rows": min(n, 40 * nlist), "niter": 10}
 

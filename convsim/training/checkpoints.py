@@ -191,8 +191,8 @@ def rewind_logs(run_dir: Path, step: int) -> None:
 @contextlib.contextmanager
 def adapter_only(*models):
     """Within: `save_pretrained` of these PEFT models writes no embedding layers. PEFT otherwise saves the
-    whole resized embedding into every trainer checkpoint (1.36 GB for Gemma 3's 262k rows, against 15 MB
-    of adapter); the speaker rows are in the trainable-token delta, and a resumed run rebuilds the rest."""
+    whole resized embedding into every trainer checkpoint (for a large vocabulary, far larger than the
+    adapter); the speaker rows are in the trainable-token delta, and a resumed run rebuilds the rest."""
     patched = []
     for m in {id(m): m for m in models}.values():
         if hasattr(m, "peft_config") and "save_pretrained" not in vars(m):

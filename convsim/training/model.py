@@ -113,10 +113,9 @@ def wants_compile(cfg: TrainConfig, device: str) -> bool:
 
 def wants_grouping(cfg: TrainConfig, device: str) -> bool:
     """Batches of similar lengths only when asked (--group-by-length). Random batches of chat examples are
-    about half padding (the chitchat pair: 48 % real tokens at batch 32), but on an H200 grouping did not pay:
-    39.2k tokens/s grouped vs 42.0k random, at twice the peak memory (the longest group sets it), and the
-    grouped fine-tune's validation loss was higher (bench/results/train-speed-gpu-random-h200.json, eval-chitchat.json).
-    The grouping is seeded (resume replays it)."""
+    about half padding, but on a GPU grouping measured no faster, at twice the peak memory (the longest group
+    sets it), and the grouped fine-tune's validation loss was higher (docs/PERFORMANCE.md). The grouping is
+    seeded (resume replays it)."""
     return bool(cfg.group_by_length)
 
 
@@ -125,9 +124,8 @@ def wants_packing(cfg: TrainConfig) -> bool:
     so the optimisation is the same as with padded batches; they are laid side by side in one row with
     positions restarting at each example, and transformers builds a block-diagonal causal mask from those
     positions (no attention across examples: tests/unit/test_packing.py). No compute goes to padding, but the
-    attention kernels then see one long row with a dense mask, which cost more than the padding saved:
-    0.35x the default's tokens/s on an H100, 0.51x on the 2-core CPU (bench/results/train-speed-gpu.json,
-    packing-cpu.json)."""
+    attention kernels then see one long row with a dense mask, which cost more than the padding saved, on
+    the GPU and on the CPU (docs/PERFORMANCE.md)."""
     return bool(cfg.packing)
 
 

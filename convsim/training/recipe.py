@@ -140,7 +140,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="draw batches of similar lengths, so less compute goes to padding (default: off; measured no faster "
-        "on an H200 at 2x the peak memory)",
+        "at twice the peak memory: docs/PERFORMANCE.md)",
     )
     p.add_argument(
         "--packing",
@@ -234,11 +234,10 @@ def run(args) -> int:
 
 @contextlib.contextmanager
 def fused_attention_kernels():
-    """Context: PyTorch's SDPA without its cuDNN backend (restored after). On an H200 the cuDNN attention
-    kernels cost 3.4 ms of host time per call (forward) and 2.9 ms (backward) in a profile of `convsim train`
-    (CONVSIM_PROFILE; bench/results/train-profile-gpu.txt) - 110 ms of a 278 ms step for 25 ms of GPU work,
-    with masked, varying-length chat batches. The memory-efficient and flash kernels take microseconds to
-    launch. Must hold while the layers compile: the compiled graph fixes the backend it calls."""
+    """Context: PyTorch's SDPA without its cuDNN backend (restored after). With masked, varying-length chat
+    batches the cuDNN attention kernels spend milliseconds of host time per call, more than the GPU work
+    they launch (a CONVSIM_PROFILE profile of `convsim train`: docs/PERFORMANCE.md); the memory-efficient
+    and flash kernels take microseconds to launch. Must hold while the layers compile: the compiled graph fixes the backend it calls."""
     import torch
 
     backends = getattr(torch.backends, "cuda", None)

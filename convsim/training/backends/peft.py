@@ -43,7 +43,7 @@ def load_peft(cfg: TrainConfig, speakers, device: str, spec):
 
     patch_trainable_tokens(model)
     if sharded_training():
-        show_tied_weights(model)  # else FSDP2 shards a tied head's weight twice (issue #13)
+        show_tied_weights(model)  # else FSDP2 shards a tied head's weight twice
     return model, tok, ids
 
 

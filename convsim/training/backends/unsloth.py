@@ -13,7 +13,7 @@ does, with the same settings:
 - `FastLanguageModel.get_peft_model` with the LoRA of `build_model` (`peft_kwargs`): r, alpha (or r),
   dropout, rsLoRA, the attention (+ MLP) projections, `random_state` = seed, and the speaker rows
   trainable through PEFT's `trainable_token_indices` (Unsloth hands unknown keywords to `LoraConfig`;
-  bench/unsloth_speed.py trained this way on an H200); trainable weights in float32 and the fast
+  bench/unsloth_speed.py trains this way); trainable weights in float32 and the fast
   speaker-row forward (`fastpeft.patch_trainable_tokens`), as in `build_model`.
 
 Unsloth patches transformers, peft and trl as they are imported, so it must be imported before them.
