@@ -36,7 +36,7 @@ Strength multiplies the vector as built; what matters is strength x |vector| aga
 stream (`build` prints the norm and suggests strengths). On Gemma 3 270M fine-tuned on a chat, a vector from
 the run's own 256 most positive vs negative messages at layer 16 of 18 (`--from-data sentiment --layer 16
 --k 256`), applied at all positions, moved VADER sentiment clearly at a small perplexity cost at
-strengths 2 to 2.5 (docs/RESULTS.md and bench/results/steering.json have the sweep).
+strengths 2 to 2.5 (bench/results/steering.json has the sweep).
 Lists of negative layers: --layer=-6,-5.
 """
 
