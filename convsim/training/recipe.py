@@ -11,7 +11,6 @@ positions that carry loss (Gemma 3 270M spends most of its compute in its 262k-w
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
@@ -21,12 +20,13 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from convsim.config import TrainConfig, resolve, to_yaml
+from convsim.config import to_yaml
 from convsim.errors import UserError
 from convsim.training.backends import build_model
 from convsim.training.callbacks import make_callbacks
 from convsim.training.checkpoints import checkpoint_step, clean_checkpoints, last_checkpoint, restore_best, rewind_logs
 from convsim.training.data import default_extra_data, extra_summary, prepare_data, tokenize
+from convsim.training.options import add_arguments, config_from_args
 from convsim.training.model import (
     compile_layers,
     gathered_trained_state,
@@ -38,6 +38,9 @@ from convsim.training.model import (
 )
 from convsim.training.trainer import make_trainer_class
 
+# the command interface convsim.cli loads: HELP, EXAMPLES, add_arguments(parser), run(args)
+__all__ = ["EXAMPLES", "HELP", "add_arguments", "run"]
+
 HELP = "LoRA fine-tune a model on a data dir (from `convsim import`), with one special token per speaker."
 EXAMPLES = """
   convsim train data/ --out runs/me                       # all speakers, embedded Gemma 3 270M
@@ -48,169 +51,6 @@ EXAMPLES = """
   convsim train data/pair --extra-data data/their-other-chats --out runs/more   # more of the same people
   CONVSIM_PROFILE=prof convsim train data/ --out runs/p --max-steps 20   # torch.profiler table of steps 11-15
 """
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("data_dir", help="directory written by `convsim import`")
-    p.add_argument("--out", required=True, help="run directory to write")
-    p.add_argument("--config", help="YAML file with TrainConfig fields (flags override it)")
-    p.add_argument("--model", help="model table row, hub id or local path (default gemma-3-270m)")
-    p.add_argument(
-        "--target",
-        action="append",
-        dest="targets",
-        metavar="NAME",
-        help="train on this person's replies (repeatable); default: everyone in DATA_DIR (not the people "
-        "found only in --extra-data)",
-    )
-    p.add_argument(
-        "--extra-data",
-        action="append",
-        metavar="DATA_DIR",
-        help="more conversations of the same people (e.g. their chats with others), for training "
-        "only: never validation or test, and none from the held-out period (repeatable)",
-    )
-    p.add_argument(
-        "--extra-data-ratio",
-        type=float,
-        metavar="R",
-        help="use at most R extra messages per message of the chat's own training split, the most "
-        "recent extra conversations first (default 0: all of them)",
-    )
-    p.add_argument(
-        "--auto-extra-data",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="without --extra-data, train also on DATA_DIR/extra (where `convsim import ... --out "
-        "DATA_DIR/extra` put other chats of the same people) when it exists (default on)",
-    )
-    p.add_argument("--context-size", type=int, metavar="N", help="earlier messages shown before each reply (default 8)")
-    p.add_argument("--epochs", type=float)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--grad-accum", type=int)
-    p.add_argument("--learning-rate", type=float)
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--time-budget", type=float, metavar="MINUTES", help="stop cleanly and save after this long")
-    p.add_argument("--max-seq-length", type=int)
-    p.add_argument("--lora-r", type=int)
-    p.add_argument("--lora-alpha", type=int)
-    p.add_argument(
-        "--special-tokens",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="one added token per speaker (default on)",
-    )
-    p.add_argument(
-        "--include-mlp",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="LoRA on the MLP projections too (default on)",
-    )
-    p.add_argument(
-        "--instruct-format",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="chat-template rendering (default: the model's prompt style)",
-    )
-    p.add_argument("--loss", choices=["reply", "whole"], help="loss on the reply only (default) or all text")
-    p.add_argument("--continue-training", action="store_true", help="resume from the latest checkpoint")
-    p.add_argument("--quantization", choices=["4bit", "8bit"], help="QLoRA via bitsandbytes (CUDA only)")
-    p.add_argument("--backend", choices=["peft", "unsloth"])
-    p.add_argument(
-        "--activation-checkpointing",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="recompute activations in the backward pass to save memory (default: on for models "
-        "of 1B parameters or more)",
-    )
-    p.add_argument(
-        "--compile",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="torch.compile each decoder layer (default: on CUDA; first steps are slower)",
-    )
-    p.add_argument(
-        "--frozen-dtype",
-        choices=["float32", "bfloat16"],
-        help="dtype of the frozen base weights (default: bfloat16 on CUDA, float32 elsewhere); the "
-        "trained LoRA and speaker rows stay float32",
-    )
-    p.add_argument(
-        "--group-by-length",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="draw batches of similar lengths, so less compute goes to padding (default: off; measured no faster "
-        "at twice the peak memory: docs/PERFORMANCE.md)",
-    )
-    p.add_argument(
-        "--packing",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="padding-free batches: a batch's examples side by side in one row, each attending only to "
-        "itself (same examples per step and losses, no compute on padding; default: off, as it measured slower "
-        "with PyTorch's attention kernels: docs/PERFORMANCE.md)",
-    )
-    p.add_argument(
-        "--keep-best",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="end with the weights of the evaluation with the lowest validation loss (kept in "
-        "RUN_DIR/best/, resumable), not the last step's (default: off)",
-    )
-    p.add_argument("--eval-steps", type=int)
-    p.add_argument("--max-val-examples", type=int, help="validation examples used for the loss (default 200)")
-    p.add_argument("--save-steps", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--json", action="store_true", help="print a JSON summary at the end")
-
-
-def config_from_args(args) -> TrainConfig:
-    keys = [
-        "model",
-        "targets",
-        "extra_data",
-        "extra_data_ratio",
-        "auto_extra_data",
-        "context_size",
-        "epochs",
-        "batch_size",
-        "grad_accum",
-        "learning_rate",
-        "max_steps",
-        "time_budget",
-        "max_seq_length",
-        "lora_r",
-        "lora_alpha",
-        "special_tokens",
-        "include_mlp",
-        "instruct_format",
-        "loss",
-        "quantization",
-        "backend",
-        "activation_checkpointing",
-        "compile",
-        "frozen_dtype",
-        "group_by_length",
-        "packing",
-        "keep_best",
-        "eval_steps",
-        "save_steps",
-        "seed",
-        "max_val_examples",
-    ]
-    flags = {k: getattr(args, k, None) for k in keys}
-    saved = Path(args.out) / "config.yaml"
-    if getattr(args, "continue_training", False) and saved.exists():
-        # resuming: the interrupted run's settings, then --config, then the flags given now
-        from convsim.config import load_yaml
-
-        values = {
-            **load_yaml(saved),
-            **(load_yaml(args.config) if args.config else {}),
-            **{k: v for k, v in flags.items() if v is not None},
-        }
-        return TrainConfig(**values).validate()
-    return resolve(TrainConfig, args.config, flags).validate()
 
 
 # ----------------------------------------------------------------------------- stage
