@@ -229,7 +229,7 @@ def run(args) -> int:
 
 
 def build(args) -> int:
-    from convsim.steering.vectors import vectors as st
+    from convsim.steering import vectors as st
     from convsim.runs import open_run
 
     run_ = open_run(args.run_dir)
