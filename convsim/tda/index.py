@@ -15,8 +15,8 @@ Two methods (the vector of a message, before normalising):
 
 - `activations`: the hidden state of decoder layer `layer`, pooled (`mean` or `last`) over the message's
   own text tokens, the text rendered after its speaker's tag (no context, so a reply can be embedded
-  the same way without one). Default layer: the middle one, with centring. Measured on Gemma 3 270M,
-  last-layer cosines of unrelated messages bunch near 0.97 (one shared direction dominates); a middle
+  the same way without one). Default layer: the middle one, with centring. On the embedded model,
+  last-layer cosines of unrelated messages bunch close to 1 (one shared direction dominates); a middle
   layer carries more of what the message says, and subtracting the corpus mean removes the shared
   direction (`bench/tda_canary.py` compares the variants).
 - `gradients`: the gradient of the message's loss given its context with respect to the LoRA weights,
@@ -30,6 +30,9 @@ never changes stored rows.
 The store's meta records model, adapter hash, method, layer, pool, centring, projection and prompt
 settings; any difference, or damage (truncated vectors, an edited index, a missing or altered mean),
 makes `update_index` rebuild from scratch, never use the old vectors.
+
+One module for both methods (activations, gradients): they share the message keys, the incremental
+update and the centring, and differ only in the embedder.
 """
 
 from __future__ import annotations

@@ -24,6 +24,8 @@ pair stays whole until the new one is committed. Opening checks, cheaply: the in
 damaged index), the data file size (truncation) and the hash of a few sampled rows; `verify(full=True)`
 re-hashes every chunk. Meta that differs from what the caller expects raises `StaleStore`; damage
 raises `CorruptStore`; neither store is ever used silently. One writer at a time.
+
+One module: the file format, its crash safety and its validation are one thing to read and to change.
 """
 
 from __future__ import annotations
