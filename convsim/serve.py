@@ -360,7 +360,7 @@ class Service:
 def load_steering(arg: str):
     """(vector, default strength, steer context manager, name) for `--steer VECTOR[:STRENGTH]`."""
     try:
-        from convsim.steering.vectors import parse_steer_arg, steer
+        from convsim.steering.apply import parse_steer_arg, steer
     except ImportError as e:
         raise UserError(f"--steer needs convsim's steering module, which this installation lacks ({e})") from None
     vector, strength = parse_steer_arg(arg)

@@ -31,6 +31,6 @@ def steering(model, arg: str | None):
     """Context manager applying `--steer VECTOR[:STRENGTH]`, or nothing."""
     if not arg:
         return contextlib.nullcontext()
-    from convsim.steering.vectors import apply_steer_arg
+    from convsim.steering.apply import apply_steer_arg
 
     return apply_steer_arg(model, arg)

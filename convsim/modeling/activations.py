@@ -42,7 +42,7 @@ def last_pool(hidden: Tensor, mask: Tensor) -> Tensor:
 POOLS: dict[str, Pool] = {"mean": mean_pool, "last": last_pool}
 
 
-def _layer_output(output) -> Tensor:
+def layer_output(output) -> Tensor:
     # Decoder layers return a tensor in transformers 5 and a tuple (hidden, ...) in older releases.
     return output[0] if isinstance(output, (tuple, list)) else output
 
@@ -62,7 +62,7 @@ def record_activations(model, layers: Sequence[int]) -> Iterator[dict[int, Tenso
             block = blocks[i]  # IndexError for a layer the model doesn't have, before any forward pass
 
             def hook(_module, _inputs, output, key=i):
-                acts[key] = _layer_output(output).detach()
+                acts[key] = layer_output(output).detach()
 
             handles.append(block.register_forward_hook(hook))
         yield acts

@@ -1,1 +1,2 @@
-"""Steering vectors: the value type and the `steer()` hook (vectors), and `convsim steer build|sweep` (cli)."""
+"""Steering vectors: the value (vectors), building one from hidden states (build), the hook that adds one
+while the model runs (apply), and `convsim steer build|sweep` (cli, files, sweep)."""

@@ -860,7 +860,7 @@ YAML_PIECES = st.sampled_from(
 @given(st.lists(YAML_PIECES | st.text(max_size=6), max_size=30).map("".join))
 def test_fuzz_config_phrases_pairs(tmp_path_factory, text):
     from convsim.config import TrainConfig, load_yaml
-    from convsim.steering.cli import load_pairs, load_phrase_set
+    from convsim.steering.files import load_pairs, load_phrase_set
 
     d = tmp_path_factory.mktemp("fy")
     f = d / "f.yaml"

@@ -261,7 +261,7 @@ def test_steer_strength_reaches_the_vector(open_api):
 
 
 def test_real_steering_vector(tiny_run, tmp_path):
-    steering = pytest.importorskip("convsim.steering.vectors")
+    steering = pytest.importorskip("convsim.steering.build")
     from convsim.runs import open_run
 
     model, tok = open_run(tiny_run).load()

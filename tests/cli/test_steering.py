@@ -12,21 +12,16 @@ import torch
 from conftest import cli
 from convsim.errors import UserError
 from convsim.modeling.models import load
-from convsim.steering.vectors import (
-    SteeringVector,
-    active_hooks,
-    apply_steer_arg,
+from convsim.steering.apply import active_hooks, apply_steer_arg, generate_with_steering, parse_steer_arg, steer
+from convsim.steering.build import (
     from_pairs,
     from_phrases,
     from_texts,
     generate_steering_vector,
-    generate_with_steering,
-    model_key,
-    parse_steer_arg,
     pooled_states,
     sentiment_texts,
-    steer,
 )
+from convsim.steering.vectors import SteeringVector, model_key
 
 HAPPY = {"i feel happy": 0.25, "i feel sad": -0.25, "life is amazing": 0.25, "life is terrible": -0.25}
 EXAMPLE = Path(__file__).parents[2] / "examples" / "steer-happy.yaml"
@@ -204,7 +199,7 @@ def test_seed_api_and_steer_arg(tiny, tmp_path):
 
 
 def test_example_yaml_is_a_phrase_set():
-    from convsim.steering.cli import PhraseSet, load_phrase_set
+    from convsim.steering.files import PhraseSet, load_phrase_set
 
     ps = load_phrase_set(EXAMPLE)
     assert isinstance(ps, PhraseSet)

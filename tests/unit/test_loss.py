@@ -14,7 +14,7 @@ from conftest import tiny_trained_model
 from convsim.evaluation import evaluate
 from convsim.modeling import loss
 from convsim.modeling.layers import causal_lm
-from convsim.steering import cli as steering_cli
+from convsim.steering import sweep as steering_sweep
 from convsim.tda import gradients
 
 
@@ -75,7 +75,7 @@ def test_every_stage_gets_the_hand_computed_reply_loss(trained, cap):
     assert n == count and got == pytest.approx(want, rel=1e-5)
 
     # steering: the perplexity of the real replies in a sweep
-    got, n = steering_cli.reply_nll(model, seq, mask)
+    got, n = steering_sweep.reply_nll(model, seq, mask)
     assert n == count and got == pytest.approx(want, rel=1e-5)
 
     # attribution: the per-example loss whose gradients are sketched
@@ -86,7 +86,7 @@ def test_every_stage_gets_the_hand_computed_reply_loss(trained, cap):
 
 def test_the_stages_call_the_one_definition():
     assert evaluate.reply_nll is loss.reply_nll
-    assert steering_cli.reply_nll is loss.reply_nll
+    assert steering_sweep.reply_nll is loss.reply_nll
     assert gradients.per_example_loss is loss.per_example_loss
 
 
