@@ -118,7 +118,7 @@ def test_corrupt_or_mismatched_cache_is_rebuilt(loaded, tmp_path, counting):
     with open(data, "r+b") as f:
         f.truncate(data.stat().st_size - 10)
     assert "truncated" in again()
-    assert "adapter_hash" in again(Run(run.path, {**run.meta, "adapter_hash": "0123456789abcdef"}))
+    assert "adapter_hash" in again(Run(run.path, replace(run.meta, adapter_hash="0123456789abcdef")))
     again()  # back to the real adapter
     assert "layer" in again(spec=IndexSpec(layer="last"))
     assert "pool" in again(spec=IndexSpec(layer="last", pool="last"))
@@ -176,7 +176,7 @@ def test_query_refuses_a_stale_index(loaded):
     run, model, tok = loaded
     update_index(run, IndexSpec(), model, tok, progress=False)
     with pytest.raises(UserError, match="out of date"):
-        Attributor(Run(run.path, {**run.meta, "adapter_hash": "0123456789abcdef"}), model, tok)
+        Attributor(Run(run.path, replace(run.meta, adapter_hash="0123456789abcdef")), model, tok)
 
 
 # ---------------------------------------------------------------- CLI
