@@ -262,6 +262,7 @@ def test_steer_strength_reaches_the_vector(open_api):
 
 def test_real_steering_vector(tiny_run, tmp_path):
     steering = pytest.importorskip("convsim.steering.build")
+    from convsim.steering.apply import active_hooks
     from convsim.runs import open_run
 
     model, tok = open_run(tiny_run).load()
@@ -275,7 +276,7 @@ def test_real_steering_vector(tiny_run, tmp_path):
             for s in (0, 8, -8, 64)
         }
         assert len(set(replies.values())) > 1, replies  # steering changes what the model says
-        assert steering.active_hooks(svc.model) == 0  # and leaves no hook behind
+        assert active_hooks(svc.model) == 0  # and leaves no hook behind
 
 
 def test_full_queue_answers_429_and_loses_nothing(open_api):
