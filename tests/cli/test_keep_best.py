@@ -6,7 +6,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from convsim.data.schema import Conversation, Message, write_conversations
-from conftest import cli, synthetic_conversations
+from conftest import cli
 
 
 def _contrary_conversations(n=20):
