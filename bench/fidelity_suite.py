@@ -125,7 +125,7 @@ def convsim(*args, log: Path, env: dict | None = None) -> int:
 
 
 def prepare(work: Path) -> dict:
-    from convsim.data.schema import read_conversations, write_conversations
+    from convsim.chats.schema import read_conversations, write_conversations
 
     p = plan()
     suite_chats = {cid for ids in p["chats"].values() for cid in ids}
@@ -314,8 +314,9 @@ def summarize(work: Path, commit: str, card: str, command: str) -> dict:
                 "share_copy_within_real": _share(
                     [_within(r["copy_rate_finetuned"], r["copy_rate_real_ci"]) for r in rep]
                 ),
+                # no message that follows another in the same burst: no repeat either
                 "share_repeat_within_real": _share(
-                    [_within(r["repeat_rate_finetuned"], r["repeat_rate_real_ci"]) for r in rep]
+                    [_within(r["repeat_rate_finetuned"] or 0.0, r["repeat_rate_real_ci"]) for r in rep]
                 ),
                 "share_speaker_auc_ok": _share([r["speaker_auc_ok"] for r in rep]),
             }
@@ -366,6 +367,11 @@ def main(argv=None) -> int:
     ap.add_argument("--parallel", type=int, default=8, help="runs side by side on one GPU (default 8)")
     ap.add_argument("--recipe", choices=list(RECIPES), help="report: this recipe instead of the selection")
     ap.add_argument("--out", type=Path, help="summarize: write the JSON here")
+    ap.add_argument(
+        "--dry",
+        action="store_true",
+        help="check the flow on the CPU: tiny random model, 1 step, one pair of each set, 3 replies",
+    )
     ap.add_argument("--commit", default="unknown")
     ap.add_argument("--card", default="unknown")
     args = ap.parse_args(argv)
@@ -374,8 +380,20 @@ def main(argv=None) -> int:
         print(json.dumps({k: v for k, v in p.items() if k != "chats"}, indent=1))
         return 0
     args.work.mkdir(parents=True, exist_ok=True)
+    if args.dry:
+        for flags in RECIPES.values():
+            flags += ["--model", "tiny-gemma3", "--max-steps", "1", "--batch-size", "4", "--eval-steps", "1"]
+        EVAL_ARGS[:] = ["--n", "3", "--judge-n", "4", "--max-new-tokens", "4"]
     if args.step in ("prepare", "all"):
         prepare(args.work)
+        if args.dry:
+            p = json.loads((args.work / "plan.json").read_text())
+            p.update(
+                development_pairs=p["development_pairs"][:1],
+                report_pairs=p["report_pairs"][:1],
+                seeded_pairs=p["report_pairs"][:1],
+            )
+            (args.work / "plan.json").write_text(json.dumps(p, indent=1))
     if args.step in ("dev", "all"):
         dev(args.work, args.parallel)
     if args.step in ("select", "all"):

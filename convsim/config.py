@@ -21,8 +21,8 @@ class TrainConfig:
     extra_data: list[str] = field(default_factory=list)  # training-only data dirs (see `convsim train --help`)
     extra_data_ratio: float = 0.0  # at most this many extra messages per main training message (0: all)
     auto_extra_data: bool = True  # with no extra_data: use DATA_DIR/extra when it holds conversations
-    epochs: float = 1.0
-    batch_size: int = 8
+    epochs: float = 2.0
+    batch_size: int = 32
     grad_accum: int = 1
     learning_rate: float = 2e-4
     warmup_ratio: float = 0.05
@@ -38,7 +38,7 @@ class TrainConfig:
     include_mlp: bool = True
     instruct_format: bool | None = None  # default: the model row's prompt style
     loss: str = "reply"  # "reply" (only the reply) or "whole" (the seed's: all text)
-    context_size: int = 8
+    context_size: int = 16
     max_burst: int = 8
     val_fraction: float = 0.1
     test_fraction: float = 0.1

@@ -137,7 +137,25 @@ def run(args) -> int:
         print(json.dumps(brief, ensure_ascii=False, indent=2))
     else:
         _print_summary(brief, summary)
+        hint = extra_hint(args, out)
+        if hint:
+            print(hint)
     return 0
+
+
+def extra_hint(args, out: Path) -> str | None:
+    """How to add the same people's other chats, which `convsim train` uses from DATA_DIR/extra by default."""
+    if out.name == "extra" or args.other_chats:
+        return None
+    if getattr(args, "pair", None) or getattr(args, "top_pair", False):
+        who = f"--pair {args.pair}" if args.pair else "--top-pair"
+        cmd = f"convsim import chitchat {who} --other-chats --out {out / 'extra'}"
+    else:
+        cmd = f"convsim import THEIR_OTHER_CHATS... --out {out / 'extra'}"
+    return (
+        f"next: convsim train {out} --out runs/NAME   (more data of the same people helps: their chats with "
+        f"others, imported with `{cmd}`, are used for training only)"
+    )
 
 
 def _import_and_write(args, out: Path) -> tuple[list[Conversation], dict]:

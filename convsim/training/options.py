@@ -45,9 +45,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="without --extra-data, train also on DATA_DIR/extra (where `convsim import ... --out "
         "DATA_DIR/extra` put other chats of the same people) when it exists (default on)",
     )
-    p.add_argument("--context-size", type=int, metavar="N", help="earlier messages shown before each reply (default 8)")
-    p.add_argument("--epochs", type=float)
-    p.add_argument("--batch-size", type=int)
+    p.add_argument(
+        "--context-size", type=int, metavar="N", help="earlier messages shown before each reply (default 16)"
+    )
+    p.add_argument("--epochs", type=float, help="passes over the training examples (default 2)")
+    p.add_argument("--batch-size", type=int, help="examples per optimizer step (default 32)")
     p.add_argument("--grad-accum", type=int)
     p.add_argument("--learning-rate", type=float)
     p.add_argument("--max-steps", type=int)

@@ -43,12 +43,14 @@ __all__ = ["EXAMPLES", "HELP", "add_arguments", "run"]
 
 HELP = "LoRA fine-tune a model on a data dir (from `convsim import`), with one special token per speaker."
 EXAMPLES = """
-  convsim train data/ --out runs/me                       # all speakers, embedded Gemma 3 270M
+  convsim train data/ --out runs/me                       # the default recipe: 16 messages of context,
+                                                          # 2 epochs of batch 32, plus data/extra if present
   convsim train data/ --out runs/me --target Ana --max-steps 300 --time-budget 10
   convsim train data/ --out runs/tiny --model tiny-llama --max-steps 20   # smoke test in seconds
   convsim train data/ --out runs/me --continue-training   # resume from the latest checkpoint
   convsim train data/ --out runs/me --config train.yaml --learning-rate 1e-4   # flags override YAML
   convsim train data/pair --extra-data data/their-other-chats --out runs/more   # more of the same people
+  convsim train data/ --out runs/pair-only --no-auto-extra-data   # leave data/extra out
   CONVSIM_PROFILE=prof convsim train data/ --out runs/p --max-steps 20   # torch.profiler table of steps 11-15
 """
 
