@@ -117,7 +117,7 @@ def test_errors_create_nothing(tmp_path):
     assert_user_error(convsim("import", WA, "--out", out, "--speaker", "no-equals-sign"), "ALIAS=NAME")
     assert_user_error(convsim("import", WA, "--out", out, "--max-messages", "3"), "--max-messages")
     assert_user_error(convsim("import", WA, "--out", out, "--top-pair"), "chitchat")
-    assert_user_error(convsim("import", WA, "--out", out, "--chat", "Ana"), "Telegram")
+    assert_user_error(convsim("import", WA, "--out", out, "--chat", "Ana"), "no chat named 'Ana'", "android_us_12h")
     assert_user_error(convsim("import", WA, "--out", out, "--format", "telegram"), "not valid JSON")
     assert_user_error(convsim("import", WA, "--out", out, "--gap-minutes", "-5"), "--gap-minutes")
     assert_user_error(convsim("import", WA, "--out", out, "--max-input-mb", "0"), "--max-input-mb")
@@ -143,7 +143,11 @@ def test_several_sources_directory_and_zip(tmp_path):
 
 def test_telegram_chat_choice(tmp_path):
     j = ok_json("import", EXPORTS / "telegram" / "account_export.json", "--chat", "Ana", "--out", tmp_path / "d")
-    assert j["speakers"] == {"Ana": 1, "Ben": 1} and j["dropped"]["chat_not_selected"] == 6
+    # the other chats' 6 messages: 3 their own importer drops (media, system), 3 left out by --chat
+    assert j["speakers"] == {"Ana": 1, "Ben": 1} and j["dropped"]["chat_not_selected"] == 3
+    assert j["read"] == j["messages"] + sum(j["dropped"].values())
+    j = ok_json("import", EXPORTS / "telegram" / "account_export.json", "--chat", "777", "--out", tmp_path / "i")
+    assert j["speakers"] == {"Mum": 1, "Ben": 1}  # 777 is the family group's id
     assert_user_error(convsim("import", EXPORTS / "telegram" / "account_export.json", "--chat", "Zed",
                               "--out", tmp_path / "e"), "no chat named 'Zed'")
     assert not (tmp_path / "e").exists()

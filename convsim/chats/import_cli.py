@@ -3,6 +3,7 @@ kept, dropped and why).
 
     convsim import "WhatsApp Chat with Ana.zip" --out data/ana
     convsim import chitchat --top-pair --out data/demo --json
+    convsim import facebook-ana.zip --list                       # every chat, its people and dates; writes nothing
 
 Reads every SRC into memory (zips included, never extracted), detects each one's format, parses it
 with its importer (convsim/chats/importers/), then cleans (convsim/chats/clean.py: aliases, empty and
@@ -21,7 +22,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from convsim.chats.clean import Scrubber, clean_messages, number, split_sessions
+from convsim.chats import selection
 from convsim.chats.importers import FORMATS, Report, parse_payload, sniff
+from convsim.chats.importers.bundles import group
 from convsim.chats.importers.sources import read_sources
 from convsim.chats.schema import CONVERSATIONS, Conversation, write_conversations
 from convsim.errors import UserError
@@ -31,8 +34,9 @@ from convsim.fsutil import PRIVATE_DIR, atomic_dir, private_dir, write_json
 
 IMPORT_JSON = "import.json"
 
-HELP = ("Read chat exports (WhatsApp .txt/.zip, Telegram JSON, Discord CSV/JSON, prompt/response pairs, "
-        "chitchat, conversations.jsonl) into DATA_DIR/conversations.jsonl.")
+HELP = ("Read chat exports (WhatsApp .txt/.zip, Telegram JSON, Discord CSV/JSON, Messenger and Instagram JSON, "
+        "iMessage chat.db, Slack, Signal (signal-export), Google Chat, LINE .txt, prompt/response pairs, chitchat, "
+        "conversations.jsonl) into DATA_DIR/conversations.jsonl.")
 EXAMPLES = """
   convsim import "WhatsApp Chat with Ana.zip" --out data/ana
   convsim import chat.txt --speaker "Ana 🌻=Ana" --speaker "+1 555 123 4567=Ben" --out data/ana
@@ -43,6 +47,10 @@ EXAMPLES = """
   convsim import chitchat --pair 549cc1d1,a54af4d5 --out data/demo
   convsim import chitchat --top-pair --other-chats --out data/demo-others   # the same two with everyone else
   convsim import data/old/conversations.jsonl --no-scrub --gap-minutes 0 --out data/new
+  convsim import facebook-ana.zip --list                          # chats, people, counts, dates; writes nothing
+  convsim import facebook-ana.zip --chat "Ben Kovač" --out data/ben
+  convsim import ~/Library/Messages --me Riya --speaker "+15551234567=Ana" --pair Riya,Ana --out data/ana
+  convsim import slack-export.zip --person "Ana López" --out data/ana-work   # Ana's chats, everyone as context
 
 Dropped and counted in import.json: system events, media without a caption, deleted-message markers,
 empty messages. E-mails, phone numbers, URLs, IPs and card numbers become placeholders like <EMAIL_3>
@@ -53,15 +61,21 @@ unless --no-scrub.
 def add_arguments(p) -> None:
     p.add_argument("src", nargs="+", metavar="SRC",
                    help="export file, .zip, directory holding an export, or the word 'chitchat'")
-    p.add_argument("--out", required=True, metavar="DATA_DIR", help="directory to write conversations.jsonl and import.json into")
+    p.add_argument("--out", metavar="DATA_DIR", help="directory to write conversations.jsonl and import.json into "
+                   "(required unless --list)")
+    p.add_argument("--list", action="store_true",
+                   help="print every chat of the exports (people, messages, first and last date) and write nothing")
     p.add_argument("--format", default="auto", choices=("auto",) + FORMATS, help="skip detection (default: auto)")
     p.add_argument("--speaker", action="append", default=[], metavar="ALIAS=NAME",
                    help="merge speaker ALIAS into NAME (names as in the export; repeatable)")
     p.add_argument("--gap-minutes", type=float, default=120.0, metavar="MIN",
                    help="start a new conversation after a longer silence (default 120; 0: never split)")
     p.add_argument("--chat", action="append", default=[], metavar="NAME",
-                   help="Telegram: import only this chat (name or id; repeatable)")
-    p.add_argument("--pair", metavar="A,B", help="chitchat: only the chats between these two senders")
+                   help="import only this chat, as --list names it (Telegram: or its id; repeatable)")
+    p.add_argument("--pair", metavar="A,B", help="only the chats between exactly these two people (chitchat: senders)")
+    p.add_argument("--person", metavar="NAME",
+                   help="only the chats NAME wrote in, everyone else kept as context")
+    p.add_argument("--me", metavar="NAME", help="iMessage, Signal: the name for the account owner (default 'Me')")
     p.add_argument("--top-pair", action="store_true", help="chitchat: only the chats of the two people who talked most")
     p.add_argument("--other-chats", action="store_true",
                    help="chitchat, with --pair or --top-pair: instead, the two people's chats with everyone else, "
@@ -79,6 +93,10 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    if args.list:
+        return _run_list(args)
+    if args.out is None:
+        raise UserError("--out DATA_DIR is required (or --list to see the chats without importing)")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a directory")
@@ -94,11 +112,25 @@ def run(args) -> int:
     return 0
 
 
+def _run_list(args) -> int:
+    if args.out is not None:
+        raise UserError("--list writes nothing; leave out --out")
+    with _gc_paused():
+        rows = list_chats(args.src, fmt=args.format, aliases=_aliases(args.speaker), chats=args.chat,
+                          pair=_pair(args.pair), person=args.person, me=args.me, max_messages=args.max_messages,
+                          max_speakers=args.max_speakers, max_input_mb=args.max_input_mb)
+    if args.json:
+        print(json.dumps(rows, ensure_ascii=False, indent=2))
+    else:
+        selection.print_table(rows)
+    return 0
+
+
 def _import_and_write(args, out: Path) -> tuple[list[Conversation], dict]:
     convs, summary = import_chats(
         args.src, fmt=args.format, aliases=_aliases(args.speaker), gap_minutes=args.gap_minutes,
         chats=args.chat, pair=_pair(args.pair), top_pair=args.top_pair, other_chats=args.other_chats,
-        scrub=not args.no_scrub,
+        person=args.person, me=args.me, scrub=not args.no_scrub,
         max_message_chars=args.max_message_chars, max_messages=args.max_messages,
         max_speakers=args.max_speakers, max_input_mb=args.max_input_mb)
     write_data_dir(out, convs, summary)
@@ -120,10 +152,12 @@ def _gc_paused():
 
 def import_chats(srcs: list[str], *, fmt: str = "auto", aliases: dict[str, str] | None = None,
                  gap_minutes: float = 120.0, chats: list[str] | None = None, pair: tuple[str, str] | None = None,
-                 top_pair: bool = False, other_chats: bool = False, scrub: bool = True, max_message_chars: int = 20_000,
+                 top_pair: bool = False, other_chats: bool = False, person: str | None = None, me: str | None = None,
+                 scrub: bool = True, max_message_chars: int = 20_000,
                  max_messages: int = 5_000_000, max_speakers: int = 10_000,
                  max_input_mb: int = 1024) -> tuple[list[Conversation], dict]:
-    """Read, parse, clean and split; returns (conversations, the import.json summary). Writes nothing."""
+    """Read, parse, choose chats, clean and split; returns (conversations, the import.json summary).
+    Writes nothing."""
     aliases = aliases or {}
     if gap_minutes < 0:
         raise UserError(f"--gap-minutes must be 0 or more, not {gap_minutes:g}")
@@ -136,52 +170,15 @@ def import_chats(srcs: list[str], *, fmt: str = "auto", aliases: dict[str, str] 
     if other_chats and not (pair or top_pair):
         raise UserError("--other-chats needs --pair or --top-pair (whose other chats?)")
 
-    blobs = read_sources(list(srcs), max_input_mb << 20)
-    convs: list[Conversation] = []
-    dropped: Counter = Counter()
-    sources: list[dict] = []
-    skipped: dict[str, list[str]] = {}
-    found_in: set[str] = set()
-    read = 0
-    speakers: set[str] = set()
-    for blob in blobs:
-        report = Report()
-        try:
-            found, payload = sniff(blob.data, blob.name, report, blob.fmt or fmt)
-        except UserError as e:
-            if blob.container is None:
-                raise
-            skipped.setdefault(blob.container, []).append(str(e))
-            continue
-        blob.data = b""  # the text or JSON is all that is needed from here; let the bytes go
-        got = parse_payload(found, payload, blob.name, report, chats=chats, pair=pair, top_pair=top_pair,
-                            other_chats=other_chats, max_speakers=max_speakers)
-        del payload
-        if blob.container is not None:
-            found_in.add(blob.container)
-        read += report.read
-        if read > max_messages:
-            raise UserError(f"{blob.name}: more than {max_messages:,} messages (--max-messages)")
-        for c in got:
-            speakers.update(m.speaker for m in c.messages)
-        if len(speakers) > max_speakers:
-            raise UserError(f"{blob.name}: {len(speakers):,} distinct speakers, more than --max-speakers "
-                            f"{max_speakers:,}; not a conversation between people?")
-        dropped.update(report.dropped)
-        kept = sum(len(c.messages) for c in got)
-        sources.append({"name": blob.name, "format": found, "messages_read": report.read,
-                        "messages_parsed": kept, "dropped": dict(report.dropped), **_notes(report.notes)})
-        convs.extend(got)
-
-    for container, reasons in skipped.items():
-        if container not in found_in:
-            why = "; ".join(reasons[:3]) + (" ..." if len(reasons) > 3 else "")
-            raise UserError(f"{container}: no chat export found ({why})")
+    read_out = _read_exports(srcs, fmt=fmt, pair=pair, top_pair=top_pair, other_chats=other_chats, me=me,
+                             max_messages=max_messages, max_speakers=max_speakers, max_input_mb=max_input_mb)
+    convs, sources, skipped, dropped, read, speakers, extra_keys = read_out
     formats = {s["format"] for s in sources}
-    if chats and "telegram" not in formats:
-        raise UserError("--chat picks chats of a Telegram export, and no SRC is one")
-    if (pair or top_pair) and "chitchat" not in formats:
-        raise UserError("--pair and --top-pair pick people of the chitchat data; no SRC is chitchat")
+    if top_pair and "chitchat" not in formats:
+        raise UserError("--top-pair picks people of the chitchat data; no SRC is chitchat")
+    convs = _choose(convs, chats=chats, pair=pair, person=person, aliases=aliases, dropped=dropped,
+                    extra_keys=extra_keys)
+    speakers = {m.speaker for c in convs for m in c.messages}
     unknown = [a for a in aliases if a not in speakers]
     if unknown:
         names = ", ".join(repr(s) for s in sorted(speakers)[:12])
@@ -189,6 +186,15 @@ def import_chats(srcs: list[str], *, fmt: str = "auto", aliases: dict[str, str] 
                         f"{' ...' if len(speakers) > 12 else ''}")
 
     scrubber = Scrubber() if scrub else None
+    if scrubber is not None:
+        # a chat named by a phone number or address (iMessage, WhatsApp file names) is personal data too
+        for c in convs:
+            c.source = scrubber(c.source)
+        for s in sources:
+            s["name"] = scrubber(s["name"])
+            if isinstance(s.get("chats"), dict):
+                s["chats"] = {scrubber(k): v for k, v in s["chats"].items()}
+        skipped = {scrubber(k): v for k, v in skipped.items()}
     convs, truncated = clean_messages(convs, aliases=aliases, max_chars=max_message_chars, scrub=scrubber,
                                       dropped=dropped)
     convs = number(split_sessions(convs, gap_minutes))
@@ -217,12 +223,100 @@ def import_chats(srcs: list[str], *, fmt: str = "auto", aliases: dict[str, str] 
         "skipped": {name: reasons for name, reasons in skipped.items()},  # files in a SRC dir/zip that were no export
         "options": {"format": fmt, "gap_minutes": gap_minutes, "speaker_aliases": aliases, "chats": chats or [],
                     "pair": list(pair) if pair else None, "top_pair": top_pair, "other_chats": other_chats,
-                    "scrub": scrub,
+                    "person": person, "me": me, "scrub": scrub,
                     "max_message_chars": max_message_chars, "max_messages": max_messages,
                     "max_speakers": max_speakers, "max_input_mb": max_input_mb},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     return convs, summary
+
+
+def list_chats(srcs: list[str], *, fmt: str = "auto", aliases: dict[str, str] | None = None,
+               chats: list[str] | None = None, pair: tuple[str, str] | None = None, person: str | None = None,
+               me: str | None = None, max_messages: int = 5_000_000, max_speakers: int = 10_000,
+               max_input_mb: int = 1024) -> list[dict]:
+    """Every chat of the exports (after --chat/--pair/--person, if given) as `selection.listing` rows:
+    read and parsed, not cleaned, nothing written."""
+    convs, _, _, dropped, _, _, extra_keys = _read_exports(
+        srcs, fmt=fmt, pair=pair, top_pair=False, other_chats=False, me=me, max_messages=max_messages,
+        max_speakers=max_speakers, max_input_mb=max_input_mb)
+    convs = _choose(convs, chats=chats, pair=pair, person=person, aliases=aliases or {}, dropped=dropped,
+                    extra_keys=extra_keys)
+    return selection.listing(convs)
+
+
+def _choose(convs, *, chats, pair, person, aliases, dropped, extra_keys) -> list[Conversation]:
+    """--pair (chitchat picks its own pair while parsing), then --chat and --person, in the chats' order."""
+    if pair:
+        others = [c for c in convs if selection.fmt_of(c) != "chitchat"]
+        if others:
+            chosen = {id(c) for c in selection.select(others, chats=None, pair=pair, person=None, dropped=dropped,
+                                                       aliases=aliases)}
+            convs = [c for c in convs if selection.fmt_of(c) == "chitchat" or id(c) in chosen]
+    return selection.select(convs, chats=chats, pair=None, person=person, dropped=dropped, aliases=aliases,
+                            extra_keys=extra_keys)
+
+
+def _read_exports(srcs, *, fmt, pair, top_pair, other_chats, me, max_messages, max_speakers, max_input_mb):
+    """Read every SRC, detect and parse each export; (conversations, per-source summaries, skipped files,
+    drops, messages read, speakers, chat ids by conversation)."""
+    blobs = group(read_sources(list(srcs), max_input_mb << 20))
+    convs: list[Conversation] = []
+    dropped: Counter = Counter()
+    sources: list[dict] = []
+    skipped: dict[str, list[str]] = {}
+    found_in: set[str] = set()
+    read = 0
+    speakers: set[str] = set()
+    extra_keys: dict[int, set[str]] = {}
+    for blob in blobs:
+        report = Report()
+        options = {}
+        if blob.fmt == "slack":
+            found, payload = "slack", blob.companions
+            report.notes["format"] = found
+        else:
+            try:
+                found, payload = sniff(blob.data, blob.name, report, blob.fmt or fmt)
+            except UserError as e:
+                if blob.container is None:
+                    raise
+                skipped.setdefault(blob.container, []).append(str(e))
+                continue
+            if blob.companions and "wal" in blob.companions:
+                options["wal"] = blob.companions["wal"]
+        blob.data = b""  # the text or JSON is all that is needed from here; let the bytes go
+        blob.companions = None
+        got = parse_payload(found, payload, blob.name, report, pair=pair if found == "chitchat" else None,
+                            top_pair=top_pair, other_chats=other_chats, max_speakers=max_speakers, me=me, **options)
+        del payload
+        ids = report.notes.pop("chat_ids", None)
+        if ids:
+            for c in got:
+                key = ids.get(selection.chat_name(c))
+                if key is not None:
+                    extra_keys[id(c)] = {key}
+        if blob.container is not None:
+            found_in.add(blob.container)
+        read += report.read
+        if read > max_messages:
+            raise UserError(f"{blob.name}: more than {max_messages:,} messages (--max-messages)")
+        for c in got:
+            speakers.update(m.speaker for m in c.messages)
+        if len(speakers) > max_speakers:
+            raise UserError(f"{blob.name}: {len(speakers):,} distinct speakers, more than --max-speakers "
+                            f"{max_speakers:,}; not a conversation between people?")
+        dropped.update(report.dropped)
+        kept = sum(len(c.messages) for c in got)
+        sources.append({"name": blob.name, "format": found, "messages_read": report.read,
+                        "messages_parsed": kept, "dropped": dict(report.dropped), **_notes(report.notes)})
+        convs.extend(got)
+
+    for container, reasons in skipped.items():
+        if container not in found_in:
+            why = "; ".join(reasons[:3]) + (" ..." if len(reasons) > 3 else "")
+            raise UserError(f"{container}: no chat export found ({why})")
+    return selection.merge_split(convs), sources, skipped, dropped, read, speakers, extra_keys
 
 
 def write_data_dir(out: Path, convs: list[Conversation], summary: dict) -> None:

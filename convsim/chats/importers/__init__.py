@@ -18,7 +18,10 @@ Dropped records are counted in `report.dropped` by reason: system, media, delete
 
 Formats: whatsapp (.txt; zips are opened by `sources`), telegram (Desktop JSON, one chat or the whole
 account), discord (DiscordChatExporter CSV or JSON), pairs (the seed project's prompt/response JSON),
-chitchat (the `chitchat-dataset` package's JSON), jsonl (convsim's own conversations.jsonl).
+chitchat (the `chitchat-dataset` package's JSON), jsonl (convsim's own conversations.jsonl), messenger and
+instagram ("Download your information" JSON), imessage (a Mac's chat.db, SQLite), slack (a workspace
+export folder or zip, grouped by `bundles`), signal (signal-export's data.json), googlechat (Google
+Takeout's messages.json), line (LINE's exported .txt).
 """
 from __future__ import annotations
 
@@ -32,8 +35,11 @@ from convsim.chats.importers._text import as_bytes, decode, first_line, load_jso
 from convsim.chats.schema import Conversation
 from convsim.errors import UserError
 
-FORMATS = ("whatsapp", "telegram", "discord", "pairs", "chitchat", "jsonl")
-JSON_FORMATS = ("telegram", "discord", "pairs", "chitchat", "jsonl")
+FORMATS = ("whatsapp", "telegram", "discord", "pairs", "chitchat", "jsonl", "messenger", "instagram", "imessage",
+           "slack", "signal", "googlechat", "line")
+JSON_FORMATS = ("telegram", "discord", "pairs", "chitchat", "jsonl", "messenger", "instagram", "googlechat")
+# Formats whose export is several files read together (a Slack workspace folder); `bundles` groups them.
+MULTI_FILE_FORMATS = ("slack",)
 
 
 @dataclass
@@ -50,8 +56,17 @@ def module(fmt: str):
     return importlib.import_module(f"convsim.chats.importers.{fmt}")
 
 
-def detect_obj(obj: Any) -> str | None:
-    """Which JSON format a parsed JSON value is, or None."""
+def detect_obj(obj: Any, source: str = "") -> str | None:
+    """Which JSON format a parsed JSON value is, or None (`source`, the file's name, tells Instagram's
+    Messenger-shaped files from Messenger's)."""
+    from convsim.chats.importers import googlechat, instagram, messenger, signal
+
+    if messenger.looks_like(obj):
+        return "instagram" if instagram.looks_like(obj, source) else "messenger"
+    if googlechat.looks_like(obj):
+        return "googlechat"
+    if signal.looks_like(obj):
+        return "signal"
     if isinstance(obj, dict):
         msgs = obj.get("messages")
         if isinstance(obj.get("chats"), dict) and isinstance(obj["chats"].get("list"), list):
@@ -84,11 +99,13 @@ def detect_obj(obj: Any) -> str | None:
 
 def detect_text(text: str) -> str | None:
     """Which line-based format a decoded text is (whatsapp, a Discord CSV, JSON Lines), or None."""
-    from convsim.chats.importers import discord, whatsapp
+    from convsim.chats.importers import discord, line as line_txt, whatsapp
 
     line = first_line(text)
     if not line:
         return None
+    if line_txt.looks_like(line):
+        return "line"
     if discord.looks_like_csv(line):
         return "discord"
     if whatsapp.looks_like(line):
@@ -124,7 +141,7 @@ def parse_payload(fmt: str, payload: Any, source: str, report: Report, **options
     """Run format `fmt`'s importer on what `sniff` returned."""
     mod = module(fmt)
     try:
-        if isinstance(payload, str):
+        if isinstance(payload, (str, bytes)):
             return mod.parse(payload, source, report, **options)
         return mod.parse_obj(payload, source, report, **options)
     except (TypeError, KeyError, AttributeError, IndexError, ValueError) as e:
@@ -135,9 +152,16 @@ def parse_payload(fmt: str, payload: Any, source: str, report: Report, **options
 
 
 def _sniff(raw: bytes, source: str, fmt: str, report: Report) -> tuple[str, Any]:
-    """(format, payload): payload is parsed JSON for JSON formats, text otherwise."""
+    """(format, payload): payload is parsed JSON for JSON formats, the bytes for SQLite, text otherwise."""
     if raw.startswith(b"PK\x03\x04") or raw.startswith(b"PK\x05\x06"):
         raise UserError(f"{source}: a zip archive here; pass the .zip itself as SRC (zips are opened in memory)")
+    if raw.startswith(b"SQLite format 3\0") and fmt in ("auto", None, "imessage"):
+        return "imessage", raw
+    if fmt == "imessage":
+        raise UserError(f"{source}: not an SQLite database, so not an iMessage chat.db")
+    if fmt in MULTI_FILE_FORMATS:
+        raise UserError(f"{source}: a {fmt} export is a folder or zip (users.json, channels.json and a folder "
+                        "per channel); pass that as SRC")
     if not raw.strip(b" \t\r\n\xef\xbb\xbf"):
         raise UserError(f"{source}: empty file")
     text = decode(raw, source, report.notes)
@@ -154,22 +178,42 @@ def _sniff(raw: bytes, source: str, fmt: str, report: Report) -> tuple[str, Any]
                 return "jsonl", text
             if isinstance(obj, dict) and "prompt" in obj:
                 return "pairs", text
+            if detect_obj(obj, source) == "signal":
+                return "signal", text
             raise UserError(f"{source}: JSON Lines, but neither convsim conversations nor prompt/response pairs")
         obj = load_json(text, source)
-        found = detect_obj(obj)
+        found = detect_obj(obj, source)
         if found is None:
             kind = {"dict": "object", "list": "list"}.get(type(obj).__name__, "value")
             keys = f" with keys {', '.join(map(str, list(obj)[:6]))}" if isinstance(obj, dict) else ""
-            raise UserError(f"{source}: JSON {kind}{keys} is not a chat export this tool knows "
-                            "(Telegram, Discord, prompt/response pairs, chitchat, conversations.jsonl)")
-        return found, (text if found == "jsonl" else obj)
+            raise UserError(f"{source}: JSON {kind}{keys} is not a chat export this tool knows ({_json_tried(obj)})")
+        return found, (text if found in ("jsonl", "signal") else obj)
     found = detect_text(text)
     if found is None:
         line = first_line(text, 4096)
-        raise UserError(f"{source}: unknown format (first line: {short(line)!r}); "
-                        "expected a WhatsApp .txt, Telegram/Discord JSON, Discord CSV, pairs or chitchat JSON, "
-                        "or conversations.jsonl (or pass --format)")
+        raise UserError(f"{source}: unknown format (first line: {short(line)!r}); tried: WhatsApp (no "
+                        "'31/12/2020, 22:15 - Name: text' line), LINE (no '[LINE]' first line), Discord CSV (no "
+                        "Author,Date,Content header), and the JSON and SQLite formats (not JSON, not SQLite); "
+                        "or pass --format")
     return found, text
+
+
+def _json_tried(obj: Any) -> str:
+    """Why a JSON value is none of the JSON formats, format by format, for the error message."""
+    if isinstance(obj, list):
+        return ("tried: pairs (no 'prompt' in the records), conversations.jsonl (no 'messages' list), "
+                "Slack (a day file belongs in a workspace folder with users.json)")
+    if not isinstance(obj, dict):
+        return "tried the JSON formats: every one is an object or a list"
+    msgs = isinstance(obj.get("messages"), list)
+    return "tried: " + "; ".join([
+        "Telegram (" + ("'messages' without 'date'/'from'" if msgs else "no 'messages' list or 'chats'") + ")",
+        "Discord (no 'guild'/'channel')",
+        "Messenger/Instagram (" + ("no 'participants'" if "participants" not in obj else "messages without 'sender_name'") + ")",
+        "Google Chat (no messages with 'creator' and 'created_date')",
+        "Signal data.json (no 'date', 'sender' and 'body')",
+        "chitchat (values are not chats with 'messages')",
+        "conversations.jsonl (no 'id' with 'messages' of 'speaker')"])
 
 
 def _is_json_lines(text: str) -> bool:

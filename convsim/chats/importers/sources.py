@@ -3,7 +3,8 @@
     blobs = read_sources(["WhatsApp Chat.zip", "tg/ChatExport_2024-01-01", "chitchat"], max_bytes=1 << 30)
 
 A SRC is a file, a directory (searched for exports, symlinks not followed), a `.zip` (its entries read
-in memory, never extracted), or the word `chitchat` (the installed chitchat-dataset). Refused with a
+in memory, never extracted), or the word `chitchat` (the installed chitchat-dataset). An SQLite file
+given directly brings its `-wal` file along when one lies beside it (bundles.py pairs them). Refused with a
 `UserError`: a path that is not a regular file (a FIFO, a device, a symlink loop), a zip entry whose
 path leaves the archive (`../x`, `/etc/x`, `C:\\x`), an encrypted or corrupt zip, and anything that
 would make the total read exceed `max_bytes` (zip bombs: declared sizes are checked before reading and
@@ -21,7 +22,7 @@ from pathlib import PurePosixPath
 
 from convsim.errors import UserError
 
-CHAT_SUFFIXES = (".txt", ".json", ".jsonl", ".csv")
+CHAT_SUFFIXES = (".txt", ".json", ".jsonl", ".csv", ".db", ".db-wal", ".sqlite", ".sqlite-wal")
 MAX_FILES = 10_000
 MAX_DEPTH = 8
 
@@ -32,6 +33,7 @@ class Blob:
     data: bytes
     container: str | None = None  # the directory or zip it came from; None for a file given directly
     fmt: str | None = None       # a format fixed by how it was named (the word `chitchat`)
+    companions: dict[str, bytes] | None = None  # files read with this one (a chat.db's WAL; a Slack export's files)
 
 
 class _Budget:
@@ -61,7 +63,14 @@ def read_sources(srcs: list[str], max_bytes: int) -> list[Blob]:
         elif stat.S_ISREG(st.st_mode):
             data = _read_file(src, budget, src)
             name = os.path.basename(os.path.normpath(src)) or src
-            out.extend(_zip_members(data, name, budget) if _is_zip(data) else [Blob(name, data)])
+            if _is_zip(data):
+                out.extend(_zip_members(data, name, budget))
+                continue
+            out.append(Blob(name, data))
+            wal = src + "-wal"
+            if data.startswith(b"SQLite format 3\0") and os.path.isfile(wal) and not os.path.islink(wal):
+                # a database copied with its write-ahead log: the newest rows are only there
+                out.append(Blob(name + "-wal", _read_file(wal, budget, wal)))
         else:
             raise UserError(f"{src}: not a regular file or directory (a device, FIFO or socket?)")
     return out

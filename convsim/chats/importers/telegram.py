@@ -58,10 +58,13 @@ def parse_obj(obj: Any, source: str, report, chats: list[str] | None = None, **_
         found = picked
 
     per_chat = report.notes.setdefault("chats", {})
+    ids = report.notes.setdefault("chat_ids", {})  # so `convsim import --chat ID` can pick a chat by its id
     out = []
     for chat in found:
         msgs = _chat(chat, report)
         name = _chat_name(chat)
+        if chat.get("id") is not None:
+            ids[name] = short(str(chat.get("id")), 40)
         per_chat[name] = per_chat.get(name, 0) + len(msgs)
         if msgs:
             out.append(Conversation(id="", messages=msgs, source=f"telegram:{source}#{name}"))

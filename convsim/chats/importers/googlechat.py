@@ -1,0 +1,100 @@
+"""Google Chat from Google Takeout (`Google Chat/Groups/<DM or Space>/messages.json`) → one
+Conversation per file.
+
+    from convsim.chats.importers import Report, googlechat
+    convs = googlechat.parse(Path("messages.json"), "Google Chat/Groups/DM abc/messages.json", Report())
+
+A file is `{"messages": [{"creator": {"name", "email", "user_type"}, "created_date": "Tuesday, January
+2, 2024 at 10:00:00 AM UTC", "text", "topic_id", "message_id", "attached_files", "annotations"}]}`,
+oldest first; newer Takeouts put a narrow no-break space before AM/PM. Thread replies (same
+`topic_id`) are messages in time order like any other. The chat is named by the folder ("DM abc",
+"Space xyz"); `group_info.json` beside it is not needed. Dropped and counted: deleted messages
+("deleted"), bot messages ("system"), attachments without text ("media"). Times are UTC.
+"""
+from __future__ import annotations
+
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from convsim.chats.importers._text import as_text, load_json
+from convsim.chats.schema import Conversation, Message
+from convsim.errors import UserError
+
+_MONTHS = {m: i for i, m in enumerate(("January", "February", "March", "April", "May", "June", "July", "August",
+                                       "September", "October", "November", "December"), 1)}
+_DATE = re.compile(r"(?:\w+, )?(\w+) (\d{1,2}), (\d{4}) at (\d{1,2}):(\d{2}):(\d{2})[\s\u202f\u00a0]*([AP]M)\s*(UTC|GMT)?\Z")
+
+
+def looks_like(obj: Any) -> bool:
+    if not isinstance(obj, dict) or not isinstance(obj.get("messages"), list):
+        return False
+    first = next((m for m in obj["messages"][:20] if isinstance(m, dict)), None)
+    return first is not None and "creator" in first and "created_date" in first
+
+
+def parse(data: bytes | str | Path, source: str, report, **options) -> list[Conversation]:
+    return parse_obj(load_json(as_text(data, source, report.notes), source), source, report, **options)
+
+
+def parse_obj(obj: Any, source: str, report, **_options) -> list[Conversation]:
+    if not looks_like(obj):
+        raise UserError(f"{source}: not a Google Chat messages.json (expected 'messages' with 'creator' and "
+                        "'created_date')")
+    dropped = report.dropped
+    out: list[Message] = []
+    times: dict[str, str | None] = {}
+    for m in obj["messages"]:
+        report.read += 1
+        if not isinstance(m, dict):
+            dropped["malformed"] += 1
+            continue
+        if "deletion_metadata" in m or "deleted_date" in m:
+            dropped["deleted"] += 1
+            continue
+        creator = m.get("creator") if isinstance(m.get("creator"), dict) else {}
+        if creator.get("user_type") == "Bot":
+            dropped["system"] += 1
+            continue
+        text = m.get("text")
+        text = text.strip() if isinstance(text, str) else ""
+        if not text:
+            dropped["media" if m.get("attached_files") or m.get("annotations") else "empty"] += 1
+            continue
+        name = creator.get("name")
+        if not isinstance(name, str) or not name.strip():
+            name = creator.get("email")
+        if not isinstance(name, str) or not name.strip():
+            dropped["no_sender"] += 1
+            continue
+        ds = m.get("created_date")
+        when = None
+        if isinstance(ds, str):
+            when = times.get(ds, "")
+            if when == "":
+                when = times[ds] = _time(ds)
+        out.append(Message(name, text, when))
+    chat = chat_name(source)
+    report.notes.setdefault("chats", {})[chat] = len(out)
+    return [Conversation(id="", messages=out, source=f"googlechat:{source.replace('#', '_')}#{chat}")] if out else []
+
+
+def chat_name(source: str) -> str:
+    parts = source.replace("\\", "/").split("/")
+    return parts[-2] if len(parts) >= 2 and parts[-2] else "Google Chat"
+
+
+def _time(value: str) -> str | None:
+    m = _DATE.match(value.strip()[:80])
+    if m is None:
+        return None
+    month = _MONTHS.get(m.group(1))
+    h, mi, s = int(m.group(4)), int(m.group(5)), int(m.group(6))
+    if month is None or not 1 <= h <= 12:
+        return None
+    h = h % 12 + (12 if m.group(7) == "PM" else 0)
+    try:
+        return datetime(int(m.group(3)), month, int(m.group(2)), h, mi, s, tzinfo=timezone.utc).isoformat()
+    except ValueError:
+        return None
