@@ -191,7 +191,23 @@ def test_stats(tmp_path):
     assert_user_error(convsim("stats", tmp_path / "bad"), "not a conversation record")
 
 
-@pytest.mark.parametrize("fixture", sorted(str(p.relative_to(EXPORTS)) for p in EXPORTS.rglob("*") if p.is_file()))
+# Exports that are a folder of files read together, imported as that folder rather than file by file.
+FOLDER_FIXTURES = ("slack/acme-slack-export", "googlechat/Takeout")
+
+
+def _fixture_units() -> list[str]:
+    units = set()
+    for p in EXPORTS.rglob("*"):
+        rel = p.relative_to(EXPORTS).as_posix()
+        folder = next((f for f in FOLDER_FIXTURES if rel == f or rel.startswith(f + "/")), None)
+        if folder is not None:
+            units.add(folder)
+        elif p.is_file():
+            units.add(rel)
+    return sorted(units)
+
+
+@pytest.mark.parametrize("fixture", _fixture_units())
 def test_every_fixture_imports(fixture, tmp_path, capsys):
     # In-process through the same entry point (cli.main) to keep the suite fast; the subprocess tests
     # above cover process-level behaviour.

@@ -283,8 +283,7 @@ def _read_exports(srcs, *, fmt, pair, top_pair, other_chats, me, max_messages, m
                     raise
                 skipped.setdefault(blob.container, []).append(str(e))
                 continue
-            if blob.companions and "wal" in blob.companions:
-                options["wal"] = blob.companions["wal"]
+            options.update(blob.companions or {})  # a chat.db's wal=, a messages.json's group_info=
         blob.data = b""  # the text or JSON is all that is needed from here; let the bytes go
         blob.companions = None
         got = parse_payload(found, payload, blob.name, report, pair=pair if found == "chitchat" else None,

@@ -5,6 +5,8 @@
 
   - an iMessage `chat.db` and its `chat.db-wal` (the newest messages until macOS checkpoints them) become
     one blob whose `companions` hold the WAL (`-shm` files are not needed and not read);
+  - a Google Chat `messages.json` and the `group_info.json` beside it (the space's name and members,
+    which name the chat) become one blob whose `companions` hold the group info;
   - a Slack workspace export (`users.json` beside `channels.json`, `dms.json`, ... and a folder per
     channel) becomes one blob of format `slack` whose `companions` are its files by relative path.
 
@@ -42,8 +44,13 @@ def group(blobs: list[Blob]) -> list[Blob]:
             continue  # attached to its database below
         if b.name.endswith("-shm"):
             continue
+        if b.name.endswith("/group_info.json") and b.name[: -len("group_info.json")] + "messages.json" in by_name:
+            continue  # attached to its messages.json below
         wal = by_name.get(b.name + WAL)
         if wal is not None and b.data.startswith(b"SQLite format 3\0"):
             b.companions = {"wal": wal.data}
+        info = by_name.get(b.name[: -len("messages.json")] + "group_info.json") if b.name.endswith("/messages.json") else None
+        if info is not None:
+            b.companions = {"group_info": info.data}
         out.append(b)
     return out

@@ -7,12 +7,14 @@ Conversation per file.
 A file is `{"messages": [{"creator": {"name", "email", "user_type"}, "created_date": "Tuesday, January
 2, 2024 at 10:00:00 AM UTC", "text", "topic_id", "message_id", "attached_files", "annotations"}]}`,
 oldest first; newer Takeouts put a narrow no-break space before AM/PM. Thread replies (same
-`topic_id`) are messages in time order like any other. The chat is named by the folder ("DM abc",
-"Space xyz"); `group_info.json` beside it is not needed. Dropped and counted: deleted messages
+`topic_id`) are messages in time order like any other. The chat is named by `group_info.json` beside
+the file (`{"name", "members": [{"name", ...}]}`: a space's name, a DM's members; `convsim import`
+passes it as `group_info`), or else by the folder ("DM abc", "Space xyz"). Dropped and counted: deleted messages
 ("deleted"), bot messages ("system"), attachments without text ("media"). Times are UTC.
 """
 from __future__ import annotations
 
+import json
 import re
 from datetime import datetime, timezone
 from pathlib import Path
@@ -38,7 +40,7 @@ def parse(data: bytes | str | Path, source: str, report, **options) -> list[Conv
     return parse_obj(load_json(as_text(data, source, report.notes), source), source, report, **options)
 
 
-def parse_obj(obj: Any, source: str, report, **_options) -> list[Conversation]:
+def parse_obj(obj: Any, source: str, report, group_info: bytes | None = None, **_options) -> list[Conversation]:
     if not looks_like(obj):
         raise UserError(f"{source}: not a Google Chat messages.json (expected 'messages' with 'creator' and "
                         "'created_date')")
@@ -75,14 +77,27 @@ def parse_obj(obj: Any, source: str, report, **_options) -> list[Conversation]:
             if when == "":
                 when = times[ds] = _time(ds)
         out.append(Message(name, text, when))
-    chat = chat_name(source)
+    chat = chat_name(source, group_info)
     report.notes.setdefault("chats", {})[chat] = len(out)
     return [Conversation(id="", messages=out, source=f"googlechat:{source.replace('#', '_')}#{chat}")] if out else []
 
 
-def chat_name(source: str) -> str:
+def chat_name(source: str, group_info: bytes | None = None) -> str:
+    """The space's name or the DM's members from group_info.json; else the folder's name."""
+    if group_info:
+        try:
+            info = json.loads(group_info.decode("utf-8", "replace"))
+        except (ValueError, RecursionError):
+            info = None
+        if isinstance(info, dict):
+            if isinstance(info.get("name"), str) and info["name"].strip():
+                return info["name"].strip().replace("#", "_")
+            members = [m["name"] for m in info.get("members", []) if isinstance(m, dict) and isinstance(m.get("name"), str)] \
+                if isinstance(info.get("members"), list) else []
+            if members:
+                return ", ".join(members).replace("#", "_")
     parts = source.replace("\\", "/").split("/")
-    return parts[-2] if len(parts) >= 2 and parts[-2] else "Google Chat"
+    return parts[-2].replace("#", "_") if len(parts) >= 2 and parts[-2] else "Google Chat"
 
 
 def _time(value: str) -> str | None:

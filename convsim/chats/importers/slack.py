@@ -142,7 +142,7 @@ def _message(m: Any, names: dict, bots: set, dropped) -> tuple[float, Message] |
         t = None
     when = None
     if t is not None and 0 <= t < 1e11:
-        when = datetime.fromtimestamp(t, timezone.utc).isoformat()
+        when = datetime.fromtimestamp(int(t), timezone.utc).isoformat()  # the fraction orders, it is no time
     return (t if when is not None else float("inf")), Message(speaker, text, when)
 
 
