@@ -216,3 +216,27 @@ def test_every_fixture_imports(fixture, tmp_path, capsys):
     j = json.loads(capsys.readouterr().out)
     assert j["messages"] > 0 and len(j["speakers"]) >= 2
     assert j["messages"] == sum(j["speakers"].values())
+
+
+@pytest.mark.parametrize("fixture", _fixture_units())
+def test_every_fixture_lists(fixture, tmp_path, capsys, monkeypatch):
+    from convsim.cli import main
+    monkeypatch.chdir(tmp_path)
+    assert main(["import", str(EXPORTS / fixture), "--list", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows and all(r["messages"] == sum(r["people"].values()) > 0 and r["chat"] for r in rows)
+    assert list(tmp_path.iterdir()) == []  # --list writes nothing
+
+
+def test_list_table_and_flag_errors(tmp_path):
+    r = convsim("import", EXPORTS / "messenger", EXPORTS / "slack", "--list")
+    assert r.returncode == 0 and r.stderr == ""
+    lines = r.stdout.splitlines()
+    assert lines[0].split()[:3] == ["CHAT", "FORMAT", "MESSAGES"]
+    assert any(line.startswith("Ben Kovač") and "messenger" in line and "Ana López 3, Ben Kovač 3" in line for line in lines)
+    assert any(line.startswith("general") and "slack" in line for line in lines)
+    assert lines[-1].startswith("4 chats, 18 messages")
+    assert_user_error(convsim("import", EXPORTS / "messenger", "--list", "--out", tmp_path / "d"), "--list writes nothing")
+    assert_user_error(convsim("import", EXPORTS / "messenger"), "--out DATA_DIR is required")
+    assert_user_error(convsim("import", EXPORTS / "messenger", "--list", "--person", "Zed"), "nobody named 'Zed'")
+    assert not (tmp_path / "d").exists()

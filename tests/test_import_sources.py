@@ -204,6 +204,11 @@ def test_imessage_not_a_chat_db(tmp_path):
     con.close()
     with pytest.raises(UserError, match="without iMessage's handle and message table"):
         parse(db.read_bytes(), "other.db", Report())
+    with pytest.raises(UserError, match="without iMessage's handle and message table"):
+        imported(db)  # given alone: an error
+    shutil.copy(EXPORTS / "imessage" / "old_mac_seconds.db", tmp_path / "chat.db")
+    convs, summary = imported(tmp_path)  # beside a chat.db, as in ~/Library/Messages: skipped, and said so
+    assert summary["messages"] == 5 and "other.db" in json.dumps(summary["skipped"])
     with pytest.raises(UserError, match="unreadable SQLite database|without iMessage"):
         parse(b"SQLite format 3\0" + b"\x00" * 200, "broken.db", Report())
 

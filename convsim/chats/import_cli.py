@@ -25,6 +25,7 @@ from convsim.chats.clean import Scrubber, clean_messages, number, split_sessions
 from convsim.chats import selection
 from convsim.chats.importers import FORMATS, Report, parse_payload, sniff
 from convsim.chats.importers.bundles import group
+from convsim.chats.importers.imessage import NotMessagesDatabase
 from convsim.chats.importers.sources import read_sources
 from convsim.chats.schema import CONVERSATIONS, Conversation, write_conversations
 from convsim.errors import UserError
@@ -286,8 +287,14 @@ def _read_exports(srcs, *, fmt, pair, top_pair, other_chats, me, max_messages, m
             options.update(blob.companions or {})  # a chat.db's wal=, a messages.json's group_info=
         blob.data = b""  # the text or JSON is all that is needed from here; let the bytes go
         blob.companions = None
-        got = parse_payload(found, payload, blob.name, report, pair=pair if found == "chitchat" else None,
-                            top_pair=top_pair, other_chats=other_chats, max_speakers=max_speakers, me=me, **options)
+        try:
+            got = parse_payload(found, payload, blob.name, report, pair=pair if found == "chitchat" else None,
+                                top_pair=top_pair, other_chats=other_chats, max_speakers=max_speakers, me=me, **options)
+        except NotMessagesDatabase as e:  # SQLite is told apart from other databases only by its tables
+            if blob.container is None:
+                raise
+            skipped.setdefault(blob.container, []).append(str(e))
+            continue
         del payload
         ids = report.notes.pop("chat_ids", None)
         if ids:

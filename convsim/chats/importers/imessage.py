@@ -33,6 +33,10 @@ from convsim.chats.importers._text import as_bytes
 from convsim.chats.schema import Conversation, Message
 from convsim.errors import UserError
 
+class NotMessagesDatabase(UserError):
+    """An SQLite file that is not a Messages database (a folder like ~/Library/Messages holds others too)."""
+
+
 APPLE_EPOCH = 978307200  # 2001-01-01T00:00:00Z as a Unix time
 OWNER = "Me"
 _OPTIONAL = ("attributedBody", "associated_message_type", "item_type", "cache_has_attachments", "date_retracted")
@@ -121,12 +125,12 @@ def _read(con: sqlite3.Connection, source: str, report, me: str) -> list[Convers
     tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     missing = {"message", "handle"} - tables
     if missing:
-        raise UserError(f"{source}: an SQLite database without iMessage's {' and '.join(sorted(missing))} "
+        raise NotMessagesDatabase(f"{source}: an SQLite database without iMessage's {' and '.join(sorted(missing))} "
                         "table(s); not a Messages chat.db")
     cols = {r[1] for r in con.execute("PRAGMA table_info(message)")}
     for need in ("text", "handle_id", "date", "is_from_me"):
         if need not in cols:
-            raise UserError(f"{source}: its message table has no '{need}' column; not a Messages chat.db")
+            raise NotMessagesDatabase(f"{source}: its message table has no '{need}' column; not a Messages chat.db")
     pick = ", ".join(f"m.{c}" if c in cols else "NULL" for c in _OPTIONAL)
     handles = {r[0]: str(r[1]) for r in con.execute("SELECT ROWID, id FROM handle") if r[1] is not None}
     chats = _chats(con, tables, handles)

@@ -34,21 +34,26 @@ def looks_like(obj: Any) -> bool:
 
 def parse(data: bytes | str | Path, source: str, report, me: str | None = None, **_options) -> list[Conversation]:
     text = as_text(data, source, report.notes)
+    joined = text.lstrip("\ufeff").strip()
+    if "\r" in joined:
+        joined = joined.replace("\r\n", "\n")
+    if "\n\n" in joined or "\n " in joined or "\n\t" in joined:
+        joined = "\n".join(line for line in joined.split("\n") if line.strip())
+    try:
+        # the lines as one JSON array, parsed in C: several times faster than a json.loads per line
+        rows = json.loads("[" + joined.replace("\n", ",") + "]")
+    except (ValueError, RecursionError):
+        lines = [line for line in joined.split("\n") if line.strip()]
+        rows = [_line(line, i, source) for i, line in enumerate(lines, 1)]  # to name the bad line
+    if not rows:
+        raise UserError(f"{source}: no messages in signal-export's data.json")
+    if not looks_like(rows[0]):
+        raise UserError(f"{source}: not signal-export's data.json (its lines have 'date', 'sender' and 'body')")
     dropped = report.dropped
     out: list[Message] = []
-    read = 0
-    for i, line in enumerate(text.split("\n"), 1):
-        line = line.strip().lstrip("\ufeff")
-        if not line:
-            continue
-        try:
-            m = json.loads(line)
-        except (ValueError, RecursionError):
-            raise UserError(f"{source}:{i}: not a JSON line of signal-export's data.json ({short(line, 60)!r})") from None
-        read += 1
-        if not looks_like(m):
-            if i == 1 and read == 1:
-                raise UserError(f"{source}: not signal-export's data.json (its lines have 'date', 'sender' and 'body')")
+    append = out.append
+    for m in rows:
+        if type(m) is not dict or "sender" not in m or "body" not in m or "date" not in m:
             dropped["malformed"] += 1
             continue
         if m.get("deleted") is True:
@@ -57,24 +62,29 @@ def parse(data: bytes | str | Path, source: str, report, me: str | None = None, 
         if m.get("call") is True or m.get("missed") is True:
             dropped["system"] += 1
             continue
-        body = m.get("body")
+        body = m["body"]
         body = body.strip() if isinstance(body, str) else ""
         if not body:
             dropped["media" if m.get("sticker") or m.get("attachments") else "empty"] += 1
             continue
-        sender = m.get("sender")
+        sender = m["sender"]
         if not isinstance(sender, str) or not sender.strip() or sender == "No-Sender":
             dropped["no_sender"] += 1
             continue
         if sender == OWNER and me:
             sender = me
-        out.append(Message(sender, body, _time(m.get("date"))))
-    report.read += read
-    if read == 0:
-        raise UserError(f"{source}: no messages in signal-export's data.json")
+        append(Message(sender, body, _time(m["date"])))
+    report.read += len(rows)
     chat = chat_name(source)
     report.notes.setdefault("chats", {})[chat] = len(out)
     return [Conversation(id="", messages=out, source=f"signal:{source.replace('#', '_')}#{chat}")] if out else []
+
+
+def _line(line: str, i: int, source: str) -> Any:
+    try:
+        return json.loads(line)
+    except (ValueError, RecursionError):
+        raise UserError(f"{source}:{i}: not a JSON line of signal-export's data.json ({short(line.strip(), 60)!r})") from None
 
 
 def parse_obj(obj: Any, source: str, report, **options) -> list[Conversation]:
@@ -92,6 +102,8 @@ def _time(value: Any) -> str | None:
     if not isinstance(value, str) or len(value) > 64:
         return None
     try:
-        return datetime.fromisoformat(value).isoformat()
+        parsed = datetime.fromisoformat(value)
     except ValueError:
         return None
+    # what signal-export writes (2024-02-10T19:00:12) is already the form convsim keeps
+    return value if len(value) == 19 and value[10] == "T" else parsed.isoformat()
