@@ -5,8 +5,10 @@ kept, dropped and why).
     convsim import chitchat --top-pair --out data/demo --json
     convsim import facebook-ana.zip --list                       # every chat, its people and dates; writes nothing
 
-Reads every SRC into memory (zips included, never extracted), detects each one's format, parses it
-with its importer (convsim/chats/importers/), then cleans (convsim/chats/clean.py: aliases, empty and
+Reads every SRC into memory (zips included, never extracted), groups the files of multi-file exports
+(importers/bundles.py: a chat.db and its WAL, a Slack workspace), detects each one's format, parses it
+with its importer (convsim/chats/importers/), joins chats split over several files and keeps the chats
+chosen with --chat/--pair/--person (convsim/chats/selection.py; --list prints them instead), then cleans (convsim/chats/clean.py: aliases, empty and
 over-long messages, PII scrubbing) and splits sessions at silences longer than --gap-minutes. Nothing is
 written until everything has been read and checked, so a bad input leaves DATA_DIR as it was (or not
 created); the files are written atomically, owner-only (0600, directory 0700).

@@ -105,11 +105,14 @@ def _time(value: str) -> str | None:
     if m is None:
         return None
     month = _MONTHS.get(m.group(1))
+    y, d = int(m.group(3)), int(m.group(2))
     h, mi, s = int(m.group(4)), int(m.group(5)), int(m.group(6))
-    if month is None or not 1 <= h <= 12:
+    if month is None or not 1 <= h <= 12 or mi > 59 or s > 59 or not 1 <= d <= 31 or not 1 <= y <= 9999:
         return None
+    if d > 28:  # the only days that need the calendar (30 February, 31 April)
+        try:
+            datetime(y, month, d, tzinfo=timezone.utc)
+        except ValueError:
+            return None
     h = h % 12 + (12 if m.group(7) == "PM" else 0)
-    try:
-        return datetime(int(m.group(3)), month, int(m.group(2)), h, mi, s, tzinfo=timezone.utc).isoformat()
-    except ValueError:
-        return None
+    return f"{y:04d}-{month:02d}-{d:02d}T{h:02d}:{mi:02d}:{s:02d}+00:00"

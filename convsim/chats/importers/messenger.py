@@ -99,6 +99,7 @@ def parse_obj(obj: Any, source: str, report, app: str = APP, **_options) -> list
     fix = fix_mojibake
     utc = timezone.utc
     stamp = datetime.fromtimestamp
+    senders: dict = {}  # a chat has few senders: repair each name once
     for m in reversed(obj["messages"]):  # the file lists the newest first
         read += 1
         if not isinstance(m, dict):
@@ -123,14 +124,17 @@ def parse_obj(obj: Any, source: str, report, app: str = APP, **_options) -> list
             dropped["media" if any(m.get(k) for k in _MEDIA_KEYS) else "empty"] += 1
             continue
         sender = m.get("sender_name")
-        if not isinstance(sender, str) or not sender.strip():
-            dropped["no_sender"] += 1
-            continue
+        name = senders.get(sender) if type(sender) is str else None
+        if name is None:
+            if not isinstance(sender, str) or not sender.strip():
+                dropped["no_sender"] += 1
+                continue
+            name = senders[sender] = fix(sender)
         ms = m.get("timestamp_ms")
         when = None
         if isinstance(ms, (int, float)) and not isinstance(ms, bool) and 0 <= ms < 10**14:
             when = stamp(ms / 1000, utc).isoformat()
-        out.append(Message(fix(sender), text, when))
+        out.append(Message(name, text, when))
     report.read += read
     chat = chat_name(obj)
     report.notes.setdefault("chats", {})

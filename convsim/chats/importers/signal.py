@@ -52,8 +52,11 @@ def parse(data: bytes | str | Path, source: str, report, me: str | None = None, 
     dropped = report.dropped
     out: list[Message] = []
     append = out.append
+    iso = datetime.fromisoformat
     for m in rows:
-        if type(m) is not dict or "sender" not in m or "body" not in m or "date" not in m:
+        try:
+            body, sender, date = m["body"], m["sender"], m["date"]
+        except (TypeError, KeyError, IndexError):
             dropped["malformed"] += 1
             continue
         if m.get("deleted") is True:
@@ -62,18 +65,26 @@ def parse(data: bytes | str | Path, source: str, report, me: str | None = None, 
         if m.get("call") is True or m.get("missed") is True:
             dropped["system"] += 1
             continue
-        body = m["body"]
-        body = body.strip() if isinstance(body, str) else ""
+        body = body.strip() if type(body) is str else ""
         if not body:
             dropped["media" if m.get("sticker") or m.get("attachments") else "empty"] += 1
             continue
-        sender = m["sender"]
-        if not isinstance(sender, str) or not sender.strip() or sender == "No-Sender":
+        if type(sender) is not str or sender == "No-Sender" or not sender.strip():
             dropped["no_sender"] += 1
             continue
         if sender == OWNER and me:
             sender = me
-        append(Message(sender, body, _time(m["date"])))
+        # what signal-export writes (2024-02-10T19:00:12) is already the form convsim keeps
+        when = None
+        if type(date) is str and len(date) == 19 and date[10] == "T":
+            try:
+                iso(date)
+                when = date
+            except ValueError:
+                pass
+        else:
+            when = _time(date)
+        append(Message(sender, body, when))
     report.read += len(rows)
     chat = chat_name(source)
     report.notes.setdefault("chats", {})[chat] = len(out)
@@ -102,8 +113,6 @@ def _time(value: Any) -> str | None:
     if not isinstance(value, str) or len(value) > 64:
         return None
     try:
-        parsed = datetime.fromisoformat(value)
+        return datetime.fromisoformat(value).isoformat()
     except ValueError:
         return None
-    # what signal-export writes (2024-02-10T19:00:12) is already the form convsim keeps
-    return value if len(value) == 19 and value[10] == "T" else parsed.isoformat()
