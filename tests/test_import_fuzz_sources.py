@@ -21,7 +21,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from convsim.chats.importers import Report, parse, parse_payload
+from convsim.chats.importers import Report, parse_payload
 from convsim.chats.importers.imessage import typedstream_text
 from convsim.chats.importers.messenger import fix_mojibake
 from tests.test_import_fuzz import VALUE, check
@@ -220,3 +220,13 @@ def test_cli_exit_codes_and_nothing_written_on_failure(named, zipped):
             lines = err.getvalue().strip().splitlines()
             assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: "), (rc, err.getvalue())
             assert not os.path.exists(os.path.join(tmp, "new"))
+
+
+@SETTINGS
+@given(st.integers(0, 253402300799), st.integers(0, 999_999))
+def test_utc_iso_is_datetime_isoformat(unix, micro):
+    from datetime import datetime, timedelta, timezone
+
+    from convsim.chats.importers._text import utc_iso
+    expected = (datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(seconds=unix, microseconds=micro)).isoformat()
+    assert utc_iso(unix, micro) == expected

@@ -9,7 +9,6 @@ script: Messenger/Instagram, whose text Facebook writes as mojibake, and the SQL
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -207,7 +206,7 @@ def test_imessage_not_a_chat_db(tmp_path):
     with pytest.raises(UserError, match="without iMessage's handle and message table"):
         imported(db)  # given alone: an error
     shutil.copy(EXPORTS / "imessage" / "old_mac_seconds.db", tmp_path / "chat.db")
-    convs, summary = imported(tmp_path)  # beside a chat.db, as in ~/Library/Messages: skipped, and said so
+    _, summary = imported(tmp_path)  # beside a chat.db, as in ~/Library/Messages: skipped, and said so
     assert summary["messages"] == 5 and "other.db" in json.dumps(summary["skipped"])
     with pytest.raises(UserError, match="unreadable SQLite database|without iMessage"):
         parse(b"SQLite format 3\0" + b"\x00" * 200, "broken.db", Report())
@@ -236,7 +235,7 @@ def test_slack_zip_in_memory(tmp_path, monkeypatch):
         for p in SLACK.rglob("*.json"):
             zf.write(p, p.relative_to(SLACK).as_posix())
     monkeypatch.setattr(zipfile.ZipFile, "extractall", lambda *a, **k: pytest.fail("extracted"))
-    convs, summary = imported(z, gap_minutes=0)
+    _, summary = imported(z, gap_minutes=0)
     assert summary["speakers"] == {"Ben Okafor": 4, "Ana López": 3, "Caro S.": 1}
     assert [s["format"] for s in summary["sources"]] == ["slack"]
 
@@ -282,6 +281,15 @@ def test_line_english_ios():
         ("Mei", 'ok so listen\nthis is long\nand has "quotes" inside', "2024-01-05T22:00:00")]
     assert counts(msgs) == {"Mei": 3, "Kenji Sato": 3}
     assert r.read == 11 and r.dropped == {"media": 2, "system": 2, "deleted": 1}
+
+
+def test_line_stray_quote_does_not_swallow_the_chat():
+    text = ('[LINE] Chat history with Mei\n2024/01/05(Fri)\n21:58\tMei\t"quoted, never closed\n'
+            '21:59\tKenji\tstill here\n22:00\tMei\t"two\nlines"\n2024/01/06(Sat)\n08:00\tKenji\tmorning\n')
+    report = Report()
+    msgs = [m for c in parse(text, "line.txt", report) for m in c.messages]
+    assert [(m.speaker, m.text) for m in msgs] == [("Mei", '"quoted, never closed'), ("Kenji", "still here"),
+                                                   ("Mei", "two\nlines"), ("Kenji", "morning")]
 
 
 def test_line_japanese_and_android_12h_crlf():
@@ -348,7 +356,7 @@ def test_whatsapp_folder_of_zips_lists_each_chat(tmp_path):
             z.writestr("IMG-0001.jpg", b"\xff\xd8")
     rows = list_chats([str(tmp_path)])
     assert [(r["chat"], r["people"]) for r in rows] == [("Ben", {"Ben": 1, "Riya": 1}), ("Ana", {"Ana": 1, "Riya": 1})]
-    convs, summary = imported(tmp_path, chats=["ben"])  # case does not matter
+    _, summary = imported(tmp_path, chats=["ben"])  # case does not matter
     assert summary["speakers"] == {"Ben": 1, "Riya": 1} and summary["dropped"] == {"chat_not_selected": 2}
 
 
@@ -367,6 +375,8 @@ def test_chat_pair_person_choices():
         imported(EXPORTS / "messenger", pair=("Ana López", "Caro Šimić"))
     with pytest.raises(UserError, match="nobody named 'Zed'"):
         list_chats([str(EXPORTS / "messenger")], person="Zed")
+    with pytest.raises(UserError, match="--other-chats .* no SRC is chitchat"):
+        imported(EXPORTS / "messenger", pair=("Ben Kovač", "Ana López"), other_chats=True)
 
 
 # --- zips and folders of the new formats: the same refusals ----------------------------------------------

@@ -179,6 +179,8 @@ def import_chats(srcs: list[str], *, fmt: str = "auto", aliases: dict[str, str] 
     formats = {s["format"] for s in sources}
     if top_pair and "chitchat" not in formats:
         raise UserError("--top-pair picks people of the chitchat data; no SRC is chitchat")
+    if other_chats and "chitchat" not in formats:
+        raise UserError("--other-chats takes the chitchat data's other chats of a pair; no SRC is chitchat")
     convs = _choose(convs, chats=chats, pair=pair, person=person, aliases=aliases, dropped=dropped,
                     extra_keys=extra_keys)
     speakers = {m.speaker for c in convs for m in c.messages}

@@ -26,6 +26,7 @@ Takeout's messages.json), line (LINE's exported .txt).
 from __future__ import annotations
 
 import importlib
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,8 @@ from typing import Any
 from convsim.chats.importers._text import as_bytes, decode, first_line, load_json, short
 from convsim.chats.schema import Conversation
 from convsim.errors import UserError
+
+_SPACE = re.compile(r"\s*").match
 
 FORMATS = ("whatsapp", "telegram", "discord", "pairs", "chitchat", "jsonl", "messenger", "instagram", "imessage",
            "slack", "signal", "googlechat", "line")
@@ -221,9 +224,10 @@ def _is_json_lines(text: str) -> bool:
     head = text.lstrip()
     if not head.startswith("{"):
         return False
-    line, sep, rest = head.partition("\n")
-    if not sep or not rest.strip():
+    nl = head.find("\n")  # no partition: the rest of a big export is not copied just to look at it
+    if nl < 0:
         return False
+    line = head[:nl]
     if not line.rstrip().endswith("}"):
         return False
     import json
@@ -231,4 +235,5 @@ def _is_json_lines(text: str) -> bool:
         json.loads(line)
     except (ValueError, RecursionError):
         return False
-    return rest.lstrip().startswith("{")
+    after = _SPACE(head, nl).end()
+    return head.startswith("{", after)

@@ -1,5 +1,6 @@
 """Helpers every importer shares: bytes → text (BOM, UTF-16, stray bad bytes), bytes → JSON (with
-nesting and size errors turned into `UserError`), and the invisible marks exports sprinkle around.
+nesting and size errors turned into `UserError`), the invisible marks exports sprinkle around, and Unix
+times → ISO 8601 UTC for the formats that store numbers.
 
 Not a command; used by the modules beside it.
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +97,31 @@ def load_json(data: bytes | str, source: str) -> Any:
         raise UserError(f"{source}: JSON nested too deeply to be a chat export") from None
     except ValueError as e:  # e.g. an integer with more digits than Python converts
         raise UserError(f"{source}: unreadable JSON value ({str(e)[:120]})") from None
+
+
+_DAYS: dict[int, str | None] = {}
+_CLOCKS: list[str] = []
+
+
+def utc_iso(unix: int, micro: int = 0) -> str | None:
+    """A Unix time in whole seconds (+ microseconds) as `datetime.isoformat()` writes it in UTC, e.g.
+    "2024-03-02T18:00:00+00:00": built from a remembered date and clock string, several times faster than
+    a datetime per message (exports hold millions). None outside what a datetime holds."""
+    if not _CLOCKS:
+        _CLOCKS.extend(f"{h:02d}:{m:02d}:{s:02d}" for h in range(24) for m in range(60) for s in range(60))
+    day, second = divmod(unix, 86400)
+    prefix = _DAYS.get(day, "")
+    if prefix == "":
+        try:
+            d = datetime.fromtimestamp(day * 86400, timezone.utc)
+            prefix = f"{d.year:04d}-{d.month:02d}-{d.day:02d}T"
+        except (OverflowError, OSError, ValueError):
+            prefix = None
+        if len(_DAYS) < 1_000_000:
+            _DAYS[day] = prefix
+    if prefix is None:
+        return None
+    return prefix + _CLOCKS[second] + (f".{micro:06d}+00:00" if micro else "+00:00")
 
 
 def first_line(text: str, limit: int = 65536) -> str:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,8 @@ from convsim.errors import UserError
 
 _MONTHS = {m: i for i, m in enumerate(("January", "February", "March", "April", "May", "June", "July", "August",
                                        "September", "October", "November", "December"), 1)}
-_DATE = re.compile(r"(?:\w+, )?(\w+) (\d{1,2}), (\d{4}) at (\d{1,2}):(\d{2}):(\d{2})[\s\u202f\u00a0]*([AP]M)\s*(UTC|GMT)?\Z")
+_DAY = re.compile(r"(?:\w+, )?(\w+) (\d{1,2}), (\d{4})")
+_CLOCK = re.compile(r"(\d{1,2}):(\d{2}):(\d{2})[\s\u202f\u00a0]*([AP]M)\s*(?:UTC|GMT)?")
 
 
 def looks_like(obj: Any) -> bool:
@@ -46,7 +47,8 @@ def parse_obj(obj: Any, source: str, report, group_info: bytes | None = None, **
                         "'created_date')")
     dropped = report.dropped
     out: list[Message] = []
-    times: dict[str, str | None] = {}
+    days: dict[str, str | None] = {}
+    clocks: dict[str, str | None] = {}
     for m in obj["messages"]:
         report.read += 1
         if not isinstance(m, dict):
@@ -71,12 +73,7 @@ def parse_obj(obj: Any, source: str, report, group_info: bytes | None = None, **
             dropped["no_sender"] += 1
             continue
         ds = m.get("created_date")
-        when = None
-        if isinstance(ds, str):
-            when = times.get(ds, "")
-            if when == "":
-                when = times[ds] = _time(ds)
-        out.append(Message(name, text, when))
+        out.append(Message(name, text, _time(ds, days, clocks) if type(ds) is str else None))
     chat = chat_name(source, group_info)
     report.notes.setdefault("chats", {})[chat] = len(out)
     return [Conversation(id="", messages=out, source=f"googlechat:{source.replace('#', '_')}#{chat}")] if out else []
@@ -100,19 +97,41 @@ def chat_name(source: str, group_info: bytes | None = None) -> str:
     return parts[-2].replace("#", "_") if len(parts) >= 2 and parts[-2] else "Google Chat"
 
 
-def _time(value: str) -> str | None:
-    m = _DATE.match(value.strip()[:80])
+def _time(value: str, days: dict, clocks: dict) -> str | None:
+    """"Tuesday, January 2, 2024 at 10:00:00 AM UTC" → ISO 8601 UTC. A day's messages share the date
+    and a clock time recurs, so each half is parsed once and remembered in `days` and `clocks`."""
+    day, sep, clock = value.rpartition(" at ")
+    if not sep:
+        return None
+    d = days.get(day, "")
+    if d == "":
+        d = days[day] = _day(day)
+    c = clocks.get(clock, "")
+    if c == "":
+        c = clocks[clock] = _clock(clock)
+    return None if d is None or c is None else d + c
+
+
+def _day(s: str) -> str | None:
+    m = _DAY.fullmatch(s.strip()[:60])
     if m is None:
         return None
-    month = _MONTHS.get(m.group(1))
-    y, d = int(m.group(3)), int(m.group(2))
-    h, mi, s = int(m.group(4)), int(m.group(5)), int(m.group(6))
-    if month is None or not 1 <= h <= 12 or mi > 59 or s > 59 or not 1 <= d <= 31 or not 1 <= y <= 9999:
+    month, d, y = _MONTHS.get(m.group(1)), int(m.group(2)), int(m.group(3))
+    if month is None or not 1 <= y <= 9999:
         return None
-    if d > 28:  # the only days that need the calendar (30 February, 31 April)
-        try:
-            datetime(y, month, d, tzinfo=timezone.utc)
-        except ValueError:
-            return None
-    h = h % 12 + (12 if m.group(7) == "PM" else 0)
-    return f"{y:04d}-{month:02d}-{d:02d}T{h:02d}:{mi:02d}:{s:02d}+00:00"
+    try:
+        datetime(y, month, d)
+    except ValueError:
+        return None
+    return f"{y:04d}-{month:02d}-{d:02d}T"
+
+
+def _clock(s: str) -> str | None:
+    m = _CLOCK.fullmatch(s.strip()[:40])
+    if m is None:
+        return None
+    h, mi, sec = int(m.group(1)), int(m.group(2)), int(m.group(3))
+    if not 1 <= h <= 12 or mi > 59 or sec > 59:
+        return None
+    h = h % 12 + (12 if m.group(4) == "PM" else 0)
+    return f"{h:02d}:{mi:02d}:{sec:02d}+00:00"

@@ -29,7 +29,7 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
-from convsim.chats.importers._text import as_bytes
+from convsim.chats.importers._text import as_bytes, utc_iso
 from convsim.chats.schema import Conversation, Message
 from convsim.errors import UserError
 
@@ -174,7 +174,11 @@ def _read(con: sqlite3.Connection, source: str, report, me: str) -> list[Convers
         msgs = per_chat.get(key)
         if msgs is None:
             msgs = per_chat[key] = []
-        msgs.append(Message(speaker, text, apple_time(date)))
+        if type(date) is int and 0 < date < 2**62:
+            when = utc_iso((date // 1_000_000_000 if date > 10**11 else date) + APPLE_EPOCH)  # whole seconds
+        else:
+            when = apple_time(date)
+        msgs.append(Message(speaker, text, when))
     report.read += read
     report.notes["text_from_attributedBody"] = typed
     notes = report.notes.setdefault("chats", {})

@@ -7,7 +7,8 @@ The file starts `[LINE] Chat history with NAME` (a group: `... in NAME`; Japanes
 then `Saved on: 2024/01/05 22:10`; each day opens with a date line (`2024/01/02(Tue)`, `2024.01.02
 Tuesday`, or on Android `Tue, 1/2/2024`), and each message is `TIME<TAB>SENDER<TAB>TEXT`, the time as
 `10:00`, `10:00 PM`/`10:00PM` or with 午前/午後/上午/下午 before it. A message of several lines is
-wrapped in double quotes (quotes inside doubled) and runs over the following lines. Events (joins,
+wrapped in double quotes (quotes inside doubled) and runs over the following lines; a quote someone
+typed at the start of a one-line message is kept as typed (the next day or message line ends it). Events (joins,
 leaves, unsent) have no sender: `TIME<TAB><TAB>TEXT` or `TIME<TAB>TEXT`. Dropped and counted: events
 ("system"), calls ("☎ ...": "system"), `[Photo]`, `[Sticker]`, `[写真]`, ... ("media"), unsent
 notices ("deleted"). Times are local wall-clock times as exported (no offset in the file).
@@ -56,13 +57,18 @@ def parse(data: bytes | str | Path, source: str, report, **_options) -> list[Con
     for raw in lines[1:]:
         line = raw.rstrip()
         if quoted and last is not None:  # inside a multi-line message
-            if line.endswith('"') and not line.endswith('""') or line == '"':
+            if _starts_entry(line):
+                # a new day or message before the closing quote: the quote was typed, not LINE's wrapping
+                last.text = '"' + last.text
+                quoted = False
+            elif line.endswith('"') and not line.endswith('""') or line == '"':
                 last.text += "\n" + line[:-1]
                 last.text = last.text.replace('""', '"')
                 quoted = False
+                continue
             else:
                 last.text += "\n" + line
-            continue
+                continue
         if not line.strip():
             continue
         date = _date(line.strip().strip(MARKS))
@@ -103,6 +109,14 @@ def parse(data: bytes | str | Path, source: str, report, **_options) -> list[Con
         raise UserError(f"{source}: a LINE header but no message lines ('10:00<TAB>Name<TAB>text')")
     report.notes.setdefault("chats", {})[chat] = len(out)
     return [Conversation(id="", messages=out, source=f"line:{source.replace('#', '_')}#{chat}")] if out else []
+
+
+def _starts_entry(line: str) -> bool:
+    """Does this line open a day or a message (`2024/01/05(Fri)`, `21:58<TAB>Mei<TAB>...`)?"""
+    if _date(line.strip().strip(MARKS)) is not None:
+        return True
+    parts = line.split("\t")
+    return len(parts) >= 3 and _time(parts[0].strip().strip(MARKS)) is not None
 
 
 def _notice(body: str) -> str | None:

@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from convsim.chats.importers._text import as_text, load_json, short
+from convsim.chats.importers._text import as_text, load_json, short, utc_iso
 from convsim.chats.schema import Conversation, Message
 from convsim.errors import UserError
 
@@ -132,7 +132,10 @@ def parse_obj(obj: Any, source: str, report, app: str = APP, **_options) -> list
             name = senders[sender] = fix(sender)
         ms = m.get("timestamp_ms")
         when = None
-        if isinstance(ms, (int, float)) and not isinstance(ms, bool) and 0 <= ms < 10**14:
+        if type(ms) is int and 0 <= ms < 10**14:
+            secs, milli = divmod(ms, 1000)
+            when = utc_iso(secs, milli * 1000)
+        elif isinstance(ms, float) and 0 <= ms < 10**14:
             when = stamp(ms / 1000, utc).isoformat()
         out.append(Message(name, text, when))
     report.read += read

@@ -19,10 +19,9 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import datetime, timezone
 from typing import Any
 
-from convsim.chats.importers._text import decode, short
+from convsim.chats.importers._text import decode, short, utc_iso
 from convsim.chats.schema import Conversation, Message
 from convsim.errors import UserError
 
@@ -142,7 +141,7 @@ def _message(m: Any, names: dict, bots: set, dropped) -> tuple[float, Message] |
         t = None
     when = None
     if t is not None and 0 <= t < 1e11:
-        when = datetime.fromtimestamp(int(t), timezone.utc).isoformat()  # the fraction orders, it is no time
+        when = utc_iso(int(t))  # the fraction orders messages of one second; it is no time
     return (t if when is not None else float("inf")), Message(speaker, text, when)
 
 
