@@ -62,6 +62,19 @@ def test_messenger_near_misses(messages, participants, title, name):
         check(text, fmt)
 
 
+E2EE_MESSAGE = st.fixed_dictionaries({}, optional={
+    "senderName": TEXTS | NUMS, "timestamp": NUMS, "text": TEXTS | NUMS, "type": TEXTS | NUMS | st.sampled_from(
+        ["text", "media", "link", "placeholder"]), "media": VALUE, "isUnsent": NUMS, "reactions": VALUE})
+
+
+@SETTINGS
+@given(st.lists(E2EE_MESSAGE | VALUE, max_size=6), st.lists(TEXTS | NUMS | VALUE, max_size=3), TEXTS | NUMS)
+def test_messenger_encrypted_export_near_misses(messages, participants, name):
+    text = json.dumps({"participants": participants, "threadName": name, "messages": messages}, ensure_ascii=False)
+    check(text)
+    check(text, "messenger")
+
+
 @SETTINGS
 @given(st.binary(max_size=300), st.text(max_size=40))
 def test_typedstream_never_raises(noise, text):

@@ -409,3 +409,18 @@ def test_bundles_pair_wal_and_group_info_only_with_their_owner():
     wal_zip = [b for b in blobs if b.name.endswith("Messages/chat.db")]
     assert len(wal_zip) == 1 and set(wal_zip[0].companions) == {"wal"}
     assert not any(n.endswith(("-wal", "-shm")) for n in names)
+
+
+def test_messenger_end_to_end_encrypted_export():
+    path = EXPORTS / "messenger_e2ee" / "Ben Kovač_40.json"
+    convs, msgs, r = load(path)
+    assert r.notes["format"] == "messenger" and r.notes["export"] == "end-to-end encrypted chats"
+    assert convs[0].source.endswith("#Ben Kovač_40")
+    assert [(m.speaker, m.text, m.time) for m in msgs] == [  # in time order, text already proper UTF-8
+        ("Ben Kovač", "olá! this chat is encrypted now 🔒", "2024-05-01T10:00:00+00:00"),
+        ("Ana López", "good, café tomorrow?", "2024-05-01T10:01:00.500000+00:00"),
+        ("Ben Kovač", "https://example.org/menu", "2024-05-01T10:04:00+00:00"),
+        ("Ana López", "perfect 👌", "2024-05-01T10:05:00+00:00")]
+    assert r.read == 7 and r.dropped == {"media": 1, "deleted": 1, "system": 1}
+    rows = list_chats([str(EXPORTS / "messenger"), str(EXPORTS / "messenger_e2ee")])
+    assert [r["chat"] for r in rows] == ["Ben Kovač", "Viagem 🚐", "Ben Kovač_40"]

@@ -8,7 +8,9 @@ A file is `{"participants": [{"name"}], "messages": [{"sender_name", "timestamp_
 "photos", "share", "reactions", ...}], "title", "thread_path"}`, messages newest first; a long chat is
 split across message_1.json, message_2.json, ... (message_1 the newest). Facebook writes the text as
 mojibake: each UTF-8 byte escaped as the code point of the same value ("Ã©" for "é", four such
-characters for one emoji); `fix_mojibake` turns it back. Instagram's export has the same shape (see
+characters for one emoji); `fix_mojibake` turns it back. Chats that were end-to-end encrypted come in a
+separate export (Messenger's "secure storage"), one file per chat with camelCase keys
+(`threadName`, `senderName`, `timestamp`, `text`, `isUnsent`); those files are read too. Instagram's export has the same shape (see
 instagram.py). Dropped and counted: group events, calls and "You are now connected" notices ("system"),
 photos/videos/stickers/files/links without text and "X sent a photo." notices ("media"), unsent
 messages ("deleted"), reactions written as messages ("Liked a message", "Reacted ❤ to your message":
@@ -74,15 +76,20 @@ def fix_mojibake(s: str) -> str:
 
 
 def looks_like(obj: Any) -> bool:
-    """A Messenger/Instagram message file: `participants` and `messages` with `sender_name`/`timestamp_ms`."""
+    """A Messenger/Instagram message file: `participants` and `messages` with `sender_name`/`timestamp_ms`
+    (or, in the end-to-end encrypted chats' export, `senderName`/`timestamp`)."""
     if not isinstance(obj, dict) or not isinstance(obj.get("messages"), list):
         return False
     if not isinstance(obj.get("participants"), list):
         return False
     first = next((m for m in obj["messages"][:20] if isinstance(m, dict)), None)
     if first is None:
-        return "title" in obj or "thread_path" in obj
-    return "sender_name" in first or "timestamp_ms" in first
+        return "title" in obj or "thread_path" in obj or "threadName" in obj
+    return "sender_name" in first or "timestamp_ms" in first or ("senderName" in first and "timestamp" in first)
+
+
+def _is_e2ee(obj: dict) -> bool:
+    return "threadName" in obj or any(isinstance(m, dict) and "senderName" in m for m in obj["messages"][:20])
 
 
 def parse(data: bytes | str | Path, source: str, report, **options) -> list[Conversation]:
@@ -93,6 +100,8 @@ def parse_obj(obj: Any, source: str, report, app: str = APP, **_options) -> list
     if not looks_like(obj):
         raise UserError(f"{source}: not a {_label(app)} export file (expected 'participants' and 'messages' "
                         "with 'sender_name' and 'timestamp_ms', as in messages/inbox/<chat>/message_1.json)")
+    if _is_e2ee(obj):
+        return _parse_e2ee(obj, source, report, app)
     dropped = report.dropped
     out: list[Message] = []
     read = 0
@@ -145,12 +154,58 @@ def parse_obj(obj: Any, source: str, report, app: str = APP, **_options) -> list
     return [Conversation(id="", messages=out, source=f"{app}:{thread_key(obj, source)}#{chat}")] if out else []
 
 
+def _parse_e2ee(obj: dict, source: str, report, app: str) -> list[Conversation]:
+    """Messenger's export of end-to-end encrypted chats ("Download secure storage data"): one file per
+    chat, `{"participants": ["Ana", "Ben"], "threadName", "messages": [{"senderName", "timestamp" (ms),
+    "text", "type": "text|media|link|placeholder", "media", "reactions", "isUnsent"}]}`, proper UTF-8."""
+    dropped = report.dropped
+    rows: list[tuple[int, Message]] = []
+    for m in obj["messages"]:
+        report.read += 1
+        if not isinstance(m, dict):
+            dropped["malformed"] += 1
+            continue
+        if m.get("isUnsent") is True:
+            dropped["deleted"] += 1
+            continue
+        if m.get("type") == "placeholder":
+            dropped["system"] += 1
+            continue
+        text = m.get("text")
+        text = fix_mojibake(text).strip() if isinstance(text, str) else ""
+        if not text:
+            dropped["media" if m.get("media") else "empty"] += 1
+            continue
+        if len(text) < 400 and _HINT(text) is not None:
+            kind = _notice(text)
+            if kind is not None:
+                dropped[kind] += 1
+                continue
+        sender = m.get("senderName")
+        if not isinstance(sender, str) or not sender.strip():
+            dropped["no_sender"] += 1
+            continue
+        ms = m.get("timestamp")
+        ok = type(ms) is int and 0 <= ms < 10**14
+        when = utc_iso(ms // 1000, ms % 1000 * 1000) if ok else None
+        rows.append((ms if ok else 1 << 62, Message(fix_mojibake(sender), text, when)))
+    rows.sort(key=lambda r: r[0])  # the order of the file is not promised; the times are
+    out = [msg for _, msg in rows]
+    title = obj.get("threadName")
+    chat = fix_mojibake(title.strip()) if isinstance(title, str) and title.strip() else chat_name(obj)
+    report.notes.setdefault("chats", {})
+    report.notes["chats"][chat] = report.notes["chats"].get(chat, 0) + len(out)
+    report.notes["export"] = "end-to-end encrypted chats"
+    # one file is one whole chat here: the file, not its folder, keeps chats of the same name apart
+    return [Conversation(id="", messages=out, source=f"{app}:{source.replace('#', '_')}#{chat}")] if out else []
+
+
 def chat_name(obj: dict) -> str:
     title = obj.get("title")
     if isinstance(title, str) and title.strip():
         return fix_mojibake(title.strip())
-    names = [fix_mojibake(p["name"]) for p in obj.get("participants", []) if isinstance(p, dict)
-             and isinstance(p.get("name"), str)]
+    names = [fix_mojibake(p["name"] if isinstance(p, dict) else p) for p in obj.get("participants", [])
+             if isinstance(p, str) or (isinstance(p, dict) and isinstance(p.get("name"), str))]
     return ", ".join(names) or "chat"
 
 
