@@ -8,10 +8,11 @@ kept, dropped and why).
 Reads every SRC into memory (zips included, never extracted), groups the files of multi-file exports
 (importers/bundles.py: a chat.db and its WAL, a Slack workspace), detects each one's format, parses it
 with its importer (convsim/chats/importers/), joins chats split over several files and keeps the chats
-chosen with --chat/--pair/--person (convsim/chats/selection.py; --list prints them instead), then cleans (convsim/chats/clean.py: aliases, empty and
-over-long messages, PII scrubbing) and splits sessions at silences longer than --gap-minutes. Nothing is
-written until everything has been read and checked, so a bad input leaves DATA_DIR as it was (or not
-created); the files are written atomically, owner-only (0600, directory 0700).
+chosen with --chat/--pair/--person (convsim/chats/selection.py; --list prints them instead), then
+cleans (convsim/chats/clean.py: aliases, empty and over-long messages, PII scrubbing) and splits
+sessions at silences longer than --gap-minutes. Nothing is written until everything has been read and
+checked, so a bad input leaves DATA_DIR as it was (or not created); the files are written atomically,
+owner-only (0600, directory 0700).
 """
 from __future__ import annotations
 
@@ -23,8 +24,8 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
-from convsim.chats.clean import Scrubber, clean_messages, number, split_sessions
 from convsim.chats import selection
+from convsim.chats.clean import Scrubber, clean_messages, number, split_sessions
 from convsim.chats.importers import FORMATS, Report, parse_payload, sniff
 from convsim.chats.importers.bundles import group
 from convsim.chats.importers.imessage import NotMessagesDatabase

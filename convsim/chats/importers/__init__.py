@@ -183,7 +183,8 @@ def _sniff(raw: bytes, source: str, fmt: str, report: Report) -> tuple[str, Any]
                 return "pairs", text
             if detect_obj(obj, source) == "signal":
                 return "signal", text
-            raise UserError(f"{source}: JSON Lines, but neither convsim conversations nor prompt/response pairs")
+            raise UserError(f"{source}: JSON Lines, but neither convsim conversations, prompt/response pairs nor "
+                            "signal-export's data.json")
         obj = load_json(text, source)
         found = detect_obj(obj, source)
         if found is None:
