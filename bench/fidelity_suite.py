@@ -125,7 +125,7 @@ def convsim(*args, log: Path, env: dict | None = None) -> int:
 
 
 def prepare(work: Path) -> dict:
-    from convsim.chats.schema import read_conversations, write_conversations
+    from convsim.data.schema import read_conversations, write_conversations
 
     p = plan()
     suite_chats = {cid for ids in p["chats"].values() for cid in ids}

@@ -3,12 +3,16 @@ kept, dropped and why).
 
     convsim import "WhatsApp Chat with Ana.zip" --out data/ana
     convsim import chitchat --top-pair --out data/demo --json
+    convsim import facebook-ana.zip --list                       # every chat, its people and dates; writes nothing
 
-Reads every SRC into memory (zips included, never extracted), detects each one's format, parses it
-with its importer (convsim/data/importers/), then cleans (convsim/data/clean.py: aliases, empty and
-over-long messages, PII scrubbing) and splits sessions at silences longer than --gap-minutes. Nothing is
-written until everything has been read and checked, so a bad input leaves DATA_DIR as it was (or not
-created); the files are written atomically, owner-only (0600, directory 0700).
+Reads every SRC into memory (zips included, never extracted), groups the files of multi-file exports
+(importers/bundles.py: a chat.db and its WAL, a Slack workspace), detects each one's format, parses it
+with its importer (convsim/data/importers/), joins chats split over several files and keeps the chats
+chosen with --chat/--pair/--person (convsim/data/selection.py; --list prints them instead), then
+cleans (convsim/data/clean.py: aliases, empty and over-long messages, PII scrubbing) and splits
+sessions at silences longer than --gap-minutes. Nothing is written until everything has been read and
+checked, so a bad input leaves DATA_DIR as it was (or not created); the files are written atomically,
+owner-only (0600, directory 0700).
 """
 
 from __future__ import annotations
@@ -21,8 +25,11 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
+from convsim.data import selection
 from convsim.data.clean import Scrubber, clean_messages, number, split_sessions
 from convsim.data.importers import FORMATS, Report, parse_payload, sniff
+from convsim.data.importers.bundles import group
+from convsim.data.importers.imessage import NotMessagesDatabase
 from convsim.data.importers.sources import read_sources
 from convsim.data.schema import CONVERSATIONS, Conversation, write_conversations
 from convsim.errors import UserError
@@ -33,8 +40,9 @@ from convsim.fsutil import PRIVATE_DIR, atomic_dir, private_dir, write_json
 IMPORT_JSON = "import.json"
 
 HELP = (
-    "Read chat exports (WhatsApp .txt/.zip, Telegram JSON, Discord CSV/JSON, prompt/response pairs, "
-    "chitchat, conversations.jsonl) into DATA_DIR/conversations.jsonl."
+    "Read chat exports (WhatsApp .txt/.zip, Telegram JSON, Discord CSV/JSON, Messenger and Instagram JSON, "
+    "iMessage chat.db, Slack, Signal (signal-export), Google Chat, LINE .txt, prompt/response pairs, chitchat, "
+    "conversations.jsonl) into DATA_DIR/conversations.jsonl."
 )
 EXAMPLES = """
   convsim import "WhatsApp Chat with Ana.zip" --out data/ana
@@ -46,6 +54,10 @@ EXAMPLES = """
   convsim import chitchat --pair 549cc1d1,a54af4d5 --out data/demo
   convsim import chitchat --top-pair --other-chats --out data/demo-others   # the same two with everyone else
   convsim import data/old/conversations.jsonl --no-scrub --gap-minutes 0 --out data/new
+  convsim import facebook-ana.zip --list                          # chats, people, counts, dates; writes nothing
+  convsim import facebook-ana.zip --chat "Ben Kovač" --out data/ben
+  convsim import ~/Library/Messages --me Riya --speaker "+15551234567=Ana" --pair Riya,Ana --out data/ana
+  convsim import slack-export.zip --person "Ana López" --out data/ana-work   # Ana's chats, everyone as context
 
 Dropped and counted in import.json: system events, media without a caption, deleted-message markers,
 empty messages. E-mails, phone numbers, URLs, IPs and card numbers become placeholders like <EMAIL_3>
@@ -58,7 +70,14 @@ def add_arguments(p) -> None:
         "src", nargs="+", metavar="SRC", help="export file, .zip, directory holding an export, or the word 'chitchat'"
     )
     p.add_argument(
-        "--out", required=True, metavar="DATA_DIR", help="directory to write conversations.jsonl and import.json into"
+        "--out",
+        metavar="DATA_DIR",
+        help="directory to write conversations.jsonl and import.json into (required unless --list)",
+    )
+    p.add_argument(
+        "--list",
+        action="store_true",
+        help="print every chat of the exports (people, messages, first and last date) and write nothing",
     )
     p.add_argument("--format", default="auto", choices=("auto",) + FORMATS, help="skip detection (default: auto)")
     p.add_argument(
@@ -80,9 +99,11 @@ def add_arguments(p) -> None:
         action="append",
         default=[],
         metavar="NAME",
-        help="Telegram: import only this chat (name or id; repeatable)",
+        help="import only this chat, as --list names it (Telegram: or its id; repeatable)",
     )
-    p.add_argument("--pair", metavar="A,B", help="chitchat: only the chats between these two senders")
+    p.add_argument("--pair", metavar="A,B", help="only the chats between exactly these two people (chitchat: senders)")
+    p.add_argument("--person", metavar="NAME", help="only the chats NAME wrote in, everyone else kept as context")
+    p.add_argument("--me", metavar="NAME", help="iMessage, Signal: the name for the account owner (default 'Me')")
     p.add_argument("--top-pair", action="store_true", help="chitchat: only the chats of the two people who talked most")
     p.add_argument(
         "--other-chats",
@@ -123,6 +144,10 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    if args.list:
+        return _run_list(args)
+    if args.out is None:
+        raise UserError("--out DATA_DIR is required (or --list to see the chats without importing)")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a directory")
@@ -147,7 +172,7 @@ def extra_hint(args, out: Path) -> str | None:
     """How to add the same people's other chats, which `convsim train` uses from DATA_DIR/extra by default."""
     if out.name == "extra" or args.other_chats:
         return None
-    if getattr(args, "pair", None) or getattr(args, "top_pair", False):
+    if "chitchat" in args.src and (args.pair or args.top_pair):
         who = f"--pair {args.pair}" if args.pair else "--top-pair"
         cmd = f"convsim import chitchat {who} --other-chats --out {out / 'extra'}"
     else:
@@ -156,6 +181,29 @@ def extra_hint(args, out: Path) -> str | None:
         f"next: convsim train {out} --out runs/NAME   (more data of the same people helps: their chats with "
         f"others, imported with `{cmd}`, are used for training only)"
     )
+
+
+def _run_list(args) -> int:
+    if args.out is not None:
+        raise UserError("--list writes nothing; leave out --out")
+    with _gc_paused():
+        rows = list_chats(
+            args.src,
+            fmt=args.format,
+            aliases=_aliases(args.speaker),
+            chats=args.chat,
+            pair=_pair(args.pair),
+            person=args.person,
+            me=args.me,
+            max_messages=args.max_messages,
+            max_speakers=args.max_speakers,
+            max_input_mb=args.max_input_mb,
+        )
+    if args.json:
+        print(json.dumps(rows, ensure_ascii=False, indent=2))
+    else:
+        selection.print_table(rows)
+    return 0
 
 
 def _import_and_write(args, out: Path) -> tuple[list[Conversation], dict]:
@@ -168,6 +216,8 @@ def _import_and_write(args, out: Path) -> tuple[list[Conversation], dict]:
         pair=_pair(args.pair),
         top_pair=args.top_pair,
         other_chats=args.other_chats,
+        person=args.person,
+        me=args.me,
         scrub=not args.no_scrub,
         max_message_chars=args.max_message_chars,
         max_messages=args.max_messages,
@@ -181,7 +231,7 @@ def _import_and_write(args, out: Path) -> tuple[list[Conversation], dict]:
 @contextmanager
 def _gc_paused():
     """Pause the cyclic garbage collector: an import allocates millions of small acyclic objects, and
-    every collection would walk all of them again (parsing measured several times slower with it on)."""
+    every collection would walk all of them again (measured: about 3x slower parsing with it on)."""
     was = gc.isenabled()
     gc.disable()
     try:
@@ -201,13 +251,16 @@ def import_chats(
     pair: tuple[str, str] | None = None,
     top_pair: bool = False,
     other_chats: bool = False,
+    person: str | None = None,
+    me: str | None = None,
     scrub: bool = True,
     max_message_chars: int = 20_000,
     max_messages: int = 5_000_000,
     max_speakers: int = 10_000,
     max_input_mb: int = 1024,
 ) -> tuple[list[Conversation], dict]:
-    """Read, parse, clean and split; returns (conversations, the import.json summary). Writes nothing."""
+    """Read, parse, choose chats, clean and split; returns (conversations, the import.json summary).
+    Writes nothing."""
     aliases = aliases or {}
     if gap_minutes < 0:
         raise UserError(f"--gap-minutes must be 0 or more, not {gap_minutes:g}")
@@ -224,71 +277,27 @@ def import_chats(
     if other_chats and not (pair or top_pair):
         raise UserError("--other-chats needs --pair or --top-pair (whose other chats?)")
 
-    blobs = read_sources(list(srcs), max_input_mb << 20)
-    convs: list[Conversation] = []
-    dropped: Counter = Counter()
-    sources: list[dict] = []
-    skipped: dict[str, list[str]] = {}
-    found_in: set[str] = set()
-    read = 0
-    speakers: set[str] = set()
-    for blob in blobs:
-        report = Report()
-        try:
-            found, payload = sniff(blob.data, blob.name, report, blob.fmt or fmt)
-        except UserError as e:
-            if blob.container is None:
-                raise
-            skipped.setdefault(blob.container, []).append(str(e))
-            continue
-        blob.data = b""  # the text or JSON is all that is needed from here; let the bytes go
-        got = parse_payload(
-            found,
-            payload,
-            blob.name,
-            report,
-            chats=chats,
-            pair=pair,
-            top_pair=top_pair,
-            other_chats=other_chats,
-            max_speakers=max_speakers,
-        )
-        del payload
-        if blob.container is not None:
-            found_in.add(blob.container)
-        read += report.read
-        if read > max_messages:
-            raise UserError(f"{blob.name}: more than {max_messages:,} messages (--max-messages)")
-        for c in got:
-            speakers.update(m.speaker for m in c.messages)
-        if len(speakers) > max_speakers:
-            raise UserError(
-                f"{blob.name}: {len(speakers):,} distinct speakers, more than --max-speakers "
-                f"{max_speakers:,}; not a conversation between people?"
-            )
-        dropped.update(report.dropped)
-        kept = sum(len(c.messages) for c in got)
-        sources.append(
-            {
-                "name": blob.name,
-                "format": found,
-                "messages_read": report.read,
-                "messages_parsed": kept,
-                "dropped": dict(report.dropped),
-                **_notes(report.notes),
-            }
-        )
-        convs.extend(got)
-
-    for container, reasons in skipped.items():
-        if container not in found_in:
-            why = "; ".join(reasons[:3]) + (" ..." if len(reasons) > 3 else "")
-            raise UserError(f"{container}: no chat export found ({why})")
+    read_out = _read_exports(
+        srcs,
+        fmt=fmt,
+        pair=pair,
+        top_pair=top_pair,
+        other_chats=other_chats,
+        me=me,
+        max_messages=max_messages,
+        max_speakers=max_speakers,
+        max_input_mb=max_input_mb,
+    )
+    convs, sources, skipped, dropped, read, speakers, extra_keys = read_out
     formats = {s["format"] for s in sources}
-    if chats and "telegram" not in formats:
-        raise UserError("--chat picks chats of a Telegram export, and no SRC is one")
-    if (pair or top_pair) and "chitchat" not in formats:
-        raise UserError("--pair and --top-pair pick people of the chitchat data; no SRC is chitchat")
+    if top_pair and "chitchat" not in formats:
+        raise UserError("--top-pair picks people of the chitchat data; no SRC is chitchat")
+    if other_chats and "chitchat" not in formats:
+        raise UserError("--other-chats takes the chitchat data's other chats of a pair; no SRC is chitchat")
+    convs = _choose(
+        convs, chats=chats, pair=pair, person=person, aliases=aliases, dropped=dropped, extra_keys=extra_keys
+    )
+    speakers = {m.speaker for c in convs for m in c.messages}
     unknown = [a for a in aliases if a not in speakers]
     if unknown:
         names = ", ".join(repr(s) for s in sorted(speakers)[:12])
@@ -298,6 +307,15 @@ def import_chats(
         )
 
     scrubber = Scrubber() if scrub else None
+    if scrubber is not None:
+        # a chat named by a phone number or address (iMessage, WhatsApp file names) is personal data too
+        for c in convs:
+            c.source = scrubber(c.source)
+        for s in sources:
+            s["name"] = scrubber(s["name"])
+            if isinstance(s.get("chats"), dict):
+                s["chats"] = {scrubber(k): v for k, v in s["chats"].items()}
+        skipped = {scrubber(k): v for k, v in skipped.items()}
     convs, truncated = clean_messages(
         convs, aliases=aliases, max_chars=max_message_chars, scrub=scrubber, dropped=dropped
     )
@@ -337,6 +355,8 @@ def import_chats(
             "pair": list(pair) if pair else None,
             "top_pair": top_pair,
             "other_chats": other_chats,
+            "person": person,
+            "me": me,
             "scrub": scrub,
             "max_message_chars": max_message_chars,
             "max_messages": max_messages,
@@ -346,6 +366,140 @@ def import_chats(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     return convs, summary
+
+
+def list_chats(
+    srcs: list[str],
+    *,
+    fmt: str = "auto",
+    aliases: dict[str, str] | None = None,
+    chats: list[str] | None = None,
+    pair: tuple[str, str] | None = None,
+    person: str | None = None,
+    me: str | None = None,
+    max_messages: int = 5_000_000,
+    max_speakers: int = 10_000,
+    max_input_mb: int = 1024,
+) -> list[dict]:
+    """Every chat of the exports (after --chat/--pair/--person, if given) as `selection.listing` rows:
+    read and parsed, not cleaned, nothing written."""
+    convs, _, _, dropped, _, _, extra_keys = _read_exports(
+        srcs,
+        fmt=fmt,
+        pair=pair,
+        top_pair=False,
+        other_chats=False,
+        me=me,
+        max_messages=max_messages,
+        max_speakers=max_speakers,
+        max_input_mb=max_input_mb,
+    )
+    convs = _choose(
+        convs, chats=chats, pair=pair, person=person, aliases=aliases or {}, dropped=dropped, extra_keys=extra_keys
+    )
+    return selection.listing(convs)
+
+
+def _choose(convs, *, chats, pair, person, aliases, dropped, extra_keys) -> list[Conversation]:
+    """--pair (chitchat picks its own pair while parsing), then --chat and --person, in the chats' order."""
+    if pair:
+        others = [c for c in convs if selection.fmt_of(c) != "chitchat"]
+        if others:
+            chosen = {
+                id(c)
+                for c in selection.select(others, chats=None, pair=pair, person=None, dropped=dropped, aliases=aliases)
+            }
+            convs = [c for c in convs if selection.fmt_of(c) == "chitchat" or id(c) in chosen]
+    return selection.select(
+        convs, chats=chats, pair=None, person=person, dropped=dropped, aliases=aliases, extra_keys=extra_keys
+    )
+
+
+def _read_exports(srcs, *, fmt, pair, top_pair, other_chats, me, max_messages, max_speakers, max_input_mb):
+    """Read every SRC, detect and parse each export; (conversations, per-source summaries, skipped files,
+    drops, messages read, speakers, chat ids by conversation)."""
+    blobs = group(read_sources(list(srcs), max_input_mb << 20))
+    convs: list[Conversation] = []
+    dropped: Counter = Counter()
+    sources: list[dict] = []
+    skipped: dict[str, list[str]] = {}
+    found_in: set[str] = set()
+    read = 0
+    speakers: set[str] = set()
+    extra_keys: dict[int, set[str]] = {}
+    for blob in blobs:
+        report = Report()
+        options = {}
+        if blob.fmt == "slack":
+            found, payload = "slack", blob.companions
+            report.notes["format"] = found
+        else:
+            try:
+                found, payload = sniff(blob.data, blob.name, report, blob.fmt or fmt)
+            except UserError as e:
+                if blob.container is None:
+                    raise
+                skipped.setdefault(blob.container, []).append(str(e))
+                continue
+            options.update(blob.companions or {})  # a chat.db's wal=, a messages.json's group_info=
+        blob.data = b""  # the text or JSON is all that is needed from here; let the bytes go
+        blob.companions = None
+        try:
+            got = parse_payload(
+                found,
+                payload,
+                blob.name,
+                report,
+                pair=pair if found == "chitchat" else None,
+                top_pair=top_pair,
+                other_chats=other_chats,
+                max_speakers=max_speakers,
+                me=me,
+                **options,
+            )
+        except NotMessagesDatabase as e:  # SQLite is told apart from other databases only by its tables
+            if blob.container is None:
+                raise
+            skipped.setdefault(blob.container, []).append(str(e))
+            continue
+        del payload
+        ids = report.notes.pop("chat_ids", None)
+        if ids:
+            for c in got:
+                key = ids.get(selection.chat_name(c))
+                if key is not None:
+                    extra_keys[id(c)] = {key}
+        if blob.container is not None:
+            found_in.add(blob.container)
+        read += report.read
+        if read > max_messages:
+            raise UserError(f"{blob.name}: more than {max_messages:,} messages (--max-messages)")
+        for c in got:
+            speakers.update(m.speaker for m in c.messages)
+        if len(speakers) > max_speakers:
+            raise UserError(
+                f"{blob.name}: {len(speakers):,} distinct speakers, more than --max-speakers "
+                f"{max_speakers:,}; not a conversation between people?"
+            )
+        dropped.update(report.dropped)
+        kept = sum(len(c.messages) for c in got)
+        sources.append(
+            {
+                "name": blob.name,
+                "format": found,
+                "messages_read": report.read,
+                "messages_parsed": kept,
+                "dropped": dict(report.dropped),
+                **_notes(report.notes),
+            }
+        )
+        convs.extend(got)
+
+    for container, reasons in skipped.items():
+        if container not in found_in:
+            why = "; ".join(reasons[:3]) + (" ..." if len(reasons) > 3 else "")
+            raise UserError(f"{container}: no chat export found ({why})")
+    return selection.merge_split(convs), sources, skipped, dropped, read, speakers, extra_keys
 
 
 def write_data_dir(out: Path, convs: list[Conversation], summary: dict) -> None:

@@ -130,7 +130,7 @@ def test_errors_create_nothing(tmp_path):
     assert_user_error(convsim("import", WA, "--out", out, "--speaker", "no-equals-sign"), "ALIAS=NAME")
     assert_user_error(convsim("import", WA, "--out", out, "--max-messages", "3"), "--max-messages")
     assert_user_error(convsim("import", WA, "--out", out, "--top-pair"), "chitchat")
-    assert_user_error(convsim("import", WA, "--out", out, "--chat", "Ana"), "Telegram")
+    assert_user_error(convsim("import", WA, "--out", out, "--chat", "Ana"), "no chat named 'Ana'", "android_us_12h")
     assert_user_error(convsim("import", WA, "--out", out, "--format", "telegram"), "not valid JSON")
     assert_user_error(convsim("import", WA, "--out", out, "--gap-minutes", "-5"), "--gap-minutes")
     assert_user_error(convsim("import", WA, "--out", out, "--max-input-mb", "0"), "--max-input-mb")
@@ -166,7 +166,11 @@ def test_several_sources_directory_and_zip(tmp_path):
 
 def test_telegram_chat_choice(tmp_path):
     j = ok_json("import", EXPORTS / "telegram" / "account_export.json", "--chat", "Ana", "--out", tmp_path / "d")
-    assert j["speakers"] == {"Ana": 1, "Ben": 1} and j["dropped"]["chat_not_selected"] == 6
+    # the other chats' 6 messages: 3 their own importer drops (media, system), 3 left out by --chat
+    assert j["speakers"] == {"Ana": 1, "Ben": 1} and j["dropped"]["chat_not_selected"] == 3
+    assert j["read"] == j["messages"] + sum(j["dropped"].values())
+    j = ok_json("import", EXPORTS / "telegram" / "account_export.json", "--chat", "777", "--out", tmp_path / "i")
+    assert j["speakers"] == {"Mum": 1, "Ben": 1}  # 777 is the family group's id
     assert_user_error(
         convsim("import", EXPORTS / "telegram" / "account_export.json", "--chat", "Zed", "--out", tmp_path / "e"),
         "no chat named 'Zed'",
@@ -221,7 +225,23 @@ def test_stats(tmp_path):
     assert_user_error(convsim("stats", tmp_path / "bad"), "not a conversation record")
 
 
-@pytest.mark.parametrize("fixture", sorted(str(p.relative_to(EXPORTS)) for p in EXPORTS.rglob("*") if p.is_file()))
+# Exports that are a folder of files read together, imported as that folder rather than file by file.
+FOLDER_FIXTURES = ("slack/acme-slack-export", "googlechat/Takeout")
+
+
+def _fixture_units() -> list[str]:
+    units = set()
+    for p in EXPORTS.rglob("*"):
+        rel = p.relative_to(EXPORTS).as_posix()
+        folder = next((f for f in FOLDER_FIXTURES if rel == f or rel.startswith(f + "/")), None)
+        if folder is not None:
+            units.add(folder)
+        elif p.is_file():
+            units.add(rel)
+    return sorted(units)
+
+
+@pytest.mark.parametrize("fixture", _fixture_units())
 def test_every_fixture_imports(fixture, tmp_path, capsys):
     # In-process through the same entry point (cli.main) to keep the suite fast; the subprocess tests
     # above cover process-level behaviour.
@@ -231,3 +251,32 @@ def test_every_fixture_imports(fixture, tmp_path, capsys):
     j = json.loads(capsys.readouterr().out)
     assert j["messages"] > 0 and len(j["speakers"]) >= 2
     assert j["messages"] == sum(j["speakers"].values())
+
+
+@pytest.mark.parametrize("fixture", _fixture_units())
+def test_every_fixture_lists(fixture, tmp_path, capsys, monkeypatch):
+    from convsim.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["import", str(EXPORTS / fixture), "--list", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows and all(r["messages"] == sum(r["people"].values()) > 0 and r["chat"] for r in rows)
+    assert list(tmp_path.iterdir()) == []  # --list writes nothing
+
+
+def test_list_table_and_flag_errors(tmp_path):
+    r = convsim("import", EXPORTS / "messenger", EXPORTS / "slack", "--list")
+    assert r.returncode == 0 and r.stderr == ""
+    lines = r.stdout.splitlines()
+    assert lines[0].split()[:3] == ["CHAT", "FORMAT", "MESSAGES"]
+    assert any(
+        line.startswith("Ben Kovač") and "messenger" in line and "Ana López 3, Ben Kovač 3" in line for line in lines
+    )
+    assert any(line.startswith("general") and "slack" in line for line in lines)
+    assert lines[-1].startswith("4 chats, 18 messages")
+    assert_user_error(
+        convsim("import", EXPORTS / "messenger", "--list", "--out", tmp_path / "d"), "--list writes nothing"
+    )
+    assert_user_error(convsim("import", EXPORTS / "messenger"), "--out DATA_DIR is required")
+    assert_user_error(convsim("import", EXPORTS / "messenger", "--list", "--person", "Zed"), "nobody named 'Zed'")
+    assert not (tmp_path / "d").exists()

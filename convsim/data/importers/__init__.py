@@ -8,7 +8,7 @@ Path, or its text) to a list of `Conversation`s.
     report.read, report.dropped   # messages read, Counter of reason -> messages dropped
 
 The command-line stage is `convsim import` (convsim/data/import_cli.py: sources, cleaning, writing);
-tests: tests/unit/test_import_formats.py (fixtures) and tests/unit/test_import_fuzz.py (arbitrary input).
+tests: tests/test_import_formats.py (fixtures) and tests/test_import_fuzz.py (arbitrary input).
 
 Every importer module has `parse(data, source, report, **options) -> list[Conversation]`; JSON formats
 also have `parse_obj(obj, source, report, **options)` so detection parses a file once. Importers do no
@@ -18,11 +18,16 @@ Dropped records are counted in `report.dropped` by reason: system, media, delete
 
 Formats: whatsapp (.txt; zips are opened by `sources`), telegram (Desktop JSON, one chat or the whole
 account), discord (DiscordChatExporter CSV or JSON), pairs (the seed project's prompt/response JSON),
-chitchat (the `chitchat-dataset` package's JSON), jsonl (convsim's own conversations.jsonl).
+chitchat (the `chitchat-dataset` package's JSON), jsonl (convsim's own conversations.jsonl), messenger and
+instagram ("Download your information" JSON), imessage (a Mac's chat.db, SQLite), slack (a workspace
+export folder or zip, grouped by `bundles`), signal (signal-export's data.json), googlechat (Google
+Takeout's messages.json), line (LINE's exported .txt).
 """
+
 from __future__ import annotations
 
 import importlib
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,13 +37,32 @@ from convsim.data.importers._text import as_bytes, decode, first_line, load_json
 from convsim.data.schema import Conversation
 from convsim.errors import UserError
 
-FORMATS = ("whatsapp", "telegram", "discord", "pairs", "chitchat", "jsonl")
-JSON_FORMATS = ("telegram", "discord", "pairs", "chitchat", "jsonl")
+_SPACE = re.compile(r"\s*").match
+
+FORMATS = (
+    "whatsapp",
+    "telegram",
+    "discord",
+    "pairs",
+    "chitchat",
+    "jsonl",
+    "messenger",
+    "instagram",
+    "imessage",
+    "slack",
+    "signal",
+    "googlechat",
+    "line",
+)
+JSON_FORMATS = ("telegram", "discord", "pairs", "chitchat", "jsonl", "messenger", "instagram", "googlechat")
+# Formats whose export is several files read together (a Slack workspace folder); `bundles` groups them.
+MULTI_FILE_FORMATS = ("slack",)
 
 
 @dataclass
 class Report:
     """What an importer saw: messages read (before any drop), drops by reason, format notes."""
+
     read: int = 0
     dropped: Counter = field(default_factory=Counter)
     notes: dict[str, Any] = field(default_factory=dict)
@@ -50,8 +74,17 @@ def module(fmt: str):
     return importlib.import_module(f"convsim.data.importers.{fmt}")
 
 
-def detect_obj(obj: Any) -> str | None:
-    """Which JSON format a parsed JSON value is, or None."""
+def detect_obj(obj: Any, source: str = "") -> str | None:
+    """Which JSON format a parsed JSON value is, or None (`source`, the file's name, tells Instagram's
+    Messenger-shaped files from Messenger's)."""
+    from convsim.data.importers import googlechat, instagram, messenger, signal
+
+    if messenger.looks_like(obj):
+        return "instagram" if instagram.looks_like(obj, source) else "messenger"
+    if googlechat.looks_like(obj):
+        return "googlechat"
+    if signal.looks_like(obj):
+        return "signal"
     if isinstance(obj, dict):
         msgs = obj.get("messages")
         if isinstance(obj.get("chats"), dict) and isinstance(obj["chats"].get("list"), list):
@@ -62,7 +95,9 @@ def detect_obj(obj: Any) -> str | None:
             first = next((m for m in msgs if isinstance(m, dict)), None)
             if first is not None and "speaker" in first:
                 return "jsonl"
-            if first is not None and ("date" in first or "from" in first or first.get("type") in ("message", "service")):
+            if first is not None and (
+                "date" in first or "from" in first or first.get("type") in ("message", "service")
+            ):
                 return "telegram"
             if not msgs and ("type" in obj or "name" in obj):
                 return "telegram"
@@ -84,11 +119,13 @@ def detect_obj(obj: Any) -> str | None:
 
 def detect_text(text: str) -> str | None:
     """Which line-based format a decoded text is (whatsapp, a Discord CSV, JSON Lines), or None."""
-    from convsim.data.importers import discord, whatsapp
+    from convsim.data.importers import discord, line as line_txt, whatsapp
 
     line = first_line(text)
     if not line:
         return None
+    if line_txt.looks_like(line):
+        return "line"
     if discord.looks_like_csv(line):
         return "discord"
     if whatsapp.looks_like(line):
@@ -96,8 +133,9 @@ def detect_text(text: str) -> str | None:
     return None
 
 
-def parse(data: bytes | str | Path, source: str | None = None, report: Report | None = None, fmt: str = "auto",
-          **options) -> list[Conversation]:
+def parse(
+    data: bytes | str | Path, source: str | None = None, report: Report | None = None, fmt: str = "auto", **options
+) -> list[Conversation]:
     """Detect (unless `fmt` is given) and parse one export. Options go to the format that uses them.
 
     `source` names the export in messages and in each Conversation's `source` (default: the Path's
@@ -124,7 +162,7 @@ def parse_payload(fmt: str, payload: Any, source: str, report: Report, **options
     """Run format `fmt`'s importer on what `sniff` returned."""
     mod = module(fmt)
     try:
-        if isinstance(payload, str):
+        if isinstance(payload, (str, bytes)):
             return mod.parse(payload, source, report, **options)
         return mod.parse_obj(payload, source, report, **options)
     except (TypeError, KeyError, AttributeError, IndexError, ValueError) as e:
@@ -135,9 +173,18 @@ def parse_payload(fmt: str, payload: Any, source: str, report: Report, **options
 
 
 def _sniff(raw: bytes, source: str, fmt: str, report: Report) -> tuple[str, Any]:
-    """(format, payload): payload is parsed JSON for JSON formats, text otherwise."""
+    """(format, payload): payload is parsed JSON for JSON formats, the bytes for SQLite, text otherwise."""
     if raw.startswith(b"PK\x03\x04") or raw.startswith(b"PK\x05\x06"):
         raise UserError(f"{source}: a zip archive here; pass the .zip itself as SRC (zips are opened in memory)")
+    if raw.startswith(b"SQLite format 3\0") and fmt in ("auto", None, "imessage"):
+        return "imessage", raw
+    if fmt == "imessage":
+        raise UserError(f"{source}: not an SQLite database, so not an iMessage chat.db")
+    if fmt in MULTI_FILE_FORMATS:
+        raise UserError(
+            f"{source}: a {fmt} export is a folder or zip (users.json, channels.json and a folder "
+            "per channel); pass that as SRC"
+        )
     if not raw.strip(b" \t\r\n\xef\xbb\xbf"):
         raise UserError(f"{source}: empty file")
     text = decode(raw, source, report.notes)
@@ -154,22 +201,54 @@ def _sniff(raw: bytes, source: str, fmt: str, report: Report) -> tuple[str, Any]
                 return "jsonl", text
             if isinstance(obj, dict) and "prompt" in obj:
                 return "pairs", text
-            raise UserError(f"{source}: JSON Lines, but neither convsim conversations nor prompt/response pairs")
+            if detect_obj(obj, source) == "signal":
+                return "signal", text
+            raise UserError(
+                f"{source}: JSON Lines, but neither convsim conversations, prompt/response pairs nor "
+                "signal-export's data.json"
+            )
         obj = load_json(text, source)
-        found = detect_obj(obj)
+        found = detect_obj(obj, source)
         if found is None:
             kind = {"dict": "object", "list": "list"}.get(type(obj).__name__, "value")
             keys = f" with keys {', '.join(map(str, list(obj)[:6]))}" if isinstance(obj, dict) else ""
-            raise UserError(f"{source}: JSON {kind}{keys} is not a chat export this tool knows "
-                            "(Telegram, Discord, prompt/response pairs, chitchat, conversations.jsonl)")
-        return found, (text if found == "jsonl" else obj)
+            raise UserError(f"{source}: JSON {kind}{keys} is not a chat export this tool knows ({_json_tried(obj)})")
+        return found, (text if found in ("jsonl", "signal") else obj)
     found = detect_text(text)
     if found is None:
         line = first_line(text, 4096)
-        raise UserError(f"{source}: unknown format (first line: {short(line)!r}); "
-                        "expected a WhatsApp .txt, Telegram/Discord JSON, Discord CSV, pairs or chitchat JSON, "
-                        "or conversations.jsonl (or pass --format)")
+        raise UserError(
+            f"{source}: unknown format (first line: {short(line)!r}); tried: WhatsApp (no "
+            "'31/12/2020, 22:15 - Name: text' line), LINE (no '[LINE]' first line), Discord CSV (no "
+            "Author,Date,Content header), and the JSON and SQLite formats (not JSON, not SQLite); "
+            "or pass --format"
+        )
     return found, text
+
+
+def _json_tried(obj: Any) -> str:
+    """Why a JSON value is none of the JSON formats, format by format, for the error message."""
+    if isinstance(obj, list):
+        return (
+            "tried: pairs (no 'prompt' in the records), conversations.jsonl (no 'messages' list), "
+            "Slack (a day file belongs in a workspace folder with users.json)"
+        )
+    if not isinstance(obj, dict):
+        return "tried the JSON formats: every one is an object or a list"
+    msgs = isinstance(obj.get("messages"), list)
+    return "tried: " + "; ".join(
+        [
+            "Telegram (" + ("'messages' without 'date'/'from'" if msgs else "no 'messages' list or 'chats'") + ")",
+            "Discord (no 'guild'/'channel')",
+            "Messenger/Instagram ("
+            + ("no 'participants'" if "participants" not in obj else "messages without 'sender_name'")
+            + ")",
+            "Google Chat (no messages with 'creator' and 'created_date')",
+            "Signal data.json (no 'date', 'sender' and 'body')",
+            "chitchat (values are not chats with 'messages')",
+            "conversations.jsonl (no 'id' with 'messages' of 'speaker')",
+        ]
+    )
 
 
 def _is_json_lines(text: str) -> bool:
@@ -177,14 +256,17 @@ def _is_json_lines(text: str) -> bool:
     head = text.lstrip()
     if not head.startswith("{"):
         return False
-    line, sep, rest = head.partition("\n")
-    if not sep or not rest.strip():
+    nl = head.find("\n")  # no partition: the rest of a big export is not copied just to look at it
+    if nl < 0:
         return False
+    line = head[:nl]
     if not line.rstrip().endswith("}"):
         return False
     import json
+
     try:
         json.loads(line)
     except (ValueError, RecursionError):
         return False
-    return rest.lstrip().startswith("{")
+    after = _SPACE(head, nl).end()
+    return head.startswith("{", after)

@@ -14,6 +14,7 @@ With `other_chats=True` it keeps the opposite: the chats of either person of the
 every partner named "stranger" (565 chats with 154 people for the top pair: training-only data for
 `convsim train --extra-data`).
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -39,11 +40,18 @@ def parse(data: bytes | str | Path, source: str, report, **options) -> list[Conv
     return parse_obj(load_json(as_text(data, source, report.notes), source), source, report, **options)
 
 
-STRANGER = "stranger"   # everyone but the pair, in `other_chats` imports
+STRANGER = "stranger"  # everyone but the pair, in `other_chats` imports
 
 
-def parse_obj(obj: Any, source: str, report, pair: tuple[str, str] | None = None, top_pair: bool = False,
-              other_chats: bool = False, **_options) -> list[Conversation]:
+def parse_obj(
+    obj: Any,
+    source: str,
+    report,
+    pair: tuple[str, str] | None = None,
+    top_pair: bool = False,
+    other_chats: bool = False,
+    **_options,
+) -> list[Conversation]:
     if not isinstance(obj, dict) or not obj:
         raise UserError(f"{source}: not chitchat data (expected a JSON object of chat id -> chat)")
     chats = []  # (chat id, [(sender, text, time)])
@@ -85,7 +93,11 @@ def parse_obj(obj: Any, source: str, report, pair: tuple[str, str] | None = None
         if chosen not in per_pair:
             top = ", ".join(f"{_pretty(k)} ({n})" for k, n in per_pair.most_common(5))
             raise UserError(f"no chat between exactly {_pretty(chosen)}; busiest pairs: {top}")
-        report.notes["pair"] = {"senders": sorted(chosen), "messages": per_pair[chosen], "chats": per_pair_chats[chosen]}
+        report.notes["pair"] = {
+            "senders": sorted(chosen),
+            "messages": per_pair[chosen],
+            "chats": per_pair_chats[chosen],
+        }
         kept = []
         for cid, msgs in chats:
             who = frozenset(s for s, _, _ in msgs)
@@ -97,16 +109,19 @@ def parse_obj(obj: Any, source: str, report, pair: tuple[str, str] | None = None
     elif other_chats:
         raise UserError("--other-chats needs --pair or --top-pair (whose other chats?)")
 
-    writers = sorted({s for _, msgs in chats for s, _, _ in msgs})   # of the chats kept
-    if other_chats:   # the pair keep the names of their own import; their partners become one speaker
+    writers = sorted({s for _, msgs in chats for s, _, _ in msgs})  # of the chats kept
+    if other_chats:  # the pair keep the names of their own import; their partners become one speaker
         names = {**{s: STRANGER for s in writers}, **_short_names(sorted(chosen))}
         report.notes["other_chats"] = {"chats": len(chats), "partners": len(set(writers) - chosen)}
     else:
         names = _short_names(writers)
     report.notes["speaker_names"] = {v: k for k, v in names.items() if v != STRANGER}
     report.notes["chats"] = len(chats)
-    return [Conversation(id="", messages=[Message(names[s], t, w) for s, t, w in msgs], source=f"chitchat:{cid}")
-            for cid, msgs in chats if msgs]
+    return [
+        Conversation(id="", messages=[Message(names[s], t, w) for s, t, w in msgs], source=f"chitchat:{cid}")
+        for cid, msgs in chats
+        if msgs
+    ]
 
 
 def _short_names(senders: list[str]) -> dict[str, str]:

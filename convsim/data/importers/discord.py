@@ -13,6 +13,7 @@ without text ("media"), messages with no content at all ("empty").
 A cell such as `=HYPERLINK(...)` (CSV formula injection) is kept as the literal text it is: nothing
 here evaluates it and convsim never writes CSV.
 """
+
 from __future__ import annotations
 
 import csv
@@ -29,10 +30,19 @@ from convsim.errors import UserError
 _SYSTEM_TEXT = re.compile(
     r"(?:Joined the server\.|Pinned a message\.|Started a call(?: that lasted [^\n]*)?\.|Started a thread\.?"
     r"|Added [^\n]* to the group\.|Removed [^\n]* from the group\.|Left the group\.|Changed the channel name: [^\n]*"
-    r"|Changed the channel icon\.|[^\n]{1,80} just boosted the server[^\n]*)\Z")
+    r"|Changed the channel icon\.|[^\n]{1,80} just boosted the server[^\n]*)\Z"
+)
 _USER_TYPES = {"Default", "Reply", "ChatInputCommand", "ContextMenuCommand", 0, 19, 20, 23}
-_DATE_FORMATS = ("%d-%b-%y %I:%M %p", "%d-%b-%Y %I:%M %p", "%d-%b-%y %H:%M", "%m/%d/%Y %I:%M %p",
-                 "%m/%d/%Y %I:%M:%S %p", "%d/%m/%Y %H:%M", "%d/%m/%Y %H:%M:%S", "%d.%m.%Y %H:%M")
+_DATE_FORMATS = (
+    "%d-%b-%y %I:%M %p",
+    "%d-%b-%Y %I:%M %p",
+    "%d-%b-%y %H:%M",
+    "%m/%d/%Y %I:%M %p",
+    "%m/%d/%Y %I:%M:%S %p",
+    "%d/%m/%Y %H:%M",
+    "%d/%m/%Y %H:%M:%S",
+    "%d.%m.%Y %H:%M",
+)
 _CSV_FIELD_LIMIT = 64 * 1024 * 1024
 
 
@@ -60,8 +70,10 @@ def parse_csv(text: str, source: str, report) -> list[Conversation]:
         col = {h.strip().strip(MARKS): i for i, h in enumerate(header)}
         missing = [c for c in ("Author", "Date", "Content") if c not in col]
         if missing:
-            raise UserError(f"{source}: CSV without the DiscordChatExporter column(s) {', '.join(missing)} "
-                            f"(header: {short(','.join(header))!r})")
+            raise UserError(
+                f"{source}: CSV without the DiscordChatExporter column(s) {', '.join(missing)} "
+                f"(header: {short(','.join(header))!r})"
+            )
         ia, idt, ic = col["Author"], col["Date"], col["Content"]
         iatt = col.get("Attachments")
         width = max(ia, idt, ic, iatt or 0) + 1
@@ -102,7 +114,9 @@ def parse_csv(text: str, source: str, report) -> list[Conversation]:
 def parse_obj(obj: Any, source: str, report, **_options) -> list[Conversation]:
     if not isinstance(obj, dict) or not isinstance(obj.get("messages"), list):
         raise UserError(f"{source}: not a DiscordChatExporter JSON export (expected an object with 'messages')")
-    if not ("guild" in obj or "channel" in obj or any(isinstance(m, dict) and "author" in m for m in obj["messages"][:50])):
+    if not (
+        "guild" in obj or "channel" in obj or any(isinstance(m, dict) and "author" in m for m in obj["messages"][:50])
+    ):
         raise UserError(f"{source}: not a DiscordChatExporter JSON export (no 'guild', 'channel' or message 'author')")
     channel = obj.get("channel") if isinstance(obj.get("channel"), dict) else {}
     name = channel.get("name") if isinstance(channel.get("name"), str) else "channel"
@@ -123,7 +137,9 @@ def parse_obj(obj: Any, source: str, report, **_options) -> list[Conversation]:
             dropped["media" if media else "empty"] += 1
             continue
         author = m.get("author") if isinstance(m.get("author"), dict) else {}
-        speaker = next((author[k] for k in ("nickname", "name") if isinstance(author.get(k), str) and author[k].strip()), None)
+        speaker = next(
+            (author[k] for k in ("nickname", "name") if isinstance(author.get(k), str) and author[k].strip()), None
+        )
         if speaker is None:
             dropped["no_sender"] += 1
             continue

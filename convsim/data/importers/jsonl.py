@@ -7,6 +7,7 @@ Re-importing a data dir's file (e.g. to merge aliases, re-scrub or re-split sess
 same cleaning as any export. Also accepts a JSON list of conversation objects. A line that is not a
 conversation is an error naming the line; a message with an unreadable `time` keeps `time: null`.
 """
+
 from __future__ import annotations
 
 import json

@@ -14,6 +14,7 @@ rebuilt (at least two messages must agree, or the whole record must lie inside i
 messages are appended; a record that aligns nowhere starts a new conversation. The format has no
 times, so `time` is null and sessions cannot be split by gap.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,7 +30,9 @@ _TOKEN_LINE = re.compile(r"\[([^\[\]\n/][^\[\]\n]{0,79})\][ \t]?(.*)", re.S)
 _WRAPPERS = {"SYS", "USER", "INST", "ASSISTANT", "SYSTEM"}
 _SYS_BLOCK = re.compile(r"\[SYS\].*?\[/SYS\]|<<SYS>>.*?<</SYS>>", re.S)
 _TAIL_QUESTION = re.compile(r"\s*How does the conversation continue\?\s*(?:\[/USER\]|\[/INST\])?\s*\Z")
-_MARKUP = re.compile(r"\[/?(?:USER|INST|ASSISTANT|SYSTEM)\]|<start_of_turn>(?:user|model)?|<end_of_turn>|<bos>|<eos>|</?s>")
+_MARKUP = re.compile(
+    r"\[/?(?:USER|INST|ASSISTANT|SYSTEM)\]|<start_of_turn>(?:user|model)?|<end_of_turn>|<bos>|<eos>|</?s>"
+)
 _LOOKBACK = 256
 
 
@@ -119,7 +122,7 @@ def _stitch(chains: list[list[tuple[str, str]]], seq: list[tuple[str, str]], not
             m = min(len(seq), len(cur) - p)
             if m < need:
                 break
-            if cur[p:p + m] == seq[:m]:
+            if cur[p : p + m] == seq[:m]:
                 if m == len(seq):
                     notes["records_inside_earlier_ones"] += 1
                 cur.extend(seq[m:])

@@ -3,13 +3,15 @@
     blobs = read_sources(["WhatsApp Chat.zip", "tg/ChatExport_2024-01-01", "chitchat"], max_bytes=1 << 30)
 
 A SRC is a file, a directory (searched for exports, symlinks not followed), a `.zip` (its entries read
-in memory, never extracted), or the word `chitchat` (the installed chitchat-dataset). Refused with a
+in memory, never extracted), or the word `chitchat` (the installed chitchat-dataset). An SQLite file
+given directly brings its `-wal` file along when one lies beside it (bundles.py pairs them). Refused with a
 `UserError`: a path that is not a regular file (a FIFO, a device, a symlink loop), a zip entry whose
 path leaves the archive (`../x`, `/etc/x`, `C:\\x`), an encrypted or corrupt zip, and anything that
 would make the total read exceed `max_bytes` (zip bombs: declared sizes are checked before reading and
 reads are capped). Nested zips are not opened. Each blob knows its container (a directory or zip) so
 the caller can say "no chat export in X" when none of a container's files turns out to be one.
 """
+
 from __future__ import annotations
 
 import io
@@ -21,17 +23,18 @@ from pathlib import PurePosixPath
 
 from convsim.errors import UserError
 
-CHAT_SUFFIXES = (".txt", ".json", ".jsonl", ".csv")
+CHAT_SUFFIXES = (".txt", ".json", ".jsonl", ".csv", ".db", ".db-wal", ".sqlite", ".sqlite-wal")
 MAX_FILES = 10_000
 MAX_DEPTH = 8
 
 
 @dataclass
 class Blob:
-    name: str                    # shown in sources and errors: "chat.zip/_chat.txt"
+    name: str  # shown in sources and errors: "chat.zip/_chat.txt"
     data: bytes
     container: str | None = None  # the directory or zip it came from; None for a file given directly
-    fmt: str | None = None       # a format fixed by how it was named (the word `chitchat`)
+    fmt: str | None = None  # a format fixed by how it was named (the word `chitchat`)
+    companions: dict[str, bytes] | None = None  # files read with this one (a chat.db's WAL; a Slack export's files)
 
 
 class _Budget:
@@ -41,8 +44,10 @@ class _Budget:
 
     def take(self, n: int, what: str) -> None:
         if n > self.left:
-            raise UserError(f"{what}: reading it would pass the {self.max // (1 << 20)} MiB input limit "
-                            "(--max-input-mb); a zip bomb or not a chat export?")
+            raise UserError(
+                f"{what}: reading it would pass the {self.max // (1 << 20)} MiB input limit "
+                "(--max-input-mb); a zip bomb or not a chat export?"
+            )
         self.left -= n
 
 
@@ -52,6 +57,7 @@ def read_sources(srcs: list[str], max_bytes: int) -> list[Blob]:
     for src in srcs:
         if src == "chitchat" and not os.path.lexists(src):
             from convsim.data.importers.chitchat import dataset_path
+
             path = dataset_path()
             out.append(Blob("chitchat", _read_file(path, budget, "chitchat"), fmt="chitchat"))
             continue
@@ -61,7 +67,14 @@ def read_sources(srcs: list[str], max_bytes: int) -> list[Blob]:
         elif stat.S_ISREG(st.st_mode):
             data = _read_file(src, budget, src)
             name = os.path.basename(os.path.normpath(src)) or src
-            out.extend(_zip_members(data, name, budget) if _is_zip(data) else [Blob(name, data)])
+            if _is_zip(data):
+                out.extend(_zip_members(data, name, budget))
+                continue
+            out.append(Blob(name, data))
+            wal = src + "-wal"
+            if data.startswith(b"SQLite format 3\0") and os.path.isfile(wal) and not os.path.islink(wal):
+                # a database copied with its write-ahead log: the newest rows are only there
+                out.append(Blob(name + "-wal", _read_file(wal, budget, wal)))
         else:
             raise UserError(f"{src}: not a regular file or directory (a device, FIFO or socket?)")
     return out
@@ -147,8 +160,10 @@ def _zip_members(data: bytes, name: str, budget: _Budget, optional: bool = False
     picked = [i for i in infos if _is_chat_entry(i)]
     declared = sum(i.file_size for i in picked)
     if declared > budget.left:
-        raise UserError(f"{name}: its chat entries would unpack to {declared / (1 << 20):.0f} MiB, past the "
-                        f"{budget.max // (1 << 20)} MiB input limit (--max-input-mb); refusing a possible zip bomb")
+        raise UserError(
+            f"{name}: its chat entries would unpack to {declared / (1 << 20):.0f} MiB, past the "
+            f"{budget.max // (1 << 20)} MiB input limit (--max-input-mb); refusing a possible zip bomb"
+        )
     out = []
     for info in picked:
         what = f"{name}/{info.filename}"
@@ -167,8 +182,12 @@ def _zip_members(data: bytes, name: str, budget: _Budget, optional: bool = False
         out.append(Blob(what, chunk, container=name))
     if not out and not optional:
         listing = ", ".join(i.filename for i in infos[:6]) or "nothing"
-        nested = " (zips inside a zip are not opened)" if any(i.filename.lower().endswith(".zip") for i in infos) else ""
-        raise UserError(f"{name}: zip without a chat export (entries: {listing}{' ...' if len(infos) > 6 else ''}){nested}")
+        nested = (
+            " (zips inside a zip are not opened)" if any(i.filename.lower().endswith(".zip") for i in infos) else ""
+        )
+        raise UserError(
+            f"{name}: zip without a chat export (entries: {listing}{' ...' if len(infos) > 6 else ''}){nested}"
+        )
     return out
 
 

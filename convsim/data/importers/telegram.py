@@ -11,6 +11,7 @@ they are joined. Dropped and counted: service messages (joins, calls, pins: "sys
 caption (photos, stickers, files, voice, polls, locations: "media"). Speakers are the `from` names as
 exported; a deleted account (`from: null`) is "Deleted Account". Times are the export's local `date`.
 """
+
 from __future__ import annotations
 
 from datetime import datetime
@@ -21,8 +22,18 @@ from convsim.data.importers._text import as_text, load_json, short
 from convsim.data.schema import Conversation, Message
 from convsim.errors import UserError
 
-_MEDIA_KEYS = ("photo", "file", "media_type", "sticker_emoji", "contact_information",
-               "location_information", "poll", "game", "invoice", "place_name")
+_MEDIA_KEYS = (
+    "photo",
+    "file",
+    "media_type",
+    "sticker_emoji",
+    "contact_information",
+    "location_information",
+    "poll",
+    "game",
+    "invoice",
+    "place_name",
+)
 
 
 def parse(data: bytes | str | Path, source: str, report, **options) -> list[Conversation]:
@@ -47,8 +58,10 @@ def parse_obj(obj: Any, source: str, report, chats: list[str] | None = None, **_
         missing = wanted - {_chat_name(c) for c in picked} - {str(c.get("id")) for c in picked}
         if missing:
             names = ", ".join(repr(_chat_name(c)) for c in found[:15])
-            raise UserError(f"{source}: no chat named {', '.join(map(repr, sorted(missing)))}; "
-                            f"chats here: {names}{' ...' if len(found) > 15 else ''}")
+            raise UserError(
+                f"{source}: no chat named {', '.join(map(repr, sorted(missing)))}; "
+                f"chats here: {names}{' ...' if len(found) > 15 else ''}"
+            )
         keep = {id(c) for c in picked}
         for c in found:
             if id(c) not in keep:
@@ -58,10 +71,13 @@ def parse_obj(obj: Any, source: str, report, chats: list[str] | None = None, **_
         found = picked
 
     per_chat = report.notes.setdefault("chats", {})
+    ids = report.notes.setdefault("chat_ids", {})  # so `convsim import --chat ID` can pick a chat by its id
     out = []
     for chat in found:
         msgs = _chat(chat, report)
         name = _chat_name(chat)
+        if chat.get("id") is not None:
+            ids[name] = short(str(chat.get("id")), 40)
         per_chat[name] = per_chat.get(name, 0) + len(msgs)
         if msgs:
             out.append(Conversation(id="", messages=msgs, source=f"telegram:{source}#{name}"))

@@ -16,6 +16,7 @@ attached)`), deleted-message markers. `<This message was edited>` tags are remov
 system texts are recognised; other languages' notices come through as messages of the chat's name.
 Times are local wall-clock times as exported (ISO 8601 without an offset: the export has none).
 """
+
 from __future__ import annotations
 
 import re
@@ -54,10 +55,13 @@ _SPECIAL = re.compile(
 _IOS_EVENT = re.compile(
     r"[^\n]{0,200}?\b(?:created (?:group|this group)|added|removed|left|joined using|changed the subject"
     r"|changed this group|changed the group|changed their phone number|changed to|pinned a message"
-    r"|deleted this group|now an admin|turned (?:on|off)|security code|started a call|is a contact)")
+    r"|deleted this group|now an admin|turned (?:on|off)|security code|started a call|is a contact)"
+)
 # An Android system line whose text happens to contain ": " must not become a speaker.
-_EVENT_AS_NAME = re.compile(r".*\b(?:changed the subject|changed the group description|changed this group|"
-                            r"created group|added|removed)\b.*[\"\u201c\u201d]")
+_EVENT_AS_NAME = re.compile(
+    r".*\b(?:changed the subject|changed the group description|changed this group|"
+    r"created group|added|removed)\b.*[\"\u201c\u201d]"
+)
 _EDITED = "<This message was edited>"
 _SPECIAL_FIRST = frozenset("<ivasGdCnTYMmWDVg")  # first letters of everything _SPECIAL matches
 
@@ -67,8 +71,9 @@ def looks_like(line: str) -> bool:
     return HEADER.match(line) is not None
 
 
-def parse(data: bytes | str | Path, source: str, report, max_speakers: int | None = None,
-          **_options) -> list[Conversation]:
+def parse(
+    data: bytes | str | Path, source: str, report, max_speakers: int | None = None, **_options
+) -> list[Conversation]:
     """`max_speakers`: stop early (UserError) once more distinct names than this have been seen."""
     text = as_text(data, source, report.notes)
     if "\r" in text:
@@ -77,8 +82,10 @@ def parse(data: bytes | str | Path, source: str, report, max_speakers: int | Non
     # where rest runs to the next header (continuation lines included, so multi-line stays one message).
     parts = _SPLIT("\n" + text)
     if len(parts) < 5:
-        raise UserError(f"{source}: no WhatsApp message lines (a line should start like "
-                        "'31/12/2020, 22:15 - Name: text' or '[31/12/2020, 22:15:03] Name: text')")
+        raise UserError(
+            f"{source}: no WhatsApp message lines (a line should start like "
+            "'31/12/2020, 22:15 - Name: text' or '[31/12/2020, 22:15:03] Name: text')"
+        )
     all_dates = parts[2::4]
     time_strings = set(parts[3::4])
     order, why = _date_order(all_dates, any(_AMPM(t) for t in time_strings))
@@ -120,8 +127,10 @@ def parse(data: bytes | str | Path, source: str, report, max_speakers: int | Non
         if name == "":
             name = names[spk] = _speaker(spk)
             if max_speakers is not None and len(names) > max_speakers:
-                raise UserError(f"{source}: more than {max_speakers:,} distinct speakers (--max-speakers); "
-                                "not a conversation between people?")
+                raise UserError(
+                    f"{source}: more than {max_speakers:,} distinct speakers (--max-speakers); "
+                    "not a conversation between people?"
+                )
         if name is None:
             dropped["system"] += 1
             last = None
@@ -139,7 +148,7 @@ def parse(data: bytes | str | Path, source: str, report, max_speakers: int | Non
                     dropped[kind] += 1
                     last = None
                     continue
-                body = body[m.end():].strip(MARKS + " \n")
+                body = body[m.end() :].strip(MARKS + " \n")
                 if not body:
                     dropped["media"] += 1
                     last = None
@@ -158,8 +167,10 @@ def parse(data: bytes | str | Path, source: str, report, max_speakers: int | Non
         append(last)
     report.read += read
     if read == 0:
-        raise UserError(f"{source}: {len(all_dates)} WhatsApp-looking lines but no valid date and time in any "
-                        f"(first: {all_dates[0]!r}, {parts[3]!r})")
+        raise UserError(
+            f"{source}: {len(all_dates)} WhatsApp-looking lines but no valid date and time in any "
+            f"(first: {all_dates[0]!r}, {parts[3]!r})"
+        )
     return [Conversation(id="", messages=out, source=f"whatsapp:{source}")] if out else []
 
 
@@ -198,8 +209,11 @@ def _date_order(found: list[str], twelve_hour: bool) -> tuple[str, str]:
     if scores["DMY"] != scores["MDY"]:
         best = min(scores, key=scores.get)
         return best, "the reading whose dates are valid and in order"
-    return ("MDY", "ambiguous; 12-hour clock suggests month first") if twelve_hour else \
-           ("DMY", "ambiguous; assumed day first")
+    return (
+        ("MDY", "ambiguous; 12-hour clock suggests month first")
+        if twelve_hour
+        else ("DMY", "ambiguous; assumed day first")
+    )
 
 
 def _ymd(a: int, b: int, c: int, order: str) -> tuple[int, int, int] | None:

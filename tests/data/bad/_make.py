@@ -3,7 +3,7 @@
 Every file here (except those starting with `_` and README.md) must make `convsim import` exit 2 with
 one `error:` line and no traceback; tests/test_import_bad.py runs them all. The exception is
 `csv_formula_injection.csv`, which imports fine: its cells are kept as literal text (documented in
-convsim/chats/importers/discord.py). The files made by `other_commands()` are aimed at the other
+convsim/data/importers/discord.py). The files made by `other_commands()` are aimed at the other
 commands that read user files (`train --config`, `steer build --phrases/--pairs`, `reply --history`,
 `history --db`, `train DATA_DIR`; tests/test_reliability.py) and are bad imports too. Inputs that must not be committed (symlinks, FIFOs, a million
 speakers, a 30 MB line) are made at test time. Deterministic: the same bytes on every run, except the
