@@ -4,7 +4,10 @@
 # .gpu-stage/run (src/, fid/, tok/) was carried:
 #   bash tools/gpu/fidelity.sh start     # install wheels, convert the model, start the suite detached
 #   bash tools/gpu/fidelity.sh wait 540  # wait up to N s, then pack results into $OUT
-# STEPS (default "all") is passed to the suite: e.g. STEPS=report to continue with the report set.
+# STEPS (default "all") is passed to the suite: e.g. STEPS="report" to continue with the report set (the GPU
+# machine has no chitchat-dataset: prepare the work dir on the CPU and carry it as fid.tar.gz).
+# The machine goes back 30 s after a call returns, taking the detached job with it: make the `wait` calls
+# back to back, with no pause between them, until DONE; each one packs what is ready into $OUT.
 set -u
 S=${STAGE:-/root/stage}; W=/root/fid; RES=/root/fidres
 export PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1

@@ -1,0 +1,99 @@
+"""bench/fidelity_suite.py's own logic: which pairs, the seeded draw, the selection rule and the summary."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SUITE = Path(__file__).parents[2] / "bench" / "fidelity_suite.py"
+spec = importlib.util.spec_from_file_location("fidelity_suite", SUITE)
+suite = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(suite)
+
+
+def _chat(*senders):
+    return {"messages": [[{"sender": s, "text": "hi", "timestamp": "2018-01-01T00:00:00"}] for s in senders]}
+
+
+def test_pairs_are_two_person_chats_above_the_threshold_and_the_draw_is_seeded():
+    a, b, c = "aaaaaaaa-1", "bbbbbbbb-2", "cccccccc-3"
+    chats = {"1": _chat(a, b, a), "2": _chat(b, a), "3": _chat(a, c), "4": _chat(a, b, c)}
+    pairs = suite.find_pairs(chats, min_messages=3)
+    assert pairs == {("aaaaaaaa", "bbbbbbbb"): ["1", "2"]}  # 5 messages; a-c has 2; chat 4 has three people
+    many = [(f"p{i:02d}", f"q{i:02d}") for i in range(13)]
+    dev, rep = suite.draw(many)
+    assert (dev, rep) == suite.draw(list(reversed(many)))  # the draw depends on the seed, not the order given
+    assert len(dev) == suite.N_DEV and len(rep) == 13 - suite.N_DEV and not set(dev) & set(rep)
+
+
+def _run(work, pair, recipe, loss, seed=0):
+    d = work / "runs" / f"{pair}--{recipe}--s{seed}"
+    d.mkdir(parents=True)
+    (d / "run.json").write_text(json.dumps({"eval_loss": loss, "status": "done"}))
+    return d
+
+
+def test_selection_rule(tmp_path):
+    dev = ["d1", "d2"]
+    (tmp_path / "plan.json").write_text(json.dumps({"development_pairs": dev}))
+    for pair in dev:
+        _run(tmp_path, pair, "old-default", 3.0)
+        _run(tmp_path, pair, "ctx16-extra-e2-b32", 2.80)
+        _run(tmp_path, pair, suite.CHEAPER, 2.805)  # within the margin: the cheaper recipe wins
+    assert suite.select(tmp_path)["chosen"] == suite.CHEAPER
+    for pair in dev:
+        (tmp_path / "runs" / f"{pair}--{suite.CHEAPER}--s0" / "run.json").write_text(json.dumps({"eval_loss": 2.9}))
+    assert suite.select(tmp_path)["chosen"] == "ctx16-extra-e2-b32"
+
+
+def _row(ratio, judge_ft, judge_ic, copy_ft, copy_real_ci, rep_ft, rep_real_ci):
+    return {
+        "n": 10,
+        "ppl_ratio": ratio,
+        "ppl_ratio_ci": [ratio - 0.05, ratio + 0.05],
+        "ppl_finetuned": 10,
+        "ppl_in_context": 10 / ratio,
+        "judge_acc_finetuned": judge_ft,
+        "judge_acc_in_context": judge_ic,
+        "speaker_auc_real": 0.8,
+        "copy_rate_finetuned": copy_ft,
+        "copy_rate_real": 0.0,
+        "copy_rate_real_ci": copy_real_ci,
+        "repeat_rate_finetuned": rep_ft,
+        "repeat_rate_real": 0.0,
+        "repeat_rate_real_ci": rep_real_ci,
+    }
+
+
+def test_summary_counts_goals_on_the_report_set_only(tmp_path):
+    plan = {
+        "report_pairs": ["r1", "r2"],
+        "development_pairs": ["d1"],
+        "seeded_pairs": ["r1"],
+        "people_in_both_sets": [],
+    }
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    evals = {
+        ("r1", 0): {
+            "A": _row(0.7, 0.6, 0.8, 0.0, [0.0, 0.1], None, [0.0, 0.02]),
+            "B": _row(0.85, 0.7, 0.9, 0.2, [0.0, 0.1], 0.0, [0.0, 0.02]),
+        },
+        ("r1", 1): {"A": _row(0.74, 0.6, 0.8, 0.0, [0.0, 0.1], 0.0, [0.0, 0.02])},
+        ("r2", 0): {"C": _row(0.75, 0.5, 0.7, 0.0, [0.0, 0.1], 0.0, [0.0, 0.02])},
+        ("d1", 0): {"D": _row(1.5, 0.99, 0.5, 0.9, [0.0, 0.1], 0.5, [0.0, 0.02])},
+    }
+    for (pair, seed), speakers in evals.items():
+        d = tmp_path / "runs" / f"{pair}--ctx16-extra-e2-b32--s{seed}"
+        d.mkdir(parents=True)
+        (d / "eval.json").write_text(json.dumps({"speakers": speakers}))
+    res = suite.summarize(tmp_path, "abc", "card", "cmd")
+    s = res["summary"]
+    assert s["report_speakers"] == 3 and s["report_pairs_done"] == 2
+    assert s["median_ratio"] == pytest.approx(0.75) and s["worst_ratio"] == pytest.approx(0.85)
+    assert s["share_ratio_le_0.8"] == pytest.approx(2 / 3)
+    assert s["share_copy_within_real"] == pytest.approx(2 / 3)  # B copies more than real replies' interval
+    assert s["share_repeat_within_real"] == 1.0  # no follow-up message at all counts as no repeat
+    assert s["goals"]["no ratio above 0.9"] and not s["goals"]["share_ratio_le_0.8 >= 0.8"]
+    assert s["seed_spread"]["r1/A"]["range"] == pytest.approx(0.04)
+    assert {r["set"] for r in res["speakers"]} == {"report", "development"}
