@@ -101,19 +101,38 @@ def start_time(c: Conversation) -> str:
     return next((m.time for m in c.messages if m.time), "") or ""
 
 
+def replies(c: Conversation) -> int:
+    """How many replies a conversation holds: bursts that follow an earlier message (its examples)."""
+    return max(len(bursts(c.messages)) - 1, 0)
+
+
 def split_conversations(
     convs: Sequence[Conversation], val: float = 0.1, test: float = 0.1
 ) -> dict[str, list[Conversation]]:
-    """Split by time: the latest sessions are test, the ones before them validation, the rest train.
-    Sessions without times keep their order. A session is never in two splits."""
-    order = sorted(range(len(convs)), key=lambda i: (start_time(convs[i]), i))
-    n = len(order)
-    n_test = max(1, round(n * test)) if n >= 3 and test > 0 else 0
-    n_val = max(1, round(n * val)) if n - n_test >= 2 and val > 0 else 0
-    train_i = order[: n - n_test - n_val]
-    val_i = order[n - n_test - n_val : n - n_test]
-    test_i = order[n - n_test :]
-    return {"train": [convs[i] for i in train_i], "val": [convs[i] for i in val_i], "test": [convs[i] for i in test_i]}
+    """Split by time: the latest replies are test, the ones before them validation, the rest train.
+
+    Each held-out split takes its fraction of all the replies (`replies`), latest first: whole sessions
+    while they fit, then the later part of the next session, cut where a burst starts (the part's first
+    burst is context only; the earlier part keeps the session's id and the later part gets "/test" or
+    "/val" after it). Counting whole sessions instead leaves a chat of a few long sessions with nothing or
+    nearly everything to evaluate. Sessions without times keep their order. No message is in two splits."""
+    order = [convs[i] for i in sorted(range(len(convs)), key=lambda i: (start_time(convs[i]), i))]
+    total = sum(replies(c) for c in order)
+    held: dict[str, list[Conversation]] = {"test": [], "val": []}
+    for name, fraction in (("test", test), ("val", val)):
+        need = round(fraction * total) if total >= 3 else 0
+        while need > 0 and sum(replies(c) for c in order) > need:
+            last = order.pop()
+            if replies(last) <= need:
+                held[name].insert(0, last)
+                need -= replies(last)
+                continue
+            spans = bursts(last.messages)
+            cut = spans[len(spans) - need - 1][0]  # the later part: need + 1 bursts, so need replies
+            order.append(Conversation(last.id, last.messages[:cut], last.source))
+            held[name].insert(0, Conversation(f"{last.id}/{name}", last.messages[cut:], last.source))
+            need = 0
+    return {"train": order, "val": held["val"], "test": held["test"]}
 
 
 # ----------------------------------------------------------------------------- rendering

@@ -34,6 +34,7 @@ def prepare_data(cfg: TrainConfig, data_dir: str):
         )
     targets = speakers if cfg.targets in (["all"], [], None) else cfg.targets
     split = split_conversations(convs, cfg.val_fraction, cfg.test_fraction)
+    convs = split["train"] + split["val"] + split["test"]  # a held-out boundary may cut one session in two
     if cfg.extra_data:
         extra = extra_conversations(cfg.extra_data, split)
         if cfg.extra_data_ratio > 0:

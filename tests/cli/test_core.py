@@ -39,8 +39,25 @@ def test_split_is_by_time_and_disjoint():
     convs = synthetic_conversations(n_convs=20)
     s = split_conversations(convs)
     ids = [c.id for part in s.values() for c in part]
-    assert len(ids) == len(set(ids)) == 20
-    assert max(c.messages[0].time for c in s["train"]) < min(c.messages[0].time for c in s["test"])
+    assert len(ids) == len(set(ids)) >= 20
+    msgs = [(m.time, m.text) for part in s.values() for c in part for m in c.messages]
+    assert sorted(msgs) == sorted((m.time, m.text) for c in convs for m in c.messages)  # every message once
+    assert max(m.time for c in s["train"] for m in c.messages) < min(c.messages[0].time for c in s["val"])
+    assert max(m.time for c in s["val"] for m in c.messages) < min(c.messages[0].time for c in s["test"])
+
+
+def test_held_out_splits_take_their_share_of_replies_even_from_one_long_session():
+    from convsim.data.examples import replies
+
+    convs = synthetic_conversations(n_convs=3, per_conv=200)
+    total = sum(replies(c) for c in convs)
+    s = split_conversations(convs, val=0.1, test=0.1)
+    for name in ("val", "test"):
+        assert sum(replies(c) for c in s[name]) == round(0.1 * total)
+        assert len(build_examples(s[name], None, 8, 8)) == round(0.1 * total)
+    one = synthetic_conversations(n_convs=1, per_conv=100)
+    s = split_conversations(one)
+    assert [c.id for c in s["train"] + s["val"] + s["test"]] == ["c000", "c000/val", "c000/test"]
 
 
 def test_loss_mask_covers_only_reply():
