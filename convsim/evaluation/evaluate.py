@@ -153,15 +153,19 @@ def style_distance(gen: dict, real: dict) -> dict:
 # ----------------------------------------------------------------------------- stage
 
 
-def _gen_pair(model, tok, fmt, pfmt, exs, retriever, speaker, budget, cfg, batch_size, exclude_reply=True):
-    """Greedy replies of the fine-tuned model and of the prompted base model for examples `exs`."""
-    ft_prompts, ic_prompts = [], []
+def _prompts(tok, fmt, pfmt, exs, retriever, speaker, budget):
+    """The fine-tuned and the in-context prompt of each example (its own reply never retrieved)."""
+    ft, ic = [], []
     for e in exs:
-        ex = [m.text for m in e.reply] if exclude_reply else []
-        ft_prompts.append(reply_part(tok, fmt, e)[0])
-        ic_prompts.append(
-            incontext_prompt(tok, pfmt, e.context, speaker, retriever.top(e.context, speaker, k=50, exclude=ex), budget)
-        )
+        retrieved = retriever.top(e.context, speaker, k=50, exclude=[m.text for m in e.reply])
+        ft.append(reply_part(tok, fmt, e)[0])
+        ic.append(incontext_prompt(tok, pfmt, e.context, speaker, retrieved, budget))
+    return ft, ic
+
+
+def _gen_pair(model, tok, fmt, pfmt, prompts, speaker, cfg, batch_size):
+    """Greedy replies of the fine-tuned model and of the prompted base model for (ft, in-context) prompts."""
+    ft_prompts, ic_prompts = prompts
     gen_ft = replies_from_prompts(model, tok, fmt, ft_prompts, speaker, cfg, batch_size)
     with base_model_ctx(model):
         gen_ic = replies_from_prompts(model, tok, pfmt, ic_prompts, speaker, cfg, batch_size)
@@ -218,12 +222,15 @@ def evaluate(
         tot = defaultdict(float)
         cnt = defaultdict(int)
         per_ex = defaultdict(list)
+        ft_prompts, ic_prompts = [], []
         real = real_by_speaker[speaker]
         for e in tqdm(exs, desc=f"eval {speaker}", disable=not progress, file=sys.stderr):
             retrieved = retriever.top(e.context, speaker, k=50, exclude=[m.text for m in e.reply])
             prompt_ft, rep_ft, mask_ft = reply_part(tok, fmt, e)
             prompt_b, rep_b, mask_b = reply_part(tok, pfmt, e)
             ic_prompt = incontext_prompt(tok, pfmt, e.context, speaker, retrieved, budget)
+            ft_prompts.append(prompt_ft)
+            ic_prompts.append(ic_prompt)
             hy_prompt = incontext_prompt(tok, fmt, e.context, speaker, retrieved, budget)
             assert [t for t, m in zip(rep_ft, mask_ft) if m] == [t for t, m in zip(rep_b, mask_b) if m]
             for key, (p, r, m, base) in {
@@ -254,7 +261,7 @@ def evaluate(
         row["repeat_rate_real_ci"] = rulers.bootstrap_mean_ci(rulers.repeat_flags(real), seed=seed)
         row["distinct_real"] = [rulers.distinct_n(real, 1), rulers.distinct_n(real, 2)]
         if generate:
-            gen_ft, gen_ic = _gen_pair(model, tok, fmt, pfmt, exs, retriever, speaker, budget, cfg, batch_size)
+            gen_ft, gen_ic = _gen_pair(model, tok, fmt, pfmt, (ft_prompts, ic_prompts), speaker, cfg, batch_size)
             row["speaker_id_finetuned"] = id_accuracy(clf, gen_ft, speaker)
             row["speaker_id_in_context"] = id_accuracy(clf, gen_ic, speaker)
             for name, gen in (("finetuned", gen_ft), ("in_context", gen_ic)):
@@ -265,7 +272,8 @@ def evaluate(
                 row[f"empty_rate_{name}"] = float(np.mean([not b for b in gen]))
             if judge_n > 0:
                 jtrain = [e for e in ruler_ex if e.speaker == speaker][-judge_n:]
-                jft, jic = _gen_pair(model, tok, fmt, pfmt, jtrain, retriever, speaker, budget, cfg, batch_size)
+                jprompts = _prompts(tok, fmt, pfmt, jtrain, retriever, speaker, budget)
+                jft, jic = _gen_pair(model, tok, fmt, pfmt, jprompts, speaker, cfg, batch_size)
                 jctx, jreal = [_ctx(e) for e in jtrain], [[m.text for m in e.reply] for e in jtrain]
                 hctx = [_ctx(e) for e in exs]
                 for name, jgen, gen in (("finetuned", jft, gen_ft), ("in_context", jic, gen_ic)):
