@@ -97,3 +97,14 @@ def test_summary_counts_goals_on_the_report_set_only(tmp_path):
     assert s["goals"]["no ratio above 0.9"] and not s["goals"]["share_ratio_le_0.8 >= 0.8"]
     assert s["seed_spread"]["r1/A"]["range"] == pytest.approx(0.04)
     assert {r["set"] for r in res["speakers"]} == {"report", "development"}
+
+
+def test_the_report_set_trains_with_no_flags_and_the_defaults_are_the_chosen_recipe():
+    from convsim.config import TrainConfig
+
+    assert suite.RECIPES[suite.DEFAULT] == [] and suite.DEFAULT not in suite.DEV_RECIPES
+    flags = suite.RECIPES[suite.CHOSEN]
+    want = {flags[i].lstrip("-").replace("-", "_"): float(flags[i + 1]) for i in range(0, len(flags), 2)}
+    cfg = TrainConfig()
+    assert {k: float(getattr(cfg, k)) for k in want} == want
+    assert cfg.auto_extra_data  # the data dir's extra/ is used with no flag, as the recipe used it
