@@ -361,6 +361,72 @@ def summarize(work: Path, commit: str, card: str, command: str) -> dict:
     }
 
 
+def markdown_table(res: dict) -> str:
+    """The report set's per-speaker table (seed 0), as docs/RESULTS.md shows it."""
+    fmt = lambda x, d=2: "–" if x is None else f"{x:.{d}f}"  # noqa: E731
+    lines = [
+        "| pair | speaker | test replies | fine-tuned ÷ in-context (95 % CI) | judge acc. fine-tuned / in-context "
+        "| speaker AUC (real) | 8-word copy rate fine-tuned / real | repeats fine-tuned / real |",
+        "|---|---|---:|---|---|---:|---|---|",
+    ]
+    for r in sorted(
+        (r for r in res["speakers"] if r["set"] == "report" and r["seed"] == 0), key=lambda r: r["ppl_ratio"]
+    ):
+        lo, hi = r["ppl_ratio_ci"] or (None, None)
+        auc = fmt(r["speaker_auc_real"]) + ("" if r["speaker_auc_ok"] in (True, None) else " (weak ruler)")
+        lines.append(
+            f"| {r['pair']} | {r['speaker']} | {r['n']} | **{fmt(r['ppl_ratio'], 3)}** ({fmt(lo, 3)}–{fmt(hi, 3)}) "
+            f"| {fmt(r['judge_acc_finetuned'])} / {fmt(r['judge_acc_in_context'])} | {auc} "
+            f"| {fmt(r['copy_rate_finetuned'], 3)} / {fmt(r['copy_rate_real'], 3)} "
+            f"| {fmt(r['repeat_rate_finetuned'], 3)} / {fmt(r['repeat_rate_real'], 3)} |"
+        )
+    return "\n".join(lines)
+
+
+def figure(res: dict, path: Path) -> None:
+    """Each report speaker's ratio with its interval (seed 0; other seeds as dots), and the judge's accuracy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted((r for r in res["speakers"] if r["set"] == "report" and r["seed"] == 0), key=lambda r: r["ppl_ratio"])
+    if not rows:
+        return
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 0.35 * len(rows) + 1.6), sharey=True)
+    y = range(len(rows))
+    labels = [f"{r['pair']} / {r['speaker']}" for r in rows]
+    ratio = [r["ppl_ratio"] for r in rows]
+    err = [
+        [x - r["ppl_ratio_ci"][0] for x, r in zip(ratio, rows)],
+        [r["ppl_ratio_ci"][1] - x for x, r in zip(ratio, rows)],
+    ]
+    a.errorbar(ratio, y, xerr=err, fmt="o", color="C0", label="seed 0, 95 % CI")
+    for i, r in enumerate(rows):
+        others = [
+            o["ppl_ratio"]
+            for o in res["speakers"]
+            if (o["pair"], o["speaker"], o["recipe"]) == (r["pair"], r["speaker"], r["recipe"]) and o["seed"] != 0
+        ]
+        a.scatter(others, [i] * len(others), color="C1", s=12, zorder=3, label="seeds 1, 2" if i == 0 else None)
+    for x, ls in ((0.75, ":"), (0.8, "--"), (0.9, "-")):
+        a.axvline(x, color="grey", ls=ls, lw=0.8)
+    a.set_yticks(list(y), labels, fontsize=7)
+    a.set_xlabel("perplexity, fine-tuned ÷ in-context (goal ≤ 0.8; lines 0.75, 0.8, 0.9)")
+    a.legend(fontsize=7, loc="lower right")
+    jf = [r["judge_acc_finetuned"] for r in rows]
+    ji = [r["judge_acc_in_context"] for r in rows]
+    b.scatter(jf, y, label="fine-tuned", color="C0")
+    b.scatter(ji, y, label="in-context", color="C3", marker="x")
+    b.axvline(0.5, color="grey", lw=0.8)
+    b.axvline(0.65, color="grey", ls="--", lw=0.8)
+    b.set_xlabel("judge picks the real reply (0.5 = chance; lower = more human)")
+    b.legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"fidelity suite, report set ({res['card']}, commit {res['commit']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+
+
 def _share(flags):
     flags = [f for f in flags if f is not None]
     return sum(flags) / len(flags) if flags else None
@@ -373,6 +439,7 @@ def main(argv=None) -> int:
     ap.add_argument("--parallel", type=int, default=8, help="runs side by side on one GPU (default 8)")
     ap.add_argument("--recipe", choices=list(RECIPES), help="report: this recipe instead of the selection")
     ap.add_argument("--out", type=Path, help="summarize: write the JSON here")
+    ap.add_argument("--figure", type=Path, help="summarize: draw the report set here (png)")
     ap.add_argument(
         "--dry",
         action="store_true",
@@ -416,7 +483,10 @@ def main(argv=None) -> int:
         text = json.dumps(res, indent=1)
         if args.out:
             args.out.write_text(text + "\n")
+        if args.figure:
+            figure(res, args.figure)
         print(json.dumps(res["summary"], indent=1))
+        print(markdown_table(res))
     return 0
 
 
