@@ -294,12 +294,22 @@ def summarize(work: Path, commit: str, card: str, command: str) -> dict:
                     "empty_rate_finetuned": r.get("empty_rate_finetuned"),
                 }
             )
-    rep = [r for r in rows if r["set"] == "report" and r["seed"] == 0]
+    # one row per report speaker: seed 0, or the lowest seed that finished where seed 0 did not (a run can fail
+    # for reasons of the machine, such as running out of GPU memory beside other runs)
+    first_seed = {}
+    for r in rows:
+        if r["set"] == "report":
+            first_seed[r["pair"]] = min(first_seed.get(r["pair"], r["seed"]), r["seed"])
+    for r in rows:
+        r["headline"] = r["set"] == "report" and r["seed"] == first_seed[r["pair"]]
+    rep = [r for r in rows if r["headline"]]
     ratios = [r["ppl_ratio"] for r in rep]
     summary = {
         "report_speakers": len(rep),
         "report_pairs_done": len({r["pair"] for r in rep}),
         "report_pairs_total": len(p["report_pairs"]),
+        "report_pairs_missing": [x for x in p["report_pairs"] if x not in first_seed],
+        "report_pairs_not_seed_0": sorted(k for k, v in first_seed.items() if v != 0),
     }
     if rep:
         summary.update(
@@ -369,13 +379,12 @@ def markdown_table(res: dict) -> str:
         "| speaker AUC (real) | 8-word copy rate fine-tuned / real | repeats fine-tuned / real |",
         "|---|---|---:|---|---|---:|---|---|",
     ]
-    for r in sorted(
-        (r for r in res["speakers"] if r["set"] == "report" and r["seed"] == 0), key=lambda r: r["ppl_ratio"]
-    ):
+    for r in sorted((r for r in res["speakers"] if r["headline"]), key=lambda r: r["ppl_ratio"]):
         lo, hi = r["ppl_ratio_ci"] or (None, None)
         auc = fmt(r["speaker_auc_real"]) + ("" if r["speaker_auc_ok"] in (True, None) else " (weak ruler)")
+        seed = "" if r["seed"] == 0 else f" (seed {r['seed']})"
         lines.append(
-            f"| {r['pair']} | {r['speaker']} | {r['n']} | **{fmt(r['ppl_ratio'], 3)}** ({fmt(lo, 3)}–{fmt(hi, 3)}) "
+            f"| {r['pair']}{seed} | {r['speaker']} | {r['n']} | **{fmt(r['ppl_ratio'], 3)}** ({fmt(lo, 3)}–{fmt(hi, 3)}) "
             f"| {fmt(r['judge_acc_finetuned'])} / {fmt(r['judge_acc_in_context'])} | {auc} "
             f"| {fmt(r['copy_rate_finetuned'], 3)} / {fmt(r['copy_rate_real'], 3)} "
             f"| {fmt(r['repeat_rate_finetuned'], 3)} / {fmt(r['repeat_rate_real'], 3)} |"
@@ -390,7 +399,7 @@ def figure(res: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = sorted((r for r in res["speakers"] if r["set"] == "report" and r["seed"] == 0), key=lambda r: r["ppl_ratio"])
+    rows = sorted((r for r in res["speakers"] if r["headline"]), key=lambda r: r["ppl_ratio"])
     if not rows:
         return
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 0.35 * len(rows) + 1.6), sharey=True)
@@ -401,14 +410,14 @@ def figure(res: dict, path: Path) -> None:
         [x - r["ppl_ratio_ci"][0] for x, r in zip(ratio, rows)],
         [r["ppl_ratio_ci"][1] - x for x, r in zip(ratio, rows)],
     ]
-    a.errorbar(ratio, y, xerr=err, fmt="o", color="C0", label="seed 0, 95 % CI")
+    a.errorbar(ratio, y, xerr=err, fmt="o", color="C0", label="first seed, 95 % CI")
     for i, r in enumerate(rows):
         others = [
             o["ppl_ratio"]
             for o in res["speakers"]
-            if (o["pair"], o["speaker"], o["recipe"]) == (r["pair"], r["speaker"], r["recipe"]) and o["seed"] != 0
+            if (o["pair"], o["speaker"], o["recipe"]) == (r["pair"], r["speaker"], r["recipe"]) and not o["headline"]
         ]
-        a.scatter(others, [i] * len(others), color="C1", s=12, zorder=3, label="seeds 1, 2" if i == 0 else None)
+        a.scatter(others, [i] * len(others), color="C1", s=12, zorder=3, label="other seeds" if i == 0 else None)
     for x, ls in ((0.75, ":"), (0.8, "--"), (0.9, "-")):
         a.axvline(x, color="grey", ls=ls, lw=0.8)
     a.set_yticks(list(y), labels, fontsize=7)
@@ -447,6 +456,7 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--commit", default="unknown")
     ap.add_argument("--card", default="unknown")
+    ap.add_argument("--command", help="summarize: the command that made the runs, as recorded in the JSON")
     args = ap.parse_args(argv)
     if args.step == "plan":
         p = plan()
@@ -478,7 +488,7 @@ def main(argv=None) -> int:
             args.work,
             args.commit,
             args.card,
-            " ".join(["python", "bench/fidelity_suite.py", "all", "--work", str(args.work)]),
+            args.command or " ".join(["python", "bench/fidelity_suite.py", "all", "--work", str(args.work)]),
         )
         text = json.dumps(res, indent=1)
         if args.out:
