@@ -108,3 +108,32 @@ def test_the_report_set_trains_with_no_flags_and_the_defaults_are_the_chosen_rec
     cfg = TrainConfig()
     assert {k: float(getattr(cfg, k)) for k in want} == want
     assert cfg.auto_extra_data  # the data dir's extra/ is used with no flag, as the recipe used it
+
+
+def test_failed_runs_start_again_from_nothing_fewer_at_a_time(tmp_path, monkeypatch):
+    calls = []
+
+    def fake(*args, log, env=None):
+        run = Path(args[args.index("--out") + 1]) if args[0] == "train" else Path(args[1])
+        calls.append((args[0], run.name, "--continue-training" in args))
+        if args[0] == "train":
+            run.mkdir(parents=True, exist_ok=True)
+            first = sum(c[1] == run.name for c in calls) == 1
+            if first and run.name.startswith("b"):  # b's first try dies (out of memory) leaving a partial run
+                (run / "run.json").write_text(json.dumps({"status": "training"}))
+                return 2
+            (run / "run.json").write_text(json.dumps({"status": "done"}))
+        else:
+            (run / "eval.json").write_text("{}")
+        return 0
+
+    monkeypatch.setattr(suite, "convsim", fake)
+    jobs = [("eval", "a-a", "default", 0), ("eval", "b-b", "default", 0)]
+    suite._jobs(tmp_path, 3, jobs)
+    b = [c for c in calls if c[1].startswith("b")]
+    assert b == [
+        ("train", "b-b--default--s0", False),
+        ("train", "b-b--default--s0", False),
+        ("eval", "b-b--default--s0", False),
+    ]
+    assert (tmp_path / "runs" / "b-b--default--s0" / "eval.json").exists()
