@@ -114,3 +114,29 @@ def test_aliases_are_stable_and_distinct():
     shown = displays(ids)
     assert len({v.split(" ")[0] for v in shown.values()}) == len(ids)
     assert table_lines({"549cc1d1": table(1.0, 2.0, 3.0)})[1].startswith(display("549cc1d1"))
+
+
+def test_renames_shown_beside_the_run_name():
+    from convsim.errors import UserError
+    from convsim.data.names import renames
+
+    got = renames(["549cc1d1=Riya", "Ana= Anna "], known=["549cc1d1", "a54af4d5", "Ana"])
+    assert got == {"549cc1d1": "Riya", "Ana": "Anna"}
+    shown = displays(["549cc1d1", "a54af4d5", "Ana", "Ben"], got)
+    assert shown["549cc1d1"] == "Riya (549cc1d1)" and shown["Ana"] == "Anna (Ana)" and shown["Ben"] == "Ben"
+    taken = alias("a54af4d5")  # a name given with --speaker is never also someone's alias
+    assert not displays(["549cc1d1", "a54af4d5"], {"549cc1d1": taken})["a54af4d5"].startswith(taken + " ")
+    for bad, why in (("Riya", "NAME=SHOWN"), ("549cc1d1=", "NAME=SHOWN"), ("Zed=Z", "unknown speaker 'Zed'")):
+        with pytest.raises(UserError, match=why):
+            renames([bad], known=["549cc1d1"])
+
+
+def test_plot_labels():
+    from types import SimpleNamespace
+
+    from convsim.plots.figures import Context
+
+    ctx = Context(SimpleNamespace(speakers=["549cc1d1", "Ana"]), None, None, {"Ana": "Anna"})
+    assert ctx.label("549cc1d1") == display("549cc1d1") and ctx.label("Ana") == "Anna (Ana)"
+    assert ctx.label("Cy") == "Cy"  # someone of the chat without a token of the run
+    assert ctx.labelled({"Ana": [1], "549cc1d1": [2]}) == {"Anna (Ana)": [1], display("549cc1d1"): [2]}
