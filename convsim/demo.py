@@ -176,10 +176,11 @@ def run(args):
     print("\n".join(said))
 
     step("5/5 try next")
-    from convsim.data.names import display
+    from convsim.data.names import display, displays
 
     who = run_.targets[0]
-    print(f"  convsim chat {out} --as {who!r} --stream      # talk to {display(who)}")
+    name = displays(res["speakers"]).get(who) or display(who)  # as the table above shows them
+    print(f"  convsim chat {out} --as {who!r} --stream      # talk to {name}")
     print(f"  convsim converse {out} --turns 10             # watch them talk")
     print(f"  convsim eval {out} --json                     # the full evaluation")
     print(f"  convsim plots {out}                           # emotion heatmaps, loss curves, ...")

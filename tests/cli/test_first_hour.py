@@ -40,6 +40,8 @@ def test_demo_end_to_end_tiny(tmp_path):
     else:
         assert last.startswith("Fine-tuning did not beat prompting for anyone here")
     assert "after 2 steps of 8 examples" in last
+    talk_to = re.search(r"# talk to (.+)$", p.stdout, re.M).group(1).strip()
+    assert talk_to in rows  # the next steps name the person as the table does
     saved = json.loads((tmp_path / "demo" / "demo-eval.json").read_text())
     assert saved["summary"] == said
     # progress: labelled phases on stderr, no raw trainer dicts anywhere
