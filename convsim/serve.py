@@ -559,6 +559,8 @@ class Handler(BaseHTTPRequestHandler):
                     return ("error", "the generation worker stopped")
 
     def _complete(self, job: Job):
+        from convsim.inference.generate import empty_note
+
         event = self._wait(job)
         if event[0] == "error":
             raise ApiError(503 if "shutting down" in event[1] else 500, event[1], "generation_failed", "server_error")
@@ -568,9 +570,12 @@ class Handler(BaseHTTPRequestHandler):
         self._send_json(200, {
             "id": "chatcmpl-" + uuid.uuid4().hex, "object": "chat.completion", "created": int(time.time()),
             "model": self.service.model_id(job.speaker), "choices": choices, "usage": usage,
-            "convsim": {"speaker": job.speaker, "messages": bursts}})
+            "convsim": {"speaker": job.speaker, "messages": bursts,
+                        **({"note": empty_note(job.speaker)} if any(not b for b in bursts) else {})}})
 
     def _stream(self, job: Job):
+        from convsim.inference.generate import empty_note
+
         self.close_connection = True     # the body ends when the connection closes
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream; charset=utf-8")
@@ -599,7 +604,9 @@ class Handler(BaseHTTPRequestHandler):
                                     "code": "generation_failed"}})
                     break
                 else:
-                    _, _, finish, usage = event
+                    _, bursts, finish, usage = event
+                    if not bursts[0]:
+                        send({**base, "choices": [], "convsim": {"note": empty_note(job.speaker)}})
                     chunk({}, finish[0])
                     if job.include_usage:
                         send({**base, "choices": [], "usage": usage})

@@ -43,7 +43,7 @@ def add_arguments(p):
 
 
 def run(args):
-    from convsim.inference.generate import TurnCache, reply, stream_reply
+    from convsim.inference.generate import TurnCache, empty_note, reply, stream_reply
     from convsim.runs import open_run
     from convsim.chat.history import now, save_session
 
@@ -123,6 +123,7 @@ def run(args):
                     print(f"[{as_}] {t}")
         if not texts:
             print(f"[{as_}] …")
+            print(empty_note(as_), file=sys.stderr)
         for t in texts:
             generated.add(len(history))
             history.append(Message(as_, t, now()))

@@ -5,6 +5,7 @@ distribution over the speaker tokens at the end of each burst (or taken round ro
 from __future__ import annotations
 
 import random
+import sys
 
 import torch
 
@@ -51,7 +52,7 @@ def next_speaker(model, tok, fmt, history, speakers, temperature: float, rng: ra
 
 def run(args):
     from convsim.data.transcript import parse_transcript
-    from convsim.inference.generate import reply
+    from convsim.inference.generate import empty_note, reply
     from convsim.runs import open_run
     from convsim.chat.history import now, save_session
 
@@ -74,7 +75,10 @@ def run(args):
                 if args.round_robin
                 else next_speaker(model, tok, run_.fmt, history, speakers, args.temperature or 1.0, rng)
             )
-            texts = reply(model, tok, run_.fmt, history, who, cfg)[0] or ["…"]
+            texts = reply(model, tok, run_.fmt, history, who, cfg)[0]
+            if not texts:
+                print(empty_note(who), file=sys.stderr)
+                texts = ["…"]
             for t in texts:
                 print(f"[{who}] {t}", flush=True)
                 generated.add(len(history))

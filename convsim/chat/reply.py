@@ -6,6 +6,7 @@ printf '[Ben] are you coming?\n' | convsim reply runs/me --as Ana --history - --
 from __future__ import annotations
 
 import json
+import sys
 
 from convsim.chat.chatio import add_sampling_arguments, sample_config, steering
 from convsim.data.transcript import read_transcript
@@ -28,7 +29,7 @@ def add_arguments(p):
 
 
 def run(args):
-    from convsim.inference.generate import reply
+    from convsim.inference.generate import empty_note, reply
     from convsim.runs import open_run
 
     run_ = open_run(args.run_dir)
@@ -37,12 +38,18 @@ def run(args):
     model, tok = run_.load()
     with steering(model, args.steer):
         bursts = reply(model, tok, run_.fmt, history, args.speaker, sample_config(args), n=max(1, args.n))
+    note = empty_note(args.speaker)
     if args.json:
-        print(json.dumps({"replies": [{"messages": b} for b in bursts]}, ensure_ascii=False))
+        rows = [{"messages": b, **({} if b else {"note": note})} for b in bursts]
+        print(json.dumps({"replies": rows}, ensure_ascii=False))
     else:
         for i, b in enumerate(bursts):
             if i:
                 print("---")
             for m in b:
                 print(f"[{args.speaker}] {m}")
+            if not b:
+                print(f"[{args.speaker}] …")
+    if any(not b for b in bursts):
+        print(note, file=sys.stderr)
     return 0

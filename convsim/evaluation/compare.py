@@ -72,13 +72,21 @@ def compare(run_, n, split="test", temperature=0.7, max_new_tokens=48, budget=76
     return rows
 
 
+def one_line(messages: list[str]) -> str:
+    """A burst on one line: messages joined by ' / ', newlines inside a message shown as ' ⏎ '."""
+    return " / ".join(" ⏎ ".join(p.strip() for p in m.splitlines() if p.strip()) for m in messages)
+
+
 def print_rows(rows, out=sys.stdout, context_lines=4):
+    from convsim.data.names import displays
+
+    names = displays({r["speaker"] for r in rows} | {m["speaker"] for r in rows for m in r["context"]})
     for i, r in enumerate(rows, 1):
-        print(f"── example {i} ─ reply as {r['speaker']}", file=out)
+        print(f"── example {i} ─ reply as {names[r['speaker']]}", file=out)
         for m in r["context"][-context_lines:]:
-            print(f"   [{m['speaker']}] {m['text']}", file=out)
+            print(f"   [{names[m['speaker']]}] {one_line([m['text']])}", file=out)
         for label in ("real", "finetuned", "in_context", "base"):
-            print(f"   {label:>10}: {' / '.join(r[label]) or '…'}", file=out)
+            print(f"   {label:>10}: {one_line(r[label]) or '… (empty reply)'}", file=out)
         print(file=out)
 
 

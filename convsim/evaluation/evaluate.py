@@ -317,27 +317,31 @@ def run(args):
     if args.json:
         print(json.dumps(res, ensure_ascii=False))
         return 0
+    from convsim.data.names import displays
+
     f = lambda v: "-" if v is None else f"{v:.2f}"
+    names = displays(res["speakers"])
+    w = max([14] + [len(n) + 2 for n in names.values()])
     print(
-        f"{'speaker':<14}{'ppl ft':>9}{'in-ctx':>9}{'base':>9}{'hybrid':>9}{'ft/ic':>7}{'95% CI':>13}"
+        f"{'speaker':<{w}}{'ppl ft':>9}{'in-ctx':>9}{'base':>9}{'hybrid':>9}{'ft/ic':>7}{'95% CI':>13}"
         f"{'id real':>9}{'id ft':>8}{'id ic':>8}{'auc':>6}"
     )
     for s, r in res["speakers"].items():
         ci = r.get("ppl_ratio_ci") or [None, None]
         print(
-            f"{s[:13]:<14}{r['ppl_finetuned']:>9.2f}{r['ppl_in_context']:>9.2f}{r['ppl_base']:>9.2f}"
+            f"{names[s]:<{w}}{r['ppl_finetuned']:>9.2f}{r['ppl_in_context']:>9.2f}{r['ppl_base']:>9.2f}"
             f"{r['ppl_hybrid']:>9.2f}{f(r['ppl_ratio']):>7}{f(ci[0]) + '-' + f(ci[1]):>13}"
             f"{f(r['speaker_id_real']):>9}{f(r.get('speaker_id_finetuned')):>8}"
             f"{f(r.get('speaker_id_in_context')):>8}{f(r.get('speaker_auc_real')):>6}"
         )
     if any("judge_acc_finetuned" in r or "copy_rate_finetuned" in r for r in res["speakers"].values()):
         print(
-            f"\n{'speaker':<14}{'judge ft':>9}{'judge ic':>9}{'copy ft':>9}{'copy real':>10}"
+            f"\n{'speaker':<{w}}{'judge ft':>9}{'judge ic':>9}{'copy ft':>9}{'copy real':>10}"
             f"{'repeat ft':>10}{'repeat real':>12}  (judge: 0.5 = cannot tell real from generated)"
         )
         for s, r in res["speakers"].items():
             print(
-                f"{s[:13]:<14}{f(r.get('judge_acc_finetuned')):>9}{f(r.get('judge_acc_in_context')):>9}"
+                f"{names[s]:<{w}}{f(r.get('judge_acc_finetuned')):>9}{f(r.get('judge_acc_in_context')):>9}"
                 f"{f(r.get('copy_rate_finetuned')):>9}{f(r.get('copy_rate_real')):>10}"
                 f"{f(r.get('repeat_rate_finetuned')):>10}{f(r.get('repeat_rate_real')):>12}"
             )

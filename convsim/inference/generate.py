@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from convsim.inference import fastgen
@@ -33,6 +33,7 @@ class SampleConfig:
     temperature: float = 0.7
     top_p: float = 0.95
     max_new_tokens: int = 96
+    min_new_tokens: int = 2  # no stop (another speaker, end of text, an empty message) before this many tokens
     max_context_tokens: int = 1024  # history beyond this budget is dropped, oldest first
     seed: int | None = None
 
@@ -51,6 +52,21 @@ class StopOnSequences(StoppingCriteria):
             if gen.shape[1] >= len(s):
                 done |= (gen[:, -len(s) :] == torch.tensor(s, device=gen.device)).all(dim=1)
         return done
+
+
+class NoEarlyStop(LogitsProcessor):
+    """Forbids the first token of every stop sequence (and of the speaker's own tag, which would open an
+    empty message) until `k` tokens have been generated: a burst that stops at once is an empty reply."""
+
+    def __init__(self, banned: Sequence[int], prompt_len: int, k: int):
+        self.banned = sorted({int(b) for b in banned if b is not None and b >= 0})
+        self.prompt_len, self.k = prompt_len, k
+
+    def __call__(self, input_ids, scores):
+        if self.banned and input_ids.shape[1] - self.prompt_len < self.k:
+            scores = scores.clone()
+            scores[:, [b for b in self.banned if b < scores.shape[1]]] = float("-inf")
+        return scores
 
 
 class StopOnText(StoppingCriteria):
@@ -102,12 +118,16 @@ def prompt_ids(tok, fmt: PromptFormat, history: Sequence[Message], speaker: str,
     return render(tok, fmt, history, speaker, max_len=budget).input_ids
 
 
-def _gen_kwargs(tok, cfg: SampleConfig, stops, prompt_len, stop_texts=()):
+def _gen_kwargs(tok, cfg: SampleConfig, stops, prompt_len, stop_texts=(), own_tag=()):
     criteria = [StopOnSequences(stops, prompt_len)] + ([StopOnText(tok, stop_texts, prompt_len)] if stop_texts else [])
+    banned = [s[0] for s in stops if s] + list(own_tag[:1])
     kw = dict(
         max_new_tokens=cfg.max_new_tokens,
         pad_token_id=tok.pad_token_id,
         stopping_criteria=StoppingCriteriaList(criteria),
+        logits_processor=LogitsProcessorList(
+            [NoEarlyStop(banned, prompt_len, min(cfg.min_new_tokens, cfg.max_new_tokens))]
+        ),
     )
     if cfg.temperature and cfg.temperature > 0:
         kw.update(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0)
@@ -144,7 +164,7 @@ def reply(
             cache,
             attention_mask=torch.ones_like(x),
             num_return_sequences=n,
-            **_gen_kwargs(tok, cfg, stops, len(ids)),
+            **_gen_kwargs(tok, cfg, stops, len(ids), own_tag=tag_ids(tok, fmt, speaker)),
         )
     bursts = []
     for row in out[:, len(ids) :].tolist():
@@ -165,9 +185,20 @@ def reply_from_prompt(
     x = torch.tensor([ids], device=_device(model))
     with torch.inference_mode():
         out = fastgen.generate(
-            model, x, attention_mask=torch.ones_like(x), **_gen_kwargs(tok, cfg, stops, len(ids), texts)
+            model,
+            x,
+            attention_mask=torch.ones_like(x),
+            **_gen_kwargs(tok, cfg, stops, len(ids), texts, tag_ids(tok, fmt, speaker)),
         )
     return _burst(tok, fmt, speaker, out[0, len(ids) :].tolist(), stops, texts)
+
+
+def empty_note(speaker: str) -> str:
+    """The line shown instead of an empty reply: why it is empty and what to try."""
+    return (
+        f"note: {speaker}'s reply came out empty (the model wrote only spaces or stopped at once); "
+        "try another --seed or a higher --temperature; a model trained for few steps often does this"
+    )
 
 
 def without_repeats(messages: list[str]) -> list[str]:
@@ -190,7 +221,22 @@ def _burst(tok, fmt: PromptFormat, speaker: str, row: list[int], stops, texts) -
     text = tok.decode(cut, skip_special_tokens=True)
     for t in texts:
         text = text.split(t)[0]
+    text = without_partial_tag(text, [speaker_token(s) for s in fmt.speakers])
     return without_repeats([m.strip() for m in text.split(speaker_token(speaker)) if m.strip()])
+
+
+def without_partial_tag(text: str, tags: Sequence[str]) -> str:
+    """`text` without a speaker tag that generation cut short at its end (`... [5` of `[549cc1d1]`): with
+    plain-text tags the length limit can fall inside the next tag, whose start is not the person's text."""
+    for i in range(len(text) - 1, -1, -1):
+        if text[i] != "[":
+            continue
+        tail = text[i:]
+        at_line_start = i == 0 or text[i - 1] in " \n"
+        if at_line_start and any(t.startswith(tail) and t != tail for t in tags):
+            return text[:i].rstrip()
+        break
+    return text
 
 
 def replies_from_prompts(
@@ -218,7 +264,11 @@ def replies_from_prompts(
         x = torch.tensor([[pad] * (width - len(prompts[i])) + list(prompts[i]) for i in idx], device=dev)
         mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in idx], device=dev)
         with torch.inference_mode():
-            gen = model.generate(input_ids=x, attention_mask=mask, **_gen_kwargs(tok, cfg, stops, width, texts))
+            gen = model.generate(
+                input_ids=x,
+                attention_mask=mask,
+                **_gen_kwargs(tok, cfg, stops, width, texts, tag_ids(tok, fmt, speaker)),
+            )
         for row, i in zip(gen[:, width:].tolist(), idx):
             out[i] = _burst(tok, fmt, speaker, row, stops, texts)
     return out
@@ -269,7 +319,7 @@ def stream_reply(
                     cache,
                     attention_mask=torch.ones_like(x),
                     streamer=streamer,
-                    **_gen_kwargs(tok, cfg, stops, len(ids)),
+                    **_gen_kwargs(tok, cfg, stops, len(ids), own_tag=tag),
                 )
         except BaseException as e:  # surfaced in the consumer
             error.append(e)

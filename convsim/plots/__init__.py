@@ -10,6 +10,8 @@ Figures, each from what the run saved (metrics.jsonl, data/conversations.jsonl, 
              "i feel {w}" (48 single-token words), without and with each speaker's token, for the
              fine-tuned and the base model (the same PEFT model inside `disable_adapter()`), and their
              differences; message activations of the fine-tuned model projected to 2-D with PCA
+People are labelled as the demo's tables show them: an id-like name with a friendly alias beside it
+(`Alex (549cc1d1)`), or the name given with `--speaker NAME=SHOWN`.
 A figure whose data the run lacks (no metrics, no message times) is skipped with a note in the index.
 Modules: figures.py (one maker per figure group), data.py (numbers without a model), hidden.py (hidden
 states), draw.py (matplotlib); this file is the command and index.html.
@@ -32,6 +34,7 @@ EXAMPLES = """
   convsim plots runs/me --out figs --sample 500  # PCA of 500 messages instead of 1000
   convsim plots runs/me --words words.txt --template "today i am {w}"
   convsim plots runs/me --no-model               # only the figures that need no model (seconds)
+  convsim plots runs/me --speaker 549cc1d1=Riya  # label a person Riya (549cc1d1) instead of an alias
 """
 
 
@@ -44,15 +47,24 @@ def add_arguments(p) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--no-model", action="store_true", help="skip the figures that need the model")
+    p.add_argument(
+        "--speaker",
+        action="append",
+        default=[],
+        metavar="NAME=SHOWN",
+        help="label the run's speaker NAME as SHOWN in the figures (repeatable; default: id-like names get an alias)",
+    )
     p.add_argument("--json", action="store_true", help="print the list of figures and notes as JSON")
 
 
 def make_all(args) -> tuple[Path, Report]:
     """Every figure of `args.run_dir` into `args.out` (default RUN_DIR/plots): the directory and a report."""
+    from convsim.data.names import renames
     from convsim.fsutil import private_dir, write_json
     from convsim.runs import open_run
 
     run = open_run(args.run_dir)
+    renamed = renames(args.speaker, run.speakers)
     if args.sample < 3:
         raise UserError("--sample must be at least 3")
     if "{w}" not in args.template:
@@ -62,7 +74,7 @@ def make_all(args) -> tuple[Path, Report]:
 
         read_words(args.words)  # a bad word list fails now, not after minutes of work
     out = private_dir(args.out or run.path / "plots")
-    ctx = Context(run, out, args)
+    ctx = Context(run, out, args, renamed)
     for k, (title, section, maker) in enumerate(MAKERS, 1):
         print(f"[{k}/{len(MAKERS)}] {title.lower()}", file=sys.stderr, flush=True)
         try:
@@ -70,12 +82,12 @@ def make_all(args) -> tuple[Path, Report]:
         except Skip as e:
             ctx.report.skipped.append({"title": title, "note": str(e), "section": section})
             print(f"      skipped: {e}", file=sys.stderr, flush=True)
-    write_json(out / "plots.json", {"run": str(run.path), **asdict(ctx.report)})
-    write_index(out, run, ctx.report)
+    write_json(out / "plots.json", {"run": str(run.path), "labels": ctx.names, **asdict(ctx.report)})
+    write_index(out, run, ctx.report, ctx.names)
     return out, ctx.report
 
 
-def write_index(out: Path, run, report: Report) -> None:
+def write_index(out: Path, run, report: Report, names: dict[str, str]) -> None:
     from convsim.fsutil import write_text
 
     e = html.escape
@@ -88,7 +100,7 @@ def write_index(out: Path, run, report: Report) -> None:
         "figcaption{max-width:60em;line-height:1.4}.skip{color:#a40}.notes{background:#f6f6f6;padding:.5em 1em}"
         "</style></head><body>",
         f"<h1>convsim plots: {e(run.path.name)}</h1>",
-        f"<p>Model {e(str(meta.model))}, speakers {e(', '.join(run.speakers))}, "
+        f"<p>Model {e(str(meta.model))}, speakers {e(', '.join(names.get(s, s) for s in run.speakers))}, "
         f"{e('?' if meta.global_step is None else str(meta.global_step))} steps, adapter {e(run.adapter_hash)}.</p>",
     ]
     if report.notes:

@@ -1,8 +1,9 @@
 """The figures of `convsim plots`: one maker per figure group, each `maker(ctx)` saving PNGs through
 `ctx.save(...)` or raising `Skip(why)` when the run lacks what the figure needs.
 
-`Context` holds what makers share: the run, the output directory, and the model and tokenizer, loaded
-the first time a maker asks (so a run whose model figures are all skipped never loads it).
+`Context` holds what makers share: the run, the output directory, the people's labels (`ctx.label`), and
+the model and tokenizer, loaded the first time a maker asks (so a run whose model figures are all skipped
+never loads it). File names and JSON keep the names the run knows; titles, legends and captions use labels.
 """
 
 from __future__ import annotations
@@ -41,9 +42,22 @@ class Report:
 class Context:
     """What the figure makers share: the run, the output dir, and the model, loaded on first use."""
 
-    def __init__(self, run, out: Path, args):
+    def __init__(self, run, out: Path, args, renamed: dict[str, str] | None = None):
+        from convsim.data.names import displays
+
         self.run, self.out, self.args = run, out, args
+        self.names = displays(run.speakers, renamed)
         self.report = Report()
+
+    def label(self, speaker: str) -> str:
+        """How a person is shown: `Alias (id)` for an id-like name, `--speaker`'s name, else the name."""
+        from convsim.data.names import display
+
+        return self.names.get(speaker) or display(speaker)
+
+    def labelled(self, by_speaker: dict) -> dict:
+        """A per-speaker dict keyed by the people's labels (what the draw functions put in legends)."""
+        return {self.label(s): v for s, v in by_speaker.items()}
 
     @cached_property
     def conversations(self):
@@ -111,7 +125,7 @@ def make_lengths(ctx: Context) -> None:
         s: [len(ids) for ids in ctx.tokenizer(texts[s], add_special_tokens=False)["input_ids"]] for s in ctx.speakers
     }
     ctx.save(
-        draw.length_histograms(chars, tokens, ctx.speakers),
+        draw.length_histograms(ctx.labelled(chars), ctx.labelled(tokens), [ctx.label(s) for s in ctx.speakers]),
         "lengths.png",
         "Message length",
         "Characters (left) and tokens of the run's tokenizer (right) per message, one line per speaker, "
@@ -125,7 +139,7 @@ def make_bursts(ctx: Context) -> None:
 
     sizes = data.burst_sizes(ctx.conversations)
     ctx.save(
-        draw.burst_sizes(sizes, ctx.speakers),
+        draw.burst_sizes(ctx.labelled(sizes), [ctx.label(s) for s in ctx.speakers]),
         "bursts.png",
         "Burst size",
         "How many messages a person sends in a row before someone else speaks, as a share of that "
@@ -141,7 +155,7 @@ def make_delays(ctx: Context) -> None:
     if not any(delays.get(s) for s in ctx.speakers):
         raise Skip("the run's messages have no times (the export carried none), so there are no reply delays")
     ctx.save(
-        draw.reply_delays(delays, ctx.speakers),
+        draw.reply_delays(ctx.labelled(delays), [ctx.label(s) for s in ctx.speakers]),
         "reply-delays.png",
         "Reply delay",
         "Time from the other person's last message to the first message of a reply burst, within a "
@@ -218,18 +232,18 @@ def make_emotions(ctx: Context) -> None:
     )
     for s in speakers:
         ctx.save(
-            draw.heatmap(sims[s], kept, f"Fine-tuned, as {s}: “{tagged(s)}”", False),
+            draw.heatmap(sims[s], kept, f"Fine-tuned, as {ctx.label(s)}: “{tagged(s)}”", False),
             f"emotion-finetuned-{names[s]}.png",
-            f"Emotion words, fine-tuned, speaker {s}",
+            f"Emotion words, fine-tuned, speaker {ctx.label(s)}",
             what.format(tagged(s), off(sims[s])),
             "Model",
         )
     diffs = [
         (
-            f"{s} − no speaker",
+            f"{ctx.label(s)} − no speaker",
             sims[s] - sims[None],
             f"emotion-diff-{names[s]}-minus-none.png",
-            f"“{tagged(s)}” minus “{shown}”, fine-tuned model: how {s}'s token changes the emotion geometry.",
+            f"“{tagged(s)}” minus “{shown}”, fine-tuned model: how {ctx.label(s)}'s token changes the emotion geometry.",
         )
         for s in speakers
     ]
@@ -237,7 +251,7 @@ def make_emotions(ctx: Context) -> None:
         a, b = speakers[:2]
         diffs.append(
             (
-                f"{a} − {b}",
+                f"{ctx.label(a)} − {ctx.label(b)}",
                 sims[a] - sims[b],
                 f"emotion-diff-{names[a]}-minus-{names[b]}.png",
                 f"“{tagged(a)}” minus “{tagged(b)}”, fine-tuned model: where the two people's emotion words differ.",
@@ -295,7 +309,7 @@ def make_pca(ctx: Context) -> None:
     coords = pca.fit_transform(vecs.astype(np.float64))
     ev = pca.explained_variance_ratio_
     ctx.save(
-        draw.pca_scatter(coords, [s for s, _ in msgs], ctx.speakers, ev),
+        draw.pca_scatter(coords, [ctx.label(s) for s, _ in msgs], [ctx.label(s) for s in ctx.speakers], ev),
         "activations-pca.png",
         "Message activations (PCA)",
         f"{len(msgs):,} of {n_all:,} messages (random sample, seed 0), each the mean of the fine-tuned "

@@ -1,5 +1,5 @@
-"""Trainer callbacks of `convsim train`: the time budget, metrics.jsonl, validation samples, the optional
-profiler (CONVSIM_PROFILE=DIR) and --keep-best.
+"""Trainer callbacks of `convsim train`: progress (one labelled bar per phase, readable log lines), the time
+budget, metrics.jsonl, validation samples, the optional profiler (CONVSIM_PROFILE=DIR) and --keep-best.
 """
 
 from __future__ import annotations
@@ -33,6 +33,98 @@ def make_callbacks(cfg, run_dir: Path, tok, fmt, val_examples):
                 control.should_save = True
                 state.stop_reason = "time budget"
 
+    class Progress(TrainerCallback):
+        """A `training` bar whose time left comes from the steps done so far (and is never more than what is
+        left of a time budget), a `validation` bar for each evaluation, and one readable line per log,
+        evaluation and checkpoint, all on stderr (stdout stays for the result and --json). Replaces the
+        trainer's own bar, which prints raw log dicts."""
+
+        def __init__(self, minutes):
+            self.limit = minutes * 60 if minutes else None
+            self.bar = self.eval_bar = None
+
+        def on_train_begin(self, args, state, control, **kw):
+            from tqdm.auto import tqdm
+
+            if not state.is_world_process_zero:
+                return
+            self.start, self.first = time.time(), state.global_step
+            self.bar = tqdm(
+                total=state.max_steps,
+                initial=state.global_step,
+                desc="training",
+                unit="step",
+                dynamic_ncols=True,
+                file=sys.stderr,
+                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} steps [{elapsed}{postfix}]",
+            )
+            self.bar.set_postfix_str("time left: known after the first step", refresh=True)
+
+        def time_left(self, state) -> float | None:
+            done = state.global_step - self.first
+            if done <= 0:
+                return None
+            spent = time.time() - self.start
+            left = spent / done * max(0, state.max_steps - state.global_step)
+            return min(left, max(0.0, self.limit - spent)) if self.limit else left
+
+        def say(self, line: str) -> None:
+            (self.bar.write if self.bar is not None else print)(line, file=sys.stderr)
+
+        def on_step_end(self, args, state, control, **kw):
+            if self.bar is None:
+                return
+            self.bar.update(state.global_step - self.bar.n)
+            left = self.time_left(state)
+            if left is not None:
+                self.bar.set_postfix_str(f"about {clock(left)} left", refresh=True)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if self.bar is None or not logs or "loss" not in logs:
+                return
+            parts = [f"loss {logs['loss']:.3f}"]
+            if "learning_rate" in logs:
+                parts.append(f"learning rate {logs['learning_rate']:.1e}")
+            if "tokens_per_s" in logs:
+                parts.append(f"{logs['tokens_per_s']:.0f} tokens/s")
+            self.say(f"step {state.global_step}/{state.max_steps}: " + ", ".join(parts))
+
+        def on_prediction_step(self, args, state, control, eval_dataloader=None, **kw):
+            from tqdm.auto import tqdm
+
+            if not state.is_world_process_zero:
+                return
+            if self.eval_bar is None:
+                total = len(eval_dataloader) if hasattr(eval_dataloader, "__len__") else None
+                self.eval_t0 = time.time()
+                self.eval_bar = tqdm(
+                    total=total, desc=f"validation at step {state.global_step}", unit="batch", leave=False,
+                    dynamic_ncols=True, file=sys.stderr,
+                )  # fmt: skip
+            self.eval_bar.update(1)
+
+        def on_evaluate(self, args, state, control, metrics=None, **kw):
+            if not state.is_world_process_zero:
+                return
+            if self.eval_bar is not None:
+                self.eval_bar.close()
+                self.eval_bar = None
+                took = f" ({time.time() - self.eval_t0:.0f} s)"
+            else:
+                took = ""
+            loss = (metrics or {}).get("eval_loss")
+            if loss is not None:
+                self.say(f"step {state.global_step}: validation loss {loss:.3f}{took}")
+
+        def on_save(self, args, state, control, **kw):
+            if state.is_world_process_zero:
+                self.say(f"step {state.global_step}: checkpoint saved")
+
+        def on_train_end(self, args, state, control, **kw):
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
+
     class Metrics(TrainerCallback):
         """Append every log line to metrics.jsonl (loss curves come from here)."""
 
@@ -52,6 +144,8 @@ def make_callbacks(cfg, run_dir: Path, tok, fmt, val_examples):
             from convsim.inference import fastgen
             from convsim.inference.generate import SampleConfig, reply
 
+            print(f"step {state.global_step}: sampling {min(cfg.samples, len(val_examples))} validation replies into "
+                  "samples.jsonl", file=sys.stderr, flush=True)  # fmt: skip
             was_training = model.training
             model.eval()
             rows = []
@@ -141,4 +235,14 @@ def make_callbacks(cfg, run_dir: Path, tok, fmt, val_examples):
 
     profile = [Profile(os.environ["CONVSIM_PROFILE"])] if os.environ.get("CONVSIM_PROFILE") else []
     keep = [KeepBest()] if cfg.keep_best else []
-    return [Budget(cfg.time_budget), Metrics(), Samples(), *keep, *profile]
+    return [Progress(cfg.time_budget), Budget(cfg.time_budget), Metrics(), Samples(), *keep, *profile]
+
+
+def clock(seconds: float) -> str:
+    """A duration as a person reads it: 45 s, 3 min 20 s, 1 h 05 min."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"

@@ -123,6 +123,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-steps", type=int)
     p.add_argument("--max-val-examples", type=int, help="validation examples used for the loss (default 200)")
     p.add_argument("--save-steps", type=int)
+    p.add_argument("--logging-steps", type=int, help="a progress line with the loss every N steps (default 10)")
     p.add_argument("--seed", type=int)
     p.add_argument("--json", action="store_true", help="print a JSON summary at the end")
 

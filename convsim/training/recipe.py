@@ -94,6 +94,14 @@ def fused_attention_kernels():
         backends.enable_cudnn_sdp(was)
 
 
+def last_evaluation(trainer) -> dict | None:
+    """The validation loss the trainer already computed at the final step (it evaluates there when the last
+    step falls on its schedule): evaluating the same weights again would only cost time."""
+    step = trainer.state.global_step
+    done = [r for r in trainer.state.log_history if "eval_loss" in r and r.get("step") == step]
+    return {"eval_loss": done[-1]["eval_loss"]} if done else None
+
+
 def _run(args) -> int:
     import torch
     from datasets import Dataset
@@ -239,6 +247,9 @@ def _run(args) -> int:
         processing_class=tok,
         callbacks=make_callbacks(cfg, run_dir, tok, fmt, val_examples),
     )
+    from transformers.trainer_callback import ProgressCallback
+
+    trainer.remove_callback(ProgressCallback)  # its bar prints raw log dicts; ours (callbacks.Progress) replaces it
     trainer.resume_from(resume)
     t0 = time.time()
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -253,12 +264,13 @@ def _run(args) -> int:
                 trainer.remove_callback(cb)  # this evaluation is of the kept weights, not a new candidate
             final_eval = trainer.evaluate()  # now of the restored weights (equal to kept["eval_loss"])
     else:
-        final_eval = trainer.evaluate() if val_rows else {}
+        final_eval = last_evaluation(trainer) or (trainer.evaluate() if val_rows else {})
     gathered = gathered_trained_state(model)  # FSDP: every process takes part; None otherwise
     if not main:
         finish_distributed()  # wait for rank 0 to write the run, then leave the group together
         return 0
     # the adapter is the product: write it whole or not at all
+    print(f"saving the adapter to {run_dir}/adapter", file=sys.stderr, flush=True)
     with atomic_dir(run_dir / "adapter") as tmp:
         # speaker rows live in the trainable-token delta; under FSDP from the gathered weights
         model.save_pretrained(tmp, state_dict=gathered, save_embedding_layers=False)

@@ -280,3 +280,50 @@ def test_list_table_and_flag_errors(tmp_path):
     assert_user_error(convsim("import", EXPORTS / "messenger"), "--out DATA_DIR is required")
     assert_user_error(convsim("import", EXPORTS / "messenger", "--list", "--person", "Zed"), "nobody named 'Zed'")
     assert not (tmp_path / "d").exists()
+
+
+EXAMPLES = Path(__file__).parents[2] / "examples"
+
+
+def test_examples_import_as_the_tutorial_shows(tmp_path):
+    """The invented exports in examples/ (docs/TUTORIAL.md's import step): each alone, then both together with
+    Telegram's spelling of the two names merged into WhatsApp's."""
+    wa, tg = EXAMPLES / "whatsapp-chat.txt", EXAMPLES / "telegram-result.json"
+    j = ok_json("import", wa, "--out", tmp_path / "wa")
+    assert j["formats"] == ["whatsapp"] and set(j["speakers"]) == {"Maya", "Tomás"}
+    assert j["dropped"] == {"system": 1, "media": 3, "deleted": 1} and j["messages"] > 150
+    j = ok_json("import", tg, "--out", tmp_path / "tg")
+    assert j["formats"] == ["telegram"] and set(j["speakers"]) == {"Maya Lind", "Tomás Ruiz"}
+    assert j["dropped"] == {"system": 1, "media": 2} and j["messages"] > 90
+    assert {k: v for k, v in j["scrubbed"].items() if v} == {"EMAIL": 1, "URL": 1}
+    both = ok_json(
+        "import", wa, tg, "--speaker", "Maya Lind=Maya", "--speaker", "Tomás Ruiz=Tomás", "--out", tmp_path / "d"
+    )
+    assert set(both["speakers"]) == {"Maya", "Tomás"} and both["formats"] == ["telegram", "whatsapp"]
+    convs = read_conversations(tmp_path / "d")
+    times = [m.time for c in convs for m in c.messages]
+    assert sum(len(c.messages) for c in convs) == both["messages"] and all(times)
+    assert any("\n" in m.text for c in convs for m in c.messages)  # WhatsApp's message of several lines
+    names = ["--speaker", "Maya Lind=Maya", "--speaker", "Tomás Ruiz=Tomás"]
+    r = convsim(
+        "import",
+        "examples/whatsapp-chat.txt",
+        "examples/telegram-result.json",
+        "--out",
+        tmp_path / "h",
+        *names,
+        cwd=EXAMPLES.parent,
+    )
+    tutorial = (EXAMPLES.parent / "docs" / "TUTORIAL.md").read_text()
+    assert r.returncode == 0 and all(line in tutorial for line in r.stdout.splitlines()[:4])  # as the page shows
+
+
+def test_examples_are_what_their_script_writes(tmp_path, monkeypatch):
+    """examples/make_chats.py is deterministic and the committed exports are its output."""
+    import runpy
+
+    script = runpy.run_path(str(EXAMPLES / "make_chats.py"))
+    monkeypatch.setitem(script["main"].__globals__, "HERE", tmp_path)
+    script["main"]()
+    for name in ("whatsapp-chat.txt", "telegram-result.json"):
+        assert (tmp_path / name).read_bytes() == (EXAMPLES / name).read_bytes(), name

@@ -79,6 +79,33 @@ def test_every_figure_from_the_tiny_run(tiny_run, tmp_path):
     assert np.abs(m["Ana"] - m["no speaker"]).max() > 1e-3
 
 
+def test_speaker_labels_and_rename(tiny_run, tmp_path, monkeypatch, capsys):
+    """Legends, titles and the index show `--speaker`'s names beside the run's; file names keep the run's."""
+    import convsim.plots.draw as draw
+    from convsim.cli import main
+
+    legends, save_png = {}, draw.save_png
+
+    def keep(fig, path):
+        legends[path.name] = [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
+        save_png(fig, path)
+
+    monkeypatch.setattr(draw, "save_png", keep)
+    out = tmp_path / "o"
+    assert main(["plots", str(tiny_run), "--out", str(out), "--no-model", "--speaker", "Ana=Anna"]) == 0
+    assert {"lengths.png", "bursts.png"} <= set(legends)
+    for name in ("lengths.png", "bursts.png"):
+        assert any(t.startswith("Anna (Ana) (") for t in legends[name]), legends[name]
+        assert any(t.startswith("Ben (") for t in legends[name]) and not any(
+            t.startswith("Ana ") for t in legends[name]
+        )
+    assert json.loads((out / "plots.json").read_text())["labels"] == {"Ana": "Anna (Ana)", "Ben": "Ben"}
+    assert "speakers Anna (Ana), Ben" in (out / "index.html").read_text(encoding="utf-8")
+    capsys.readouterr()
+    assert main(["plots", str(tiny_run), "--out", str(tmp_path / "x"), "--speaker", "Zed=Z"]) == 2
+    assert "unknown speaker 'Zed'" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
 def _copy_run(src, dst):
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("checkpoints", "logs", "plots"))
     return dst
