@@ -60,7 +60,8 @@ class Vector:
     def slider(self) -> float:
         """Half-width of the page's slider: twice the default, or the vector's suggested range."""
         from convsim.steering import suggest_strengths
-        return float(max(abs(self.default) * 2, 1.0 if self.default else 2 * max(suggest_strengths(self.vector))))
+        top = max(abs(self.default) * 2, 1.0 if self.default else 2 * max(suggest_strengths(self.vector)))
+        return math.ceil(top * 10) / 10          # a whole number of the page's 0.1 steps
 
 
 def _adapter_file(run) -> str:
@@ -155,6 +156,7 @@ class Job:
     fn: Callable | None = None
     cancelled: bool = False
     batch: tuple = ()                            # (batch number, rows in it), set by the worker
+    stopped_by: list = field(default_factory=list)   # per row: the stop sequence that ended it, or None
 
     def __post_init__(self):
         self._q: queue.SimpleQueue = queue.SimpleQueue()
@@ -479,6 +481,7 @@ class Service:
             p = prompts[id(j)]
             usage = {"prompt_tokens": p, "completion_tokens": sum(done), "total_tokens": p + sum(done)}
             finish = ["stop" if r.stop is not None else "length" for r in mine]
+            j.stopped_by = [r.stop for r in mine]
             j.emit(("done", bursts, finish, usage))
 
     @staticmethod
