@@ -137,7 +137,30 @@ def test_sampled_rows_do_not_depend_on_their_batch(tiny_run):
 
 # ----------------------------------------------------------------------------- many runs, one base
 
-def test_many_runs_one_base(tiny_run, cy_run, lone_tiny, tmp_path):
+def page_picks_a_run(d, url, run_name, speakers, want):
+    """The page lists the runs, and a person of the second run answers as that run's adapter does."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import Select
+    d.get(url + "/")
+    state = lambda: d.find_element(By.TAG_NAME, "body").get_attribute("data-state")  # noqa: E731
+    wait_for(lambda: state() == "idle", what="the page to load")
+    runs = Select(d.find_element(By.ID, "run"))
+    assert [o.text for o in runs.options] == ["tiny", run_name] and d.find_element(By.ID, "run").is_displayed()
+    runs.select_by_visible_text(run_name)
+    them = Select(d.find_element(By.ID, "them"))
+    assert [o.text for o in them.options] == speakers and them.first_selected_option.text == speakers[0]
+    temp = d.find_element(By.ID, "temperature")
+    temp.clear()
+    temp.send_keys("0")
+    d.find_element(By.ID, "input").send_keys(("hi" if speakers[0] == "Cy" else "lol yes") + Keys.ENTER)
+    sel = f'.msg[data-speaker="{speakers[0]}"]'
+    wait_for(lambda: state() == "idle" and d.find_elements(By.CSS_SELECTOR, sel), what="the streamed reply")
+    got = [e.find_element(By.CLASS_NAME, "text").text for e in d.find_elements(By.CSS_SELECTOR, sel)]
+    assert got == want
+
+
+def test_many_runs_one_base(tiny_run, cy_run, lone_tiny, browser):
     from convsim.runs import open_run
     from convsim.speakers import speaker_ids
     ana, cy = open_run(tiny_run), open_run(cy_run)
@@ -177,6 +200,7 @@ def test_many_runs_one_base(tiny_run, cy_run, lone_tiny, tmp_path):
                 assert body["convsim"]["messages"][0] == want, (model, body)
             err = json.loads(chat(url, {"model": "convsim/tiny/Cy", "messages": []}, {})[2])["error"]
             assert err["code"] == "model_not_found"
+            page_picks_a_run(browser, url, "cydee", cy.speakers, cases[2][3] if cy.speakers[0] == "Cy" else cases[3][3])
     finally:
         svc.close()
 

@@ -6,7 +6,6 @@ here; any validation problem becomes one 400 `invalid_value` error naming the fi
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -196,7 +195,3 @@ def parse_history(messages, speaker: str, speakers: list[str], other: str, max_m
         lines = text.split("\n") if role == "assistant" else [text]
         out += [Message(who, t.strip()) for t in lines if t.strip()]
     return out
-
-
-def finite(x: float) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
