@@ -430,10 +430,10 @@ class Service:
         try:
             self.model.set_adapter(group[0].entry.adapter)
             if group[0].fn is not None:
-                group[0].emit(("result", group[0].fn()))
+                answers = [(group[0], ("result", group[0].fn()))]
             else:
                 with self._steering(group[0].steer):
-                    self._generate(group)
+                    answers = self._generate(group)
         except Exception as e:  # answered to each client and logged; the worker keeps going
             if isinstance(e, ApiError):
                 event = ("api_error", e)
@@ -441,11 +441,12 @@ class Service:
                 if not isinstance(e, UserError):
                     traceback.print_exc()
                 event = ("error", f"generation failed: {e if isinstance(e, UserError) else type(e).__name__}")
-            for j in group:
-                j.emit(event)
+            answers = [(j, event) for j in group]
         took = time.time() - t0
         self.seconds_per_batch = took if self.batches == 1 else 0.7 * self.seconds_per_batch + 0.3 * took
         self.served += len(group)
+        for j, event in answers:      # last: once answered, a client may look at the model and the counters
+            j.emit(event)
 
     def _steering(self, steer: tuple):
         stack = contextlib.ExitStack()
@@ -453,7 +454,8 @@ class Service:
             stack.enter_context(self.steer_fn(self.model, self.vectors[name].vector, strength))
         return stack
 
-    def _generate(self, group: list[Job]):
+    def _generate(self, group: list[Job]) -> list[tuple[Job, tuple]]:
+        """Decode the group's rows as one batch (deltas stream as they come); each job's final event."""
         from convsim.chats.examples import tag_ids
         from convsim.generate import prompt_ids, stop_sequences
         from convsim.serve.batch import Row, generate_rows
@@ -474,6 +476,7 @@ class Service:
                 owners.append(j)
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         generate_rows(self.model, tok, rows, pad, vocab=len(tok))
+        answers = []
         for j in group:
             mine = [r for r, o in zip(rows, owners) if o is j]
             bursts = [j._streamed] if j.stream else [r.messages(tok) for r in mine]
@@ -482,7 +485,8 @@ class Service:
             usage = {"prompt_tokens": p, "completion_tokens": sum(done), "total_tokens": p + sum(done)}
             finish = ["stop" if r.stop is not None else "length" for r in mine]
             j.stopped_by = [r.stop for r in mine]
-            j.emit(("done", bursts, finish, usage))
+            answers.append((j, ("done", bursts, finish, usage)))
+        return answers
 
     @staticmethod
     def _streamer(job: Job):
