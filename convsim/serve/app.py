@@ -182,7 +182,7 @@ def bind(host: str, port: int) -> socket.socket:
 def uvicorn_server(app, quiet: bool = True):
     import uvicorn
     config = uvicorn.Config(app, log_level="warning" if quiet else "info", access_log=not quiet,
-                            timeout_keep_alive=30, timeout_graceful_shutdown=5, backlog=2048, lifespan="off")
+                            timeout_keep_alive=60, timeout_graceful_shutdown=5, backlog=2048, lifespan="off")
     return uvicorn.Server(config)
 
 
