@@ -428,3 +428,41 @@ def test_page_sliders_and_why(steered, browser):
 
 
 from test_serve import browser  # noqa: E402,F401  (the Chromium fixture)
+
+
+# ----------------------------------------------------------------------------- the embedded model
+
+@pytest.mark.real
+def test_real_model_batched_rows_equal_their_lone_replies(tmp_path, data_dir):
+    """Gemma 3 270M: four requests of different lengths and people decoded in one left-padded batch each
+    give exactly the greedy reply `convsim.generate.reply` gives alone."""
+    from convsim.runs import open_run
+    run_dir = tmp_path / "run"
+    cli("train", data_dir, "--out", run_dir, "--batch-size", "2", "--max-steps", "1", "--eval-steps", "1000",
+        "--max-val-examples", "2", "--json")
+    run = open_run(run_dir)
+    model, tok = run.load()
+    cases = [("Ana", "Ben", "hey how are you"), ("Ben", "Ana", "I am reading a book about history. What about you?"),
+             ("Ana", "Ben", "lol"), ("Ben", "Ana", "are you coming tonight? we are meeting at the station at eight")]
+    wants = [lone(model, tok, run.fmt, text, who, other) for who, other, text in cases]
+    assert sum(map(bool, wants)) >= 2, wants                  # replies with text to compare
+    svc = Service.from_run(run_dir)
+    try:
+        jobs = [svc.job_for({"model": f"convsim/{who}", "temperature": 0, "max_tokens": 48, "stream": i == 1,
+                             "messages": [{"role": "user", "content": text}]})
+                for i, (who, _, text) in enumerate(cases)]
+        with svc.model_lock:
+            svc.submit(svc.job_for({"model": "convsim/Ana", "messages": [], "max_tokens": 1}))
+            wait_for(lambda: svc.busy, 60, "the worker")
+            for j in jobs:
+                svc.submit(j)
+        for i, (j, want) in enumerate(zip(jobs, wants)):
+            events = [j.wait(300)]
+            while events[-1][0] == "delta":
+                events.append(j.wait(300))
+            assert events[-1][0] == "done" and events[-1][1] == [want], (cases[i], events[-1], want)
+            if j.stream:
+                assert "".join(e[1] for e in events[:-1]) == "\n".join(want)
+        assert len({j.batch for j in jobs}) == 1 and jobs[0].batch[1] == 4
+    finally:
+        svc.close()
