@@ -466,3 +466,21 @@ def test_real_model_batched_rows_equal_their_lone_replies(tmp_path, data_dir):
         assert len({j.batch for j in jobs}) == 1 and jobs[0].batch[1] == 4
     finally:
         svc.close()
+    # a second run of other people beside it (tied head: PEFT's trainable rows of the embedding and head
+    # must switch with the adapter): each run's people answer as that run does alone
+    other_data = tmp_path / "cd"
+    write_conversations(other_data / "conversations.jsonl", synthetic_conversations(seed=5, speakers=("Cy", "Dee")))
+    cli("train", other_data, "--out", tmp_path / "cd-run", "--batch-size", "2", "--max-steps", "1", "--eval-steps",
+        "1000", "--max-val-examples", "2", "--json")
+    other = open_run(tmp_path / "cd-run")
+    other_model, other_tok = other.load()
+    want_cy = lone(other_model, other_tok, other.fmt, "hey how are you", "Cy", "Dee")
+    svc = Service.from_runs([run_dir, tmp_path / "cd-run"])
+    try:
+        for model_id, want in [("convsim/Cy", want_cy), ("convsim/Ana", wants[0])]:
+            j = svc.job_for({"model": model_id, "temperature": 0, "max_tokens": 48,
+                             "messages": [{"role": "user", "content": "hey how are you"}]})
+            svc.submit(j)
+            assert j.wait(300)[1] == [want], model_id
+    finally:
+        svc.close()

@@ -100,9 +100,11 @@ def load_runs(run_dirs, device: str | None = None, dtype=None):
     from peft import PeftModel
     entries = []
     for i, (r, tok) in enumerate(zip(runs, toks)):
-        name = Path(r.path).resolve().name
-        while name in seen:
-            name += "-2"
+        stem = name = Path(r.path).resolve().name
+        k = 1
+        while name in seen:                       # runs/a/me and runs/b/me: me, me-2
+            k += 1
+            name = f"{stem}-{k}"
         seen.add(name)
         adapter = f"run{i}"
         if i == 0:
