@@ -5,6 +5,7 @@ process on the same machine, then hit by 1, 8 and 32 concurrent clients sending 
     python bench/serve_load.py --device cpu                       # trains a tiny run of the embedded model first
     python bench/serve_load.py --device cuda --run runs/me --requests-per-client 4
     python bench/serve_load.py --device cpu --old-src /tmp/old-serve   # the old code already checked out
+    python bench/serve_load.py --device cuda --run RUN --old-src OLD --commit abc1234   # a copied tree, no .git
 
 The old code comes from `--old-src` (a checkout of it) or else from `git archive OLD_COMMIT` of this
 repository. Each client sends its requests one after another (a closed loop); latency is from sending a
@@ -40,8 +41,12 @@ LINES = ["hey how are you", "are you coming tonight?", "i love pizza so much", "
          "I think so, yes.", "That sounds good to me.", "Maybe tomorrow then.", "Sure, I will bring the snacks."]
 
 
-def git(*args, cwd=ROOT) -> str:
-    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
+def git(*args, cwd=ROOT) -> str | None:
+    """git's answer, or None where this is not a git checkout (a copied tree on another machine)."""
+    try:
+        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 def old_source(where: str | None, tmp: Path) -> Path:
@@ -49,7 +54,10 @@ def old_source(where: str | None, tmp: Path) -> Path:
         return Path(where).resolve()
     dest = tmp / "old"
     dest.mkdir()
-    archive = subprocess.run(["git", "archive", OLD_COMMIT], cwd=ROOT, capture_output=True, check=True).stdout
+    archive = subprocess.run(["git", "archive", OLD_COMMIT], cwd=ROOT, capture_output=True).stdout
+    if not archive:
+        raise SystemExit(f"error: cannot read commit {OLD_COMMIT} here (no git history?): pass --old-src DIR, "
+                         f"a copy of that commit's tree")
     subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
     return dest
 
@@ -161,6 +169,7 @@ def main() -> int:
     ap.add_argument("--requests-per-client", type=int, default=2)
     ap.add_argument("--lone-requests", type=int, default=6, help="requests of the single client (default 6)")
     ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--commit", help="the commit of this tree, where it is not a git checkout")
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -195,7 +204,8 @@ def main() -> int:
         result = {
             "machine": machine(args.device), "device": args.device,
             "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
-            "commit": git("rev-parse", "--short", "HEAD"), "old_commit": OLD_COMMIT,
+            "commit": args.commit or git("rev-parse", "--short", "HEAD") or "unknown (pass --commit)",
+            "old_commit": OLD_COMMIT,
             "run": str(args.run) if args.run else f"{args.model}, trained 2 steps by this script",
             "max_tokens": args.max_tokens, "requests_per_client": args.requests_per_client,
             "lone_requests": args.lone_requests, "load_average_before": [round(x, 2) for x in load_before],
