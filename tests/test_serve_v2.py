@@ -23,6 +23,7 @@ from convsim.serve.service import Service
 
 from conftest import cli, synthetic_conversations
 from test_serve import AUTH, KEY, call, chat, greedy, sse_events, wait_for
+from test_serve import browser  # noqa: F401  (the Chromium fixture)
 
 GREEDY = dict(temperature=0, max_new_tokens=48)
 
@@ -160,7 +161,7 @@ def page_picks_a_run(d, url, run_name, speakers, want):
     assert got == want
 
 
-def test_many_runs_one_base(tiny_run, cy_run, lone_tiny, browser):
+def test_many_runs_one_base(tiny_run, cy_run, lone_tiny, browser):  # noqa: F811
     from convsim.runs import open_run
     from convsim.speakers import speaker_ids
     ana, cy = open_run(tiny_run), open_run(cy_run)
@@ -393,7 +394,7 @@ def test_200_concurrent_requests_none_lost_none_mixed(tiny_run, lone_tiny):
 
 # ----------------------------------------------------------------------------- the page
 
-def test_page_sliders_and_why(steered, browser):
+def test_page_sliders_and_why(steered, browser):  # noqa: F811
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     url, _ = steered
@@ -426,8 +427,6 @@ def test_page_sliders_and_why(steered, browser):
     assert len(hits) == 5 and all(h.find_element(By.CLASS_NAME, "text").text for h in hits)
     assert not d.find_elements(By.CSS_SELECTOR, ".note.error")
 
-
-from test_serve import browser  # noqa: E402,F401  (the Chromium fixture)
 
 
 # ----------------------------------------------------------------------------- the embedded model
