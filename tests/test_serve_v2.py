@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from convsim.chats.schema import Message, write_conversations
+from convsim.data.schema import Message, write_conversations
 from convsim.serve.app import create_app, running
 from convsim.serve.schemas import Limits
 from convsim.serve.service import Service
@@ -29,10 +29,10 @@ GREEDY = dict(temperature=0, max_new_tokens=48)
 
 
 def lone(model, tok, fmt, text, speaker, other, steer=()):
-    """The reply `convsim.generate.reply` gives alone (no server, no batch), greedy."""
+    """The reply `convsim.inference.generate.reply` gives alone (no server, no batch), greedy."""
     import contextlib
-    from convsim.generate import SampleConfig, reply
-    from convsim.steering import steer as steer_cm
+    from convsim.inference.generate import SampleConfig, reply
+    from convsim.steering.apply import steer as steer_cm
     with contextlib.ExitStack() as stack:
         for vector, strength in steer:
             stack.enter_context(steer_cm(model, vector, strength))
@@ -53,7 +53,7 @@ def cy_run(tmp_path_factory):
 def vectors(tiny_run, tmp_path_factory):
     """Two real steering vectors of the tiny run: {name: path}."""
     from convsim.runs import open_run
-    from convsim.steering import from_phrases
+    from convsim.steering.build import from_phrases
     model, tok = open_run(tiny_run).load()
     d = tmp_path_factory.mktemp("vec")
     from_phrases(model, tok, {"i feel happy": 1.0, "i feel sad": -1.0}, layers=-1).save(d / "happy.safetensors")
@@ -83,7 +83,7 @@ def lone_tiny(tiny_run):
 # ----------------------------------------------------------------------------- batching
 
 def test_two_concurrent_requests_share_a_batch_and_stop_on_their_own(tiny_run, lone_tiny):
-    from convsim.chats.examples import tag_ids
+    from convsim.data.examples import tag_ids
     model, tok, fmt = lone_tiny
     svc = Service.from_run(tiny_run)
     try:
@@ -163,7 +163,7 @@ def page_picks_a_run(d, url, run_name, speakers, want):
 
 def test_many_runs_one_base(tiny_run, cy_run, lone_tiny, browser):  # noqa: F811
     from convsim.runs import open_run
-    from convsim.speakers import speaker_ids
+    from convsim.modeling.speakers import speaker_ids
     ana, cy = open_run(tiny_run), open_run(cy_run)
     assert set(speaker_ids(lone_tiny[1], ["Ana", "Ben"]).values()) == \
         set(speaker_ids(cy.load()[1], ["Cy", "Dee"]).values())              # the same new token ids
@@ -231,7 +231,7 @@ def steered(rich_run, vectors):
 
 
 def test_per_request_steering(steered, vectors, lone_tiny):
-    from convsim.steering import SteeringVector
+    from convsim.steering.vectors import SteeringVector
     url, svc = steered
     info = json.loads(call(url, "GET", "/v1/info")[2])
     assert [(v["name"], v["default"]) for v in info["vectors"]] == [("happy", 0.0), ("calm", 0.0)]
@@ -252,7 +252,7 @@ def test_per_request_steering(steered, vectors, lone_tiny):
     for i, body in enumerate(got):
         assert body["convsim"]["messages"][0] == wants[i % len(settings)], (i, settings[i % len(settings)][0])
     assert svc.batches - before >= len(settings)          # different steering never shares a batch
-    from convsim.steering import active_hooks
+    from convsim.steering.apply import active_hooks
     assert active_hooks(svc.model) == 0
 
 
@@ -272,7 +272,7 @@ def test_steering_errors(steered):
 
 def test_openai_client_steering_streaming_and_errors(steered, lone_tiny, vectors):
     import openai
-    from convsim.steering import SteeringVector
+    from convsim.steering.vectors import SteeringVector
     url, _ = steered
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
     messages = [{"role": "user", "name": "Ben", "content": "are you coming tonight?"}]
@@ -434,7 +434,7 @@ def test_page_sliders_and_why(steered, browser):  # noqa: F811
 @pytest.mark.real
 def test_real_model_batched_rows_equal_their_lone_replies(tmp_path, data_dir):
     """Gemma 3 270M: four requests of different lengths and people decoded in one left-padded batch each
-    give exactly the greedy reply `convsim.generate.reply` gives alone."""
+    give exactly the greedy reply `convsim.inference.generate.reply` gives alone."""
     from convsim.runs import open_run
     run_dir = tmp_path / "run"
     cli("train", data_dir, "--out", run_dir, "--batch-size", "2", "--max-steps", "1", "--eval-steps", "1000",

@@ -7,7 +7,7 @@ sampling settings, seed, token budget and stop sequences, and each streaming its
 A row samples with its own `torch.Generator` (seeded from the request, or at random), so what a row gets
 does not depend on which other rows share its batch; greedy rows take the argmax, as `generate` does.
 Rows are left-padded to one width; a row is finished at its first stop sequence or its own budget, and the
-batch ends when every row is. Streaming text follows the same rules as `convsim.generate.stream_reply`:
+batch ends when every row is. Streaming text follows the same rules as `convsim.inference.generate.stream_reply`:
 no stop sequence or speaker tag, whole or partial, is ever shown, and the deltas join to the messages that
 the non-streaming path returns.
 """
@@ -197,7 +197,7 @@ class _RowStreamer(BaseStreamer):
 def generate_rows(model, tok, rows: list[Row], pad_id: int, vocab: int | None = None) -> list[Row]:
     """Generate every row in one left-padded batch; fills each row's `ids` and `stop`. `vocab`: the size of
     the rows' tokenizer, when the model's embedding is larger (other runs' speaker tokens)."""
-    from convsim import fastgen
+    from convsim.inference import fastgen
     dev = next(model.parameters()).device
     width = max(len(r.prompt) for r in rows)
     x = torch.tensor([[pad_id] * (width - len(r.prompt)) + r.prompt for r in rows], device=dev)

@@ -37,13 +37,13 @@ class RunEntry:
 @dataclass
 class Vector:
     name: str
-    vector: object            # convsim.steering.SteeringVector
+    vector: object            # convsim.steering.vectors.SteeringVector
     default: float            # strength used when a request says nothing about steering
     source: str
 
     def slider(self) -> float:
         """Half-width of the page's slider: twice the default, or the vector's suggested range."""
-        from convsim.steering import suggest_strengths
+        from convsim.steering.vectors import suggest_strengths
         top = max(abs(self.default) * 2, 1.0 if self.default else 2 * max(suggest_strengths(self.vector)))
         return math.ceil(top * 10) / 10          # a whole number of the page's 0.1 steps
 
@@ -60,8 +60,8 @@ def _adapter_file(run) -> str:
 def load_runs(run_dirs, device: str | None = None, dtype=None):
     """(model with one adapter per run, [RunEntry]) for runs that share one base model."""
     from transformers import AutoTokenizer
-    from convsim.fastpeft import patch_trainable_tokens
-    from convsim.models import load_base
+    from convsim.modeling.fastpeft import patch_trainable_tokens
+    from convsim.modeling.models import load_base
     from convsim.runs import open_run
     if not run_dirs:
         raise UserError("give at least one run directory")
@@ -105,7 +105,8 @@ def load_runs(run_dirs, device: str | None = None, dtype=None):
 def load_vectors(steer_args, entries, model) -> dict[str, Vector]:
     """`--steer VECTOR[:STRENGTH]` files, then every vector in each run's `steering/` directory (strength
     0 unless asked for); each checked against the model now rather than per request."""
-    from convsim.steering import parse_steer_arg, SteeringVector
+    from convsim.steering.apply import parse_steer_arg
+    from convsim.steering.vectors import SteeringVector
     out: dict[str, Vector] = {}
 
     def add(name, vector, default, source):

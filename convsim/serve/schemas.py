@@ -170,7 +170,7 @@ def parse_history(messages, speaker: str, speakers: list[str], other: str, max_m
     """OpenAI messages → convsim Messages. `name` picks the person; without it, assistant = `speaker`
     and user = `other`. System and developer messages are ignored (a chat history has no place for them).
     Assistant content is split on newlines into the burst it came from."""
-    from convsim.chats.schema import Message
+    from convsim.data.schema import Message
     if not isinstance(messages, list):
         raise ApiError(400, "messages must be a list", "invalid_type", param="messages")
     if len(messages) > max_messages:

@@ -38,7 +38,7 @@ class Job:
     entry: RunEntry | None = None
     speaker: str = ""
     history: list = field(default_factory=list)
-    cfg: object = None                           # convsim.generate.SampleConfig
+    cfg: object = None                           # convsim.inference.generate.SampleConfig
     n: int = 1
     stream: bool = False
     steer: tuple = ()                            # ((vector name, strength), ...) sorted, no zeros
@@ -79,8 +79,8 @@ class Job:
 def fit_history(tok, fmt, history, speaker: str, budget: int) -> list:
     """The most recent messages whose tokens fit `budget` with the prompt around them; a single message
     too long by itself keeps its end. Each message is tokenized at most once (bodies can be large)."""
-    from convsim.chats.examples import render, tag_ids, text_ids
-    from convsim.chats.schema import Message
+    from convsim.data.examples import render, tag_ids, text_ids
+    from convsim.data.schema import Message
     used = len(render(tok, fmt, [], speaker).input_ids)
     kept = []
     for m in reversed(history):
@@ -104,7 +104,7 @@ class Service:
 
     def __init__(self, model, entries: list[RunEntry], vectors: dict[str, Vector] | None = None,
                  api_key: str | None = None, limits: Limits = Limits()):
-        from convsim.steering import steer
+        from convsim.steering.apply import steer
         self.model, self.entries, self.vectors = model, entries, vectors or {}
         self.api_key = api_key or None
         self.limits = limits
@@ -200,7 +200,7 @@ class Service:
         return tuple(sorted(out))
 
     def job_for(self, body) -> Job:
-        from convsim.generate import SampleConfig
+        from convsim.inference.generate import SampleConfig
         req = validate(ChatRequest, body)
         mid, entry, speaker = self.resolve(req.model)
         history = parse_history(req.messages, speaker, entry.speakers, entry.run.other_speaker(speaker),
@@ -347,8 +347,8 @@ class Service:
 
     def _generate(self, group: list[Job]) -> list[tuple[Job, tuple]]:
         """Decode the group's rows as one batch (deltas stream as they come); each job's final event."""
-        from convsim.chats.examples import tag_ids
-        from convsim.generate import prompt_ids, stop_sequences
+        from convsim.data.examples import tag_ids
+        from convsim.inference.generate import prompt_ids, stop_sequences
         from convsim.serve.batch import Row, generate_rows
         entry = group[0].entry
         tok, fmt = entry.tok, entry.fmt

@@ -56,7 +56,7 @@ def api(tiny_run):
 def happy_vector(tiny_run, tmp_path_factory):
     """A real steering vector of the tiny run, saved as happy.safetensors."""
     from convsim.runs import open_run
-    from convsim.steering import from_phrases
+    from convsim.steering.build import from_phrases
     model, tok = open_run(tiny_run).load()
     path = tmp_path_factory.mktemp("vectors") / "happy.safetensors"
     from_phrases(model, tok, {"i feel happy": 1.0, "i feel sad": -1.0}, layers=-1).save(path)
