@@ -13,6 +13,7 @@ request to having the whole reply. `lost` counts requests that did not come back
 servers get the same prompts; greedy replies of the two are compared (`same_replies`). The part of
 bench/results/serve-load.json for this device (`cpu` or `gpu`) is replaced; the other part is kept.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,10 +36,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "results" / "serve-load.json"
 OLD_COMMIT = "bf5258f"
-LINES = ["hey how are you", "are you coming tonight?", "i love pizza so much", "lol yes", "haha ok",
-         "omg that is amazing", "did you see the game yesterday", "my sister is visiting this weekend",
-         "ugh work was so long today", "wanna get coffee tomorrow morning?", "Not bad. Working late again.",
-         "I think so, yes.", "That sounds good to me.", "Maybe tomorrow then.", "Sure, I will bring the snacks."]
+LINES = [
+    "hey how are you",
+    "are you coming tonight?",
+    "i love pizza so much",
+    "lol yes",
+    "haha ok",
+    "omg that is amazing",
+    "did you see the game yesterday",
+    "my sister is visiting this weekend",
+    "ugh work was so long today",
+    "wanna get coffee tomorrow morning?",
+    "Not bad. Working late again.",
+    "I think so, yes.",
+    "That sounds good to me.",
+    "Maybe tomorrow then.",
+    "Sure, I will bring the snacks.",
+]
 
 
 def git(*args, cwd=ROOT) -> str | None:
@@ -56,8 +70,10 @@ def old_source(where: str | None, tmp: Path) -> Path:
     dest.mkdir()
     archive = subprocess.run(["git", "archive", OLD_COMMIT], cwd=ROOT, capture_output=True).stdout
     if not archive:
-        raise SystemExit(f"error: cannot read commit {OLD_COMMIT} here (no git history?): pass --old-src DIR, "
-                         f"a copy of that commit's tree")
+        raise SystemExit(
+            f"error: cannot read commit {OLD_COMMIT} here (no git history?): pass --old-src DIR, "
+            f"a copy of that commit's tree"
+        )
     subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
     return dest
 
@@ -68,13 +84,37 @@ def make_run(tmp: Path, model: str) -> Path:
     data.mkdir()
     with open(data / "conversations.jsonl", "w", encoding="utf-8") as f:
         for c in range(8):
-            msgs = [{"speaker": ("Ana", "Ben")[i % 2], "text": LINES[(c + i) % len(LINES)],
-                     "time": f"2024-01-0{1 + c % 9}T10:{i:02d}:00+00:00"} for i in range(12)]
+            msgs = [
+                {
+                    "speaker": ("Ana", "Ben")[i % 2],
+                    "text": LINES[(c + i) % len(LINES)],
+                    "time": f"2024-01-0{1 + c % 9}T10:{i:02d}:00+00:00",
+                }
+                for i in range(12)
+            ]
             f.write(json.dumps({"id": f"c{c}", "messages": msgs, "source": "bench"}) + "\n")
     out = tmp / "run"
-    subprocess.run([sys.executable, "-m", "convsim", "train", str(data), "--out", str(out), "--model", model,
-                    "--max-steps", "2", "--batch-size", "2", "--json"], cwd=ROOT, check=True,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "convsim",
+            "train",
+            str(data),
+            "--out",
+            str(out),
+            "--model",
+            model,
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--json",
+        ],
+        cwd=ROOT,
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     return out
 
 
@@ -82,16 +122,21 @@ class Server:
     """`python -m convsim serve RUN` from `src` in a subprocess, on a free port."""
 
     def __init__(self, src: Path, run: Path, extra: list[str], env: dict):
-        self.proc = subprocess.Popen([sys.executable, "-m", "convsim", "serve", str(run), "--port", "0", "--quiet",
-                                      *extra], cwd=src, env={**env, "PYTHONPATH": str(src)},
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "convsim", "serve", str(run), "--port", "0", "--quiet", *extra],
+            cwd=src,
+            env={**env, "PYTHONPATH": str(src)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         line = self.proc.stdout.readline()
         m = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
         if not m:
             err = self.proc.stderr.read() if self.proc.poll() is not None else ""
             raise SystemExit(f"error: the server in {src} did not start: {line!r} {err[-2000:]}")
         self.port = int(m.group(1))
-        threading.Thread(target=self.proc.stderr.read, daemon=True).start()   # never let its pipe fill
+        threading.Thread(target=self.proc.stderr.read, daemon=True).start()  # never let its pipe fill
 
     def stop(self):
         self.proc.send_signal(signal.SIGTERM)
@@ -104,8 +149,14 @@ class Server:
 
 def ask(port: int, i: int, max_tokens: int) -> tuple[float, str | None]:
     """(seconds, reply text or None when lost) of one greedy completion."""
-    body = json.dumps({"model": "convsim/Ana", "temperature": 0, "max_tokens": max_tokens,
-                       "messages": [{"role": "user", "name": "Ben", "content": LINES[i % len(LINES)]}]})
+    body = json.dumps(
+        {
+            "model": "convsim/Ana",
+            "temperature": 0,
+            "max_tokens": max_tokens,
+            "messages": [{"role": "user", "name": "Ben", "content": LINES[i % len(LINES)]}],
+        }
+    )
     t0 = time.perf_counter()
     try:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
@@ -141,8 +192,17 @@ def load(port: int, clients: int, per_client: int, max_tokens: int) -> tuple[dic
         if text is not None:
             replies[i] = text
     q = statistics.quantiles(lat, n=100, method="inclusive") if len(lat) > 1 else lat * 99
-    return ({"requests": len(results), "rps": round((len(results) - lost) / wall, 3), "p50_s": round(q[49], 3),
-             "p99_s": round(q[98], 3), "lost": lost, "wall_s": round(wall, 2)}, replies)
+    return (
+        {
+            "requests": len(results),
+            "rps": round((len(results) - lost) / wall, 3),
+            "p50_s": round(q[49], 3),
+            "p99_s": round(q[98], 3),
+            "lost": lost,
+            "wall_s": round(wall, 2),
+        },
+        replies,
+    )
 
 
 def machine(device: str) -> str:
@@ -154,14 +214,19 @@ def machine(device: str) -> str:
     desc = f"{platform.node()}: {os.cpu_count()} CPU cores ({cpu}), Linux {platform.release()}"
     if device.startswith("cuda"):
         import torch
+
         desc += f", GPU {torch.cuda.get_device_name(0)}"
     return desc
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--device", default="cpu", help="cpu or cuda (the new server's --device; the old one picks "
-                                                    "cuda when it is there, and CPU runs hide the GPUs from both)")
+    ap.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu or cuda (the new server's --device; the old one picks "
+        "cuda when it is there, and CPU runs hide the GPUs from both)",
+    )
     ap.add_argument("--run", help="a run directory to serve (default: train a two-step run of --model)")
     ap.add_argument("--model", default="gemma-3-270m", help="base model of the run trained when --run is not given")
     ap.add_argument("--old-src", help=f"a checkout of the old server's code (default: git archive {OLD_COMMIT})")
@@ -184,12 +249,13 @@ def main() -> int:
         load_before = os.getloadavg()
         table: dict = {}
         replies: dict = {}
-        for name, src, extra in [("old", old_src, []),
-                                 ("new", ROOT, ["--device", args.device, "--queue-size", "1024",
-                                                "--max-batch", str(max(levels))])]:
+        for name, src, extra in [
+            ("old", old_src, []),
+            ("new", ROOT, ["--device", args.device, "--queue-size", "1024", "--max-batch", str(max(levels))]),
+        ]:
             server = Server(src, run, extra, env)
             try:
-                ask(server.port, 0, args.max_tokens)          # warm up (first-call costs, compilation)
+                ask(server.port, 0, args.max_tokens)  # warm up (first-call costs, compilation)
                 table[name], replies[name] = {}, {}
                 for c in levels:
                     per = args.lone_requests if c == 1 else args.requests_per_client
@@ -202,15 +268,19 @@ def main() -> int:
         same = [replies["old"][k] == replies["new"][k] for k in replies["old"] if k in replies["new"]]
         top = str(max(levels))
         result = {
-            "machine": machine(args.device), "device": args.device,
+            "machine": machine(args.device),
+            "device": args.device,
             "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
             "commit": args.commit or git("rev-parse", "--short", "HEAD") or "unknown (pass --commit)",
             "old_commit": OLD_COMMIT,
             "run": str(args.run) if args.run else f"{args.model}, trained 2 steps by this script",
-            "max_tokens": args.max_tokens, "requests_per_client": args.requests_per_client,
-            "lone_requests": args.lone_requests, "load_average_before": [round(x, 2) for x in load_before],
+            "max_tokens": args.max_tokens,
+            "requests_per_client": args.requests_per_client,
+            "lone_requests": args.lone_requests,
+            "load_average_before": [round(x, 2) for x in load_before],
             "load_average_after": [round(x, 2) for x in os.getloadavg()],
-            "old": table["old"], "new": table["new"],
+            "old": table["old"],
+            "new": table["new"],
             f"speedup_at_{top}": round(table["new"][top]["rps"] / table["old"][top]["rps"], 2),
             "p99_at_top_over_lone_p50": round(table["new"][top]["p99_s"] / table["new"][str(min(levels))]["p50_s"], 2),
             "same_replies": f"{sum(same)}/{len(same)}",

@@ -8,6 +8,7 @@ resident memory; the same runs loaded the old way, each as its own model (`Run.l
 
 Writes bench/results/serve-memory.json (command, commit, machine and the numbers).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,6 +46,7 @@ print(json.dumps({"weights": mem, "rss_bytes": rss(), "rss_before_load_bytes": b
 def main() -> int:
     sys.path.insert(0, str(ROOT / "bench"))
     from serve_load import git, machine, make_run
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="*")
     ap.add_argument("--train", type=int, default=0, help="train this many two-step runs of --model instead")
@@ -60,17 +62,30 @@ def main() -> int:
     rows = []
     for n in range(1, len(runs) + 1):
         for mode in ("shared", "separate"):
-            p = subprocess.run([sys.executable, "-c", PROBE, mode, *runs[:n]], cwd=ROOT, capture_output=True,
-                               text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin",
-                                               "CUDA_VISIBLE_DEVICES": "", "HOME": str(Path.home())})
+            p = subprocess.run(
+                [sys.executable, "-c", PROBE, mode, *runs[:n]],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                env={
+                    "PYTHONPATH": str(ROOT),
+                    "PATH": "/usr/bin:/bin",
+                    "CUDA_VISIBLE_DEVICES": "",
+                    "HOME": str(Path.home()),
+                },
+            )
             if p.returncode:
                 raise SystemExit(f"error: probe failed: {p.stderr[-2000:]}")
             row = {"runs": n, "mode": mode, **json.loads(p.stdout.strip().splitlines()[-1])}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    result = {"machine": machine("cpu"), "command": "python " + " ".join(sys.argv),
-              "commit": git("rev-parse", "--short", "HEAD"), "model": args.model if args.train else "given runs",
-              "rows": rows}
+    result = {
+        "machine": machine("cpu"),
+        "command": "python " + " ".join(sys.argv),
+        "commit": git("rev-parse", "--short", "HEAD"),
+        "model": args.model if args.train else "given runs",
+        "rows": rows,
+    }
     OUT.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {OUT.relative_to(ROOT)}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -6,6 +6,7 @@ one base share it; the official `openai` client with `extra_body` steering; attr
 The tiny runs are trained here through the CLI (a second pair of people, Cy and Dee, whose speaker
 tokens have the same ids as Ana's and Ben's).
 """
+
 from __future__ import annotations
 
 import json
@@ -33,6 +34,7 @@ def lone(model, tok, fmt, text, speaker, other, steer=()):
     import contextlib
     from convsim.inference.generate import SampleConfig, reply
     from convsim.steering.apply import steer as steer_cm
+
     with contextlib.ExitStack() as stack:
         for vector, strength in steer:
             stack.enter_context(steer_cm(model, vector, strength))
@@ -44,8 +46,25 @@ def cy_run(tmp_path_factory):
     """A second tiny-llama run, of Cy and Dee."""
     d = tmp_path_factory.mktemp("cydee")
     write_conversations(d / "data" / "conversations.jsonl", synthetic_conversations(seed=5, speakers=("Cy", "Dee")))
-    cli("train", d / "data", "--out", d / "cydee", "--model", "tiny-llama", "--max-steps", "30", "--batch-size", "8",
-        "--learning-rate", "3e-3", "--eval-steps", "10", "--save-steps", "10", "--json")
+    cli(
+        "train",
+        d / "data",
+        "--out",
+        d / "cydee",
+        "--model",
+        "tiny-llama",
+        "--max-steps",
+        "30",
+        "--batch-size",
+        "8",
+        "--learning-rate",
+        "3e-3",
+        "--eval-steps",
+        "10",
+        "--save-steps",
+        "10",
+        "--json",
+    )
     return d / "cydee"
 
 
@@ -54,6 +73,7 @@ def vectors(tiny_run, tmp_path_factory):
     """Two real steering vectors of the tiny run: {name: path}."""
     from convsim.runs import open_run
     from convsim.steering.build import from_phrases
+
     model, tok = open_run(tiny_run).load()
     d = tmp_path_factory.mktemp("vec")
     from_phrases(model, tok, {"i feel happy": 1.0, "i feel sad": -1.0}, layers=-1).save(d / "happy.safetensors")
@@ -75,6 +95,7 @@ def rich_run(tiny_run, vectors, tmp_path_factory):
 @pytest.fixture(scope="module")
 def lone_tiny(tiny_run):
     from convsim.runs import open_run
+
     run = open_run(tiny_run)
     model, tok = run.load()
     return model, tok, run.fmt
@@ -82,17 +103,32 @@ def lone_tiny(tiny_run):
 
 # ----------------------------------------------------------------------------- batching
 
+
 def test_two_concurrent_requests_share_a_batch_and_stop_on_their_own(tiny_run, lone_tiny):
     from convsim.data.examples import tag_ids
+
     model, tok, fmt = lone_tiny
     svc = Service.from_run(tiny_run)
     try:
         blocker = svc.job_for({"model": "convsim/Ana", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1})
-        a = svc.job_for({"model": "convsim/Ana", "messages": [{"role": "user", "content": "hi"}],
-                         "temperature": 0, "max_tokens": 48})
-        b = svc.job_for({"model": "convsim/Ben", "messages": [{"role": "user", "content": "are you coming tonight?"}],
-                         "temperature": 0, "max_tokens": 48, "stream": True})
-        with svc.model_lock:            # the worker takes the blocker and waits; a and b queue up together
+        a = svc.job_for(
+            {
+                "model": "convsim/Ana",
+                "messages": [{"role": "user", "content": "hi"}],
+                "temperature": 0,
+                "max_tokens": 48,
+            }
+        )
+        b = svc.job_for(
+            {
+                "model": "convsim/Ben",
+                "messages": [{"role": "user", "content": "are you coming tonight?"}],
+                "temperature": 0,
+                "max_tokens": 48,
+                "stream": True,
+            }
+        )
+        with svc.model_lock:  # the worker takes the blocker and waits; a and b queue up together
             svc.submit(blocker)
             wait_for(lambda: svc.busy, 20, "the worker to take the first job")
             svc.submit(a)
@@ -102,7 +138,7 @@ def test_two_concurrent_requests_share_a_batch_and_stop_on_their_own(tiny_run, l
         events_b = [b.wait(60)]
         while events_b[-1][0] == "delta":
             events_b.append(b.wait(60))
-        assert a.batch[0] == b.batch[0] != blocker.batch[0] and a.batch[1] == 2      # one batch of two rows
+        assert a.batch[0] == b.batch[0] != blocker.batch[0] and a.batch[1] == 2  # one batch of two rows
         want_a = lone(model, tok, fmt, "hi", "Ana", "Ben")
         want_b = lone(model, tok, fmt, "are you coming tonight?", "Ben", "Ana")
         assert got_a[0] == "done" and got_a[1] == [want_a] and got_a[2] == ["stop"]
@@ -118,8 +154,14 @@ def test_two_concurrent_requests_share_a_batch_and_stop_on_their_own(tiny_run, l
 def test_sampled_rows_do_not_depend_on_their_batch(tiny_run):
     """A seeded sampled request gets the same reply alone and batched with others."""
     svc = Service.from_run(tiny_run)
-    body = {"model": "convsim/Ana", "messages": [{"role": "user", "content": "hi"}], "temperature": 1.0,
-            "seed": 7, "max_tokens": 12, "n": 2}
+    body = {
+        "model": "convsim/Ana",
+        "messages": [{"role": "user", "content": "hi"}],
+        "temperature": 1.0,
+        "seed": 7,
+        "max_tokens": 12,
+        "n": 2,
+    }
     try:
         alone = svc.job_for(body)
         svc.submit(alone)
@@ -138,11 +180,13 @@ def test_sampled_rows_do_not_depend_on_their_batch(tiny_run):
 
 # ----------------------------------------------------------------------------- many runs, one base
 
+
 def page_picks_a_run(d, url, run_name, speakers, want):
     """The page lists the runs, and a person of the second run answers as that run's adapter does."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import Select
+
     d.get(url + "/")
     state = lambda: d.find_element(By.TAG_NAME, "body").get_attribute("data-state")  # noqa: E731
     wait_for(lambda: state() == "idle", what="the page to load")
@@ -164,9 +208,11 @@ def page_picks_a_run(d, url, run_name, speakers, want):
 def test_many_runs_one_base(tiny_run, cy_run, lone_tiny, browser):  # noqa: F811
     from convsim.runs import open_run
     from convsim.modeling.speakers import speaker_ids
+
     ana, cy = open_run(tiny_run), open_run(cy_run)
-    assert set(speaker_ids(lone_tiny[1], ["Ana", "Ben"]).values()) == \
-        set(speaker_ids(cy.load()[1], ["Cy", "Dee"]).values())              # the same new token ids
+    assert set(speaker_ids(lone_tiny[1], ["Ana", "Ben"]).values()) == set(
+        speaker_ids(cy.load()[1], ["Cy", "Dee"]).values()
+    )  # the same new token ids
     svc = Service.from_runs([tiny_run, cy_run])
     try:
         with running(create_app(svc)) as url:
@@ -178,21 +224,29 @@ def test_many_runs_one_base(tiny_run, cy_run, lone_tiny, browser):  # noqa: F811
             mem = info["memory"]
             base_model = open_run(tiny_run).load(adapter=False)[0]
             base_bytes = sum(p.numel() * p.element_size() for p in base_model.parameters())
-            assert mem["base_bytes"] == base_bytes                         # one copy of the base
-            assert set(mem["adapter_bytes"]) == {"tiny", "cydee"} and all(0 < b < base_bytes
-                                                                          for b in mem["adapter_bytes"].values())
+            assert mem["base_bytes"] == base_bytes  # one copy of the base
+            assert set(mem["adapter_bytes"]) == {"tiny", "cydee"} and all(
+                0 < b < base_bytes for b in mem["adapter_bytes"].values()
+            )
             assert mem["total_bytes"] == base_bytes + sum(mem["adapter_bytes"].values())
 
             cy_model, cy_tok = cy.load()
-            cases = [("convsim/tiny/Ana", "tiny", "hi", lone(*lone_tiny, "hi", "Ana", "Ben")),
-                     ("convsim/Ben", "tiny", "lol yes", lone(*lone_tiny, "lol yes", "Ben", "Ana")),
-                     ("convsim/cydee/Cy", "cydee", "hi", lone(cy_model, cy_tok, cy.fmt, "hi", "Cy", "Dee")),
-                     ("convsim/Dee", "cydee", "lol yes", lone(cy_model, cy_tok, cy.fmt, "lol yes", "Dee", "Cy"))]
+            cases = [
+                ("convsim/tiny/Ana", "tiny", "hi", lone(*lone_tiny, "hi", "Ana", "Ben")),
+                ("convsim/Ben", "tiny", "lol yes", lone(*lone_tiny, "lol yes", "Ben", "Ana")),
+                ("convsim/cydee/Cy", "cydee", "hi", lone(cy_model, cy_tok, cy.fmt, "hi", "Cy", "Dee")),
+                ("convsim/Dee", "cydee", "lol yes", lone(cy_model, cy_tok, cy.fmt, "lol yes", "Dee", "Cy")),
+            ]
 
             def ask(case):
                 model, _, text, _ = case
-                return greedy(url, [{"role": "user", "content": text}], speaker=model[len("convsim/"):],
-                              headers={}, max_tokens=48)
+                return greedy(
+                    url,
+                    [{"role": "user", "content": text}],
+                    speaker=model[len("convsim/") :],
+                    headers={},
+                    max_tokens=48,
+                )
 
             with ThreadPoolExecutor(8) as pool:
                 got = list(pool.map(ask, cases * 3))
@@ -219,6 +273,7 @@ def test_a_run_of_another_base_is_refused(tiny_run, tmp_path):
 
 # ----------------------------------------------------------------------------- steering per request
 
+
 @pytest.fixture(scope="module")
 def steered(rich_run, vectors):
     """Key-less server for the rich run: happy from --steer (default 0), calm from the run's steering/."""
@@ -232,15 +287,20 @@ def steered(rich_run, vectors):
 
 def test_per_request_steering(steered, vectors, lone_tiny):
     from convsim.steering.vectors import SteeringVector
+
     url, svc = steered
     info = json.loads(call(url, "GET", "/v1/info")[2])
     assert [(v["name"], v["default"]) for v in info["vectors"]] == [("happy", 0.0), ("calm", 0.0)]
     happy, calm = (SteeringVector.load(vectors[n]) for n in ("happy", "calm"))
     text = "are you coming tonight?"
-    settings = [({}, ()), ({"happy": 8.0}, ((happy, 8.0),)), ({"happy": 8.0, "calm": -6.0}, ((happy, 8.0), (calm, -6.0))),
-                ({"calm": 12.0}, ((calm, 12.0),))]
+    settings = [
+        ({}, ()),
+        ({"happy": 8.0}, ((happy, 8.0),)),
+        ({"happy": 8.0, "calm": -6.0}, ((happy, 8.0), (calm, -6.0))),
+        ({"calm": 12.0}, ((calm, 12.0),)),
+    ]
     wants = [lone(*lone_tiny, text, "Ana", "Ben", steer) for _, steer in settings]
-    assert len({tuple(w) for w in wants}) > 1, wants        # the vectors change what the model says
+    assert len({tuple(w) for w in wants}) > 1, wants  # the vectors change what the model says
 
     def ask(i):
         s = settings[i % len(settings)][0]
@@ -251,38 +311,52 @@ def test_per_request_steering(steered, vectors, lone_tiny):
         got = list(pool.map(ask, range(8)))
     for i, body in enumerate(got):
         assert body["convsim"]["messages"][0] == wants[i % len(settings)], (i, settings[i % len(settings)][0])
-    assert svc.batches - before >= len(settings)          # different steering never shares a batch
+    assert svc.batches - before >= len(settings)  # different steering never shares a batch
     from convsim.steering.apply import active_hooks
+
     assert active_hooks(svc.model) == 0
 
 
 def test_steering_errors(steered):
     url, _ = steered
     ok = {"model": "convsim/Ana", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-    for steer, param in [({"sad": 1.0}, "steer.sad"), ({"happy": 1e6}, "steer.happy"), ({"happy": "lots"}, "steer.happy"),
-                         ([1, 2], "steer")]:
+    for steer, param in [
+        ({"sad": 1.0}, "steer.sad"),
+        ({"happy": 1e6}, "steer.happy"),
+        ({"happy": "lots"}, "steer.happy"),
+        ([1, 2], "steer"),
+    ]:
         status, _, data = chat(url, {**ok, "steer": steer}, {})
         e = json.loads(data)["error"]
         assert status == 400 and e["code"] == "invalid_value" and e["param"] == param, (steer, e)
-    status, _, data = chat(url, {**ok, "steer_strength": 2}, {})           # two vectors: which one?
+    status, _, data = chat(url, {**ok, "steer_strength": 2}, {})  # two vectors: which one?
     assert status == 400 and json.loads(data)["error"]["param"] == "steer_strength"
 
 
 # ----------------------------------------------------------------------------- the official client
 
+
 def test_openai_client_steering_streaming_and_errors(steered, lone_tiny, vectors):
     import openai
     from convsim.steering.vectors import SteeringVector
+
     url, _ = steered
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
     messages = [{"role": "user", "name": "Ben", "content": "are you coming tonight?"}]
     want = lone(*lone_tiny, "are you coming tonight?", "Ana", "Ben", ((SteeringVector.load(vectors["happy"]), 8.0),))
-    r = client.chat.completions.create(model="convsim/Ana", messages=messages, temperature=0, max_tokens=48,
-                                       extra_body={"steer": {"happy": 8.0}})
+    r = client.chat.completions.create(
+        model="convsim/Ana", messages=messages, temperature=0, max_tokens=48, extra_body={"steer": {"happy": 8.0}}
+    )
     assert r.choices[0].message.content == "\n".join(want) and r.model == "convsim/Ana"
-    stream = client.chat.completions.create(model="convsim/rich/Ana", messages=messages, temperature=0,
-                                            max_tokens=48, stream=True, extra_body={"steer": {"happy": 8.0}},
-                                            stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model="convsim/rich/Ana",
+        messages=messages,
+        temperature=0,
+        max_tokens=48,
+        stream=True,
+        extra_body={"steer": {"happy": 8.0}},
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "\n".join(want)
     assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
@@ -295,9 +369,11 @@ def test_openai_client_steering_streaming_and_errors(steered, lone_tiny, vectors
 
 # ----------------------------------------------------------------------------- attribution
 
+
 def test_attribution(steered, rich_run, tiny_run):
     from convsim.runs import open_run
     from convsim.tda.query import Attributor
+
     url, _ = steered
     info = json.loads(call(url, "GET", "/v1/info")[2])
     assert info["runs"][0]["attribution"] is True
@@ -309,12 +385,14 @@ def test_attribution(steered, rich_run, tiny_run):
     assert [(h["text"], h["speaker"]) for h in hits] == [(h["text"], h["speaker"]) for h in want]
     assert [h["score"] for h in hits] == pytest.approx([h["score"] for h in want], abs=1e-3)
     assert hits[0]["score"] >= hits[-1]["score"] and hits[0]["text"] == "i love pizza so much"
-    for body, code, status_ in [({"model": "convsim/Ana", "reply": ""}, "invalid_value", 400),
-                                ({"model": "convsim/Ana", "reply": "x", "k": 0}, "invalid_value", 400),
-                                ({"model": "convsim/Nobody", "reply": "x"}, "model_not_found", 404)]:
+    for body, code, status_ in [
+        ({"model": "convsim/Ana", "reply": ""}, "invalid_value", 400),
+        ({"model": "convsim/Ana", "reply": "x", "k": 0}, "invalid_value", 400),
+        ({"model": "convsim/Nobody", "reply": "x"}, "model_not_found", 404),
+    ]:
         s, _, d = call(url, "POST", "/v1/attribution", body)
         assert s == status_ and json.loads(d)["error"]["code"] == code
-    with running(create_app(svc := Service.from_run(tiny_run))) as plain:   # a run without an index
+    with running(create_app(svc := Service.from_run(tiny_run))) as plain:  # a run without an index
         try:
             s, _, d = call(plain, "POST", "/v1/attribution", {"model": "convsim/Ana", "reply": "hi"})
             assert s == 404 and json.loads(d)["error"]["code"] == "attribution_unavailable"
@@ -324,34 +402,47 @@ def test_attribution(steered, rich_run, tiny_run):
 
 # ----------------------------------------------------------------------------- robustness
 
+
 def test_bad_input_changes_nothing(steered):
     url, svc = steered
     m = [{"role": "user", "content": "hi"}]
     before = greedy(url, m, headers={}, max_tokens=24)["choices"]
     served = svc.served
-    for raw in [b'{"model": ', b'{"model": "convsim/Ana", "messages": [], "temperature": NaN}',
-                json.dumps({"model": "convsim/Ana", "messages": m, "n": 99}).encode(),
-                b" " * (svc.limits.max_body_bytes + 1)]:
+    for raw in [
+        b'{"model": ',
+        b'{"model": "convsim/Ana", "messages": [], "temperature": NaN}',
+        json.dumps({"model": "convsim/Ana", "messages": m, "n": 99}).encode(),
+        b" " * (svc.limits.max_body_bytes + 1),
+    ]:
         assert call(url, "POST", "/v1/chat/completions", raw=raw)[0] in (400, 413)
-    assert svc.served == served                                 # nothing reached the model
+    assert svc.served == served  # nothing reached the model
     assert greedy(url, m, headers={}, max_tokens=24)["choices"] == before
 
 
 def test_vanished_and_slow_clients_do_not_stall_others(steered):
     url, svc = steered
     host, port = url.split("//")[1].split(":")
-    body = json.dumps({"model": "convsim/Ana", "messages": [{"role": "user", "content": "hi"}], "stream": True,
-                       "max_tokens": 256, "temperature": 1.0}).encode()
-    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    body = json.dumps(
+        {
+            "model": "convsim/Ana",
+            "messages": [{"role": "user", "content": "hi"}],
+            "stream": True,
+            "max_tokens": 256,
+            "temperature": 1.0,
+        }
+    ).encode()
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
     slow = socket.create_connection((host, int(port)))
-    slow.sendall(head + body)                 # then never reads its stream
+    slow.sendall(head + body)  # then never reads its stream
     gone = socket.create_connection((host, int(port)))
     gone.sendall(head + body)
     gone.recv(10)
-    gone.close()                              # hangs up mid-stream
+    gone.close()  # hangs up mid-stream
     half = socket.create_connection((host, int(port)))
-    half.sendall(head[:30])                   # a request that never finishes arriving
+    half.sendall(head[:30])  # a request that never finishes arriving
     try:
         t0 = time.time()
         assert greedy(url, [{"role": "user", "content": "lol yes"}], headers={}, max_tokens=8)["choices"]
@@ -364,17 +455,31 @@ def test_vanished_and_slow_clients_do_not_stall_others(steered):
 
 def test_200_concurrent_requests_none_lost_none_mixed(tiny_run, lone_tiny):
     """Every reply is checked against its own request: greedy, so each must equal its lone reply."""
-    texts = ["hey how are you", "are you coming tonight?", "i love pizza so much", "lol yes", "hi",
-             "Not bad. Working late again.", "Maybe tomorrow then."]
+    texts = [
+        "hey how are you",
+        "are you coming tonight?",
+        "i love pizza so much",
+        "lol yes",
+        "hi",
+        "Not bad. Working late again.",
+        "Maybe tomorrow then.",
+    ]
     cases = [(t, s) for t in texts for s in ("Ana", "Ben")]
     wants = {(t, s): lone(*lone_tiny, t, s, "Ben" if s == "Ana" else "Ana") for t, s in cases}
     svc = Service.from_run(tiny_run, api_key=KEY, limits=Limits(queue_size=256))
     try:
         with running(create_app(svc)) as url:
+
             def one(i):
                 text, speaker = cases[i % len(cases)]
-                body = {"model": "convsim/" + speaker, "temperature": 0, "max_tokens": 48, "stream": i % 3 == 0,
-                        "messages": [{"role": "user", "content": text}], "user": str(i)}
+                body = {
+                    "model": "convsim/" + speaker,
+                    "temperature": 0,
+                    "max_tokens": 48,
+                    "stream": i % 3 == 0,
+                    "messages": [{"role": "user", "content": text}],
+                    "user": str(i),
+                }
                 status, _, data = chat(url, body, AUTH, timeout=120)
                 assert status == 200, data
                 if body["stream"]:
@@ -387,16 +492,18 @@ def test_200_concurrent_requests_none_lost_none_mixed(tiny_run, lone_tiny):
             with ThreadPoolExecutor(200) as pool:
                 ok = list(pool.map(one, range(200)))
             assert len(ok) == 200 and all(ok), ok.count(False)
-            assert svc.batches < 200 / 4         # batched, not one at a time
+            assert svc.batches < 200 / 4  # batched, not one at a time
     finally:
         svc.close()
 
 
 # ----------------------------------------------------------------------------- the page
 
+
 def test_page_sliders_and_why(steered, browser):  # noqa: F811
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
+
     url, _ = steered
     d = browser
     d.get(url + "/")
@@ -410,16 +517,25 @@ def test_page_sliders_and_why(steered, browser):  # noqa: F811
     d.execute_script("const s = arguments[0]; s.value = s.max; s.dispatchEvent(new Event('input'));", sliders[0])
     top = float(d.execute_script("return arguments[0].value", sliders[0]))
     assert top == float(sliders[0].get_attribute("max"))
-    want = greedy(url, [{"role": "user", "name": "Ben", "content": "are you coming tonight?"}], headers={},
-                  steer={"happy": top, "calm": 0.0})["choices"][0]["message"]["content"]
-    plain = greedy(url, [{"role": "user", "name": "Ben", "content": "are you coming tonight?"}],
-                   headers={})["choices"][0]["message"]["content"]
+    want = greedy(
+        url,
+        [{"role": "user", "name": "Ben", "content": "are you coming tonight?"}],
+        headers={},
+        steer={"happy": top, "calm": 0.0},
+    )["choices"][0]["message"]["content"]
+    plain = greedy(url, [{"role": "user", "name": "Ben", "content": "are you coming tonight?"}], headers={})["choices"][
+        0
+    ]["message"]["content"]
     assert want != plain
     d.find_element(By.ID, "input").send_keys("are you coming tonight?" + Keys.ENTER)
-    wait_for(lambda: state() == "idle" and d.find_elements(By.CSS_SELECTOR, '.msg[data-speaker="Ana"]'),
-             what="the streamed reply")
-    got = [e.find_element(By.CLASS_NAME, "text").text for e in d.find_elements(By.CSS_SELECTOR, '.msg[data-speaker="Ana"]')]
-    assert "\n".join(got) == want                 # the slider's strength reached the server
+    wait_for(
+        lambda: state() == "idle" and d.find_elements(By.CSS_SELECTOR, '.msg[data-speaker="Ana"]'),
+        what="the streamed reply",
+    )
+    got = [
+        e.find_element(By.CLASS_NAME, "text").text for e in d.find_elements(By.CSS_SELECTOR, '.msg[data-speaker="Ana"]')
+    ]
+    assert "\n".join(got) == want  # the slider's strength reached the server
     d.find_elements(By.CSS_SELECTOR, '.msg[data-speaker="Ana"] button.why')[0].click()
     panel = d.find_element(By.ID, "why-panel")
     wait_for(lambda: panel.get_attribute("data-state") == "done", what="the why? panel")
@@ -428,28 +544,55 @@ def test_page_sliders_and_why(steered, browser):  # noqa: F811
     assert not d.find_elements(By.CSS_SELECTOR, ".note.error")
 
 
-
 # ----------------------------------------------------------------------------- the embedded model
+
 
 @pytest.mark.real
 def test_real_model_batched_rows_equal_their_lone_replies(tmp_path, data_dir):
     """Gemma 3 270M: four requests of different lengths and people decoded in one left-padded batch each
     give exactly the greedy reply `convsim.inference.generate.reply` gives alone."""
     from convsim.runs import open_run
+
     run_dir = tmp_path / "run"
-    cli("train", data_dir, "--out", run_dir, "--batch-size", "2", "--max-steps", "1", "--eval-steps", "1000",
-        "--max-val-examples", "2", "--json")
+    cli(
+        "train",
+        data_dir,
+        "--out",
+        run_dir,
+        "--batch-size",
+        "2",
+        "--max-steps",
+        "1",
+        "--eval-steps",
+        "1000",
+        "--max-val-examples",
+        "2",
+        "--json",
+    )
     run = open_run(run_dir)
     model, tok = run.load()
-    cases = [("Ana", "Ben", "hey how are you"), ("Ben", "Ana", "I am reading a book about history. What about you?"),
-             ("Ana", "Ben", "lol"), ("Ben", "Ana", "are you coming tonight? we are meeting at the station at eight")]
+    cases = [
+        ("Ana", "Ben", "hey how are you"),
+        ("Ben", "Ana", "I am reading a book about history. What about you?"),
+        ("Ana", "Ben", "lol"),
+        ("Ben", "Ana", "are you coming tonight? we are meeting at the station at eight"),
+    ]
     wants = [lone(model, tok, run.fmt, text, who, other) for who, other, text in cases]
-    assert sum(map(bool, wants)) >= 2, wants                  # replies with text to compare
+    assert sum(map(bool, wants)) >= 2, wants  # replies with text to compare
     svc = Service.from_run(run_dir)
     try:
-        jobs = [svc.job_for({"model": f"convsim/{who}", "temperature": 0, "max_tokens": 48, "stream": i == 1,
-                             "messages": [{"role": "user", "content": text}]})
-                for i, (who, _, text) in enumerate(cases)]
+        jobs = [
+            svc.job_for(
+                {
+                    "model": f"convsim/{who}",
+                    "temperature": 0,
+                    "max_tokens": 48,
+                    "stream": i == 1,
+                    "messages": [{"role": "user", "content": text}],
+                }
+            )
+            for i, (who, _, text) in enumerate(cases)
+        ]
         with svc.model_lock:
             svc.submit(svc.job_for({"model": "convsim/Ana", "messages": [], "max_tokens": 1}))
             wait_for(lambda: svc.busy, 60, "the worker")
@@ -469,16 +612,35 @@ def test_real_model_batched_rows_equal_their_lone_replies(tmp_path, data_dir):
     # must switch with the adapter): each run's people answer as that run does alone
     other_data = tmp_path / "cd"
     write_conversations(other_data / "conversations.jsonl", synthetic_conversations(seed=5, speakers=("Cy", "Dee")))
-    cli("train", other_data, "--out", tmp_path / "cd-run", "--batch-size", "2", "--max-steps", "1", "--eval-steps",
-        "1000", "--max-val-examples", "2", "--json")
+    cli(
+        "train",
+        other_data,
+        "--out",
+        tmp_path / "cd-run",
+        "--batch-size",
+        "2",
+        "--max-steps",
+        "1",
+        "--eval-steps",
+        "1000",
+        "--max-val-examples",
+        "2",
+        "--json",
+    )
     other = open_run(tmp_path / "cd-run")
     other_model, other_tok = other.load()
     want_cy = lone(other_model, other_tok, other.fmt, "hey how are you", "Cy", "Dee")
     svc = Service.from_runs([run_dir, tmp_path / "cd-run"])
     try:
         for model_id, want in [("convsim/Cy", want_cy), ("convsim/Ana", wants[0])]:
-            j = svc.job_for({"model": model_id, "temperature": 0, "max_tokens": 48,
-                             "messages": [{"role": "user", "content": "hey how are you"}]})
+            j = svc.job_for(
+                {
+                    "model": model_id,
+                    "temperature": 0,
+                    "max_tokens": 48,
+                    "messages": [{"role": "user", "content": "hey how are you"}],
+                }
+            )
             svc.submit(j)
             assert j.wait(300)[1] == [want], model_id
     finally:

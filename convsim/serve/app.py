@@ -8,6 +8,7 @@ GET /v1/models/{id}, GET /v1/info (runs, people, vectors, memory, limits), POST 
 GET /health, GET / (the chat page). Every error is OpenAI-shaped JSON; the rules about who may call
 live in `guards`.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -24,8 +25,18 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from convsim.serve.guards import Guards, read_body
-from convsim.serve.schemas import (ApiError, ChatChunk, ChatCompletion, ChatMessage, Choice, ChunkChoice, Delta,
-                                   ModelCard, ModelList, Usage)
+from convsim.serve.schemas import (
+    ApiError,
+    ChatChunk,
+    ChatCompletion,
+    ChatMessage,
+    Choice,
+    ChunkChoice,
+    Delta,
+    ModelCard,
+    ModelList,
+    Usage,
+)
 
 PAGE = Path(__file__).resolve().parent.parent / "assets" / "chat.html"
 CSP = "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'"
@@ -63,15 +74,23 @@ def create_app(service, loopback: bool = True) -> FastAPI:
         return error_response(ApiError(e.status_code, str(e.detail), "bad_request"))
 
     @app.exception_handler(Exception)
-    async def _bug(request, e: Exception):      # a bug: answer 500 rather than hang up without a word
+    async def _bug(request, e: Exception):  # a bug: answer 500 rather than hang up without a word
         return error_response(ApiError(500, f"internal error: {type(e).__name__}", "internal_error", "server_error"))
 
     @app.get("/health")
     async def health():
         ok = svc.alive()
-        return JSONResponse({"status": "ok" if ok else "worker stopped", "queued": svc.queue.qsize(),
-                             "busy": svc.busy, "served": svc.served, "batches": svc.batches,
-                             "uptime_s": round(time.time() - svc.started, 1)}, status_code=200 if ok else 503)
+        return JSONResponse(
+            {
+                "status": "ok" if ok else "worker stopped",
+                "queued": svc.queue.qsize(),
+                "busy": svc.busy,
+                "served": svc.served,
+                "batches": svc.batches,
+                "uptime_s": round(time.time() - svc.started, 1),
+            },
+            status_code=200 if ok else 503,
+        )
 
     @app.get("/")
     @app.get("/index.html")
@@ -101,17 +120,26 @@ def create_app(service, loopback: bool = True) -> FastAPI:
         job.bind(asyncio.get_running_loop())
         svc.submit(job)
         if job.stream:
-            return StreamingResponse(_stream(job), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return StreamingResponse(
+                _stream(job),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
         event = await job.next_event(svc.alive)
         _raise_for(event)
         _, bursts, finish, usage = event
-        choices = [Choice(index=i, message=ChatMessage(content="\n".join(b)), finish_reason=f)
-                   for i, (b, f) in enumerate(zip(bursts, finish, strict=True))]
-        return ChatCompletion(id="chatcmpl-" + uuid.uuid4().hex, created=int(time.time()), model=job.model_id,
-                              choices=choices, usage=Usage(**usage),
-                              convsim={"run": job.entry.name, "speaker": job.speaker, "messages": bursts,
-                                       "batch_rows": job.batch[1]}).model_dump()
+        choices = [
+            Choice(index=i, message=ChatMessage(content="\n".join(b)), finish_reason=f)
+            for i, (b, f) in enumerate(zip(bursts, finish, strict=True))
+        ]
+        return ChatCompletion(
+            id="chatcmpl-" + uuid.uuid4().hex,
+            created=int(time.time()),
+            model=job.model_id,
+            choices=choices,
+            usage=Usage(**usage),
+            convsim={"run": job.entry.name, "speaker": job.speaker, "messages": bursts, "batch_rows": job.batch[1]},
+        ).model_dump()
 
     async def _stream(job):
         base = dict(id="chatcmpl-" + uuid.uuid4().hex, created=int(time.time()), model=job.model_id)
@@ -121,9 +149,11 @@ def create_app(service, loopback: bool = True) -> FastAPI:
 
         def chunk(delta: Delta, finish=None) -> bytes:
             obj = ChatChunk(**base, choices=[ChunkChoice(delta=delta, finish_reason=finish)]).model_dump(
-                exclude={"usage"})
-            obj["choices"][0]["delta"] = delta.model_dump(exclude_none=True)    # only what this chunk adds
+                exclude={"usage"}
+            )
+            obj["choices"][0]["delta"] = delta.model_dump(exclude_none=True)  # only what this chunk adds
             return sse(obj)
+
         try:
             yield chunk(Delta(role="assistant", content=""))
             while True:
@@ -132,8 +162,11 @@ def create_app(service, loopback: bool = True) -> FastAPI:
                     yield chunk(Delta(content=event[1]))
                     continue
                 if event[0] in ("error", "api_error"):
-                    e = event[1] if event[0] == "api_error" else ApiError(500, event[1], "generation_failed",
-                                                                           "server_error")
+                    e = (
+                        event[1]
+                        if event[0] == "api_error"
+                        else ApiError(500, event[1], "generation_failed", "server_error")
+                    )
                     yield sse(e.body())
                 else:
                     _, _, finish, usage = event
@@ -143,7 +176,7 @@ def create_app(service, loopback: bool = True) -> FastAPI:
                 break
             yield b"data: [DONE]\n\n"
         finally:
-            job.cancelled = True     # a gone client's row stops at the next step; a finished one is unaffected
+            job.cancelled = True  # a gone client's row stops at the next step; a finished one is unaffected
 
     @app.post("/v1/attribution")
     async def attribution(request: Request):
@@ -181,8 +214,16 @@ def bind(host: str, port: int) -> socket.socket:
 
 def uvicorn_server(app, quiet: bool = True):
     import uvicorn
-    config = uvicorn.Config(app, log_level="warning" if quiet else "info", access_log=not quiet,
-                            timeout_keep_alive=60, timeout_graceful_shutdown=5, backlog=2048, lifespan="off")
+
+    config = uvicorn.Config(
+        app,
+        log_level="warning" if quiet else "info",
+        access_log=not quiet,
+        timeout_keep_alive=60,
+        timeout_graceful_shutdown=5,
+        backlog=2048,
+        lifespan="off",
+    )
     return uvicorn.Server(config)
 
 

@@ -11,6 +11,7 @@ batch ends when every row is. Streaming text follows the same rules as `convsim.
 no stop sequence or speaker tag, whole or partial, is ever shown, and the deltas join to the messages that
 the non-streaming path returns.
 """
+
 from __future__ import annotations
 
 import secrets
@@ -26,7 +27,7 @@ def first_stop(ids: list[int], stops: list[list[int]]) -> tuple[int, list[int] |
     """(index of the first stop sequence in ids, that sequence), or (len(ids), None)."""
     for i in range(len(ids)):
         for s in stops:
-            if ids[i:i + len(s)] == s:
+            if ids[i : i + len(s)] == s:
                 return i, s
     return len(ids), None
 
@@ -35,7 +36,7 @@ def split_on(tok, ids: list[int], tag: list[int]) -> list[str]:
     """Generated ids (stop already cut) → messages, split on the speaker's own tag; empty ones dropped."""
     parts, cur, i = [], [], 0
     while i < len(ids):
-        if tag and ids[i:i + len(tag)] == tag:
+        if tag and ids[i : i + len(tag)] == tag:
             parts.append(cur)
             cur, i = [], i + len(tag)
         else:
@@ -56,7 +57,7 @@ class TextStream:
         self.index, self.shown, self.consumed = 0, "", 0
 
     def _text(self, upto: int) -> str:
-        return self.tok.decode(self.gen[self.consumed:upto], skip_special_tokens=True)
+        return self.tok.decode(self.gen[self.consumed : upto], skip_special_tokens=True)
 
     def feed(self, new: list[int], finished: bool = False) -> list[tuple[int, str]]:
         self.gen.extend(new)
@@ -65,25 +66,27 @@ class TextStream:
         done = finished or stop is not None
         safe = cut if done else max(self.consumed, cut - self.holdback)
         tag = self.tag
-        while tag:      # message breaks inside the safe region
-            pos = next((i for i in range(self.consumed, safe - len(tag) + 1) if self.gen[i:i + len(tag)] == tag), None)
+        while tag:  # message breaks inside the safe region
+            pos = next(
+                (i for i in range(self.consumed, safe - len(tag) + 1) if self.gen[i : i + len(tag)] == tag), None
+            )
             if pos is None:
                 break
             text = self._text(pos).strip()
-            if text[len(self.shown):]:
-                out.append((self.index, text[len(self.shown):]))
+            if text[len(self.shown) :]:
+                out.append((self.index, text[len(self.shown) :]))
             if text:
                 self.index += 1
             self.consumed, self.shown = pos + len(tag), ""
         text = self._text(safe).lstrip()
         if done:
             text = text.rstrip()
-        if text.endswith("\ufffd"):        # half a character: wait for the rest
+        if text.endswith("\ufffd"):  # half a character: wait for the rest
             text = text.rstrip("\ufffd")
         if not done:
-            text = text.rstrip()            # trailing space may end the message; show it with what follows
+            text = text.rstrip()  # trailing space may end the message; show it with what follows
         if len(text) > len(self.shown) and text.startswith(self.shown):
-            out.append((self.index, text[len(self.shown):]))
+            out.append((self.index, text[len(self.shown) :]))
             self.shown = text
         return out
 
@@ -91,17 +94,18 @@ class TextStream:
 @dataclass
 class Row:
     """One sequence to generate, and (after `generate_rows`) what it got."""
+
     prompt: list[int]
-    stops: list[list[int]]                  # any of these ends the row (other speakers' tags, eos, ...)
-    tag: list[int]                          # the speaker's own tag: separates the messages of a burst
+    stops: list[list[int]]  # any of these ends the row (other speakers' tags, eos, ...)
+    tag: list[int]  # the speaker's own tag: separates the messages of a burst
     temperature: float = 0.0
     top_p: float = 1.0
     max_new_tokens: int = 96
     seed: int | None = None
-    on_delta: Callable[[int, str], None] | None = None   # streaming: (message index, text delta)
-    cancelled: Callable[[], bool] | None = None          # a gone client: the row stops early
-    ids: list[int] = field(default_factory=list)         # generated ids, cut before the stop
-    stop: list[int] | None = None                        # the stop sequence that ended it (None: budget)
+    on_delta: Callable[[int, str], None] | None = None  # streaming: (message index, text delta)
+    cancelled: Callable[[], bool] | None = None  # a gone client: the row stops early
+    ids: list[int] = field(default_factory=list)  # generated ids, cut before the stop
+    stop: list[int] | None = None  # the stop sequence that ended it (None: budget)
 
     def messages(self, tok) -> list[str]:
         return split_on(tok, self.ids, self.tag)
@@ -125,9 +129,9 @@ class _RowSampler(LogitsProcessor):
         return g
 
     def __call__(self, input_ids, scores):
-        if self.vocab is not None and scores.shape[-1] > self.vocab:   # rows another run's tokens use
+        if self.vocab is not None and scores.shape[-1] > self.vocab:  # rows another run's tokens use
             scores = scores.clone()
-            scores[:, self.vocab:] = float("-inf")
+            scores[:, self.vocab :] = float("-inf")
         choice = scores.argmax(dim=-1)
         for i, r in enumerate(self.rows):
             if not r.temperature or r.temperature <= 0:
@@ -136,7 +140,7 @@ class _RowSampler(LogitsProcessor):
             probs = torch.softmax(logits, dim=-1)
             if r.top_p < 1.0:
                 sorted_p, order = probs.sort(descending=True)
-                keep = sorted_p.cumsum(0) - sorted_p < r.top_p        # always keeps the most likely token
+                keep = sorted_p.cumsum(0) - sorted_p < r.top_p  # always keeps the most likely token
                 probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
             choice[i] = torch.multinomial(probs, 1, generator=self._generator(i, probs.device))[0]
         out = torch.full_like(scores, float("-inf"))
@@ -153,10 +157,10 @@ class _RowStops(StoppingCriteria):
     def __call__(self, input_ids, scores, **kwargs):
         n = input_ids.shape[1] - self.width
         w = max(len(s) for r in self.rows for s in r.stops)
-        tails = input_ids[:, -min(n, w):].tolist() if n > 0 else [[] for _ in self.rows]
+        tails = input_ids[:, -min(n, w) :].tolist() if n > 0 else [[] for _ in self.rows]
         done = []
         for r, tail in zip(self.rows, tails):
-            hit = any(len(tail) >= len(s) and tail[-len(s):] == s for s in r.stops)
+            hit = any(len(tail) >= len(s) and tail[-len(s) :] == s for s in r.stops)
             done.append(hit or n >= r.max_new_tokens or bool(r.cancelled and r.cancelled()))
         return torch.tensor(done, device=input_ids.device)
 
@@ -172,7 +176,7 @@ class _RowStreamer(BaseStreamer):
         self.window = max(len(s) for r in rows for s in r.stops)
 
     def put(self, value):
-        if self.first:          # the prompt
+        if self.first:  # the prompt
             self.first = False
             return
         for i, t in enumerate(value.reshape(-1).tolist()):
@@ -180,7 +184,7 @@ class _RowStreamer(BaseStreamer):
                 continue
             r = self.rows[i]
             self.gen[i].append(t)
-            _, stop = first_stop(self.gen[i][-self.window:], r.stops)
+            _, stop = first_stop(self.gen[i][-self.window :], r.stops)
             self.done[i] = stop is not None or len(self.gen[i]) >= r.max_new_tokens
             if self.streams[i] is not None:
                 for index, delta in self.streams[i].feed([t], finished=self.done[i]):
@@ -198,18 +202,29 @@ def generate_rows(model, tok, rows: list[Row], pad_id: int, vocab: int | None = 
     """Generate every row in one left-padded batch; fills each row's `ids` and `stop`. `vocab`: the size of
     the rows' tokenizer, when the model's embedding is larger (other runs' speaker tokens)."""
     from convsim.inference import fastgen
+
     dev = next(model.parameters()).device
     width = max(len(r.prompt) for r in rows)
     x = torch.tensor([[pad_id] * (width - len(r.prompt)) + r.prompt for r in rows], device=dev)
     mask = torch.tensor([[0] * (width - len(r.prompt)) + [1] * len(r.prompt) for r in rows], device=dev)
     streamer = _RowStreamer(tok, rows)
     with torch.inference_mode():
-        out = fastgen.generate(model, x, attention_mask=mask, max_new_tokens=max(r.max_new_tokens for r in rows),
-                               pad_token_id=pad_id, do_sample=False, temperature=None, top_p=None, top_k=None,
-                               logits_processor=LogitsProcessorList([_RowSampler(rows, vocab)]),
-                               stopping_criteria=StoppingCriteriaList([_RowStops(rows, width)]), streamer=streamer)
+        out = fastgen.generate(
+            model,
+            x,
+            attention_mask=mask,
+            max_new_tokens=max(r.max_new_tokens for r in rows),
+            pad_token_id=pad_id,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            logits_processor=LogitsProcessorList([_RowSampler(rows, vocab)]),
+            stopping_criteria=StoppingCriteriaList([_RowStops(rows, width)]),
+            streamer=streamer,
+        )
     for r, gen in zip(rows, out[:, width:].tolist()):
-        gen = gen[:r.max_new_tokens]
+        gen = gen[: r.max_new_tokens]
         cut, r.stop = first_stop(gen, r.stops)
         r.ids = gen[:cut]
     return rows

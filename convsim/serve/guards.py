@@ -5,6 +5,7 @@ the request body that holds whether or not the client says how long it is.
 `Guards` is a plain ASGI middleware (it wraps streaming responses without buffering them); `read_body`
 is what a POST route calls to get its capped body.
 """
+
 from __future__ import annotations
 
 import hmac
@@ -16,7 +17,7 @@ from urllib.parse import urlsplit
 from convsim.errors import UserError
 from convsim.serve.schemas import ApiError
 
-OPEN_PATHS = ("/health",)                     # no key, no origin check, nothing private
+OPEN_PATHS = ("/health",)  # no key, no origin check, nothing private
 
 
 def is_loopback(host: str) -> bool:
@@ -49,9 +50,14 @@ def check_key(headers: dict, key: str | None) -> None:
     got = headers.get("authorization", "")
     token = got[7:].strip() if got[:7].lower() == "bearer " else ""
     if not hmac.compare_digest(token.encode(), key.encode()):
-        raise ApiError(401, "missing or incorrect API key (send `Authorization: Bearer KEY`)" if token or got
-                       else "missing API key (send `Authorization: Bearer KEY`)", "invalid_api_key",
-                       headers={"WWW-Authenticate": "Bearer"})
+        raise ApiError(
+            401,
+            "missing or incorrect API key (send `Authorization: Bearer KEY`)"
+            if token or got
+            else "missing API key (send `Authorization: Bearer KEY`)",
+            "invalid_api_key",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
 
 
 async def send_error(send, e: ApiError) -> None:

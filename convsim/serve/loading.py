@@ -7,6 +7,7 @@ its own PEFT adapter name, each run's own tokenizer) and the steering vectors.
 Two runs' people may share the same new token ids: each run keeps its tokenizer, and the adapter switch
 (`model.set_adapter`) switches PEFT's trained speaker-token rows with the LoRA weights.
 """
+
 from __future__ import annotations
 
 import math
@@ -19,10 +20,11 @@ from convsim.errors import UserError
 @dataclass
 class RunEntry:
     """A run served by this server: its adapter (by PEFT name), tokenizer and people."""
-    name: str                 # unique among the served runs: the run directory's name
-    run: object               # convsim.runs.Run
+
+    name: str  # unique among the served runs: the run directory's name
+    run: object  # convsim.runs.Run
     tok: object
-    adapter: str              # the PEFT adapter name
+    adapter: str  # the PEFT adapter name
     attributor: object = None
 
     @property
@@ -37,23 +39,26 @@ class RunEntry:
 @dataclass
 class Vector:
     name: str
-    vector: object            # convsim.steering.vectors.SteeringVector
-    default: float            # strength used when a request says nothing about steering
+    vector: object  # convsim.steering.vectors.SteeringVector
+    default: float  # strength used when a request says nothing about steering
     source: str
 
     def slider(self) -> float:
         """Half-width of the page's slider: twice the default, or the vector's suggested range."""
         from convsim.steering.vectors import suggest_strengths
+
         top = max(abs(self.default) * 2, 1.0 if self.default else 2 * max(suggest_strengths(self.vector)))
-        return math.ceil(top * 10) / 10          # a whole number of the page's 0.1 steps
+        return math.ceil(top * 10) / 10  # a whole number of the page's 0.1 steps
 
 
 def _adapter_file(run) -> str:
     f = Path(run.adapter_dir) / "adapter_model.safetensors"
     if not f.is_file():
         # PEFT would fall back to adapter_model.bin, a pickle: never load one from a run directory
-        raise UserError(f"{run.adapter_dir}: no adapter_model.safetensors (convsim loads adapters only as "
-                        "safetensors, never pickled .bin files)")
+        raise UserError(
+            f"{run.adapter_dir}: no adapter_model.safetensors (convsim loads adapters only as "
+            "safetensors, never pickled .bin files)"
+        )
     return str(run.adapter_dir)
 
 
@@ -63,14 +68,17 @@ def load_runs(run_dirs, device: str | None = None, dtype=None):
     from convsim.modeling.fastpeft import patch_trainable_tokens
     from convsim.modeling.models import load_base
     from convsim.runs import open_run
+
     if not run_dirs:
         raise UserError("give at least one run directory")
     runs = [open_run(d) for d in run_dirs]
     base = runs[0].model_name
     for r in runs[1:]:
         if r.model_name != base:
-            raise UserError(f"{r.path} was trained on {r.model_name!r}, {runs[0].path} on {base!r}: one server "
-                            "serves runs of one base model (start another server for the other)")
+            raise UserError(
+                f"{r.path} was trained on {r.model_name!r}, {runs[0].path} on {base!r}: one server "
+                "serves runs of one base model (start another server for the other)"
+            )
     seen = set()
     if len({Path(r.path).resolve() for r in runs}) != len(runs):
         raise UserError("the same run directory is given twice")
@@ -82,11 +90,12 @@ def load_runs(run_dirs, device: str | None = None, dtype=None):
     if rows > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(rows, mean_resizing=False)
     from peft import PeftModel
+
     entries = []
     for i, (r, tok) in enumerate(zip(runs, toks)):
         stem = name = Path(r.path).resolve().name
         k = 1
-        while name in seen:                       # runs/a/me and runs/b/me: me, me-2
+        while name in seen:  # runs/a/me and runs/b/me: me, me-2
             k += 1
             name = f"{stem}-{k}"
         seen.add(name)
@@ -107,6 +116,7 @@ def load_vectors(steer_args, entries, model) -> dict[str, Vector]:
     0 unless asked for); each checked against the model now rather than per request."""
     from convsim.steering.apply import parse_steer_arg
     from convsim.steering.vectors import SteeringVector
+
     out: dict[str, Vector] = {}
 
     def add(name, vector, default, source):

@@ -4,6 +4,7 @@ additions (`steer`, `/v1/attribution`), OpenAI-shaped errors, and OpenAI message
 A request body is parsed as JSON by the app (so malformed JSON gets its own error) and then validated
 here; any validation problem becomes one 400 `invalid_value` error naming the field.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -29,8 +30,15 @@ class Limits:
 class ApiError(Exception):
     """An HTTP error with an OpenAI-style body: {"error": {"message", "type", "param", "code"}}."""
 
-    def __init__(self, status: int, message: str, code: str, type_: str = "invalid_request_error",
-                 param: str | None = None, headers: dict | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        headers: dict | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.code, self.type, self.param = status, message, code, type_, param
         self.headers = headers or {}
@@ -42,12 +50,12 @@ class ApiError(Exception):
 # ----------------------------------------------------------------------------- requests
 
 
-
 class ChatRequest(BaseModel):
     """POST /v1/chat/completions. Unknown fields (OpenAI options convsim has no use for) are ignored."""
+
     model_config = ConfigDict(extra="ignore")
     model: str = Field(min_length=1)
-    messages: Any = None                      # checked by parse_history, which knows the run's people
+    messages: Any = None  # checked by parse_history, which knows the run's people
     stream: bool = Field(default=False, strict=True)
     n: int | None = Field(default=None, strict=True, ge=1)
     temperature: float | None = Field(default=None, strict=True, allow_inf_nan=False, ge=0, le=2)
@@ -56,17 +64,18 @@ class ChatRequest(BaseModel):
     max_completion_tokens: int | None = Field(default=None, strict=True, ge=1)
     seed: int | None = Field(default=None, strict=True, ge=-(1 << 63), le=(1 << 63) - 1)
     stream_options: dict | None = None
-    steer: dict[str, float] | None = Field(default=None, strict=True)   # vector name → strength (convsim)
+    steer: dict[str, float] | None = Field(default=None, strict=True)  # vector name → strength (convsim)
     steer_strength: float | None = Field(default=None, strict=True, allow_inf_nan=False)  # the one vector
 
 
 class AttributionRequest(BaseModel):
     """POST /v1/attribution: which training messages a reply (one message or a burst) resembles most."""
+
     model_config = ConfigDict(extra="ignore")
     model: str = Field(min_length=1)
     reply: str | list[str]
     k: int = Field(default=5, strict=True, ge=1, le=50)
-    speaker: str | None = None                # only that person's training messages
+    speaker: str | None = None  # only that person's training messages
 
 
 def validate(cls, body):
@@ -84,6 +93,7 @@ def validate(cls, body):
 
 
 # ----------------------------------------------------------------------------- responses
+
 
 class Usage(BaseModel):
     prompt_tokens: int
@@ -110,7 +120,7 @@ class ChatCompletion(BaseModel):
     model: str
     choices: list[Choice]
     usage: Usage
-    convsim: dict                            # {"run", "speaker", "messages": the bursts as message lists}
+    convsim: dict  # {"run", "speaker", "messages": the bursts as message lists}
 
 
 class Delta(BaseModel):
@@ -148,22 +158,31 @@ class ModelList(BaseModel):
 
 # ----------------------------------------------------------------------------- messages → history
 
+
 def _content(m: dict, i: int) -> str:
     c = m.get("content")
     if c is None:
         return ""
     if isinstance(c, str):
         return c
-    if isinstance(c, list):   # content parts: only text can go into a chat history
+    if isinstance(c, list):  # content parts: only text can go into a chat history
         parts = []
         for part in c:
             if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                raise ApiError(400, f"messages[{i}]: only text content parts are supported", "invalid_value",
-                               param=f"messages[{i}].content")
+                raise ApiError(
+                    400,
+                    f"messages[{i}]: only text content parts are supported",
+                    "invalid_value",
+                    param=f"messages[{i}].content",
+                )
             parts.append(part["text"])
         return "\n".join(parts)
-    raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts", "invalid_type",
-                   param=f"messages[{i}].content")
+    raise ApiError(
+        400,
+        f"messages[{i}].content must be a string or a list of text parts",
+        "invalid_type",
+        param=f"messages[{i}].content",
+    )
 
 
 def parse_history(messages, speaker: str, speakers: list[str], other: str, max_messages: int = 10_000) -> list:
@@ -171,11 +190,13 @@ def parse_history(messages, speaker: str, speakers: list[str], other: str, max_m
     and user = `other`. System and developer messages are ignored (a chat history has no place for them).
     Assistant content is split on newlines into the burst it came from."""
     from convsim.data.schema import Message
+
     if not isinstance(messages, list):
         raise ApiError(400, "messages must be a list", "invalid_type", param="messages")
     if len(messages) > max_messages:
-        raise ApiError(400, f"too many messages ({len(messages)}; at most {max_messages})", "invalid_value",
-                       param="messages")
+        raise ApiError(
+            400, f"too many messages ({len(messages)}; at most {max_messages})", "invalid_value", param="messages"
+        )
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
@@ -184,12 +205,20 @@ def parse_history(messages, speaker: str, speakers: list[str], other: str, max_m
         if role in ("system", "developer"):
             continue
         if role not in ("user", "assistant"):
-            raise ApiError(400, f"messages[{i}]: role {role!r} is not supported (use user or assistant)",
-                           "invalid_value", param=f"messages[{i}].role")
+            raise ApiError(
+                400,
+                f"messages[{i}]: role {role!r} is not supported (use user or assistant)",
+                "invalid_value",
+                param=f"messages[{i}].role",
+            )
         name = m.get("name")
         if name is not None and name not in speakers:
-            raise ApiError(400, f"messages[{i}]: unknown name {name!r}; this run knows {', '.join(speakers)}",
-                           "invalid_value", param=f"messages[{i}].name")
+            raise ApiError(
+                400,
+                f"messages[{i}]: unknown name {name!r}; this run knows {', '.join(speakers)}",
+                "invalid_value",
+                param=f"messages[{i}].name",
+            )
         who = name or (speaker if role == "assistant" else other)
         text = _content(m, i)
         lines = text.split("\n") if role == "assistant" else [text]

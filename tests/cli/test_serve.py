@@ -57,6 +57,7 @@ def happy_vector(tiny_run, tmp_path_factory):
     """A real steering vector of the tiny run, saved as happy.safetensors."""
     from convsim.runs import open_run
     from convsim.steering.build import from_phrases
+
     model, tok = open_run(tiny_run).load()
     path = tmp_path_factory.mktemp("vectors") / "happy.safetensors"
     from_phrases(model, tok, {"i feel happy": 1.0, "i feel sad": -1.0}, layers=-1).save(path)
@@ -88,7 +89,7 @@ def call(url, method, path, body=None, headers=None, raw: bytes | None = None, t
         h = {"Content-Type": "application/json", **(headers or {})}
         conn.request(method, path, body=data, headers=h)
         r = conn.getresponse()
-        return r.status, r.headers, r.read()      # header names are case-insensitive
+        return r.status, r.headers, r.read()  # header names are case-insensitive
     finally:
         conn.close()
 
@@ -358,6 +359,7 @@ def test_load_200_concurrent_requests(api):
 
 def test_openai_client(api):
     import openai
+
     url, _ = api
     client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
     assert [m.id for m in client.models.list()] == ["convsim/Ana", "convsim/Ben"]
