@@ -2,14 +2,16 @@
 sampling settings, seed, token budget and stop sequences, and each streaming its own text as it goes.
 
     rows = [Row(prompt_ids, stops, tag, temperature=0, max_new_tokens=64, on_delta=print), ...]
-    generate_rows(model, pad_id, tok, rows)      # fills row.ids, row.stopped, row.messages(...)
+    generate_rows(model, tok, rows, pad_id)      # fills row.ids, row.stop; then row.messages(tok)
 
 A row samples with its own `torch.Generator` (seeded from the request, or at random), so what a row gets
 does not depend on which other rows share its batch; greedy rows take the argmax, as `generate` does.
 Rows are left-padded to one width; a row is finished at its first stop sequence or its own budget, and the
-batch ends when every row is. Streaming text follows the same rules as `convsim.inference.generate.stream_reply`:
-no stop sequence or speaker tag, whole or partial, is ever shown, and the deltas join to the messages that
-the non-streaming path returns.
+batch ends when every row is. A burst is cut as `convsim.inference.generate.reply` cuts it: at the first
+stop, split on the speaker's own tag, and ended where a message repeats the one before (`without_repeats`).
+Streaming follows the same rules: no stop sequence or speaker tag, whole or partial, is ever shown, a message
+that might still turn out to repeat the one before is held back until it differs, and the deltas join to
+the messages that the non-streaming path returns.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from convsim.inference.generate import without_repeats
+
 
 def first_stop(ids: list[int], stops: list[list[int]]) -> tuple[int, list[int] | None]:
     """(index of the first stop sequence in ids, that sequence), or (len(ids), None)."""
@@ -33,7 +37,8 @@ def first_stop(ids: list[int], stops: list[list[int]]) -> tuple[int, list[int] |
 
 
 def split_on(tok, ids: list[int], tag: list[int]) -> list[str]:
-    """Generated ids (stop already cut) → messages, split on the speaker's own tag; empty ones dropped."""
+    """Generated ids (stop already cut) → messages, split on the speaker's own tag; empty ones dropped
+    (`without_repeats` then ends the burst where a message repeats the one before)."""
     parts, cur, i = [], [], 0
     while i < len(ids):
         if tag and ids[i : i + len(tag)] == tag:
@@ -55,11 +60,22 @@ class TextStream:
         self.holdback = max(len(s) for s in stops + [tag]) - 1
         self.gen: list[int] = []
         self.index, self.shown, self.consumed = 0, "", 0
+        self.previous: str | None = None  # the last whole message shown, casefolded
+        self.ended = False  # a message repeated the one before: the burst is over
+
+    def _repeats(self, text: str) -> bool:
+        return self.previous is not None and text.casefold() == self.previous
+
+    def _may_repeat(self, text: str) -> bool:
+        """Whether `text`, still growing, could yet become a repeat of the previous message."""
+        return self.previous is not None and self.previous.startswith(text.casefold())
 
     def _text(self, upto: int) -> str:
         return self.tok.decode(self.gen[self.consumed : upto], skip_special_tokens=True)
 
     def feed(self, new: list[int], finished: bool = False) -> list[tuple[int, str]]:
+        if self.ended:
+            return []
         self.gen.extend(new)
         out = []
         cut, stop = first_stop(self.gen, self.stops)
@@ -73,10 +89,14 @@ class TextStream:
             if pos is None:
                 break
             text = self._text(pos).strip()
+            if text and self._repeats(text):
+                self.ended = True
+                return out
             if text[len(self.shown) :]:
                 out.append((self.index, text[len(self.shown) :]))
             if text:
                 self.index += 1
+                self.previous = text.casefold()
             self.consumed, self.shown = pos + len(tag), ""
         text = self._text(safe).lstrip()
         if done:
@@ -85,6 +105,11 @@ class TextStream:
             text = text.rstrip("\ufffd")
         if not done:
             text = text.rstrip()  # trailing space may end the message; show it with what follows
+        if done and text and self._repeats(text):
+            self.ended = True
+            return out
+        if not done and not self.shown and self._may_repeat(text):
+            return out  # nothing of a possible repeat is shown until it differs
         if len(text) > len(self.shown) and text.startswith(self.shown):
             out.append((self.index, text[len(self.shown) :]))
             self.shown = text
@@ -108,7 +133,15 @@ class Row:
     stop: list[int] | None = None  # the stop sequence that ended it (None: budget)
 
     def messages(self, tok) -> list[str]:
-        return split_on(tok, self.ids, self.tag)
+        return without_repeats(split_on(tok, self.ids, self.tag))
+
+    def ended(self, tok) -> bool:
+        """Whether the burst ended (a stop sequence, or a message repeating the one before) rather than ran
+        out of tokens: OpenAI's finish_reason "stop" against "length"."""
+        if self.stop is not None:
+            return True
+        whole = split_on(tok, self.ids, self.tag)
+        return len(without_repeats(whole)) < len(whole)
 
 
 class _RowSampler(LogitsProcessor):

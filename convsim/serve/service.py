@@ -457,7 +457,7 @@ class Service:
             done = [len(r.ids) for r in mine]
             p = prompts[id(j)]
             usage = {"prompt_tokens": p, "completion_tokens": sum(done), "total_tokens": p + sum(done)}
-            finish = ["stop" if r.stop is not None else "length" for r in mine]
+            finish = ["stop" if r.ended(tok) else "length" for r in mine]
             j.stopped_by = [r.stop for r in mine]
             answers.append((j, ("done", bursts, finish, usage)))
         return answers
