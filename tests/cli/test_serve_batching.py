@@ -119,10 +119,11 @@ def test_two_concurrent_requests_share_a_batch_and_stop_on_their_own(tiny_run, l
                 "max_tokens": 48,
             }
         )
+        # prompts whose lone greedy replies end at the other person's token, not at the token budget
         b = svc.job_for(
             {
                 "model": "convsim/Ben",
-                "messages": [{"role": "user", "content": "are you coming tonight?"}],
+                "messages": [{"role": "user", "content": "omg that is amazing"}],
                 "temperature": 0,
                 "max_tokens": 48,
                 "stream": True,
@@ -140,7 +141,7 @@ def test_two_concurrent_requests_share_a_batch_and_stop_on_their_own(tiny_run, l
             events_b.append(b.wait(60))
         assert a.batch[0] == b.batch[0] != blocker.batch[0] and a.batch[1] == 2  # one batch of two rows
         want_a = lone(model, tok, fmt, "hi", "Ana", "Ben")
-        want_b = lone(model, tok, fmt, "are you coming tonight?", "Ben", "Ana")
+        want_b = lone(model, tok, fmt, "omg that is amazing", "Ben", "Ana")
         assert got_a[0] == "done" and got_a[1] == [want_a] and got_a[2] == ["stop"]
         streamed = "".join(e[1] for e in events_b[:-1])
         assert events_b[-1][1] == [want_b] and streamed == "\n".join(want_b)
@@ -517,17 +518,15 @@ def test_page_sliders_and_why(steered, browser):  # noqa: F811
     d.execute_script("const s = arguments[0]; s.value = s.max; s.dispatchEvent(new Event('input'));", sliders[0])
     top = float(d.execute_script("return arguments[0].value", sliders[0]))
     assert top == float(sliders[0].get_attribute("max"))
-    want = greedy(
-        url,
-        [{"role": "user", "name": "Ben", "content": "are you coming tonight?"}],
-        headers={},
-        steer={"happy": top, "calm": 0.0},
-    )["choices"][0]["message"]["content"]
-    plain = greedy(url, [{"role": "user", "name": "Ben", "content": "are you coming tonight?"}], headers={})["choices"][
-        0
-    ]["message"]["content"]
-    assert want != plain
-    d.find_element(By.ID, "input").send_keys("are you coming tonight?" + Keys.ENTER)
+    # a message whose greedy reply the slider's top strength changes (the tiny run's replies are short)
+    for text in ["are you coming tonight?", "hey how are you", "hi", "i love pizza so much"]:
+        messages = [{"role": "user", "name": "Ben", "content": text}]
+        want = greedy(url, messages, headers={}, steer={"happy": top, "calm": 0.0})["choices"][0]["message"]["content"]
+        plain = greedy(url, messages, headers={})["choices"][0]["message"]["content"]
+        if want != plain:
+            break
+    assert want != plain, "steering changed none of the replies"
+    d.find_element(By.ID, "input").send_keys(text + Keys.ENTER)
     wait_for(
         lambda: state() == "idle" and d.find_elements(By.CSS_SELECTOR, '.msg[data-speaker="Ana"]'),
         what="the streamed reply",
