@@ -23,7 +23,9 @@ from pathlib import Path
 import pytest
 
 from convsim.data.schema import Message
-from convsim.serve import ApiError, Limits, Service, fit_history, make_server, parse_history
+from convsim.serve.app import create_app, running
+from convsim.serve.schemas import Limits
+from convsim.serve.service import Service, fit_history
 
 from conftest import cli
 
@@ -34,18 +36,13 @@ CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
 @contextlib.contextmanager
 def serving(run_dir, **kw):
-    """A Service + HTTP server on 127.0.0.1:<free port> in a thread; yields (base url, service)."""
+    """A Service + uvicorn on 127.0.0.1:<free port> in a thread; yields (base url, service)."""
     svc = Service.from_run(run_dir, **kw)
-    server = make_server(svc, "127.0.0.1", 0)
-    th = threading.Thread(target=server.serve_forever, daemon=True)
-    th.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", svc
+        with running(create_app(svc, loopback=True)) as url:
+            yield url, svc
     finally:
-        server.shutdown()
-        server.server_close()
         svc.close()
-        th.join(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -56,17 +53,29 @@ def api(tiny_run):
 
 
 @pytest.fixture(scope="module")
-def open_api(tiny_run):
-    """A server without a key, a queue of two and a stand-in steering vector that records its strengths."""
+def happy_vector(tiny_run, tmp_path_factory):
+    """A real steering vector of the tiny run, saved as happy.safetensors."""
+    from convsim.runs import open_run
+    from convsim.steering.build import from_phrases
+
+    model, tok = open_run(tiny_run).load()
+    path = tmp_path_factory.mktemp("vectors") / "happy.safetensors"
+    from_phrases(model, tok, {"i feel happy": 1.0, "i feel sad": -1.0}, layers=-1).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def open_api(tiny_run, happy_vector):
+    """A server without a key, a queue of two and the happy vector at strength 2, whose uses are recorded."""
     used = []
+    with serving(tiny_run, limits=Limits(queue_size=2), steer_arg=f"{happy_vector}:2") as (url, svc):
+        real = svc.steer_fn
 
-    @contextlib.contextmanager
-    def fake_steer(model, vector, strength):
-        used.append(strength)
-        yield
+        def recording(model, vector, strength):
+            used.append(strength)
+            return real(model, vector, strength)
 
-    with serving(tiny_run, limits=Limits(queue_size=2)) as (url, svc):
-        svc.vector, svc.strength, svc._steer, svc.steer_name = object(), 2.0, fake_steer, "happy"
+        svc.steer_fn = recording
         svc.steer_used = used
         yield url, svc
 
@@ -80,7 +89,7 @@ def call(url, method, path, body=None, headers=None, raw: bytes | None = None, t
         h = {"Content-Type": "application/json", **(headers or {})}
         conn.request(method, path, body=data, headers=h)
         r = conn.getresponse()
-        return r.status, dict(r.getheaders()), r.read()
+        return r.status, r.headers, r.read()  # header names are case-insensitive
     finally:
         conn.close()
 
@@ -106,47 +115,14 @@ def greedy(url, messages, speaker="Ana", headers=AUTH, **extra):
     return json.loads(data)
 
 
-# ----------------------------------------------------------------------------- requests → history
-
-
-def test_history_mapping():
-    speakers = ["Ana", "Ben", "Cy"]
-    msgs = parse_history(
-        [
-            {"role": "system", "content": "ignored"},
-            {"role": "user", "content": "hi ana"},
-            {"role": "assistant", "content": "hey\nwhat's up?\n"},
-            {"role": "user", "name": "Cy", "content": [{"type": "text", "text": "me too"}]},
-            {"role": "user", "content": "two\nlines"},
-        ],
-        "Ana",
-        speakers,
-        "Ben",
-    )
-    assert [(m.speaker, m.text) for m in msgs] == [
-        ("Ben", "hi ana"),
-        ("Ana", "hey"),
-        ("Ana", "what's up?"),
-        ("Cy", "me too"),
-        ("Ben", "two\nlines"),
-    ]
-    for bad in (
-        [{"role": "tool", "content": "x"}],
-        [{"role": "user", "name": "Zed", "content": "x"}],
-        [{"role": "user", "content": [{"type": "image_url"}]}],
-        "not a list",
-        [3],
-    ):
-        with pytest.raises(ApiError) as e:
-            parse_history(bad, "Ana", speakers, "Ben")
-        assert e.value.status == 400
+# ----------------------------------------------------------------------------- the history budget
 
 
 def test_history_is_capped_in_tokens(api):
     from convsim.data.examples import render, tag_ids
 
     _, svc = api
-    tok, fmt = svc.tok, svc.fmt
+    tok, fmt = svc.entries[0].tok, svc.entries[0].fmt
     long = [Message("Ben" if i % 2 else "Ana", f"message number {i} " * 5) for i in range(3000)]
     kept = fit_history(tok, fmt, long, "Ana", 200)
     ids = render(tok, fmt, kept, "Ana").input_ids
@@ -172,7 +148,7 @@ def test_health_and_models(api):
     status, _, data = call(url, "GET", "/v1/models/convsim%2FBen", headers=AUTH)
     assert status == 200 and json.loads(data)["id"] == "convsim/Ben"
     status, _, data = call(url, "GET", "/v1/info", headers=AUTH)
-    assert json.loads(data)["speakers"] == ["Ana", "Ben"] and json.loads(data)["steer"] is None
+    assert json.loads(data)["runs"][0]["speakers"] == ["Ana", "Ben"] and json.loads(data)["vectors"] == []
 
 
 def test_completion_and_stream_agree(api):
@@ -251,7 +227,8 @@ def test_without_key_only_loopback_hosts(open_api):
 def test_steer_strength_reaches_the_vector(open_api):
     url, svc = open_api
     info = json.loads(call(url, "GET", "/v1/info")[2])
-    assert info["steer"] == {"vector": "happy", "strength": 2.0, "min": -4.0, "max": 4.0}
+    v = info["vectors"][0]
+    assert (v["name"], v["default"], v["min"], v["max"]) == ("happy", 2.0, -4.0, 4.0)
     m = [{"role": "user", "content": "hi"}]
     greedy(url, m, headers={}, max_tokens=2)
     greedy(url, m, headers={}, max_tokens=2, steer_strength=-1.5)
@@ -269,7 +246,7 @@ def test_real_steering_vector(tiny_run, tmp_path):
     v = steering.from_phrases(model, tok, {"i feel happy": 1.0, "i feel sad": -1.0}, layers=-1)
     v.save(tmp_path / "happy.safetensors")
     with serving(tiny_run, steer_arg=f"{tmp_path / 'happy.safetensors'}:8") as (url, svc):
-        assert json.loads(call(url, "GET", "/v1/info")[2])["steer"]["strength"] == 8.0
+        assert json.loads(call(url, "GET", "/v1/info")[2])["vectors"][0]["default"] == 8.0
         m = [{"role": "user", "content": "are you coming tonight?"}]
         replies = {
             s: greedy(url, m, headers={}, max_tokens=12, steer_strength=s)["choices"][0]["message"]["content"]
@@ -348,7 +325,8 @@ def test_load_200_concurrent_requests(api):
 
 
 def test_openai_client(api):
-    openai = pytest.importorskip("openai", reason="the official client: pip install openai")
+    import openai
+
     url, _ = api
     client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
     assert [m.id for m in client.models.list()] == ["convsim/Ana", "convsim/Ben"]
@@ -375,12 +353,12 @@ def test_openai_client(api):
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
-    if not Path(CHROMIUM).exists() or not Path(CHROMEDRIVER).exists():
-        pytest.skip(
-            f"needs Debian's chromium and chromium-driver ({CHROMIUM}, {CHROMEDRIVER}): "
-            "apt-get install -y chromium chromium-driver"
-        )
-    webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (pip install selenium)")
+    # a missing browser fails the test, never skips it: the page is part of what is shipped
+    assert Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists(), (
+        f"needs Debian's chromium and chromium-driver ({CHROMIUM}, {CHROMEDRIVER}): "
+        "apt-get install -y chromium chromium-driver"
+    )
+    from selenium import webdriver
     from selenium.webdriver.chrome.service import Service as DriverService
 
     opts = webdriver.ChromeOptions()
@@ -459,7 +437,7 @@ def test_chat_page_shows_the_steering_slider(open_api, browser):
     browser.get(url + "/")
     wait_for(lambda: browser.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "idle", what="load")
     assert browser.find_element(By.ID, "steer-box").is_displayed()
-    slider = browser.find_element(By.ID, "steer")
+    slider = browser.find_element(By.CSS_SELECTOR, 'input.steer[data-vector="happy"]')
     assert (slider.get_attribute("min"), slider.get_attribute("max"), slider.get_attribute("value")) == ("-4", "4", "2")
 
 
