@@ -6,8 +6,10 @@ resolved config is saved in the run directory as `config.yaml`.
 from __future__ import annotations
 
 import dataclasses
+import types
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -108,58 +110,54 @@ def load_yaml(path: str | Path, cls=TrainConfig) -> dict:
         data = {}
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping of settings")
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(str(k) for k in data if k not in known)
+    known = get_type_hints(cls)
+    unknown = sorted(str(k) for k in data if k not in {f.name for f in fields(cls)})
     if unknown:
         raise UserError(f"{path}: unknown setting(s) {', '.join(unknown)}")
     for name, value in data.items():
-        if not _fits(value, known[name].type):
-            raise UserError(f"{path}: {name} must be {_describe(known[name].type)}, not {brief(value)}")
+        if not _fits(value, known[name]):
+            raise UserError(f"{path}: {name} must be {_describe(known[name])}, not {brief(value)}")
     return data
 
 
-def _fits(value, annotation) -> bool:
-    """Does a YAML value fit a field annotation (as the string `from __future__ import annotations` leaves)?"""
-    ann = str(annotation).replace(" ", "")
-    options = ann.split("|")
-    if value is None:
-        return "None" in options
-    for opt in options:
-        if opt == "bool" and isinstance(value, bool):
-            return True
-        if isinstance(value, bool):
-            continue
-        if opt == "int" and isinstance(value, int):
-            return True
-        if opt == "float" and isinstance(value, (int, float)):
-            return True
-        if opt == "str" and isinstance(value, str):
-            return True
-        if opt == "list[str]" and isinstance(value, list) and all(isinstance(v, str) for v in value):
-            return True
-        if (
-            opt == "dict[str,list[str]]"
-            and isinstance(value, dict)
-            and all(
-                isinstance(k, str) and isinstance(v, list) and all(isinstance(x, str) for x in v)
-                for k, v in value.items()
-            )
-        ):
-            return True
+def _fits(value, tp) -> bool:
+    """Does a YAML value fit a field's type (the type itself, from `typing.get_type_hints`)?"""
+    origin, args = get_origin(tp), get_args(tp)
+    if origin in (Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if isinstance(value, bool):  # YAML's true/false is never a number
+        return False
+    if tp is int:
+        return isinstance(value, int)
+    if tp is float:
+        return isinstance(value, (int, float))
+    if tp is str:
+        return isinstance(value, str)
+    if origin is list:
+        return isinstance(value, list) and all(_fits(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(_fits(k, args[0]) and _fits(v, args[1]) for k, v in value.items())
     return False
 
 
-def _describe(annotation) -> str:
-    names = {
-        "int": "an integer",
-        "float": "a number",
-        "str": "a string",
-        "bool": "true or false",
-        "None": "null",
-        "list[str]": "a list of strings",
-        "dict[str,list[str]]": "a mapping of names to lists of strings",
-    }
-    return " or ".join(names.get(o, o) for o in str(annotation).replace(" ", "").split("|"))
+def _describe(tp) -> str:
+    """A field's type in words, for an error message."""
+    origin, args = get_origin(tp), get_args(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is list:
+        return f"a list of {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s"
+    if origin is dict:
+        value = _describe(args[1])
+        return (
+            f"a mapping of names to {'lists' + value.removeprefix('a list') if value.startswith('a list') else value}"
+        )
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "null"}
+    return names.get(tp, getattr(tp, "__name__", str(tp)))
 
 
 def resolve(cls, yaml_path: str | None, overrides: dict):
