@@ -26,7 +26,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from convsim.errors import UserError
-from convsim.plots.figures import MAKERS, Context, Report, Skip
+from convsim.plots.figures import MAKERS, Context, PlotReport, Skip
 
 HELP = "Figures of a run (emotion heatmaps, length histograms, loss curves, ...) as PNGs + index.html."
 EXAMPLES = """
@@ -57,7 +57,7 @@ def add_arguments(p) -> None:
     p.add_argument("--json", action="store_true", help="print the list of figures and notes as JSON")
 
 
-def make_all(args) -> tuple[Path, Report]:
+def make_all(args) -> tuple[Path, PlotReport]:
     """Every figure of `args.run_dir` into `args.out` (default RUN_DIR/plots): the directory and a report."""
     from convsim.data.names import renames
     from convsim.fsutil import private_dir, write_json
@@ -87,7 +87,7 @@ def make_all(args) -> tuple[Path, Report]:
     return out, ctx.report
 
 
-def write_index(out: Path, run, report: Report, names: dict[str, str]) -> None:
+def write_index(out: Path, run, report: PlotReport, names: dict[str, str]) -> None:
     from convsim.fsutil import write_text
 
     e = html.escape

@@ -33,7 +33,7 @@ class Made:
 
 
 @dataclass
-class Report:
+class PlotReport:
     figures: list[Made] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)  # {"title", "note", "section"}
     notes: list[str] = field(default_factory=list)
@@ -47,7 +47,7 @@ class Context:
 
         self.run, self.out, self.args = run, out, args
         self.names = displays(run.speakers, renamed)
-        self.report = Report()
+        self.report = PlotReport()
 
     def label(self, speaker: str) -> str:
         """How a person is shown: `Alias (id)` for an id-like name, `--speaker`'s name, else the name."""

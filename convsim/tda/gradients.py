@@ -145,7 +145,7 @@ class _LoraTrainable:
             w.requires_grad_(r)
 
 
-def render_example(tok, fmt: PromptFormat, ex: GradExample, max_len: int) -> tuple[list[int], list[int]]:
+def render_grad_example(tok, fmt: PromptFormat, ex: GradExample, max_len: int) -> tuple[list[int], list[int]]:
     """Token ids and labels (-100 outside the reply) for one example."""
     context, speaker, texts = ex
     reply = [Message(speaker, t) for t in texts if t.strip()]
@@ -171,7 +171,7 @@ def lora_gradients(
     pairs = lora_pairs(model)
     device = pairs[0][1].weight.device
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    rendered = [render_example(tok, fmt, ex, max_len) for ex in examples]
+    rendered = [render_grad_example(tok, fmt, ex, max_len) for ex in examples]
     order = np.argsort([len(r[0]) for r in rendered], kind="stable")  # similar lengths: less padding
     width_out = sketch.n_params if raw else sketch.dim
     out = np.zeros((len(examples), width_out), dtype=np.float32)

@@ -19,7 +19,7 @@ from convsim.errors import UserError
 from convsim.runs import Run, open_run
 from convsim.tda import index as index_mod
 from convsim.modeling.loss import per_example_loss
-from convsim.tda.gradients import GradientSketch, _LoraTrainable, lora_gradients, lora_pairs, render_example
+from convsim.tda.gradients import GradientSketch, _LoraTrainable, lora_gradients, lora_pairs, render_grad_example
 from convsim.tda.index import IndexSpec, training_messages, update_index
 from convsim.tda.query import Attributor
 
@@ -139,7 +139,7 @@ def test_per_example_gradients_equal_autograd(loaded):
     batched = lora_gradients(model, tok, run.fmt, examples, sketch, batch_size=3, raw=True)
     pairs = lora_pairs(model)
     for row, ex in zip(batched, examples):
-        ids, labels = render_example(tok, run.fmt, ex, 512)
+        ids, labels = render_grad_example(tok, run.fmt, ex, 512)
         with _LoraTrainable(pairs) as weights, torch.enable_grad():
             loss = per_example_loss(
                 model, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), torch.tensor([labels])
