@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from convsim.data.schema import Conversation, Message, speaker_token
+from convsim.data.schema import Conversation, Message, instant, speaker_token
 
 INSTRUCT_QUESTION = "How does the conversation continue?"
 FALLBACK_TEMPLATE = (
@@ -96,9 +96,10 @@ def build_examples(
     return out
 
 
-def start_time(c: Conversation) -> str:
-    """The time of a conversation's first timed message ("" when none has a time)."""
-    return next((m.time for m in c.messages if m.time), "") or ""
+def start_time(c: Conversation) -> float | None:
+    """The instant (epoch seconds, `schema.instant`) of a conversation's first timed message; None when none
+    has a time."""
+    return next((t for t in (instant(m.time) for m in c.messages) if t is not None), None)
 
 
 def split_conversations(
@@ -106,7 +107,8 @@ def split_conversations(
 ) -> dict[str, list[Conversation]]:
     """Split by time: the latest sessions are test, the ones before them validation, the rest train.
     Sessions without times keep their order. A session is never in two splits."""
-    order = sorted(range(len(convs)), key=lambda i: (start_time(convs[i]), i))
+    untimed = float("-inf")  # sessions without times come first, in their order
+    order = sorted(range(len(convs)), key=lambda i: (_or(start_time(convs[i]), untimed), i))
     n = len(order)
     n_test = max(1, round(n * test)) if n >= 3 and test > 0 else 0
     n_val = max(1, round(n * val)) if n - n_test >= 2 and val > 0 else 0
@@ -114,6 +116,10 @@ def split_conversations(
     val_i = order[n - n_test - n_val : n - n_test]
     test_i = order[n - n_test :]
     return {"train": [convs[i] for i in train_i], "val": [convs[i] for i in val_i], "test": [convs[i] for i in test_i]}
+
+
+def _or(value, default):
+    return default if value is None else value
 
 
 # ----------------------------------------------------------------------------- rendering

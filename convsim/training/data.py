@@ -78,7 +78,10 @@ def most_recent(convs: list, max_messages: int) -> list:
     messages in all, in their original order."""
     from convsim.data.examples import start_time
 
-    order = sorted(range(len(convs)), key=lambda i: start_time(convs[i]) or "", reverse=True)
+    untimed = float("-inf")  # last, once reversed
+    order = sorted(
+        range(len(convs)), key=lambda i: untimed if start_time(convs[i]) is None else start_time(convs[i]), reverse=True
+    )
     keep, total = set(), 0
     for i in order:
         n = len(convs[i].messages)
@@ -115,20 +118,24 @@ def extra_conversations(dirs, split) -> list:
     They never enter validation or test, and their messages from the start of the first held-out conversation
     on are left out, so no training message comes from the held-out period. Ids get a prefix
     (`runs.extra_prefixes`: `x0:` for the first dir), which is how a run tells them apart later."""
+    from datetime import datetime, timezone
+
     from convsim.data.examples import start_time
-    from convsim.data.schema import read_conversations
+    from convsim.data.schema import instant, read_conversations
     from convsim.runs import extra_prefixes
 
-    held = [start_time(c) for c in split["val"] + split["test"] if start_time(c)]
+    # instants, not strings: a held-out session at 10:00+02:00 starts before an extra message at 09:00+00:00
+    held = [t for t in (start_time(c) for c in split["val"] + split["test"]) if t is not None]
     main_ids = {c.id for v in split.values() for c in v}
     cutoff = min(held) if held else None
+    shown = datetime.fromtimestamp(cutoff, timezone.utc).isoformat() if cutoff is not None else None
     out = []
     for d, prefix in zip(dirs, extra_prefixes(len(dirs))):
         got = read_conversations(d)
         n_read = sum(len(c.messages) for c in got)
-        if cutoff:  # messages from the held-out period on are dropped (whole conversations, or their ends)
+        if cutoff is not None:  # messages from the held-out period on are dropped (whole conversations, or ends)
             for c in got:
-                c.messages = [m for m in c.messages if not (m.time and m.time >= cutoff)]
+                c.messages = [m for m in c.messages if (t := instant(m.time)) is None or t < cutoff]
         kept = [c for c in got if c.messages]
         for c in kept:
             c.id = prefix + c.id
@@ -138,7 +145,7 @@ def extra_conversations(dirs, split) -> list:
         print(
             f"extra data {d}: {len(kept):,} conversations ({n_msgs:,} messages) added to training"
             + (
-                f"; {n_read - n_msgs:,} messages from the held-out period on ({cutoff}) left out"
+                f"; {n_read - n_msgs:,} messages from the held-out period on ({shown}) left out"
                 if n_read > n_msgs
                 else ""
             ),
