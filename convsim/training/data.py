@@ -56,13 +56,26 @@ def prepare_data(cfg: TrainConfig, data_dir: str):
     return convs, speakers, targets, split, ex
 
 
-def default_extra_data(cfg: TrainConfig, data_dir: Path) -> list[str]:
+def default_extra_data(cfg: TrainConfig, data_dir: Path, recorded_in: Path | None = None) -> list[str]:
     """The extra-data dirs a run uses: those given, else DATA_DIR/extra when it holds conversations (and
-    `auto_extra_data` is on), as an absolute path so a resumed run finds it from any directory."""
+    `auto_extra_data` is on), as absolute paths (what config.yaml and run.json keep) so a resumed run finds them
+    from any directory. `recorded_in`: the config.yaml a resumed run read them from, named when one is gone."""
     from convsim.data.schema import CONVERSATIONS
 
     if cfg.extra_data or not cfg.auto_extra_data:
-        return list(cfg.extra_data)
+        dirs = []
+        for d in cfg.extra_data:
+            path = Path(d).expanduser().absolute()
+            if not (path / CONVERSATIONS).is_file() and not (path.suffix == ".jsonl" and path.is_file()):
+                where = (
+                    f" (the path recorded in {recorded_in}; if the data moved, move it back or give its new "
+                    "place with --extra-data)"
+                    if recorded_in is not None
+                    else " (a data dir written by `convsim import`)"
+                )
+                raise UserError(f"--extra-data {path}: no {CONVERSATIONS} there{where}")
+            dirs.append(str(path.resolve()))
+        return dirs
     extra = data_dir / "extra"
     if (extra / CONVERSATIONS).exists():
         print(

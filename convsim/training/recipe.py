@@ -116,8 +116,10 @@ def _run(args) -> int:
     data_dir = Path(args.data_dir)
     if not data_dir.exists():
         raise UserError(f"data dir {data_dir} does not exist (run `convsim import` first)")
-    cfg.extra_data = default_extra_data(cfg, data_dir)
     run_dir = Path(args.out)
+    saved = run_dir / "config.yaml"
+    from_saved = args.continue_training and not getattr(args, "extra_data", None) and saved.exists()
+    cfg.extra_data = default_extra_data(cfg, data_dir, recorded_in=saved if from_saved else None)
     ckpt_dir = run_dir / "checkpoints"
     resume = None
     if args.continue_training:

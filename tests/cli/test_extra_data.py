@@ -209,3 +209,64 @@ def test_train_uses_data_dir_extra_unless_told_not_to(tmp_path):
     assert meta["extra_data"]["conversations"] == 6
     cli("train", main_dir, "--out", tmp_path / "none", "--no-auto-extra-data", *common)
     assert json.loads((tmp_path / "none" / "run.json").read_text())["extra_data"]["dirs"] == []
+
+
+def test_extra_data_paths_are_kept_absolute_and_checked_on_resume(tmp_path):
+    """--extra-data typed relative to one directory: the run keeps it absolute, so --continue-training from
+    another directory finds it; once the data has moved, resuming is one error line naming the path."""
+    import os
+    import subprocess
+    import sys
+
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    _write(work / "main", synthetic_conversations())
+    extra_dir = _write(work / "extra", _extra(datetime(2023, 12, 1, 9, 0, tzinfo=timezone.utc)))
+    elsewhere.mkdir()
+    run = tmp_path / "run"
+
+    def convsim(cwd, *args):
+        return subprocess.run(
+            [sys.executable, "-m", "convsim", *map(str, args)],
+            capture_output=True,
+            text=True,
+            cwd=cwd,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            timeout=600,
+        )
+
+    common = ["--model", "tiny-gemma3", "--batch-size", "4", "--context-size", "4", "--save-steps", "2"]
+    p = convsim(work, "train", "main", "--extra-data", "extra", "--out", run, "--max-steps", "2", *common)
+    assert p.returncode == 0, p.stderr[-3000:]
+    want = str(extra_dir.resolve())
+    assert json.loads((run / "run.json").read_text())["extra_data"]["dirs"] == [want]
+    assert want in (run / "config.yaml").read_text()
+
+    p = convsim(elsewhere, "train", work / "main", "--out", run, "--continue-training", "--max-steps", "4", "--json")
+    assert p.returncode == 0, p.stderr[-3000:]
+    meta = json.loads((run / "run.json").read_text())
+    assert meta["resumed_from"] == "checkpoint-2" and meta["extra_data"]["conversations"] == 6
+
+    moved = work / "extra-moved"
+    extra_dir.rename(moved)
+    before = (run / "run.json").read_text()
+    p = convsim(elsewhere, "train", work / "main", "--out", run, "--continue-training", "--max-steps", "6")
+    assert p.returncode == 2, p.stderr[-3000:]
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --extra-data ") and "Traceback" not in p.stderr
+    assert want in lines[0] and str(run / "config.yaml") in lines[0] and "--extra-data" in lines[0]
+    assert (run / "run.json").read_text() == before
+    # given its new place, the run goes on
+    p = convsim(
+        elsewhere,
+        "train",
+        work / "main",
+        "--out",
+        run,
+        "--continue-training",
+        "--max-steps",
+        "6",
+        "--extra-data",
+        moved,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads((run / "run.json").read_text())["extra_data"]["dirs"] == [str(moved.resolve())]
