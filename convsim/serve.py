@@ -192,8 +192,8 @@ class Service:
     def __init__(self, run, model, tok, api_key: str | None = None, limits: Limits = Limits(),
                  steering: tuple | None = None):
         self.run, self.model, self.tok, self.fmt = run, model, tok, run.fmt
-        self.speakers = run.speakers
-        self.api_key = api_key or None
+        self.speakers = run.people  # the models served: the people the run simulates
+        self.names = run.speakers  # every name a history may hold        self.api_key = api_key or None
         self.limits = limits
         self.vector, self.strength, self._steer, self.steer_name = steering or (None, None, None, None)
         self.queue: queue.Queue = queue.Queue(maxsize=limits.queue_size)
@@ -321,7 +321,7 @@ class Service:
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object", "invalid_type")
         speaker = self.speaker_of(body.get("model"))
-        history = parse_history(body.get("messages"), speaker, self.speakers, self.run.other_speaker(speaker))
+        history = parse_history(body.get("messages"), speaker, self.names, self.run.other_speaker(speaker))
         lim = self.limits
         stream = body.get("stream", False)
         if not isinstance(stream, bool):

@@ -137,9 +137,9 @@ class Attributor:
     ) -> list[dict]:
         """The k training messages most like `text` as said by `as_speaker` (best first); `speaker`
         restricts them to one speaker's messages. `context`: what the reply followed (gradients)."""
-        self.run.check_speaker(as_speaker)
+        self.run.check_person(as_speaker)
         if speaker is not None:
-            self.run.check_speaker(speaker)
+            self.run.check_person(speaker)
         q = self.vector(text, as_speaker, context)
         out = []
         for rank, (row, score) in enumerate(self.search.search(q, k or self.k, speaker), 1):

@@ -45,7 +45,7 @@ def restore_best(run_dir: Path, model) -> dict | None:
     rec = best_record(run_dir)
     if rec is None:
         return None
-    saved = torch.load(run_dir / BEST / "trained.pt", map_location="cpu", weights_only=True)
+    saved = load_state(run_dir / BEST / "trained.pt")
     params = dict(model.named_parameters())
     if set(saved) != {n for n, p in params.items() if p.requires_grad}:
         raise RuntimeError(f"{run_dir / BEST} does not match this model's trained tensors")
@@ -95,6 +95,61 @@ def complete_checkpoint(path: Path) -> bool:
         and any(path.glob("rng_state*.pth"))
         and any((path / f).exists() for f in weights)
     )
+
+
+# What resuming unpickles: transformers' Trainer reads optimizer.pt, scheduler.pt, rng_state*.pth (and scaler.pt,
+# a PEFT adapter_model.bin) with torch.load. training_args.bin is written but never read back. A checkpoint dir is
+# user-supplied input, so every such file is loaded here first with weights_only=True (tensors, plain containers
+# and the numpy types RNG states hold; nothing that runs code) before the Trainer touches it: the safety does not
+# rest on a library default, and a refused or damaged file ends the command with one clear line.
+UNREAD = {"training_args.bin"}
+PICKLED = ("*.pt", "*.pth", "*.bin")
+
+
+def _numpy_globals() -> list:
+    import numpy as np
+
+    core = np._core if hasattr(np, "_core") else np.core
+    return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def load_state(path: Path):
+    """A state file from a checkpoint, unpickled with weights_only=True (tensors, containers, numpy arrays)."""
+    import torch
+
+    with torch.serialization.safe_globals(_numpy_globals()):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def verify_checkpoint(path: Path, run_dir: Path) -> None:
+    """Load every state file that resuming from `path` reads, safely; UserError naming the first bad one."""
+    import pickle
+
+    from convsim.errors import UserError
+
+    fresh = f"to start fresh, delete {path} (or all of {path.parent}) or train into another --out than {run_dir}"
+    files = sorted({f for pattern in PICKLED for f in path.glob(pattern) if f.name not in UNREAD})
+    for f in files:
+        try:
+            load_state(f)
+        except pickle.UnpicklingError:
+            raise UserError(
+                f"refusing to resume from {f}: it holds Python objects other than tensors and plain data "
+                f"(loading it could run code); {fresh}"
+            ) from None
+        except Exception as e:  # truncated zip, bad magic number, short read: whatever torch raises
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            raise UserError(f"cannot resume from {f}: it is damaged or not a checkpoint ({reason}); {fresh}") from None
+    for f in sorted(path.glob("*.safetensors")):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(f, framework="pt") as st:
+                for k in st.keys():
+                    st.get_slice(k)
+        except Exception as e:
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            raise UserError(f"cannot resume from {f}: it is damaged or not a checkpoint ({reason}); {fresh}") from None
 
 
 def last_checkpoint(ckpt_dir: Path) -> Path | None:

@@ -24,7 +24,14 @@ from convsim.config import to_yaml
 from convsim.errors import UserError
 from convsim.training.backends import build_model
 from convsim.training.callbacks import make_callbacks
-from convsim.training.checkpoints import checkpoint_step, clean_checkpoints, last_checkpoint, restore_best, rewind_logs
+from convsim.training.checkpoints import (
+    checkpoint_step,
+    clean_checkpoints,
+    last_checkpoint,
+    restore_best,
+    rewind_logs,
+    verify_checkpoint,
+)
 from convsim.training.data import default_extra_data, extra_summary, prepare_data, tokenize
 from convsim.training.options import add_arguments, config_from_args
 from convsim.training.model import (
@@ -109,12 +116,16 @@ def _run(args) -> int:
     data_dir = Path(args.data_dir)
     if not data_dir.exists():
         raise UserError(f"data dir {data_dir} does not exist (run `convsim import` first)")
-    cfg.extra_data = default_extra_data(cfg, data_dir)
     run_dir = Path(args.out)
+    saved = run_dir / "config.yaml"
+    from_saved = args.continue_training and not getattr(args, "extra_data", None) and saved.exists()
+    cfg.extra_data = default_extra_data(cfg, data_dir, recorded_in=saved if from_saved else None)
     ckpt_dir = run_dir / "checkpoints"
     resume = None
     if args.continue_training:
         resume = last_checkpoint(ckpt_dir)  # the newest complete one; half-written ones are skipped
+        if resume is not None:
+            verify_checkpoint(resume, run_dir)  # before anything is written or the Trainer unpickles it
         if int(os.environ.get("RANK", "0")) == 0:
             clean_checkpoints(ckpt_dir)
             if resume is not None:
