@@ -136,8 +136,6 @@ def _run(args) -> int:
         # rank 0 alone decides: the other ranks would otherwise see the run rank 0 has just started
         raise UserError(f"{run_dir} already holds a run; use --continue-training to resume or another --out")
 
-    if cfg.keep_best and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UserError("--keep-best runs in one process only for now (not under accelerate launch / torchrun)")
     convs, speakers, targets, split, ex = prepare_data(cfg, args.data_dir)
     torch.manual_seed(cfg.seed)
     device = default_device()
@@ -258,7 +256,7 @@ def _run(args) -> int:
     kept = None
     if cfg.keep_best and val_rows:
         final_eval = trainer.evaluate()  # the last step is a candidate too
-        kept = restore_best(run_dir, model) if main else None
+        kept = restore_best(run_dir, model)  # every process: each replica or shard ends with the kept weights
         if kept is not None and kept["step"] != trainer.state.global_step:
             for cb in [c for c in trainer.callback_handler.callbacks if type(c).__name__ == "KeepBest"]:
                 trainer.remove_callback(cb)  # this evaluation is of the kept weights, not a new candidate
