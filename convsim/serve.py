@@ -193,7 +193,8 @@ class Service:
                  steering: tuple | None = None):
         self.run, self.model, self.tok, self.fmt = run, model, tok, run.fmt
         self.speakers = run.people  # the models served: the people the run simulates
-        self.names = run.speakers  # every name a history may hold        self.api_key = api_key or None
+        self.names = run.speakers  # every name a history may hold
+        self.api_key = api_key or None
         self.limits = limits
         self.vector, self.strength, self._steer, self.steer_name = steering or (None, None, None, None)
         self.queue: queue.Queue = queue.Queue(maxsize=limits.queue_size)
