@@ -169,11 +169,21 @@ class Run:
 
     @property
     def speakers(self) -> list[str]:
+        """Every name with a speaker token: the people, the others of the chat, and the speakers found only in
+        `--extra-data` (context the model reads, never someone it plays)."""
         return list(self.meta.speakers)
 
     @property
     def targets(self) -> list[str]:
         return list(self.meta.targets or self.meta.speakers)
+
+    @property
+    def people(self) -> list[str]:
+        """The people this run simulates (its target speakers): what every listing of "the people" shows and
+        who the model may play. Speakers found only in --extra-data are never among them, also in a run.json
+        from before targets were recorded."""
+        only_extra = set((self.meta.extra_data or {}).get("speakers_only_here", []))
+        return [s for s in self.targets if s not in only_extra]
 
     @property
     def fmt(self) -> PromptFormat:
@@ -206,12 +216,26 @@ class Run:
         return n > 0 and c.id.startswith(extra_prefixes(n))
 
     def check_speaker(self, name: str) -> str:
+        """`name` if it is any speaker of the run (someone who may appear in a history)."""
         if name not in self.speakers:
             raise UserError(f"unknown speaker {name!r}; this run knows {', '.join(self.speakers)}")
         return name
 
+    def check_person(self, name: str) -> str:
+        """`name` if the run simulates them (someone the model may play or be asked about)."""
+        if name in self.people:
+            return name
+        if name not in self.speakers:
+            raise UserError(f"unknown speaker {name!r}; this run knows {', '.join(self.people)}")
+        only_extra = name in (self.meta.extra_data or {}).get("speakers_only_here", [])
+        why = (
+            "they appear only in --extra-data, as context" if only_extra else "the run was not trained on their replies"
+        )
+        raise UserError(f"{name!r} is not one of this run's people ({', '.join(self.people)}): {why}")
+
     def other_speaker(self, name: str) -> str:
-        others = [s for s in self.speakers if s != name]
+        """Who talks to `name` by default: another of the people, else another speaker of the chat."""
+        others = [s for s in self.people if s != name] or [s for s in self.speakers if s != name]
         return others[0] if others else name
 
     def load(self, device: str | None = None, dtype=None, adapter: bool = True):

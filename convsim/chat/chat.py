@@ -48,7 +48,7 @@ def run(args):
     from convsim.chat.history import now, save_session
 
     run_ = open_run(args.run_dir)
-    as_ = run_.check_speaker(args.speaker)
+    as_ = run_.check_person(args.speaker)
     me = run_.check_speaker(args.me) if args.me else run_.other_speaker(as_)
     model, tok = run_.load()
     cfg = sample_config(args)
@@ -89,7 +89,7 @@ def run(args):
                 if cache is not None:
                     cache.reset()
             elif cmd == "/as":
-                as_ = run_.check_speaker(arg.strip())
+                as_ = run_.check_person(arg.strip())
                 me = run_.other_speaker(as_) if me == as_ else me
                 print(f"(the model now plays {as_}; you are {me})")
             elif cmd == "/me":

@@ -57,7 +57,7 @@ def run(args):
     from convsim.chat.history import now, save_session
 
     run_ = open_run(args.run_dir)
-    speakers = [run_.check_speaker(s.strip()) for s in args.speakers.split(",")] if args.speakers else run_.speakers
+    speakers = [run_.check_person(s.strip()) for s in args.speakers.split(",")] if args.speakers else run_.people
     model, tok = run_.load()
     cfg = sample_config(args)
     rng = random.Random(args.seed)

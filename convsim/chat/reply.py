@@ -33,7 +33,7 @@ def run(args):
     from convsim.runs import open_run
 
     run_ = open_run(args.run_dir)
-    run_.check_speaker(args.speaker)
+    run_.check_person(args.speaker)
     history = read_transcript(args.history, run_.speakers)
     model, tok = run_.load()
     with steering(model, args.steer):

@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from datetime import datetime, timedelta
+from datetime import timedelta
 
-from convsim.data.schema import Conversation, Message
+from convsim.data.schema import Conversation, Message, aware
 
 KINDS = ("EMAIL", "PHONE", "URL", "IP", "CARD")
 
@@ -179,26 +179,17 @@ def split_sessions(convs: list[Conversation], gap_minutes: float) -> list[Conver
     if gap_minutes <= 0:
         return convs
     gap = timedelta(minutes=gap_minutes)
-    parse = datetime.fromisoformat
     out = []
     for c in convs:
         cur: list[Message] = []
         prev = None
         for m in c.messages:
-            if m.time is not None:
-                try:
-                    t = parse(m.time)
-                except ValueError:
-                    t = None
-                if t is not None:
-                    if prev is not None and cur:
-                        try:
-                            if t - prev > gap:
-                                out.append(Conversation(id="", messages=cur, source=c.source))
-                                cur = []
-                        except TypeError:  # one time with an offset, one without
-                            pass
-                    prev = t
+            t = aware(m.time)  # instants: offsets compared, a time without one taken as UTC
+            if t is not None:
+                if prev is not None and cur and t - prev > gap:
+                    out.append(Conversation(id="", messages=cur, source=c.source))
+                    cur = []
+                prev = t
             cur.append(m)
         if cur:
             out.append(Conversation(id="", messages=cur, source=c.source))

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from convsim.data.schema import Conversation, Message, speaker_token
+from convsim.data.schema import Conversation, Message, instant, speaker_token
 
 INSTRUCT_QUESTION = "How does the conversation continue?"
 FALLBACK_TEMPLATE = (
@@ -96,9 +96,10 @@ def build_examples(
     return out
 
 
-def start_time(c: Conversation) -> str:
-    """The time of a conversation's first timed message ("" when none has a time)."""
-    return next((m.time for m in c.messages if m.time), "") or ""
+def start_time(c: Conversation) -> float | None:
+    """The instant (epoch seconds, `schema.instant`) of a conversation's first timed message; None when none
+    has a time."""
+    return next((t for t in (instant(m.time) for m in c.messages) if t is not None), None)
 
 
 def replies(c: Conversation) -> int:
@@ -116,7 +117,8 @@ def split_conversations(
     burst is context only; the earlier part keeps the session's id and the later part gets "/test" or
     "/val" after it). Counting whole sessions instead leaves a chat of a few long sessions with nothing or
     nearly everything to evaluate. Sessions without times keep their order. No message is in two splits."""
-    order = [convs[i] for i in sorted(range(len(convs)), key=lambda i: (start_time(convs[i]), i))]
+    untimed = float("-inf")  # sessions without times come first, in their order
+    order = [convs[i] for i in sorted(range(len(convs)), key=lambda i: (_or(start_time(convs[i]), untimed), i))]
     total = sum(replies(c) for c in order)
     held: dict[str, list[Conversation]] = {"test": [], "val": []}
     for name, fraction in (("test", test), ("val", val)):
@@ -133,6 +135,10 @@ def split_conversations(
             held[name].insert(0, Conversation(f"{last.id}/{name}", last.messages[cut:], last.source))
             need = 0
     return {"train": order, "val": held["val"], "test": held["test"]}
+
+
+def _or(value, default):
+    return default if value is None else value
 
 
 # ----------------------------------------------------------------------------- rendering

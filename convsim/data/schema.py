@@ -5,6 +5,11 @@
 
 `time` is ISO 8601 (or null when the export has none). Messages are in order; a multi-line message is
 one message. Speaker names are kept exactly as exported.
+
+Times are compared as instants (`instant`: seconds since the epoch), never as strings: "10:30+02:00" is before
+"09:00+00:00". A time without an offset (WhatsApp, some CSVs: the exporting phone's local time) is taken as
+UTC everywhere, so naive times order among themselves as written and the same data always splits the same way
+whatever the machine's time zone.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable
 
@@ -25,6 +30,23 @@ CONVERSATIONS = "conversations.jsonl"
 def speaker_token(name: str) -> str:
     """How a speaker is spelled in a rendered chat: `[Ana]` (one added special token per person)."""
     return f"[{name}]"
+
+
+def aware(time: str | None) -> datetime | None:
+    """An ISO 8601 time as an aware datetime (no offset: UTC); None when missing or not a time."""
+    if not isinstance(time, str) or not time:
+        return None
+    try:
+        d = datetime.fromisoformat(time)
+    except ValueError:
+        return None
+    return d.replace(tzinfo=timezone.utc) if d.tzinfo is None else d
+
+
+def instant(time: str | None) -> float | None:
+    """An ISO 8601 time as seconds since the epoch (no offset: UTC); None when missing or not a time."""
+    d = aware(time)
+    return None if d is None else d.timestamp()
 
 
 @dataclass

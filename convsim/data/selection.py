@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from datetime import datetime
 
-from convsim.data.schema import Conversation
+from convsim.data.schema import Conversation, instant
 from convsim.errors import UserError
 
 MULTI_FILE_CHATS = ("messenger", "instagram")  # one chat over message_1.json, message_2.json, ...
@@ -67,7 +66,7 @@ def merge_split(convs: list[Conversation]) -> list[Conversation]:
         if len(group) > 1:
             msgs = [m for c in group for m in c.messages]
             # messages without a time stay after those with one; a stable sort keeps each file's order
-            msgs.sort(key=lambda m: (m.time is None, m.time or ""))
+            msgs.sort(key=lambda m: (instant(m.time) is None, instant(m.time) or 0.0))
             first[source].messages = msgs
     return out
 
@@ -160,12 +159,9 @@ def listing(convs: list[Conversation]) -> list[dict]:
     return rows
 
 
-def _sort_key(t: str):
-    try:
-        d = datetime.fromisoformat(t)
-        return d.replace(tzinfo=None) if d.tzinfo is None else d.astimezone().replace(tzinfo=None)
-    except ValueError:
-        return datetime.min
+def _sort_key(t: str) -> float:
+    i = instant(t)
+    return float("-inf") if i is None else i
 
 
 def print_table(rows: list[dict]) -> None:

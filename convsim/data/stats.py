@@ -16,7 +16,7 @@ import unicodedata
 from datetime import datetime
 from statistics import mean, median
 
-from convsim.data.schema import Conversation, read_conversations
+from convsim.data.schema import Conversation, aware, read_conversations
 from convsim.errors import UserError
 
 HELP = "Per-speaker statistics of an imported data dir: messages, length, burst size, reply delay."
@@ -70,10 +70,7 @@ def speaker_stats(convs: list[Conversation]) -> dict:
                 if prev_speaker is not None:
                     bursts.setdefault(prev_speaker, []).append(run)
                     if t is not None and prev_time is not None:
-                        try:
-                            delays.setdefault(m.speaker, []).append(max(0.0, (t - prev_time).total_seconds()))
-                        except TypeError:  # offset-aware next to naive
-                            pass
+                        delays.setdefault(m.speaker, []).append(max(0.0, (t - prev_time).total_seconds()))
                 run = 0
                 prev_speaker = m.speaker
             run += 1
@@ -100,12 +97,7 @@ def speaker_stats(convs: list[Conversation]) -> dict:
 
 
 def _time(value: str | None) -> datetime | None:
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        return datetime.fromisoformat(value)
-    except ValueError:
-        return None
+    return aware(value)  # offsets compared; no offset: UTC
 
 
 def _fit(name: str, width: int) -> str:

@@ -214,9 +214,7 @@ def run(args):
     from convsim.runs import open_run
 
     run_ = open_run(args.run_dir)
-    speaker = (
-        run_.check_speaker(args.speaker) if args.speaker else (run_.targets[0] if len(run_.targets) == 1 else None)
-    )
+    speaker = run_.check_person(args.speaker) if args.speaker else (run_.people[0] if len(run_.people) == 1 else None)
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
         raise UserError(f"{out} exists and is not empty; pass --force to replace it")

@@ -8,7 +8,9 @@ fixed for the graph to be replayed, so the cache length is rounded up to a bucke
 is kept on the model and reset between calls.
 
 Used automatically by convsim.inference.generate when the model is on CUDA, the batch is 1 and no forward hooks
-(steering, activation recording) sit on the decoder layers; `CONVSIM_FAST_GENERATE=0` turns it off.
+(steering, activation recording) sit on the decoder layers; `CONVSIM_FAST_GENERATE=0` turns it off, and
+`CONVSIM_FAST_GENERATE=any` uses the static cache on any device (on the CPU transformers compiles nothing, so
+this checks the cache's bucketing and reuse, not the speed-up).
 bench/generate_speed.py measures it against plain `generate` on the same card.
 """
 
@@ -51,10 +53,11 @@ def disabled():
 
 def enabled(model, batch: int = 1) -> bool:
     """Whether the fast path applies to this model and call."""
-    if os.environ.get("CONVSIM_FAST_GENERATE", "1") == "0" or batch != 1 or _off[0]:
+    mode = os.environ.get("CONVSIM_FAST_GENERATE", "1")
+    if mode == "0" or batch != 1 or _off[0]:
         return False
     p = next(model.parameters())
-    return p.device.type == "cuda" and not _hooked(model)
+    return (p.device.type == "cuda" or mode == "any") and not _hooked(model)
 
 
 def bucket(n: int) -> int:

@@ -100,7 +100,7 @@ def write_index(out: Path, run, report: PlotReport, names: dict[str, str]) -> No
         "figcaption{max-width:60em;line-height:1.4}.skip{color:#a40}.notes{background:#f6f6f6;padding:.5em 1em}"
         "</style></head><body>",
         f"<h1>convsim plots: {e(run.path.name)}</h1>",
-        f"<p>Model {e(str(meta.model))}, speakers {e(', '.join(names.get(s, s) for s in run.speakers))}, "
+        f"<p>Model {e(str(meta.model))}, people {e(', '.join(names.get(s, s) for s in run.people))}, "
         f"{e('?' if meta.global_step is None else str(meta.global_step))} steps, adapter {e(run.adapter_hash)}.</p>",
     ]
     if report.notes:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Sequence
 
 from convsim.data.examples import bursts
-from convsim.data.schema import Conversation
+from convsim.data.schema import Conversation, aware
 from convsim.errors import UserError
 
 DEFAULT_WORDS = Path(__file__).resolve().parent.parent / "assets" / "emotion-words.txt"
@@ -97,12 +97,7 @@ def burst_sizes(convs: Sequence[Conversation]) -> dict[str, list[int]]:
 
 
 def _time(value: str | None) -> datetime | None:
-    if not value:
-        return None
-    try:
-        return datetime.fromisoformat(value)
-    except (TypeError, ValueError):
-        return None
+    return aware(value)  # offsets compared; no offset: UTC
 
 
 def reply_delays(convs: Sequence[Conversation]) -> dict[str, list[float]]:
@@ -115,9 +110,6 @@ def reply_delays(convs: Sequence[Conversation]) -> dict[str, list[float]]:
             t0, t1 = _time(c.messages[prev_end - 1].time), _time(c.messages[start].time)
             if t0 is None or t1 is None:
                 continue
-            try:
-                gap = (t1 - t0).total_seconds()
-            except TypeError:  # a time with an offset next to one without
-                continue
+            gap = (t1 - t0).total_seconds()
             out.setdefault(c.messages[start].speaker, []).append(max(0.0, gap))
     return out

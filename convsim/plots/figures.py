@@ -70,7 +70,9 @@ class Context:
     def speakers(self) -> list[str]:
         from convsim.plots.data import speaker_order
 
-        order = speaker_order(self.conversations, self.run.speakers)
+        # the run's people only: speakers found only in --extra-data are context, not people of the run
+        people = set(self.run.people)
+        order = [s for s in speaker_order(self.conversations, self.run.people) if s in people]
         if len(order) > MAX_SPEAKERS:
             self.report.notes.append(f"Message figures show the first {MAX_SPEAKERS} of {len(order)} speakers.")
         return order[:MAX_SPEAKERS]
@@ -194,9 +196,9 @@ def make_emotions(ctx: Context) -> None:
         )
     if len(kept) < 2:
         raise Skip(f"fewer than two of the words are single tokens for this tokenizer ({len(kept)} kept)")
-    speakers = ctx.run.speakers[:MAX_EMOTION_SPEAKERS]
-    if len(ctx.run.speakers) > len(speakers):
-        ctx.report.notes.append(f"Emotion heatmaps use the first {len(speakers)} of {len(ctx.run.speakers)} speakers.")
+    speakers = ctx.run.people[:MAX_EMOTION_SPEAKERS]
+    if len(ctx.run.people) > len(speakers):
+        ctx.report.notes.append(f"Emotion heatmaps use the first {len(speakers)} of {len(ctx.run.people)} people.")
     template, fmt = ctx.args.template, ctx.run.fmt
     conditions = [None, *speakers, "base"]
     sims: dict = {}

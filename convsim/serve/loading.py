@@ -33,6 +33,12 @@ class RunEntry:
 
     @property
     def speakers(self) -> list[str]:
+        """The models served: the people the run simulates (never the --extra-data speakers)."""
+        return self.run.people
+
+    @property
+    def names(self) -> list[str]:
+        """Every name a history may hold."""
         return self.run.speakers
 
 

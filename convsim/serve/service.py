@@ -244,7 +244,7 @@ class Service:
         req = validate(ChatRequest, body)
         mid, entry, speaker = self.resolve(req.model)
         history = parse_history(
-            req.messages, speaker, entry.speakers, entry.run.other_speaker(speaker), self.limits.max_messages
+            req.messages, speaker, entry.names, entry.run.other_speaker(speaker), self.limits.max_messages
         )
         lim = self.limits
         if req.n is not None and req.n > (1 if req.stream else lim.max_n):

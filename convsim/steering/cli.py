@@ -138,7 +138,7 @@ def build(args) -> int:
     if args.k is not None and args.k < 2:
         raise UserError("--k must be at least 2")
     if args.speaker and not (ps and ps.speaker == args.speaker):
-        run_.check_speaker(args.speaker)
+        run_.check_person(args.speaker)
     model, tok = run_.load()
     fmt = run_.fmt
     meta = dict(base_model=run_.model_name, adapter_hash=run_.adapter_hash)

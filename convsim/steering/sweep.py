@@ -158,7 +158,7 @@ def sweep(args) -> int:
     strengths = sorted(set(parse_numbers(args.strengths, "--strengths")) | {0.0})
     if args.n < 1 or args.samples < 1:
         raise UserError("--n and --samples must be at least 1")
-    targets = [run_.check_speaker(args.speaker)] if args.speaker else run_.targets
+    targets = [run_.check_person(args.speaker)] if args.speaker else run_.people
     meta = run_.meta
     examples = build_examples(run_.split("test"), targets, meta.context_size, meta.max_burst)
     if not examples:

@@ -97,9 +97,9 @@ def _query(run_, args) -> int:
 
     if args.k < 1:
         raise UserError("--k must be at least 1")
-    run_.check_speaker(args.as_)
+    run_.check_person(args.as_)
     if args.speaker:
-        run_.check_speaker(args.speaker)
+        run_.check_person(args.speaker)
     open_for_query(run_, args.method)  # fail fast, before loading the model
     context = []
     if args.history:

@@ -31,6 +31,11 @@ The store's meta records model, adapter hash, method, layer, pool, centring, pro
 settings; any difference, or damage (truncated vectors, an edited index, a missing or altered mean),
 makes `update_index` rebuild from scratch, never use the old vectors.
 
+A build commits its rows `CHUNK` at a time, so a killed build (SIGKILL, power loss) leaves the store as of
+its last commit, and the next `update_index` resumes it, computing only the rows that are not there yet.
+Until a fresh build has all its rows its meta says `unfinished`, and queries refuse it rather than answer
+from part of the corpus.
+
 One module for both methods (activations, gradients): they share the message keys, the incremental
 update and the centring, and differ only in the embedder.
 """
@@ -53,6 +58,8 @@ from convsim.tda.store import CorruptStore, NoStore, StaleStore, VectorStore
 
 METHODS = ("activations", "gradients")
 CENTER_SAMPLE = 2048
+CHUNK = 4096  # vectors computed between two commits: what a killed build loses at most
+UNFINISHED = "unfinished"  # in the meta of a store whose first build has not yet reached its end
 LAYER_NAMES = ("mid", "last")
 
 
@@ -341,6 +348,8 @@ def update_index(
     else:
         try:
             store, mean = open_store(run, spec, layer, directory)
+            # a build killed after publishing its store, before removing the mean it replaced, left that mean
+            _remove_old_centers(directory, store.meta.get("center_sha256"))
         except NoStore:
             pass
         except (StaleStore, CorruptStore) as e:
@@ -350,6 +359,7 @@ def update_index(
         todo = store.missing(items)
         if not todo:
             masked = store.retain(items)
+            _finish(store)  # a build killed after its last rows, before saying it was finished
             return {
                 "computed": 0,
                 "masked": masked,
@@ -385,7 +395,8 @@ def update_index(
                 cache = {id(items[i]): raw[j] for j, i in enumerate(sample)}
                 mean = raw.astype(np.float64).mean(0).astype(np.float32)
                 meta = {**meta, "center_sha256": write_center(directory, mean)}
-            store = VectorStore.create(directory, embed.dim, meta, overwrite=True)
+            # "unfinished" until every message has its row: queries refuse a store a killed build left
+            store = VectorStore.create(directory, embed.dim, {**meta, UNFINISHED: True}, overwrite=True)
             _remove_old_centers(directory, meta.get("center_sha256"))
         else:
             bar.total = len(store.missing(items))
@@ -397,7 +408,8 @@ def update_index(
             raw = np.stack([cache[id(r)] if id(r) in cache else next(fresh) for r in records])
             return centred(raw, mean)
 
-        stats = store.update(items, vectors, chunk=4096)
+        stats = store.update(items, vectors, chunk=CHUNK)
+        _finish(store)
     finally:
         bar.close()
     return {
@@ -411,6 +423,11 @@ def update_index(
         "layer": layer,
         "path": str(directory),
     }
+
+
+def _finish(store: VectorStore) -> None:
+    if store.meta.get(UNFINISHED):
+        store.set_meta({k: v for k, v in store.meta.items() if k != UNFINISHED})
 
 
 def _model_layers(model) -> int:

@@ -20,7 +20,7 @@ import numpy as np
 
 from convsim.data.schema import Message
 from convsim.errors import UserError
-from convsim.tda.index import METHODS, Embedder, IndexSpec, Item, centred, index_dir, read_center
+from convsim.tda.index import METHODS, UNFINISHED, Embedder, IndexSpec, Item, centred, index_dir, read_center
 from convsim.tda.store import CorruptStore, NoStore, StaleStore, VectorStore
 
 
@@ -42,6 +42,8 @@ def open_for_query(run, method: str, directory=None) -> VectorStore:
         raise UserError(f"the {method} attribution index is out of date ({e}): {fix}") from None
     except CorruptStore as e:
         raise UserError(f"the {method} attribution index is damaged ({e}): {fix}") from None
+    if store.meta.get(UNFINISHED):
+        raise UserError(f"the {method} attribution index was not finished (its build was stopped): {fix} to finish it")
     return store
 
 
@@ -137,9 +139,9 @@ class Attributor:
     ) -> list[dict]:
         """The k training messages most like `text` as said by `as_speaker` (best first); `speaker`
         restricts them to one speaker's messages. `context`: what the reply followed (gradients)."""
-        self.run.check_speaker(as_speaker)
+        self.run.check_person(as_speaker)
         if speaker is not None:
-            self.run.check_speaker(speaker)
+            self.run.check_person(speaker)
         q = self.vector(text, as_speaker, context)
         out = []
         for rank, (row, score) in enumerate(self.search.search(q, k or self.k, speaker), 1):

@@ -386,6 +386,11 @@ class VectorStore:
             self._commit(self._body(self.rows, dead, self.data_file, self.chunks))
         return len(dead)
 
+    def set_meta(self, meta: dict) -> None:
+        """Replace the store's meta (one commit; the rows stay as they are)."""
+        body = self._body(self.rows, self.dead, self.data_file, self.chunks)
+        self._commit({**body, "meta": _comparable(meta)})
+
     def compact(self) -> int:
         """Drop masked rows for good (rewrites the data file); returns how many were dropped."""
         if not self.dead:

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from convsim.training.checkpoints import best_record, save_best
+from convsim.training.checkpoints import best_record, from_rank0, save_best
 from convsim.training.model import eager, sharded_training
 
 
@@ -223,15 +223,23 @@ def make_callbacks(cfg, run_dir: Path, tok, fmt, val_examples):
 
     class KeepBest(TrainerCallback):
         """--keep-best: after each evaluation with a lower validation loss than any before, the trained
-        tensors (LoRA and speaker rows, a few MB) are written to RUN_DIR/best/ whole or not at all."""
+        tensors (LoRA and speaker rows, a few MB) are written to RUN_DIR/best/ whole or not at all.
+
+        Under torchrun/accelerate rank 0 decides and every process follows it (under FSDP keeping the
+        weights gathers their shards, a step every process takes); rank 0 writes."""
+
+        best = None  # {"step", "eval_loss"} kept so far, the same on every process
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.best = from_rank0(best_record(run_dir) if state.is_world_process_zero else None)
 
         def on_evaluate(self, args, state, control, metrics=None, model=None, **kw):
             loss = (metrics or {}).get("eval_loss")
-            if loss is None or not state.is_world_process_zero:
-                return
-            best = best_record(run_dir)
-            if best is None or loss < best["eval_loss"]:
+            better = loss is not None and (self.best is None or loss < self.best["eval_loss"])
+            loss = from_rank0(loss if better else None)
+            if loss is not None:
                 save_best(run_dir, model, state.global_step, loss)
+                self.best = {"step": state.global_step, "eval_loss": loss}
 
     profile = [Profile(os.environ["CONVSIM_PROFILE"])] if os.environ.get("CONVSIM_PROFILE") else []
     keep = [KeepBest()] if cfg.keep_best else []

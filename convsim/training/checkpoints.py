@@ -16,17 +16,55 @@ from pathlib import Path
 BEST = "best"
 
 
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def _rank0() -> bool:
+    import torch.distributed as dist
+
+    return dist.get_rank() == 0 if _distributed() else int(os.environ.get("RANK", "0")) == 0
+
+
+def from_rank0(value):
+    """`value` as rank 0 has it, on every process: a collective under torchrun/accelerate (every process
+    calls it), `value` itself in one process."""
+    if not _distributed():
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def trained_tensors(model) -> dict:
-    """The tensors that training changes, by parameter name, copied to the CPU."""
-    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+    """The tensors that training changes, by parameter name, whole and copied to the CPU. Under FSDP each
+    is a shard (a DTensor) and is gathered here: a collective, so every process calls this."""
+    import torch
+
+    out = {}
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                whole = p.full_tensor() if hasattr(p, "full_tensor") else p
+                out[n] = whole.detach().to("cpu", copy=True)
+    return out
 
 
 def save_best(run_dir: Path, model, step: int, eval_loss: float) -> None:
+    """Keep the trained tensors as the best so far in RUN_DIR/best/, whole or not at all. Every process
+    calls it (under FSDP the shards are gathered); rank 0 alone writes."""
     import torch
     from convsim.fsutil import atomic_dir
 
+    tensors = trained_tensors(model)
+    if not _rank0():
+        return
     with atomic_dir(run_dir / BEST) as tmp:
-        torch.save(trained_tensors(model), tmp / "trained.pt")
+        torch.save(tensors, tmp / "trained.pt")
         (tmp / "best.json").write_text(json.dumps({"step": step, "eval_loss": eval_loss}))
 
 
@@ -39,19 +77,33 @@ def best_record(run_dir: Path) -> dict | None:
 
 
 def restore_best(run_dir: Path, model) -> dict | None:
-    """Load the kept best tensors into `model` (by parameter name); their record, or None if none kept."""
+    """Load the kept best tensors into `model` (by parameter name); their record, or None if none kept.
+
+    Every process calls it: rank 0 reads RUN_DIR/best/ and sends each tensor to the others, so under DDP
+    every replica, and under FSDP every shard, ends with the kept weights (the other ranks need not see
+    the run directory)."""
     import torch
 
-    rec = best_record(run_dir)
+    rank0 = _rank0()
+    rec = from_rank0(best_record(run_dir) if rank0 else None)
     if rec is None:
         return None
-    saved = torch.load(run_dir / BEST / "trained.pt", map_location="cpu", weights_only=True)
-    params = dict(model.named_parameters())
-    if set(saved) != {n for n, p in params.items() if p.requires_grad}:
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    saved = load_state(run_dir / BEST / "trained.pt") if rank0 else {}
+    if not from_rank0(set(saved) == set(params) if rank0 else None):
         raise RuntimeError(f"{run_dir / BEST} does not match this model's trained tensors")
     with torch.no_grad():
-        for n, t in saved.items():
-            params[n].copy_(t.to(params[n].device, params[n].dtype))
+        for n, p in params.items():
+            whole = saved[n].to(p.device, p.dtype) if rank0 else torch.empty(p.shape, dtype=p.dtype, device=p.device)
+            if _distributed():
+                import torch.distributed as dist
+
+                dist.broadcast(whole, src=0)
+            if hasattr(p, "device_mesh"):  # an FSDP shard: this process's part of the whole tensor
+                from torch.distributed.tensor import distribute_tensor
+
+                whole = distribute_tensor(whole, p.device_mesh, p.placements, src_data_rank=None)
+            p.copy_(whole)
     return rec
 
 
@@ -95,6 +147,61 @@ def complete_checkpoint(path: Path) -> bool:
         and any(path.glob("rng_state*.pth"))
         and any((path / f).exists() for f in weights)
     )
+
+
+# What resuming unpickles: transformers' Trainer reads optimizer.pt, scheduler.pt, rng_state*.pth (and scaler.pt,
+# a PEFT adapter_model.bin) with torch.load. training_args.bin is written but never read back. A checkpoint dir is
+# user-supplied input, so every such file is loaded here first with weights_only=True (tensors, plain containers
+# and the numpy types RNG states hold; nothing that runs code) before the Trainer touches it: the safety does not
+# rest on a library default, and a refused or damaged file ends the command with one clear line.
+UNREAD = {"training_args.bin"}
+PICKLED = ("*.pt", "*.pth", "*.bin")
+
+
+def _numpy_globals() -> list:
+    import numpy as np
+
+    core = np._core if hasattr(np, "_core") else np.core
+    return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def load_state(path: Path):
+    """A state file from a checkpoint, unpickled with weights_only=True (tensors, containers, numpy arrays)."""
+    import torch
+
+    with torch.serialization.safe_globals(_numpy_globals()):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def verify_checkpoint(path: Path, run_dir: Path) -> None:
+    """Load every state file that resuming from `path` reads, safely; UserError naming the first bad one."""
+    import pickle
+
+    from convsim.errors import UserError
+
+    fresh = f"to start fresh, delete {path} (or all of {path.parent}) or train into another --out than {run_dir}"
+    files = sorted({f for pattern in PICKLED for f in path.glob(pattern) if f.name not in UNREAD})
+    for f in files:
+        try:
+            load_state(f)
+        except pickle.UnpicklingError:
+            raise UserError(
+                f"refusing to resume from {f}: it holds Python objects other than tensors and plain data "
+                f"(loading it could run code); {fresh}"
+            ) from None
+        except Exception as e:  # truncated zip, bad magic number, short read: whatever torch raises
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            raise UserError(f"cannot resume from {f}: it is damaged or not a checkpoint ({reason}); {fresh}") from None
+    for f in sorted(path.glob("*.safetensors")):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(f, framework="pt") as st:
+                for k in st.keys():
+                    st.get_slice(k)
+        except Exception as e:
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            raise UserError(f"cannot resume from {f}: it is damaged or not a checkpoint ({reason}); {fresh}") from None
 
 
 def last_checkpoint(ckpt_dir: Path) -> Path | None:

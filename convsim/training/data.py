@@ -57,13 +57,26 @@ def prepare_data(cfg: TrainConfig, data_dir: str):
     return convs, speakers, targets, split, ex
 
 
-def default_extra_data(cfg: TrainConfig, data_dir: Path) -> list[str]:
+def default_extra_data(cfg: TrainConfig, data_dir: Path, recorded_in: Path | None = None) -> list[str]:
     """The extra-data dirs a run uses: those given, else DATA_DIR/extra when it holds conversations (and
-    `auto_extra_data` is on), as an absolute path so a resumed run finds it from any directory."""
+    `auto_extra_data` is on), as absolute paths (what config.yaml and run.json keep) so a resumed run finds them
+    from any directory. `recorded_in`: the config.yaml a resumed run read them from, named when one is gone."""
     from convsim.data.schema import CONVERSATIONS
 
     if cfg.extra_data or not cfg.auto_extra_data:
-        return list(cfg.extra_data)
+        dirs = []
+        for d in cfg.extra_data:
+            path = Path(d).expanduser().absolute()
+            if not (path / CONVERSATIONS).is_file() and not (path.suffix == ".jsonl" and path.is_file()):
+                where = (
+                    f" (the path recorded in {recorded_in}; if the data moved, move it back or give its new "
+                    "place with --extra-data)"
+                    if recorded_in is not None
+                    else " (a data dir written by `convsim import`)"
+                )
+                raise UserError(f"--extra-data {path}: no {CONVERSATIONS} there{where}")
+            dirs.append(str(path.resolve()))
+        return dirs
     extra = data_dir / "extra"
     if (extra / CONVERSATIONS).exists():
         print(
@@ -79,7 +92,10 @@ def most_recent(convs: list, max_messages: int) -> list:
     messages in all, in their original order."""
     from convsim.data.examples import start_time
 
-    order = sorted(range(len(convs)), key=lambda i: start_time(convs[i]) or "", reverse=True)
+    untimed = float("-inf")  # last, once reversed
+    order = sorted(
+        range(len(convs)), key=lambda i: untimed if start_time(convs[i]) is None else start_time(convs[i]), reverse=True
+    )
     keep, total = set(), 0
     for i in order:
         n = len(convs[i].messages)
@@ -116,20 +132,24 @@ def extra_conversations(dirs, split) -> list:
     They never enter validation or test, and their messages from the start of the first held-out conversation
     on are left out, so no training message comes from the held-out period. Ids get a prefix
     (`runs.extra_prefixes`: `x0:` for the first dir), which is how a run tells them apart later."""
+    from datetime import datetime, timezone
+
     from convsim.data.examples import start_time
-    from convsim.data.schema import read_conversations
+    from convsim.data.schema import instant, read_conversations
     from convsim.runs import extra_prefixes
 
-    held = [start_time(c) for c in split["val"] + split["test"] if start_time(c)]
+    # instants, not strings: a held-out session at 10:00+02:00 starts before an extra message at 09:00+00:00
+    held = [t for t in (start_time(c) for c in split["val"] + split["test"]) if t is not None]
     main_ids = {c.id for v in split.values() for c in v}
     cutoff = min(held) if held else None
+    shown = datetime.fromtimestamp(cutoff, timezone.utc).isoformat() if cutoff is not None else None
     out = []
     for d, prefix in zip(dirs, extra_prefixes(len(dirs))):
         got = read_conversations(d)
         n_read = sum(len(c.messages) for c in got)
-        if cutoff:  # messages from the held-out period on are dropped (whole conversations, or their ends)
+        if cutoff is not None:  # messages from the held-out period on are dropped (whole conversations, or ends)
             for c in got:
-                c.messages = [m for m in c.messages if not (m.time and m.time >= cutoff)]
+                c.messages = [m for m in c.messages if (t := instant(m.time)) is None or t < cutoff]
         kept = [c for c in got if c.messages]
         for c in kept:
             c.id = prefix + c.id
@@ -139,7 +159,7 @@ def extra_conversations(dirs, split) -> list:
         print(
             f"extra data {d}: {len(kept):,} conversations ({n_msgs:,} messages) added to training"
             + (
-                f"; {n_read - n_msgs:,} messages from the held-out period on ({cutoff}) left out"
+                f"; {n_read - n_msgs:,} messages from the held-out period on ({shown}) left out"
                 if n_read > n_msgs
                 else ""
             ),

@@ -118,7 +118,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="end with the weights of the evaluation with the lowest validation loss (kept in "
-        "RUN_DIR/best/, resumable), not the last step's (default: off)",
+        "RUN_DIR/best/, resumable), not the last step's; under torchrun/accelerate (DDP, FSDP) rank 0 keeps the "
+        "gathered weights and every process ends with them (default: off)",
     )
     p.add_argument("--eval-steps", type=int)
     p.add_argument("--max-val-examples", type=int, help="validation examples used for the loss (default 200)")

@@ -24,7 +24,14 @@ from convsim.config import to_yaml
 from convsim.errors import UserError
 from convsim.training.backends import build_model
 from convsim.training.callbacks import make_callbacks
-from convsim.training.checkpoints import checkpoint_step, clean_checkpoints, last_checkpoint, restore_best, rewind_logs
+from convsim.training.checkpoints import (
+    checkpoint_step,
+    clean_checkpoints,
+    last_checkpoint,
+    restore_best,
+    rewind_logs,
+    verify_checkpoint,
+)
 from convsim.training.data import default_extra_data, extra_summary, prepare_data, tokenize
 from convsim.training.options import add_arguments, config_from_args
 from convsim.training.model import (
@@ -117,12 +124,16 @@ def _run(args) -> int:
     data_dir = Path(args.data_dir)
     if not data_dir.exists():
         raise UserError(f"data dir {data_dir} does not exist (run `convsim import` first)")
-    cfg.extra_data = default_extra_data(cfg, data_dir)
     run_dir = Path(args.out)
+    saved = run_dir / "config.yaml"
+    from_saved = args.continue_training and not getattr(args, "extra_data", None) and saved.exists()
+    cfg.extra_data = default_extra_data(cfg, data_dir, recorded_in=saved if from_saved else None)
     ckpt_dir = run_dir / "checkpoints"
     resume = None
     if args.continue_training:
         resume = last_checkpoint(ckpt_dir)  # the newest complete one; half-written ones are skipped
+        if resume is not None:
+            verify_checkpoint(resume, run_dir)  # before anything is written or the Trainer unpickles it
         if int(os.environ.get("RANK", "0")) == 0:
             clean_checkpoints(ckpt_dir)
             if resume is not None:
@@ -133,8 +144,6 @@ def _run(args) -> int:
         # rank 0 alone decides: the other ranks would otherwise see the run rank 0 has just started
         raise UserError(f"{run_dir} already holds a run; use --continue-training to resume or another --out")
 
-    if cfg.keep_best and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UserError("--keep-best runs in one process only for now (not under accelerate launch / torchrun)")
     convs, speakers, targets, split, ex = prepare_data(cfg, args.data_dir)
     torch.manual_seed(cfg.seed)
     device = default_device()
@@ -258,7 +267,7 @@ def _run(args) -> int:
     kept = None
     if cfg.keep_best and val_rows:
         final_eval = trainer.evaluate()  # the last step is a candidate too
-        kept = restore_best(run_dir, model) if main else None
+        kept = restore_best(run_dir, model)  # every process: each replica or shard ends with the kept weights
         if kept is not None and kept["step"] != trainer.state.global_step:
             for cb in [c for c in trainer.callback_handler.callbacks if type(c).__name__ == "KeepBest"]:
                 trainer.remove_callback(cb)  # this evaluation is of the kept weights, not a new candidate

@@ -209,3 +209,101 @@ def test_train_uses_data_dir_extra_unless_told_not_to(tmp_path):
     assert meta["extra_data"]["conversations"] == 6
     cli("train", main_dir, "--out", tmp_path / "none", "--no-auto-extra-data", *common)
     assert json.loads((tmp_path / "none" / "run.json").read_text())["extra_data"]["dirs"] == []
+
+
+def test_extra_data_paths_are_kept_absolute_and_checked_on_resume(tmp_path):
+    """--extra-data typed relative to one directory: the run keeps it absolute, so --continue-training from
+    another directory finds it; once the data has moved, resuming is one error line naming the path."""
+    import os
+    import subprocess
+    import sys
+
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    _write(work / "main", synthetic_conversations())
+    extra_dir = _write(work / "extra", _extra(datetime(2023, 12, 1, 9, 0, tzinfo=timezone.utc)))
+    elsewhere.mkdir()
+    run = tmp_path / "run"
+
+    def convsim(cwd, *args):
+        return subprocess.run(
+            [sys.executable, "-m", "convsim", *map(str, args)],
+            capture_output=True,
+            text=True,
+            cwd=cwd,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            timeout=600,
+        )
+
+    common = ["--model", "tiny-gemma3", "--batch-size", "4", "--context-size", "4", "--save-steps", "2"]
+    p = convsim(work, "train", "main", "--extra-data", "extra", "--out", run, "--max-steps", "2", *common)
+    assert p.returncode == 0, p.stderr[-3000:]
+    want = str(extra_dir.resolve())
+    assert json.loads((run / "run.json").read_text())["extra_data"]["dirs"] == [want]
+    assert want in (run / "config.yaml").read_text()
+
+    p = convsim(elsewhere, "train", work / "main", "--out", run, "--continue-training", "--max-steps", "4", "--json")
+    assert p.returncode == 0, p.stderr[-3000:]
+    meta = json.loads((run / "run.json").read_text())
+    assert meta["resumed_from"] == "checkpoint-2" and meta["extra_data"]["conversations"] == 6
+
+    moved = work / "extra-moved"
+    extra_dir.rename(moved)
+    before = (run / "run.json").read_text()
+    p = convsim(elsewhere, "train", work / "main", "--out", run, "--continue-training", "--max-steps", "6")
+    assert p.returncode == 2, p.stderr[-3000:]
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --extra-data ") and "Traceback" not in p.stderr
+    assert want in lines[0] and str(run / "config.yaml") in lines[0] and "--extra-data" in lines[0]
+    assert (run / "run.json").read_text() == before
+    # given its new place, the run goes on
+    p = convsim(
+        elsewhere,
+        "train",
+        work / "main",
+        "--out",
+        run,
+        "--continue-training",
+        "--max-steps",
+        "6",
+        "--extra-data",
+        moved,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads((run / "run.json").read_text())["extra_data"]["dirs"] == [str(moved.resolve())]
+
+
+def test_a_runs_people_are_its_targets_never_extra_only_speakers(tmp_path):
+    """A run trained with --extra-data knows the stranger's name (a speaker token, context) but the stranger
+    is not one of its people: not in plots, not a model to serve, not someone to chat as."""
+    from convsim.runs import open_run
+    from convsim.serve.schemas import ApiError
+    from convsim.serve.service import Service
+
+    main_dir = _write(tmp_path / "main", synthetic_conversations())
+    extra_dir = _write(tmp_path / "extra", _extra(datetime(2023, 12, 1, 9, 0, tzinfo=timezone.utc)))
+    run = tmp_path / "run"
+    common = ["--model", "tiny-gemma3", "--max-steps", "2", "--batch-size", "4", "--context-size", "4"]
+    cli("train", main_dir, "--extra-data", extra_dir, "--out", run, *common)
+    figs = tmp_path / "figs"
+    report = json.loads(cli("plots", run, "--out", figs, "--sample", "40", "--json").stdout)
+    files = {f["file"] for f in report["figures"]}
+    assert {"emotion-finetuned-Ana.png", "emotion-finetuned-Ben.png"} <= files
+    assert not any("Zed" in f for f in files), files
+    page = (figs / "index.html").read_text(encoding="utf-8")
+    assert "people Ana, Ben," in page and "Zed" not in page
+
+    p = cli("chat", run, "--as", "Zed", input="/quit\n", check=False)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "only in --extra-data" in p.stderr
+
+    svc = Service.from_run(run)
+    try:
+        assert svc.entries[0].speakers == ["Ana", "Ben"] and not any("Zed" in i for i in svc.model_ids())
+        with pytest.raises(ApiError, match="does not exist"):
+            svc.job_for({"model": "convsim/Zed", "messages": [{"role": "user", "content": "hi"}]})
+        # the stranger may still appear in a history: the model reads them as context
+        job = svc.job_for({"model": "convsim/Ana", "messages": [{"role": "user", "name": "Zed", "content": "hi"}]})
+        assert job.speaker == "Ana"
+    finally:
+        svc.close()
+    run_ = open_run(run)
+    assert run_.speakers == ["Ana", "Ben", "Zed"] and run_.people == ["Ana", "Ben"]

@@ -85,20 +85,3 @@ def test_keep_best_ends_with_the_lowest_validation_loss(tmp_path):
             if k.split("lora_A")[0].endswith(n.split("lora_A")[0].split("base_model.model.")[-1]) and "lora_A" in k
         ]
         assert match and torch.equal(saved[match[0]].float(), kept[n].float()), n
-
-
-def test_keep_best_is_refused_under_several_processes(tmp_path, data_dir, monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    p = cli(
-        "train",
-        data_dir,
-        "--out",
-        tmp_path / "r",
-        "--model",
-        "tiny-gemma3",
-        "--max-steps",
-        "2",
-        "--keep-best",
-        check=False,
-    )
-    assert p.returncode == 2 and "--keep-best" in p.stderr and "Traceback" not in p.stderr

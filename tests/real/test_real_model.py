@@ -58,3 +58,25 @@ def test_checkpoints_hold_the_adapter_not_the_embedding(tmp_path, data_dir):
     cli(*args, "--max-steps", "2", "--continue-training")
     meta = json.loads((run / "run.json").read_text())
     assert meta["status"] == "done" and meta["resumed_from"] == "checkpoint-1" and meta["global_step"] == 2
+
+
+def test_fast_generation_path_gives_plain_greedy_tokens(monkeypatch):
+    """convsim.inference.fastgen's static cache (bucketed, kept on the model, reset between calls) on the real
+    model: the same greedy tokens as plain `generate`, for two prompts in a row. On a GPU this is the compiled
+    decode path; on the CPU (`CONVSIM_FAST_GENERATE=any`) the same cache without compiling."""
+    from convsim.inference import fastgen
+    from convsim.modeling.models import load
+
+    model, tok = load("gemma-3-270m")
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        monkeypatch.setenv("CONVSIM_FAST_GENERATE", "any")
+    assert fastgen.enabled(model)
+    for text in ("[Ana] are you coming tonight?\n[Ben]", "The capital of France is"):
+        x = tok(text, return_tensors="pt").input_ids.to(device)
+        with torch.no_grad():
+            with fastgen.disabled():
+                want = model.generate(input_ids=x, max_new_tokens=32, do_sample=False)
+            got = fastgen.generate(model, x, max_new_tokens=32, do_sample=False)
+        assert torch.equal(got, want), tok.decode(got[0]) + " | " + tok.decode(want[0])
+    assert not fastgen._broken

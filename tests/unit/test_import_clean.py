@@ -153,12 +153,12 @@ def test_split_sessions_by_gap():
         ("B", "4", None),  # no time: never splits
         ("A", "5", "2024-01-01T13:00:00"),  # backwards: no split
         ("B", "6", "2024-01-02T09:00:00+00:00"),
-    )  # aware after naive: no split
+    )  # aware after naive: compared as instants, the naive time taken as UTC (19 h later: a split)
     out = number(split_sessions([c], 120))
-    assert [[m.text for m in x.messages] for x in out] == [["1", "2"], ["3", "4", "5", "6"]]
-    assert [x.id for x in out] == ["c0001", "c0002"] and all(x.source == "x" for x in out)
+    assert [[m.text for m in x.messages] for x in out] == [["1", "2"], ["3", "4", "5"], ["6"]]
+    assert [x.id for x in out] == ["c0001", "c0002", "c0003"] and all(x.source == "x" for x in out)
     assert len(split_sessions([c], 0)) == 1  # 0 turns splitting off
-    assert len(split_sessions([c], 30)) == 3
+    assert len(split_sessions([c], 30)) == 4
 
 
 def test_number_widens_ids():
