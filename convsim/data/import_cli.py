@@ -1,5 +1,6 @@
 """`convsim import`: chat exports → DATA_DIR/conversations.jsonl (+ DATA_DIR/import.json, what was read,
-kept, dropped and why).
+kept, dropped and why). Longer than most modules: the whole import flow reads top to bottom here; the
+parsers of each app live in importers/.
 
     convsim import "WhatsApp Chat with Ana.zip" --out data/ana
     convsim import chitchat --top-pair --out data/demo --json

@@ -1,4 +1,6 @@
 """`convsim tda index`: one vector per training message of a run, kept in RUN_DIR/tda/METHOD.
+(Longer than most modules: both methods share the message list, the centring and the resume rules, which
+read best together.)
 
     convsim tda index runs/me                          # activations: layer "mid", mean pool, centred
     convsim tda index runs/me --method gradients       # projected per-example LoRA gradients

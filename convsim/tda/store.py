@@ -1,4 +1,6 @@
 """The activation store: one vector per training message, float16 on disk, found by content hash.
+(Longer than most modules: the file format, its crash-safe append and its checks are one commit protocol,
+clearer in one place than spread over files.)
 
     from convsim.tda.store import VectorStore, StaleStore, CorruptStore
     meta = {"model": "gemma-3-270m", "adapter_hash": "ab12…", "layer": -1, "pool": "mean"}
