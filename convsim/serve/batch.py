@@ -24,7 +24,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from convsim.inference.generate import without_repeats
+from convsim.inference.bursts import without_repeats
 
 
 def first_stop(ids: list[int], stops: list[list[int]]) -> tuple[int, list[int] | None]:

@@ -420,7 +420,8 @@ class Service:
     def _generate(self, group: list[Job]) -> list[tuple[Job, tuple]]:
         """Decode the group's rows as one batch (deltas stream as they come); each job's final event."""
         from convsim.data.examples import tag_ids
-        from convsim.inference.generate import prompt_ids, stop_sequences
+        from convsim.inference.bursts import stop_sequences
+        from convsim.inference.generate import prompt_ids
         from convsim.serve.batch import Row, generate_rows
 
         entry = group[0].entry

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from convsim.data.examples import PromptFormat, tag_ids, text_ids
-from convsim.inference.generate import without_repeats
+from convsim.inference.bursts import without_repeats
 from convsim.serve.batch import Row, TextStream
 from convsim.serve.schemas import ApiError, parse_history
 
