@@ -43,7 +43,8 @@ def add_arguments(p):
 
 
 def run(args):
-    from convsim.inference.generate import TurnCache, empty_note, reply, stream_reply
+    from convsim.inference.bursts import empty_note
+    from convsim.inference.generate import TurnCache, reply, stream_reply
     from convsim.runs import open_run
     from convsim.chat.history import now, save_session
 

@@ -52,7 +52,8 @@ def next_speaker(model, tok, fmt, history, speakers, temperature: float, rng: ra
 
 def run(args):
     from convsim.data.transcript import parse_transcript
-    from convsim.inference.generate import empty_note, reply
+    from convsim.inference.bursts import empty_note
+    from convsim.inference.generate import reply
     from convsim.runs import open_run
     from convsim.chat.history import now, save_session
 

@@ -29,7 +29,8 @@ def add_arguments(p):
 
 
 def run(args):
-    from convsim.inference.generate import empty_note, reply
+    from convsim.inference.bursts import empty_note
+    from convsim.inference.generate import reply
     from convsim.runs import open_run
 
     run_ = open_run(args.run_dir)

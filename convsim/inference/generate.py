@@ -5,8 +5,9 @@ comes. No speaker token, whole or partial, ever reaches the caller.
     msgs = reply(model, tok, fmt, history, "Ana", SampleConfig(temperature=0))     # ["hey", "what's up?"]
     for i, delta in stream_reply(model, tok, fmt, history, "Ana", cfg): print(delta, end="")
 
-One module on purpose: batched, streamed and cached (TurnCache) generation share the stopping rule and
-the burst splitting, and keeping them side by side keeps the three paths giving the same replies.
+The rules of a burst (its stops, the hold-off of stops for the first tokens, how ids become messages, and
+streaming them) live in `convsim.inference.bursts`, which the server's batched rows use too; batched,
+streamed and cached (TurnCache) generation here all go through them and so give the same replies.
 """
 
 from __future__ import annotations
@@ -18,14 +19,14 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from convsim.inference import fastgen
-from convsim.data.examples import PromptFormat, end_of_turn_id, render, tag_ids
+from convsim.data.examples import PromptFormat, render
 from convsim.data.schema import Message
+from convsim.inference import fastgen
+from convsim.inference.bursts import Burst, BurstStream, NoEarlyStop, StopOnSequences, StopOnText
 from convsim.modeling.layers import causal_lm
-from convsim.modeling.speakers import speaker_token
 
 
 @dataclass
@@ -38,95 +39,21 @@ class SampleConfig:
     seed: int | None = None
 
 
-class StopOnSequences(StoppingCriteria):
-    """True for a row once its generated tail ends with any stop sequence."""
-
-    def __init__(self, stops: Sequence[Sequence[int]], prompt_len: int):
-        self.stops = [list(s) for s in stops if len(s)]
-        self.prompt_len = prompt_len
-
-    def __call__(self, input_ids, scores, **kwargs):
-        gen = input_ids[:, self.prompt_len :]
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        for s in self.stops:
-            if gen.shape[1] >= len(s):
-                done |= (gen[:, -len(s) :] == torch.tensor(s, device=gen.device)).all(dim=1)
-        return done
-
-
-class NoEarlyStop(LogitsProcessor):
-    """Forbids the first token of every stop sequence (and of the speaker's own tag, which would open an
-    empty message) until `k` tokens have been generated: a burst that stops at once is an empty reply."""
-
-    def __init__(self, banned: Sequence[int], prompt_len: int, k: int):
-        self.banned = sorted({int(b) for b in banned if b is not None and b >= 0})
-        self.prompt_len, self.k = prompt_len, k
-
-    def __call__(self, input_ids, scores):
-        if self.banned and input_ids.shape[1] - self.prompt_len < self.k:
-            scores = scores.clone()
-            scores[:, [b for b in self.banned if b < scores.shape[1]]] = float("-inf")
-        return scores
-
-
-class StopOnText(StoppingCriteria):
-    """For plain-text speaker tags: True once the decoded tail contains any of `texts`."""
-
-    def __init__(self, tok, texts: Sequence[str], prompt_len: int):
-        self.tok, self.texts, self.prompt_len = tok, list(texts), prompt_len
-
-    def __call__(self, input_ids, scores, **kwargs):
-        tails = self.tok.batch_decode(input_ids[:, self.prompt_len :][:, -12:])
-        return torch.tensor([any(t in tail for t in self.texts) for tail in tails], device=input_ids.device)
-
-
-def stop_sequences(tok, fmt: PromptFormat, speaker: str) -> list[list[int]]:
-    stops = [tag_ids(tok, fmt, s) for s in fmt.speakers if s != speaker]
-    stops += [[tok.eos_token_id], [end_of_turn_id(tok)]]
-    if tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id:
-        stops.append([tok.pad_token_id])
-    return stops
-
-
-def _cut(ids: list[int], stops: list[list[int]]) -> tuple[list[int], bool]:
-    """ids up to the first stop sequence (exclusive), and whether one was found."""
-    for i in range(len(ids)):
-        for s in stops:
-            if ids[i : i + len(s)] == s:
-                return ids[:i], True
-    return ids, False
-
-
-def split_messages(tok, fmt: PromptFormat, speaker: str, ids: list[int]) -> list[str]:
-    """Generated ids (stop already cut) → messages, split on the speaker's own tag."""
-    tag = tag_ids(tok, fmt, speaker)
-    parts, cur, i = [], [], 0
-    while i < len(ids):
-        if ids[i : i + len(tag)] == tag:
-            parts.append(cur)
-            cur = []
-            i += len(tag)
-        else:
-            cur.append(ids[i])
-            i += 1
-    parts.append(cur)
-    texts = [tok.decode(p, skip_special_tokens=True).strip() for p in parts]
-    return [t for t in texts if t]
-
-
 def prompt_ids(tok, fmt: PromptFormat, history: Sequence[Message], speaker: str, budget: int) -> list[int]:
     return render(tok, fmt, history, speaker, max_len=budget).input_ids
 
 
-def _gen_kwargs(tok, cfg: SampleConfig, stops, prompt_len, stop_texts=(), own_tag=()):
-    criteria = [StopOnSequences(stops, prompt_len)] + ([StopOnText(tok, stop_texts, prompt_len)] if stop_texts else [])
-    banned = [s[0] for s in stops if s] + list(own_tag[:1])
+def _gen_kwargs(cfg: SampleConfig, burst: Burst, prompt_len: int, more_criteria=()):
+    """`generate`'s arguments for one burst: its stops, no stop before `cfg.min_new_tokens`, the sampling."""
+    criteria = [StopOnSequences(burst.stops, prompt_len)]
+    if burst.texts:
+        criteria.append(StopOnText(burst.tok, burst.texts, prompt_len))
     kw = dict(
         max_new_tokens=cfg.max_new_tokens,
-        pad_token_id=tok.pad_token_id,
-        stopping_criteria=StoppingCriteriaList(criteria),
+        pad_token_id=burst.tok.pad_token_id,
+        stopping_criteria=StoppingCriteriaList(criteria + list(more_criteria)),
         logits_processor=LogitsProcessorList(
-            [NoEarlyStop(banned, prompt_len, min(cfg.min_new_tokens, cfg.max_new_tokens))]
+            [NoEarlyStop(burst.early_stops(), prompt_len, min(cfg.min_new_tokens, cfg.max_new_tokens))]
         ),
     )
     if cfg.temperature and cfg.temperature > 0:
@@ -155,7 +82,7 @@ def reply(
     if cfg.seed is not None:
         torch.manual_seed(cfg.seed)
     ids = (cache.prompt if cache is not None else prompt_ids)(tok, fmt, history, speaker, cfg.max_context_tokens)
-    stops = stop_sequences(tok, fmt, speaker)
+    burst = Burst(tok, fmt, speaker)
     x = torch.tensor([ids], device=_device(model))
     with torch.inference_mode():
         out = _generate(
@@ -164,13 +91,9 @@ def reply(
             cache,
             attention_mask=torch.ones_like(x),
             num_return_sequences=n,
-            **_gen_kwargs(tok, cfg, stops, len(ids), own_tag=tag_ids(tok, fmt, speaker)),
+            **_gen_kwargs(cfg, burst, len(ids)),
         )
-    bursts = []
-    for row in out[:, len(ids) :].tolist():
-        cut, _ = _cut(row, stops)
-        bursts.append(without_repeats(split_messages(tok, fmt, speaker, cut)))
-    return bursts
+    return [burst.messages(row) for row in out[:, len(ids) :].tolist()]
 
 
 def reply_from_prompt(
@@ -180,63 +103,11 @@ def reply_from_prompt(
     text of another speaker's tag and cuts there."""
     if cfg.seed is not None:
         torch.manual_seed(cfg.seed)
-    stops = stop_sequences(tok, fmt, speaker)
-    texts = [] if fmt.special_tokens else [speaker_token(s) for s in fmt.speakers if s != speaker]
+    burst = Burst(tok, fmt, speaker)
     x = torch.tensor([ids], device=_device(model))
     with torch.inference_mode():
-        out = fastgen.generate(
-            model,
-            x,
-            attention_mask=torch.ones_like(x),
-            **_gen_kwargs(tok, cfg, stops, len(ids), texts, tag_ids(tok, fmt, speaker)),
-        )
-    return _burst(tok, fmt, speaker, out[0, len(ids) :].tolist(), stops, texts)
-
-
-def empty_note(speaker: str) -> str:
-    """The line shown instead of an empty reply: why it is empty and what to try."""
-    return (
-        f"note: {speaker}'s reply came out empty (the model wrote only spaces or stopped at once); "
-        "try another --seed or a higher --temperature; a model trained for few steps often does this"
-    )
-
-
-def without_repeats(messages: list[str]) -> list[str]:
-    """A burst ends where a message repeats the one before it: a model that starts looping has nothing
-    more to say, and a person rarely sends the same message twice in a row."""
-    out: list[str] = []
-    for m in messages:
-        if out and m.strip().casefold() == out[-1].strip().casefold():
-            break
-        out.append(m)
-    return out
-
-
-def _burst(tok, fmt: PromptFormat, speaker: str, row: list[int], stops, texts) -> list[str]:
-    """Generated ids → messages: cut at the first stop; with plain-text tags also at another speaker's tag
-    text, and split on the speaker's own tag text; cut again where a message repeats the one before."""
-    cut, _ = _cut(row, stops)
-    if fmt.special_tokens:
-        return without_repeats(split_messages(tok, fmt, speaker, cut))
-    text = tok.decode(cut, skip_special_tokens=True)
-    for t in texts:
-        text = text.split(t)[0]
-    text = without_partial_tag(text, [speaker_token(s) for s in fmt.speakers])
-    return without_repeats([m.strip() for m in text.split(speaker_token(speaker)) if m.strip()])
-
-
-def without_partial_tag(text: str, tags: Sequence[str]) -> str:
-    """`text` without a speaker tag that generation cut short at its end (`... [5` of `[549cc1d1]`): with
-    plain-text tags the length limit can fall inside the next tag, whose start is not the person's text."""
-    for i in range(len(text) - 1, -1, -1):
-        if text[i] != "[":
-            continue
-        tail = text[i:]
-        at_line_start = i == 0 or text[i - 1] in " \n"
-        if at_line_start and any(t.startswith(tail) and t != tail for t in tags):
-            return text[:i].rstrip()
-        break
-    return text
+        out = fastgen.generate(model, x, attention_mask=torch.ones_like(x), **_gen_kwargs(cfg, burst, len(ids)))
+    return burst.messages(out[0, len(ids) :].tolist())
 
 
 def replies_from_prompts(
@@ -252,8 +123,7 @@ def replies_from_prompts(
     independently; each row is cut at its first stop exactly as the single-prompt path cuts."""
     if cfg.seed is not None:
         torch.manual_seed(cfg.seed)
-    stops = stop_sequences(tok, fmt, speaker)
-    texts = [] if fmt.special_tokens else [speaker_token(s) for s in fmt.speakers if s != speaker]
+    burst = Burst(tok, fmt, speaker)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a batch
     out: list[list[str]] = [[] for _ in prompts]
@@ -264,13 +134,9 @@ def replies_from_prompts(
         x = torch.tensor([[pad] * (width - len(prompts[i])) + list(prompts[i]) for i in idx], device=dev)
         mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in idx], device=dev)
         with torch.inference_mode():
-            gen = model.generate(
-                input_ids=x,
-                attention_mask=mask,
-                **_gen_kwargs(tok, cfg, stops, width, texts, tag_ids(tok, fmt, speaker)),
-            )
+            gen = model.generate(input_ids=x, attention_mask=mask, **_gen_kwargs(cfg, burst, width))
         for row, i in zip(gen[:, width:].tolist(), idx):
-            out[i] = _burst(tok, fmt, speaker, row, stops, texts)
+            out[i] = burst.messages(row)
     return out
 
 
@@ -299,16 +165,16 @@ def stream_reply(
     cache: TurnCache | None = None,
 ) -> Iterator[tuple[int, str]]:
     """Yield (message index, text delta) while generating. The deltas of each index join to exactly the
-    messages `reply` returns for the same settings and seed."""
+    messages `reply` returns for the same settings and seed (`bursts.BurstStream`)."""
     if cfg.seed is not None:
         torch.manual_seed(cfg.seed)
     ids = (cache.prompt if cache is not None else prompt_ids)(tok, fmt, history, speaker, cfg.max_context_tokens)
-    stops = stop_sequences(tok, fmt, speaker)
-    tag = tag_ids(tok, fmt, speaker)
-    holdback = max(len(s) for s in stops + [tag]) - 1
+    burst = Burst(tok, fmt, speaker)
+    stream = BurstStream(burst)
     x = torch.tensor([ids], device=_device(model))
     streamer = _QueueStreamer()
     error: list[BaseException] = []
+    gone = threading.Event()  # the burst is over (a repeat ends it before any stop) or the caller left
 
     def work():
         try:
@@ -319,7 +185,7 @@ def stream_reply(
                     cache,
                     attention_mask=torch.ones_like(x),
                     streamer=streamer,
-                    **_gen_kwargs(tok, cfg, stops, len(ids), own_tag=tag),
+                    **_gen_kwargs(cfg, burst, len(ids), [_StopWhen(gone)]),
                 )
         except BaseException as e:  # surfaced in the consumer
             error.append(e)
@@ -327,48 +193,25 @@ def stream_reply(
 
     th = threading.Thread(target=work, daemon=True)
     th.start()
-    gen: list[int] = []
-    msg_index, shown = 0, ""
-    consumed = 0  # ids before the current message's start
-
-    def current_text(upto: int) -> str:
-        return tok.decode(gen[consumed:upto], skip_special_tokens=True)
-
-    finished = False
-    while not finished:
-        item = streamer.q.get()
-        if item is None:
-            finished = True
-        else:
-            gen.extend(item)
-        cut, stopped = _cut(gen, stops)
-        safe = len(cut) if (stopped or finished) else max(consumed, len(cut) - holdback)
-        # message breaks inside the safe region
-        while True:
-            pos = next((i for i in range(consumed, safe - len(tag) + 1) if gen[i : i + len(tag)] == tag), None)
-            if pos is None:
-                break
-            text = current_text(pos).strip()
-            if text[len(shown) :]:
-                yield msg_index, text[len(shown) :]
-            if text:
-                msg_index += 1
-            consumed, shown = pos + len(tag), ""
-        text = current_text(safe).lstrip()
-        if stopped or finished:
-            text = text.rstrip()
-        if text.endswith("\ufffd"):
-            text = text.rstrip("\ufffd")
-        if not (stopped or finished):
-            text = text.rstrip()  # trailing whitespace may be the message's end; show it with what follows
-        if len(text) > len(shown) and text.startswith(shown):
-            yield msg_index, text[len(shown) :]
-            shown = text
-        if stopped:
-            break
-    th.join()
+    try:
+        while not stream.over:
+            item = streamer.q.get()
+            yield from stream.feed(item or [], finished=item is None)
+    finally:
+        gone.set()
+        th.join()
     if error:
         raise error[0]
+
+
+class _StopWhen(StoppingCriteria):
+    """Stops every row once `event` is set."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 # ----------------------------------------------------------------------------- KV cache reuse across turns

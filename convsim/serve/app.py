@@ -58,6 +58,8 @@ def error_response(e: ApiError) -> JSONResponse:
 def create_app(service, loopback: bool = True) -> FastAPI:
     """The app for `service`; `loopback`: it listens on a loopback address only (then, without an API key,
     requests must name a loopback Host)."""
+    from convsim.inference.bursts import empty_note  # torch comes with it: imported once a service exists
+
     app = FastAPI(title="convsim", docs_url=None, redoc_url=None, openapi_url=None)
     svc = service
 
@@ -132,13 +134,16 @@ def create_app(service, loopback: bool = True) -> FastAPI:
             Choice(index=i, message=ChatMessage(content="\n".join(b)), finish_reason=f)
             for i, (b, f) in enumerate(zip(bursts, finish, strict=True))
         ]
+        extra = {"run": job.entry.name, "speaker": job.speaker, "messages": bursts, "batch_rows": job.batch[1]}
+        if any(not b for b in bursts):  # an empty reply is never shown without a word
+            extra["note"] = empty_note(job.speaker)
         return ChatCompletion(
             id="chatcmpl-" + uuid.uuid4().hex,
             created=int(time.time()),
             model=job.model_id,
             choices=choices,
             usage=Usage(**usage),
-            convsim={"run": job.entry.name, "speaker": job.speaker, "messages": bursts, "batch_rows": job.batch[1]},
+            convsim=extra,
         ).model_dump()
 
     async def _stream(job):
@@ -149,7 +154,7 @@ def create_app(service, loopback: bool = True) -> FastAPI:
 
         def chunk(delta: Delta, finish=None) -> bytes:
             obj = ChatChunk(**base, choices=[ChunkChoice(delta=delta, finish_reason=finish)]).model_dump(
-                exclude={"usage"}
+                exclude={"usage", "convsim"}
             )
             obj["choices"][0]["delta"] = delta.model_dump(exclude_none=True)  # only what this chunk adds
             return sse(obj)
@@ -169,10 +174,13 @@ def create_app(service, loopback: bool = True) -> FastAPI:
                     )
                     yield sse(e.body())
                 else:
-                    _, _, finish, usage = event
+                    _, bursts, finish, usage = event
+                    if not bursts[0]:  # an empty reply is never shown without a word
+                        note = {"note": empty_note(job.speaker)}
+                        yield sse(ChatChunk(**base, choices=[], convsim=note).model_dump(exclude={"usage"}))
                     yield chunk(Delta(), finish[0])
                     if job.include_usage:
-                        yield sse(ChatChunk(**base, choices=[], usage=Usage(**usage)).model_dump())
+                        yield sse(ChatChunk(**base, choices=[], usage=Usage(**usage)).model_dump(exclude={"convsim"}))
                 break
             yield b"data: [DONE]\n\n"
         finally:

@@ -1,17 +1,16 @@
 """Batched generation for the server: several prompts of one run decoded together, each row with its own
-sampling settings, seed, token budget and stop sequences, and each streaming its own text as it goes.
+sampling settings, seed, token budget and burst rules, and each streaming its own text as it goes.
 
-    rows = [Row(prompt_ids, stops, tag, temperature=0, max_new_tokens=64, on_delta=print), ...]
-    generate_rows(model, tok, rows, pad_id)      # fills row.ids, row.stop; then row.messages(tok)
+    rows = [Row(prompt_ids, Burst(tok, fmt, "Ana"), temperature=0, max_new_tokens=64, on_delta=print), ...]
+    generate_rows(model, tok, rows, pad_id)      # fills row.ids, row.stop; then row.messages()
 
 A row samples with its own `torch.Generator` (seeded from the request, or at random), so what a row gets
 does not depend on which other rows share its batch; greedy rows take the argmax, as `generate` does.
-Rows are left-padded to one width; a row is finished at its first stop sequence or its own budget, and the
-batch ends when every row is. A burst is cut as `convsim.inference.generate.reply` cuts it: at the first
-stop, split on the speaker's own tag, and ended where a message repeats the one before (`without_repeats`).
-Streaming follows the same rules: no stop sequence or speaker tag, whole or partial, is ever shown, a message
-that might still turn out to repeat the one before is held back until it differs, and the deltas join to
-the messages that the non-streaming path returns.
+Rows are left-padded to one width; a row is finished at its first stop or its own budget, and the batch
+ends when every row is. Each row follows its `convsim.inference.bursts.Burst`, the rules
+`convsim.inference.generate.reply` follows: no stop before `min_new_tokens`, the cut at the first stop, the
+split on the speaker's own tag, the end where a message repeats the one before; streaming goes through the
+same `BurstStream` as `stream_reply`, so the deltas join to the messages the non-streaming path returns.
 """
 
 from __future__ import annotations
@@ -24,96 +23,8 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from convsim.inference.generate import without_repeats
-
-
-def first_stop(ids: list[int], stops: list[list[int]]) -> tuple[int, list[int] | None]:
-    """(index of the first stop sequence in ids, that sequence), or (len(ids), None)."""
-    for i in range(len(ids)):
-        for s in stops:
-            if ids[i : i + len(s)] == s:
-                return i, s
-    return len(ids), None
-
-
-def split_on(tok, ids: list[int], tag: list[int]) -> list[str]:
-    """Generated ids (stop already cut) → messages, split on the speaker's own tag; empty ones dropped
-    (`without_repeats` then ends the burst where a message repeats the one before)."""
-    parts, cur, i = [], [], 0
-    while i < len(ids):
-        if tag and ids[i : i + len(tag)] == tag:
-            parts.append(cur)
-            cur, i = [], i + len(tag)
-        else:
-            cur.append(ids[i])
-            i += 1
-    parts.append(cur)
-    texts = [tok.decode(p, skip_special_tokens=True).strip() for p in parts]
-    return [t for t in texts if t]
-
-
-class TextStream:
-    """Incremental text of one row: feed it the ids as they come, get (message index, delta) pairs."""
-
-    def __init__(self, tok, stops: list[list[int]], tag: list[int]):
-        self.tok, self.stops, self.tag = tok, stops, tag
-        self.holdback = max(len(s) for s in stops + [tag]) - 1
-        self.gen: list[int] = []
-        self.index, self.shown, self.consumed = 0, "", 0
-        self.previous: str | None = None  # the last whole message shown, casefolded
-        self.ended = False  # a message repeated the one before: the burst is over
-
-    def _repeats(self, text: str) -> bool:
-        return self.previous is not None and text.casefold() == self.previous
-
-    def _may_repeat(self, text: str) -> bool:
-        """Whether `text`, still growing, could yet become a repeat of the previous message."""
-        return self.previous is not None and self.previous.startswith(text.casefold())
-
-    def _text(self, upto: int) -> str:
-        return self.tok.decode(self.gen[self.consumed : upto], skip_special_tokens=True)
-
-    def feed(self, new: list[int], finished: bool = False) -> list[tuple[int, str]]:
-        if self.ended:
-            return []
-        self.gen.extend(new)
-        out = []
-        cut, stop = first_stop(self.gen, self.stops)
-        done = finished or stop is not None
-        safe = cut if done else max(self.consumed, cut - self.holdback)
-        tag = self.tag
-        while tag:  # message breaks inside the safe region
-            pos = next(
-                (i for i in range(self.consumed, safe - len(tag) + 1) if self.gen[i : i + len(tag)] == tag), None
-            )
-            if pos is None:
-                break
-            text = self._text(pos).strip()
-            if text and self._repeats(text):
-                self.ended = True
-                return out
-            if text[len(self.shown) :]:
-                out.append((self.index, text[len(self.shown) :]))
-            if text:
-                self.index += 1
-                self.previous = text.casefold()
-            self.consumed, self.shown = pos + len(tag), ""
-        text = self._text(safe).lstrip()
-        if done:
-            text = text.rstrip()
-        if text.endswith("\ufffd"):  # half a character: wait for the rest
-            text = text.rstrip("\ufffd")
-        if not done:
-            text = text.rstrip()  # trailing space may end the message; show it with what follows
-        if done and text and self._repeats(text):
-            self.ended = True
-            return out
-        if not done and not self.shown and self._may_repeat(text):
-            return out  # nothing of a possible repeat is shown until it differs
-        if len(text) > len(self.shown) and text.startswith(self.shown):
-            out.append((self.index, text[len(self.shown) :]))
-            self.shown = text
-        return out
+from convsim.inference.bursts import Burst, BurstStream, NoEarlyStop, first_stop
+from convsim.inference.generate import SampleConfig
 
 
 @dataclass
@@ -121,27 +32,27 @@ class Row:
     """One sequence to generate, and (after `generate_rows`) what it got."""
 
     prompt: list[int]
-    stops: list[list[int]]  # any of these ends the row (other speakers' tags, eos, ...)
-    tag: list[int]  # the speaker's own tag: separates the messages of a burst
+    burst: Burst  # its speaker's rules: stops, own tag, how the ids become messages
     temperature: float = 0.0
     top_p: float = 1.0
     max_new_tokens: int = 96
+    min_new_tokens: int = SampleConfig.min_new_tokens  # no stop before this many tokens
     seed: int | None = None
     on_delta: Callable[[int, str], None] | None = None  # streaming: (message index, text delta)
     cancelled: Callable[[], bool] | None = None  # a gone client: the row stops early
     ids: list[int] = field(default_factory=list)  # generated ids, cut before the stop
-    stop: list[int] | None = None  # the stop sequence that ended it (None: budget)
+    stop: list[int] | None = None  # the stop sequence that ended it (None: budget, or a stop in the text)
 
-    def messages(self, tok) -> list[str]:
-        return without_repeats(split_on(tok, self.ids, self.tag))
+    @property
+    def stops(self) -> list[list[int]]:
+        return self.burst.stops
 
-    def ended(self, tok) -> bool:
-        """Whether the burst ended (a stop sequence, or a message repeating the one before) rather than ran
-        out of tokens: OpenAI's finish_reason "stop" against "length"."""
-        if self.stop is not None:
-            return True
-        whole = split_on(tok, self.ids, self.tag)
-        return len(without_repeats(whole)) < len(whole)
+    def messages(self) -> list[str]:
+        return self.burst.messages(self.ids)
+
+    def ended(self) -> bool:
+        """Whether the burst ended by itself rather than ran out of tokens: finish_reason "stop" or "length"."""
+        return self.stop is not None or self.burst.ends(self.ids)
 
 
 class _RowSampler(LogitsProcessor):
@@ -192,8 +103,10 @@ class _RowStops(StoppingCriteria):
         w = max(len(s) for r in self.rows for s in r.stops)
         tails = input_ids[:, -min(n, w) :].tolist() if n > 0 else [[] for _ in self.rows]
         done = []
-        for r, tail in zip(self.rows, tails):
+        for i, (r, tail) in enumerate(zip(self.rows, tails)):
             hit = any(len(tail) >= len(s) and tail[-len(s) :] == s for s in r.stops)
+            if not hit and r.burst.texts and n > 0:  # plain-text tags: another speaker's tag as text
+                hit = r.burst.stopped_by_text(input_ids[i, self.width :][-12:].tolist())
             done.append(hit or n >= r.max_new_tokens or bool(r.cancelled and r.cancelled()))
         return torch.tensor(done, device=input_ids.device)
 
@@ -203,7 +116,7 @@ class _RowStreamer(BaseStreamer):
 
     def __init__(self, tok, rows: list[Row]):
         self.rows, self.first = rows, True
-        self.streams = [TextStream(tok, r.stops, r.tag) if r.on_delta else None for r in rows]
+        self.streams = [BurstStream(r.burst) if r.on_delta else None for r in rows]
         self.gen: list[list[int]] = [[] for _ in rows]
         self.done = [False] * len(rows)
         self.window = max(len(s) for r in rows for s in r.stops)
@@ -252,7 +165,16 @@ def generate_rows(model, tok, rows: list[Row], pad_id: int, vocab: int | None = 
             temperature=None,
             top_p=None,
             top_k=None,
-            logits_processor=LogitsProcessorList([_RowSampler(rows, vocab)]),
+            logits_processor=LogitsProcessorList(
+                [
+                    NoEarlyStop(
+                        [r.burst.early_stops() for r in rows],
+                        width,
+                        [min(r.min_new_tokens, r.max_new_tokens) for r in rows],
+                    ),
+                    _RowSampler(rows, vocab),  # last: it picks the token from the scores the others left
+                ]
+            ),
             stopping_criteria=StoppingCriteriaList([_RowStops(rows, width)]),
             streamer=streamer,
         )

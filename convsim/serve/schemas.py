@@ -120,7 +120,7 @@ class ChatCompletion(BaseModel):
     model: str
     choices: list[Choice]
     usage: Usage
-    convsim: dict  # {"run", "speaker", "messages": the bursts as message lists}
+    convsim: dict  # {"run", "speaker", "messages": the bursts as message lists, "note" when one is empty}
 
 
 class Delta(BaseModel):
@@ -142,6 +142,7 @@ class ChatChunk(BaseModel):
     model: str
     choices: list[ChunkChoice]
     usage: Usage | None = None
+    convsim: dict | None = None  # {"note"}: the reply came out empty (a chunk with no choices)
 
 
 class ModelCard(BaseModel):

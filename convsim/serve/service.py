@@ -419,8 +419,8 @@ class Service:
 
     def _generate(self, group: list[Job]) -> list[tuple[Job, tuple]]:
         """Decode the group's rows as one batch (deltas stream as they come); each job's final event."""
-        from convsim.data.examples import tag_ids
-        from convsim.inference.generate import prompt_ids, stop_sequences
+        from convsim.inference.bursts import Burst
+        from convsim.inference.generate import prompt_ids
         from convsim.serve.batch import Row, generate_rows
 
         entry = group[0].entry
@@ -431,17 +431,17 @@ class Service:
             history = fit_history(tok, fmt, j.history, j.speaker, cfg.max_context_tokens)
             ids = prompt_ids(tok, fmt, history, j.speaker, cfg.max_context_tokens)
             prompts[id(j)] = len(ids)
-            stops, tag = stop_sequences(tok, fmt, j.speaker), tag_ids(tok, fmt, j.speaker)
+            burst = Burst(tok, fmt, j.speaker)
             for k in range(j.n):
                 on_delta = self._streamer(j) if j.stream else None
                 rows.append(
                     Row(
                         ids,
-                        stops,
-                        tag,
+                        burst,
                         temperature=cfg.temperature,
                         top_p=cfg.top_p,
                         max_new_tokens=cfg.max_new_tokens,
+                        min_new_tokens=cfg.min_new_tokens,
                         seed=None if cfg.seed is None else cfg.seed + k,
                         on_delta=on_delta,
                         cancelled=(lambda j=j: j.cancelled),
@@ -453,11 +453,11 @@ class Service:
         answers = []
         for j in group:
             mine = [r for r, o in zip(rows, owners) if o is j]
-            bursts = [j._streamed] if j.stream else [r.messages(tok) for r in mine]
+            bursts = [j._streamed] if j.stream else [r.messages() for r in mine]
             done = [len(r.ids) for r in mine]
             p = prompts[id(j)]
             usage = {"prompt_tokens": p, "completion_tokens": sum(done), "total_tokens": p + sum(done)}
-            finish = ["stop" if r.ended(tok) else "length" for r in mine]
+            finish = ["stop" if r.ended() else "length" for r in mine]
             j.stopped_by = [r.stop for r in mine]
             answers.append((j, ("done", bursts, finish, usage)))
         return answers

@@ -46,7 +46,8 @@ def test_export_round_trip(tiny_run, tmp_path, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from convsim.data.examples import render
-    from convsim.inference.generate import SampleConfig, reply, without_repeats
+    from convsim.inference.bursts import without_repeats
+    from convsim.inference.generate import SampleConfig, reply
     from convsim.runs import open_run
 
     out = tmp_path / "export"

@@ -60,8 +60,10 @@ def test_demo_rejects_bad_steps(tmp_path):
 
 @pytest.fixture
 def empty_generation(monkeypatch):
-    """Generation that returns empty bursts, as an undertrained model can."""
+    """Generation that returns empty bursts, as an undertrained model can: `reply` and `stream_reply` for
+    the commands, the batched rows for the server (each stopped at once by another speaker's tag)."""
     import convsim.inference.generate as gen
+    import convsim.serve.batch as batch
 
     def nothing(model, tok, fmt, history, speaker, cfg=None, n=1, cache=None):
         return [[] for _ in range(n)]
@@ -69,8 +71,14 @@ def empty_generation(monkeypatch):
     def stream_nothing(*a, **kw):
         return iter(())
 
+    def rows_of_nothing(model, tok, rows, pad_id, vocab=None):
+        for r in rows:
+            r.ids, r.stop = [], r.stops[0]
+        return rows
+
     monkeypatch.setattr(gen, "reply", nothing)
     monkeypatch.setattr(gen, "stream_reply", stream_nothing)
+    monkeypatch.setattr(batch, "generate_rows", rows_of_nothing)
 
 
 def run_main(argv, capsys, monkeypatch, stdin=""):
@@ -102,10 +110,19 @@ def test_chat_never_empty_silently(tiny_run, empty_generation, capsys, monkeypat
 
 
 def test_serve_never_empty_silently(tiny_run, empty_generation):
-    from test_serve import AUTH, KEY, chat, serving
+    from test_serve import AUTH, KEY, chat, serving, sse_events
 
+    ask = {"model": "convsim/Ana", "messages": [{"role": "user", "content": "hi"}]}
     with serving(tiny_run, api_key=KEY) as (url, _):
-        status, _, data = chat(url, {"model": "convsim/Ana", "messages": [{"role": "user", "content": "hi"}]}, AUTH)
-    body = json.loads(data)
-    assert status == 200 and body["choices"][0]["message"]["content"] == ""
-    assert "reply came out empty" in body["convsim"]["note"]
+        status, _, data = chat(url, ask, AUTH)
+        body = json.loads(data)
+        assert status == 200 and body["choices"][0]["message"]["content"] == ""
+        assert body["choices"][0]["finish_reason"] == "stop" and body["convsim"]["messages"] == [[]]
+        assert "reply came out empty" in body["convsim"]["note"]
+        status, _, data = chat(url, {**ask, "stream": True, "stream_options": {"include_usage": True}}, AUTH)
+    events = sse_events(data)
+    assert status == 200 and not any(e["choices"][0]["delta"].get("content") for e in events if e["choices"])
+    # the note comes in a chunk of its own, before the final chunk (and the usage)
+    note = next(k for k, e in enumerate(events) if "convsim" in e)
+    assert events[note]["choices"] == [] and "reply came out empty" in events[note]["convsim"]["note"]
+    assert events[note + 1]["choices"][0]["finish_reason"] == "stop" and "usage" in events[note + 2]

@@ -10,13 +10,13 @@ import torch
 from conftest import synthetic_conversations
 from convsim.data.examples import PromptFormat
 from convsim.data.schema import Message
+from convsim.inference.bursts import Burst
 from convsim.inference.generate import (
     SampleConfig,
     TurnCache,
     _generate,
     _gen_kwargs,
     reply,
-    stop_sequences,
     stream_reply,
 )
 from convsim.modeling.layers import decoder_layers
@@ -44,13 +44,13 @@ def conversation(n):
 def test_same_tokens_as_a_fresh_prefill(model_tok):
     model, tok = model_tok
     fmt = PromptFormat("base", ("Ana", "Ben"))
-    stops = stop_sequences(tok, fmt, "Ana")
+    burst = Burst(tok, fmt, "Ana")
     msgs = conversation(30)
     cache = TurnCache()
     for turn, upto in enumerate((8, 9, 14, 22, 30)):  # prompts of ~60 to ~250 tokens: past tiny-gemma3's window 64
         ids = cache.prompt(tok, fmt, msgs[:upto], "Ana", 4096)
         x = torch.tensor([ids])
-        kw = dict(attention_mask=torch.ones_like(x), **_gen_kwargs(tok, GREEDY, stops, len(ids)))
+        kw = dict(attention_mask=torch.ones_like(x), **_gen_kwargs(GREEDY, burst, len(ids)))
         with torch.inference_mode():
             plain = model.generate(input_ids=x, **kw)
             cached = _generate(model, x, cache, **kw)

@@ -11,8 +11,8 @@ from convsim.data.examples import PromptFormat
 from convsim.data.names import alias, display, displays, looks_like_id
 from convsim.data.schema import Message
 from convsim.demo import summary, table_lines
-from convsim.inference.generate import SampleConfig, _burst, reply, stop_sequences, without_partial_tag
-from convsim.modeling.speakers import speaker_token
+from convsim.inference.bursts import Burst, without_partial_tag
+from convsim.inference.generate import SampleConfig, reply
 
 
 def table(ft, ic, base):
@@ -78,6 +78,50 @@ def test_no_stop_before_the_first_tokens(tiny):
     assert got[0] != []  # four tokens were written before the stop came
 
 
+class Script:
+    """Makes the model write `ids` in order, one per forward pass (a hook on the output head), then end of
+    text; `calls` counts the passes since the last `reset`."""
+
+    def __init__(self, model, ids, eos):
+        self.ids, self.eos, self.calls = list(ids), eos, 0
+        self.handle = model.get_output_embeddings().register_forward_hook(self.hook)
+
+    def reset(self):
+        self.calls = 0
+
+    def hook(self, module, inputs, output):
+        want = self.ids[self.calls] if self.calls < len(self.ids) else self.eos
+        self.calls += 1
+        output = output.clone()
+        output[..., want] += 1e4
+        return output
+
+
+def test_streamed_reply_ends_at_a_repeat_as_reply_does(tiny):
+    """`chat --stream` (stream_reply) ends a burst where a message repeats the one before, as `reply` does:
+    the streamed text equals the non-streamed reply, and generation stops once the burst is over."""
+    from convsim.inference.generate import stream_reply
+
+    model, tok, ids = tiny
+    fmt = PromptFormat(style="base", speakers=("Ana", "Ben"))
+    hist = [Message("Ben", "are you coming?", "2024-01-01T00:00:00+00:00")]
+    hello, later = (tok(" " + t, add_special_tokens=False).input_ids for t in ("see you", "later maybe"))
+    script = Script(model, hello + [ids["Ana"]] + hello + [ids["Ana"]] + later + [ids["Ana"]] + later, tok.eos_token_id)
+    cfg = SampleConfig(temperature=0, max_new_tokens=40)
+    try:
+        want = reply(model, tok, fmt, hist, "Ana", cfg)[0]
+        whole = script.calls
+        script.reset()
+        shown: dict[int, str] = {}
+        for i, delta in stream_reply(model, tok, fmt, hist, "Ana", cfg):
+            shown[i] = shown.get(i, "") + delta
+    finally:
+        script.handle.remove()
+    assert want == ["see you"]
+    assert [shown[i] for i in sorted(shown)] == want
+    assert script.calls < whole  # the repeat ended the streamed generation early
+
+
 def test_partial_tag_is_cut():
     tags = ["[549cc1d1]", "[a54af4d5]"]
     assert without_partial_tag("ok see you\n[5", tags) == "ok see you"
@@ -92,11 +136,10 @@ def test_burst_cuts_a_partial_tag_and_a_repeated_message_together(tiny):
     _, tok, _ = tiny
     me, other = "549cc1d1", "a54af4d5"
     fmt = PromptFormat(style="base", speakers=(me, other), special_tokens=False)
-    stops, texts = stop_sequences(tok, fmt, me), [speaker_token(other)]
 
     def burst(text):
         row = tok(text, add_special_tokens=False, split_special_tokens=True).input_ids
-        return _burst(tok, fmt, me, row, stops, texts)
+        return Burst(tok, fmt, me).messages(row)
 
     assert burst(" ok\n[549cc1d1] later\n[a54a") == ["ok", "later"]
     assert burst(" ok see you\n[549cc1d1] OK see you\n[549cc1d1] later\n[a54a") == ["ok see you"]

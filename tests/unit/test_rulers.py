@@ -5,7 +5,7 @@ import math
 import pytest
 
 from convsim.evaluation import rulers
-from convsim.inference.generate import without_repeats
+from convsim.inference.bursts import without_repeats
 
 
 def test_copy_rate_finds_an_eight_token_span_within_one_message():
