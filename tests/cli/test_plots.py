@@ -100,7 +100,7 @@ def test_speaker_labels_and_rename(tiny_run, tmp_path, monkeypatch, capsys):
             t.startswith("Ana ") for t in legends[name]
         )
     assert json.loads((out / "plots.json").read_text())["labels"] == {"Ana": "Anna (Ana)", "Ben": "Ben"}
-    assert "speakers Anna (Ana), Ben" in (out / "index.html").read_text(encoding="utf-8")
+    assert "people Anna (Ana), Ben" in (out / "index.html").read_text(encoding="utf-8")
     capsys.readouterr()
     assert main(["plots", str(tiny_run), "--out", str(tmp_path / "x"), "--speaker", "Zed=Z"]) == 2
     assert "unknown speaker 'Zed'" in capsys.readouterr().err and not (tmp_path / "x").exists()
@@ -166,13 +166,13 @@ def test_burst_sizes_and_reply_delays():
         ("B", "yo", "2024-01-01T10:01:05+00:00"),
         ("A", "ok", None),  # no time: no delay
         ("B", "so", "2024-01-01T10:02:00"),
-        ("A", "hm", "2024-01-01T10:02:10+00:00"),  # naive, aware
+        ("A", "hm", "2024-01-01T10:02:10+00:00"),  # naive then aware: a time without offset counts as UTC
         ("B", "ah", "2024-01-01T10:02:20"),
         ("A", "fine", "2024-01-01T10:02:50"),
         ("A", "bye", "bad"),
     )
     assert data.burst_sizes([c]) == {"A": [2, 1, 1, 2], "B": [1, 1, 1]}
-    assert data.reply_delays([c]) == {"B": [60.0], "A": [30.0]}
+    assert data.reply_delays([c]) == {"B": [60.0, 10.0], "A": [10.0, 30.0]}
     assert data.reply_delays([conv(("A", "x", None), ("B", "y", None))]) == {}
 
 

@@ -349,7 +349,8 @@ def test_conversation_db_is_owner_only(tmp_path):
 # ----------------------------------------------------------------------------- no pickle
 
 UNSAFE = [
-    (re.compile(r"\bimport pickle\b|\bpickle\.loads?\(|\bcPickle\b|\bdill\b|\bjoblib\.load\("), "pickle"),
+    # importing pickle for its error class is fine; reading with it is not
+    (re.compile(r"\bpickle\.(loads?|Unpickler)\b|\bcPickle\b|\bdill\b|\bjoblib\.load\("), "pickle"),
     (re.compile(r"allow_pickle\s*=\s*True"), "numpy pickle"),
     (re.compile(r"yaml\.(unsafe_)?load\((?![^)]*SafeLoader)|yaml\.full_load|yaml\.unsafe_load"), "unsafe YAML"),
     (re.compile(r"(?<![.\w])(eval|exec)\("), "eval/exec"),
