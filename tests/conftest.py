@@ -85,27 +85,19 @@ def cli(*args, check=True, input=None, timeout=600):
     return p
 
 
+TINY_TRAIN = [
+    "--model", "tiny-llama", "--max-steps", "30", "--batch-size", "8", "--learning-rate", "3e-3",
+    "--eval-steps", "10", "--save-steps", "10", "--json",
+]  # fmt: skip
+
+
+def train_tiny(data, out) -> Path:
+    """A tiny-llama run of `data` trained for a few steps through the CLI, at `out`."""
+    cli("train", data, "--out", out, *TINY_TRAIN)
+    return Path(out)
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, data_dir) -> Path:
     """A tiny-llama run trained for a few steps through the CLI (shared by many tests)."""
-    out = tmp_path_factory.mktemp("runs") / "tiny"
-    cli(
-        "train",
-        data_dir,
-        "--out",
-        out,
-        "--model",
-        "tiny-llama",
-        "--max-steps",
-        "30",
-        "--batch-size",
-        "8",
-        "--learning-rate",
-        "3e-3",
-        "--eval-steps",
-        "10",
-        "--save-steps",
-        "10",
-        "--json",
-    )
-    return out
+    return train_tiny(data_dir, tmp_path_factory.mktemp("runs") / "tiny")

@@ -22,7 +22,7 @@ from convsim.serve.app import create_app, running
 from convsim.serve.schemas import Limits
 from convsim.serve.service import Service
 
-from conftest import cli, synthetic_conversations
+from conftest import cli, synthetic_conversations, train_tiny
 from test_serve import AUTH, KEY, call, chat, greedy, sse_events, wait_for
 from test_serve import browser  # noqa: F401  (the Chromium fixture)
 
@@ -46,26 +46,7 @@ def cy_run(tmp_path_factory):
     """A second tiny-llama run, of Cy and Dee."""
     d = tmp_path_factory.mktemp("cydee")
     write_conversations(d / "data" / "conversations.jsonl", synthetic_conversations(seed=5, speakers=("Cy", "Dee")))
-    cli(
-        "train",
-        d / "data",
-        "--out",
-        d / "cydee",
-        "--model",
-        "tiny-llama",
-        "--max-steps",
-        "30",
-        "--batch-size",
-        "8",
-        "--learning-rate",
-        "3e-3",
-        "--eval-steps",
-        "10",
-        "--save-steps",
-        "10",
-        "--json",
-    )
-    return d / "cydee"
+    return train_tiny(d / "data", d / "cydee")
 
 
 @pytest.fixture(scope="module")

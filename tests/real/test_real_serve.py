@@ -23,6 +23,12 @@ def lone(model, tok, fmt, text, speaker, other):
     return reply(model, tok, fmt, [Message(other, text)], speaker, SampleConfig(temperature=0, max_new_tokens=48))[0]
 
 
+def train_one_step(data, out) -> None:
+    """The embedded model trained for one step: enough for the new speaker rows and an adapter to exist."""
+    cli("train", data, "--out", out, "--batch-size", "2", "--max-steps", "1", "--eval-steps", "1000",
+        "--max-val-examples", "2", "--json")  # fmt: skip
+
+
 def wait_for(fn, timeout, what):
     deadline = time.time() + timeout
     while not fn():
@@ -37,21 +43,7 @@ def test_real_model_batched_rows_equal_their_lone_replies(tmp_path, data_dir):
     from convsim.runs import open_run
 
     run_dir = tmp_path / "run"
-    cli(
-        "train",
-        data_dir,
-        "--out",
-        run_dir,
-        "--batch-size",
-        "2",
-        "--max-steps",
-        "1",
-        "--eval-steps",
-        "1000",
-        "--max-val-examples",
-        "2",
-        "--json",
-    )
+    train_one_step(data_dir, run_dir)
     run = open_run(run_dir)
     model, tok = run.load()
     cases = [
@@ -95,21 +87,7 @@ def test_real_model_batched_rows_equal_their_lone_replies(tmp_path, data_dir):
     # must switch with the adapter): each run's people answer as that run does alone
     other_data = tmp_path / "cd"
     write_conversations(other_data / "conversations.jsonl", synthetic_conversations(seed=5, speakers=("Cy", "Dee")))
-    cli(
-        "train",
-        other_data,
-        "--out",
-        tmp_path / "cd-run",
-        "--batch-size",
-        "2",
-        "--max-steps",
-        "1",
-        "--eval-steps",
-        "1000",
-        "--max-val-examples",
-        "2",
-        "--json",
-    )
+    train_one_step(other_data, tmp_path / "cd-run")
     other = open_run(tmp_path / "cd-run")
     other_model, other_tok = other.load()
     want_cy = lone(other_model, other_tok, other.fmt, "hey how are you", "Cy", "Dee")
