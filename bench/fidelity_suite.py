@@ -164,6 +164,12 @@ def prepare(work: Path) -> dict:
     return p
 
 
+def _trained(run: Path) -> bool:
+    """Has this run finished training (its run.json says so)?"""
+    meta = run / "run.json"
+    return meta.exists() and json.loads(meta.read_text()).get("status") == "done"
+
+
 def _jobs(work: Path, parallel: int, jobs: list) -> None:
     """Run (kind, pair, recipe, seed) jobs, `parallel` at a time; each trains (if needed) then evaluates."""
 
@@ -171,7 +177,7 @@ def _jobs(work: Path, parallel: int, jobs: list) -> None:
         kind, pair, recipe, seed = job
         run = work / "runs" / f"{pair}--{recipe}--s{seed}"
         data = work / "pairs" / pair / "data"
-        if not (run / "run.json").exists() or json.loads((run / "run.json").read_text()).get("status") != "done":
+        if not _trained(run):
             resume = ["--continue-training"] if run.exists() else []
             rc = convsim(
                 "train",
@@ -211,7 +217,7 @@ def _jobs(work: Path, parallel: int, jobs: list) -> None:
         # most often out of GPU memory beside the other runs: start those again from nothing, fewer at a time
         for kind, pair, recipe, seed in failed:
             run = work / "runs" / f"{pair}--{recipe}--s{seed}"
-            if not (run / "run.json").exists() or json.loads((run / "run.json").read_text()).get("status") != "done":
+            if not _trained(run):
                 shutil.rmtree(run, ignore_errors=True)
         print(f"{len(failed)} job(s) failed: again, {max(1, parallel // 3)} at a time", flush=True)
         _jobs(work, max(1, parallel // 3), failed)
