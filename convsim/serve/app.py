@@ -115,12 +115,16 @@ def create_app(service, loopback: bool = True) -> FastAPI:
     async def info():
         return svc.info()
 
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request):
-        body = parse_json(await read_body(request, svc.limits.max_body_bytes))
-        job = svc.job_for(body)
+    async def submitted(request: Request, make_job):
+        """The request's JSON body made into a job (`make_job`) and queued for the worker."""
+        job = make_job(parse_json(await read_body(request, svc.limits.max_body_bytes)))
         job.bind(asyncio.get_running_loop())
         svc.submit(job)
+        return job
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        job = await submitted(request, svc.job_for)
         if job.stream:
             return StreamingResponse(
                 _stream(job),
@@ -188,10 +192,7 @@ def create_app(service, loopback: bool = True) -> FastAPI:
 
     @app.post("/v1/attribution")
     async def attribution(request: Request):
-        body = parse_json(await read_body(request, svc.limits.max_body_bytes))
-        job = svc.attribution_job(body)
-        job.bind(asyncio.get_running_loop())
-        svc.submit(job)
+        job = await submitted(request, svc.attribution_job)
         event = await job.next_event(svc.alive)
         _raise_for(event)
         return event[1]
