@@ -79,16 +79,12 @@ def _plugin():
     )
 
 
-def worker(out: Path) -> None:
+def fsdp2_cpu(model, rank: int):
+    """`model` sharded the way `accelerate launch --config_file configs/accelerate/fsdp.yaml` does, on the CPU."""
     import types
-    import torch.distributed as dist
-    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
-    from torch.distributed.fsdp import FSDPModule
-    from convsim.training.model import gathered_trained_state
 
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
-    model, ids = _build()
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
     accelerator = types.SimpleNamespace(
         state=types.SimpleNamespace(fsdp_plugin=_plugin()),
         torch_device_mesh=None,
@@ -96,7 +92,18 @@ def worker(out: Path) -> None:
         is_main_process=rank == 0,
         device=torch.device("cpu"),
     )
-    model = fsdp2_prepare_model(accelerator, model)
+    return fsdp2_prepare_model(accelerator, model)
+
+
+def worker(out: Path) -> None:
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
+    from convsim.training.model import gathered_trained_state
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    model, ids = _build()
+    model = fsdp2_cpu(model, rank)
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
     assert isinstance(model, FSDPModule) and isinstance(embed, FSDPModule) and isinstance(head, FSDPModule)
     losses = _train(model, ids)

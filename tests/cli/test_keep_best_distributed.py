@@ -104,28 +104,18 @@ def test_keep_best_under_fsdp2_gathers_and_restores_every_shard(tmp_path):
 
 def worker(out: Path) -> None:
     """Two processes: shard the model, train a step, keep it (save_best), train on, restore_best; report."""
-    import types
-
     import torch.distributed as dist
-    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
     from torch.distributed.fsdp import FSDPModule
 
     from convsim.modeling.loss import reply_loss
     from convsim.training.checkpoints import BEST, load_state, restore_best, save_best, trained_tensors
-    from test_fsdp_tied import _batch, _build, _plugin
+    from test_fsdp_tied import _batch, _build, fsdp2_cpu
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     run_dir = out if rank == 0 else out / f"rank{rank}-elsewhere"  # only rank 0 sees the run directory
     model, ids = _build()
-    accelerator = types.SimpleNamespace(
-        state=types.SimpleNamespace(fsdp_plugin=_plugin()),
-        torch_device_mesh=None,
-        mixed_precision="no",
-        is_main_process=rank == 0,
-        device=torch.device("cpu"),
-    )
-    model = fsdp2_prepare_model(accelerator, model)
+    model = fsdp2_cpu(model, rank)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
 
     def step():
