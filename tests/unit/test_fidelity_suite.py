@@ -137,3 +137,25 @@ def test_failed_runs_start_again_from_nothing_fewer_at_a_time(tmp_path, monkeypa
         ("eval", "b-b--default--s0", False),
     ]
     assert (tmp_path / "runs" / "b-b--default--s0" / "eval.json").exists()
+
+
+def test_a_pair_without_seed_0_counts_by_its_lowest_finished_seed_in_summary_table_and_figure(tmp_path):
+    plan = {"report_pairs": ["r1", "r2", "r3"], "development_pairs": [], "seeded_pairs": [], "people_in_both_sets": []}
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    evals = {
+        ("r1", 0): {"A": _row(0.7, 0.6, 0.8, 0.0, [0.0, 0.1], 0.0, [0.0, 0.02])},
+        ("r2", 1): {"B": _row(0.9, 0.6, 0.8, 0.0, [0.0, 0.1], 0.0, [0.0, 0.02])},
+        ("r2", 2): {"B": _row(0.8, 0.6, 0.8, 0.0, [0.0, 0.1], 0.0, [0.0, 0.02])},
+    }
+    for (pair, seed), speakers in evals.items():
+        d = tmp_path / "runs" / f"{pair}--default--s{seed}"
+        d.mkdir(parents=True)
+        (d / "eval.json").write_text(json.dumps({"speakers": speakers}))
+    res = suite.summarize(tmp_path, "abc", "card", "cmd")
+    s = res["summary"]
+    assert s["report_pairs_missing"] == ["r3"] and s["report_pairs_not_seed_0"] == ["r2"]
+    assert s["worst_ratio"] == pytest.approx(0.9)  # seed 1, not the better seed 2
+    table = suite.markdown_table(res).splitlines()
+    assert len(table) == 4 and "| r1 | A |" in table[2] and "| r2 (seed 1) | B |" in table[3]
+    suite.figure(res, tmp_path / "f.png")
+    assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
