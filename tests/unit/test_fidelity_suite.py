@@ -47,6 +47,35 @@ def test_selection_rule(tmp_path):
     assert suite.select(tmp_path)["chosen"] == "ctx16-extra-e2-b32"
 
 
+def test_round_two_replaces_the_default_only_beyond_the_margin(tmp_path):
+    dev = ["d1", "d2"]
+    (tmp_path / "plan.json").write_text(json.dumps({"development_pairs": dev}))
+    round1 = {"chosen": "ctx16-extra-e2-b32", "mean_validation_loss": {"ctx16-extra-e2-b32": 2.78}}
+    a, b = suite.ROUND2
+    for pair in dev:
+        _run(tmp_path, pair, a, 2.775)  # better, but within the margin: not told apart from another card
+        _run(tmp_path, pair, b, 2.79)
+    out = suite.select2(tmp_path, round1)
+    assert out["best_candidate"] == a and out["chosen"] == suite.DEFAULT and out["flags"] == []
+    for pair in dev:
+        (tmp_path / "runs" / f"{pair}--{b}--s0" / "run.json").write_text(json.dumps({"eval_loss": 2.70}))
+    out = suite.select2(tmp_path, round1)
+    assert out["chosen"] == b and out["flags"] == suite.RECIPES[b]
+    assert json.loads((tmp_path / "selection2.json").read_text())["chosen"] == b
+
+
+def test_job_steps_given_together_share_one_pool(tmp_path, monkeypatch):
+    plan = {"development_pairs": ["d1"], "report_pairs": ["r1", "r2"], "seeded_pairs": ["r1"]}
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    pools = []
+    monkeypatch.setattr(suite, "_jobs", lambda work, parallel, jobs: pools.append((parallel, jobs)))
+    assert suite.main(["report", "dev2", "--work", str(tmp_path), "--parallel", "6", "--recipe", "default"]) == 0
+    assert len(pools) == 1 and pools[0][0] == 6
+    jobs = pools[0][1]
+    assert ("eval", "r2", "default", 0) in jobs and ("eval", "r1", "default", 2) in jobs
+    assert {(pair, r) for kind, pair, r, s in jobs if kind == "train"} == {("d1", r) for r in suite.ROUND2}
+
+
 def _row(ratio, judge_ft, judge_ic, copy_ft, copy_real_ci, rep_ft, rep_real_ci):
     return {
         "n": 10,

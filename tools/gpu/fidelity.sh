@@ -4,7 +4,8 @@
 # .gpu-stage/run (src/, fid/, tok/) was carried:
 #   bash tools/gpu/fidelity.sh start     # install wheels, convert the model, start the suite detached
 #   bash tools/gpu/fidelity.sh wait 540  # wait up to N s, then pack results into $OUT
-# STEPS (default "all") is passed to the suite: e.g. STEPS="report" RECIPE=default for the report set (the GPU
+# STEPS (default "all") is passed to the suite: e.g. STEPS="report dev2" RECIPE=default runs the report set and
+# round 2's development runs in one pool (the GPU
 # machine has no chitchat-dataset: prepare the work dir on the CPU and carry it as fid.tar.gz).
 # The machine goes back 30 s after a call returns, taking the detached job with it: make the `wait` calls
 # back to back, with no pause between them, until DONE; each one packs what is ready into $OUT.
@@ -21,13 +22,13 @@ start)
   [ -f $S/g.gguf ] || cat $S/part* > $S/g.gguf
   sha256sum $S/g.gguf | tee $RES/stages.log
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee $RES/gpu.txt
-  [ -d $W ] || { mkdir -p $W && tar xzf $S/run/fid.tar.gz -C $W; }
+  [ -d $W ] || { mkdir -p $W && tar xzf $S/run/fid.tar.gz -C $W; }  # plan.json, pairs/, and finished runs/
   cat > $RES/job.sh <<JOB
 cd $S/run/src
 G=tools/gpu; [ -f tools/gpu/convert.py ] || G=tools/gpu
 [ -f $CONVSIM_HOME/models/gemma-3-270m/convsim-convert.json ] || python3 \$G/convert.py > $RES/convert.log 2>&1
 python3 \$G/parity.py > $RES/parity.log 2>&1
-for step in ${STEPS:-all}; do python3 bench/fidelity_suite.py \$step --work $W --parallel ${PARALLEL:-8} ${RECIPE:+--recipe $RECIPE}; done > $RES/suite.log 2>&1
+python3 bench/fidelity_suite.py ${STEPS:-all} --work $W --parallel ${PARALLEL:-8} ${RECIPE:+--recipe $RECIPE} > $RES/suite.log 2>&1
 touch $RES/DONE
 JOB
   setsid nohup bash $RES/job.sh > $RES/job.out 2>&1 < /dev/null &
