@@ -276,8 +276,10 @@ def select(work: Path) -> dict:
     return out
 
 
-def select2(work: Path, round1: dict) -> dict:
-    """Round 2's rule (module docstring) over the ROUND2 runs in `work`, against `round1`'s selection."""
+def select2(work: Path, round1: dict, round1_runs: list) -> dict:
+    """Round 2's rule (module docstring) over the ROUND2 runs in `work`, against round 1's selection
+    (`round1`) and runs (`round1_runs`, for their validation sets). A baseline measured on other validation
+    examples than round 2's is no baseline: then the default stays and the output says why."""
     p = json.loads((work / "plan.json").read_text())
     losses = _dev_losses(work, ROUND2)
     complete = {r: statistics.mean(v.values()) for r, v in losses.items() if len(v) == len(p["development_pairs"])}
@@ -285,16 +287,28 @@ def select2(work: Path, round1: dict) -> dict:
         raise SystemExit("error: no round-2 recipe has finished on every development pair")
     baseline = round1["mean_validation_loss"][round1["chosen"]]
     best = min(complete, key=complete.get)
-    replaces = baseline - complete[best] > ROUND2_MARGIN
+    val_then = {r["pair"]: r["examples"]["val"] for r in round1_runs if r["recipe"] == round1["chosen"]}
+    val_now = {}
+    for pair in p["development_pairs"]:
+        meta = json.loads((work / "runs" / f"{pair}--{best}--s0" / "run.json").read_text())
+        val_now[pair] = meta["examples"]["val"]
+    comparable = val_then == val_now
+    replaces = comparable and baseline - complete[best] > ROUND2_MARGIN
     out = {
         "rule": __doc__.split("Round 2")[1].split("Rule ")[1].strip(),
         "baseline": {"recipe": round1["chosen"], "mean_validation_loss": baseline},
+        "validation_examples": {"round1": val_then, "round2": val_now, "same": comparable},
         "validation_loss": losses,
         "mean_validation_loss": complete,
         "best_candidate": best,
         "chosen": best if replaces else DEFAULT,
         "flags": RECIPES[best] if replaces else [],
     }
+    if not comparable:
+        out["why"] = (
+            "round 1's validation sets differ from round 2's (the data dirs were prepared again in between), so "
+            "round 1's losses are no baseline: the default stays until it is trained on round 2's data dirs"
+        )
     (work / "selection2.json").write_text(json.dumps(out, indent=1))
     return out
 
@@ -571,7 +585,8 @@ def main(argv=None) -> int:
         if "report" in steps:
             _jobs(args.work, args.parallel, report_jobs(args.work, args.recipe))
     if "select2" in steps:
-        print(json.dumps(select2(args.work, json.loads(args.round1.read_text())["selection"]), indent=1))
+        round1 = json.loads(args.round1.read_text())
+        print(json.dumps(select2(args.work, round1["selection"], round1["development_runs"]), indent=1))
     if "summarize" in steps:
         res = summarize(
             args.work,

@@ -27,10 +27,10 @@ def test_pairs_are_two_person_chats_above_the_threshold_and_the_draw_is_seeded()
     assert len(dev) == suite.N_DEV and len(rep) == 13 - suite.N_DEV and not set(dev) & set(rep)
 
 
-def _run(work, pair, recipe, loss, seed=0):
+def _run(work, pair, recipe, loss, seed=0, val=50):
     d = work / "runs" / f"{pair}--{recipe}--s{seed}"
     d.mkdir(parents=True)
-    (d / "run.json").write_text(json.dumps({"eval_loss": loss, "status": "done"}))
+    (d / "run.json").write_text(json.dumps({"eval_loss": loss, "status": "done", "examples": {"val": val}}))
     return d
 
 
@@ -51,17 +51,23 @@ def test_round_two_replaces_the_default_only_beyond_the_margin(tmp_path):
     dev = ["d1", "d2"]
     (tmp_path / "plan.json").write_text(json.dumps({"development_pairs": dev}))
     round1 = {"chosen": "ctx16-extra-e2-b32", "mean_validation_loss": {"ctx16-extra-e2-b32": 2.78}}
+    runs1 = [{"pair": pair, "recipe": "ctx16-extra-e2-b32", "examples": {"val": 50}} for pair in dev]
     a, b = suite.ROUND2
     for pair in dev:
         _run(tmp_path, pair, a, 2.775)  # better, but within the margin: not told apart from another card
         _run(tmp_path, pair, b, 2.79)
-    out = suite.select2(tmp_path, round1)
+    out = suite.select2(tmp_path, round1, runs1)
     assert out["best_candidate"] == a and out["chosen"] == suite.DEFAULT and out["flags"] == []
     for pair in dev:
-        (tmp_path / "runs" / f"{pair}--{b}--s0" / "run.json").write_text(json.dumps({"eval_loss": 2.70}))
-    out = suite.select2(tmp_path, round1)
-    assert out["chosen"] == b and out["flags"] == suite.RECIPES[b]
+        run = tmp_path / "runs" / f"{pair}--{b}--s0" / "run.json"
+        run.write_text(json.dumps({"eval_loss": 2.70, "examples": {"val": 50}}))
+    out = suite.select2(tmp_path, round1, runs1)
+    assert out["chosen"] == b and out["flags"] == suite.RECIPES[b] and out["validation_examples"]["same"]
     assert json.loads((tmp_path / "selection2.json").read_text())["chosen"] == b
+    # the same candidates against a round 1 measured on other validation examples: no baseline, default stays
+    other = [dict(r, examples={"val": 60}) for r in runs1]
+    out = suite.select2(tmp_path, round1, other)
+    assert out["chosen"] == suite.DEFAULT and out["flags"] == [] and "why" in out
 
 
 def test_job_steps_given_together_share_one_pool(tmp_path, monkeypatch):
