@@ -4,7 +4,8 @@
     convsim export runs/me --format gguf --out exports/ana --quant q8_0 --as Ana
 
 Written with the llama.cpp project's own Python package (`gguf`): its writer, its HF -> GGUF tensor-name
-map and its Q8_0 quantizer. The transforms are the ones llama.cpp's `convert_hf_to_gguf.py` applies to a
+map and its Q8_0 quantizer; q4_k_m is quantized from the f16 file by llama.cpp itself (llama-cpp-python's
+`llama_model_quantize`), as gguf-py has no k-quant writer. The transforms are the ones llama.cpp's `convert_hf_to_gguf.py` applies to a
 Gemma 3 checkpoint: every RMSNorm weight gets +1 (Gemma's norm multiplies by `1 + w`; llama.cpp's by
 `w`), the embedding is stored unscaled (llama.cpp's Gemma 3 graph multiplies by sqrt(hidden) itself),
 the tied output head is not written, 1-D tensors stay F32.
@@ -29,6 +30,7 @@ from convsim.errors import UserError
 
 SUPPORTED = ("Gemma3ForCausalLM",)
 GGUF_NAME = "model.gguf"
+LLAMA_QUANTS = ("q4_k_m",)  # quantized by llama.cpp itself (needs llama-cpp-python)
 SWA_PERIOD = 6  # llama.cpp builds Gemma 3 with five sliding-window layers, then one global layer
 USER_DEFINED_SCORE = -1000.0  # what llama.cpp's converter gives added tokens
 
@@ -184,7 +186,29 @@ def gguf_tensors(model, quant: str):
             yield new, a.astype(np.float16), None
 
 
+def llama_quantize(src: Path, dst: Path, quant: str) -> None:
+    """k-quants with llama.cpp's own quantizer (gguf-py has none), through llama-cpp-python."""
+    try:
+        import llama_cpp
+    except ImportError:
+        raise UserError(
+            f"--quant {quant} uses llama.cpp's quantizer: pip install -e '.[gguf-runtime]' (llama-cpp-python)"
+        ) from None
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = {"q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M}[quant]
+    if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params) != 0:
+        raise RuntimeError(f"llama.cpp could not quantize {src} to {quant}")
+
+
 def write_gguf(path: Path, model, tok, quant: str, name: str, base_gguf: Path | None, speaker_tokens: list[str]):
+    if quant in LLAMA_QUANTS:  # write f16, then let llama.cpp quantize it
+        f16 = path.with_name(path.name + ".f16")
+        try:
+            write_gguf(f16, model, tok, "f16", name, base_gguf, speaker_tokens)
+            llama_quantize(f16, path, quant)
+        finally:
+            f16.unlink(missing_ok=True)
+        return
     import gguf
 
     check_supported(model)
@@ -295,6 +319,13 @@ def run(args):
     speaker = run_.check_speaker(args.speaker) if args.speaker else None
     out = Path(args.out)
     check_out(out, run_, args.force)
+    if args.quant in LLAMA_QUANTS:
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError:
+            raise UserError(
+                f"--quant {args.quant} uses llama.cpp's quantizer: pip install -e '.[gguf-runtime]' (llama-cpp-python)"
+            ) from None
     t0 = time.time()
     model, tok = run_.load(device="cpu", dtype=torch.float32)
     check_supported(model.get_base_model() if hasattr(model, "get_base_model") else model)

@@ -30,7 +30,7 @@ EXAMPLES = """
 """
 DTYPES = ("float32", "bfloat16", "float16")
 FORMATS = ("hf", "gguf")
-QUANTS = ("f16", "q8_0")
+QUANTS = ("f16", "q8_0", "q4_k_m")
 PROBE = ["hey, how are you?", "fine thanks! and you?", "see you tonight then", "ok :)"]
 
 
@@ -43,7 +43,8 @@ def add_arguments(p):
         metavar="NAME",
         help="write generation_config for this person: stop only at the others' tokens, so a reply "
         "can be a burst of several messages (default: the run's only target, else stop at "
-        "every speaker token: one message per call)",
+        "every speaker token: one message per call); gguf: the Modelfile's persona (default: the run's "
+        "first target)",
     )
     p.add_argument(
         "--format",
@@ -52,7 +53,9 @@ def add_arguments(p):
         help="hf: a transformers directory (default); gguf: one .gguf for llama.cpp + an Ollama Modelfile",
     )
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="hf weights on disk (default float32)")
-    p.add_argument("--quant", choices=QUANTS, default="f16", help="gguf weights (default f16)")
+    p.add_argument(
+        "--quant", choices=QUANTS, default="f16", help="gguf weights (default f16; q4_k_m needs llama-cpp-python)"
+    )
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
 
