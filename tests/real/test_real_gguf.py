@@ -30,7 +30,7 @@ def real_run(tmp_path_factory, data_dir):
     cli(
         *("train", data_dir, "--out", out, "--max-steps", "12", "--batch-size", "4", "--learning-rate", "3e-3"),
         *("--eval-steps", "1000", "--save-steps", "1000", "--max-val-examples", "2", "--json"),
-        timeout=1800,  # a few minutes on a CPU: 12 steps teach it to hand over to the other speaker
+        timeout=1800,  # minutes on a CPU; this much training teaches it to hand over to the other speaker
     )
     return out
 
