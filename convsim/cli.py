@@ -32,7 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("convsim.evaluation.evaluate", "per-speaker perplexity, speaker identification and style vs prompting"),
     "demo": ("convsim.demo", "the whole idea on the embedded model and data: import, train, eval, sample"),
     "serve": ("convsim.serve", "OpenAI-compatible HTTP API and a chat page"),
-    "export": ("convsim.export.hf", "write a merged standalone model for other engines"),
+    "export": ("convsim.export.command", "write a merged standalone model (HF dir or GGUF) for other engines"),
 }
 
 

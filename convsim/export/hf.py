@@ -19,12 +19,18 @@ from pathlib import Path
 
 from convsim.errors import UserError
 
-HELP = "Write a merged standalone model (base + LoRA + speaker tokens) with its tokenizer and prompt format."
+HELP = (
+    "Write a merged standalone model (base + LoRA + speaker tokens): a transformers directory with its tokenizer "
+    "and prompt format, or (--format gguf) one GGUF file with an Ollama Modelfile."
+)
 EXAMPLES = """
   convsim export runs/me --out exports/me
   convsim export runs/me --out exports/ana --as Ana --dtype bfloat16   # stops only when someone else speaks
+  convsim export runs/me --format gguf --out exports/ana-gguf --as Ana --quant q8_0   # llama.cpp / Ollama
 """
 DTYPES = ("float32", "bfloat16", "float16")
+FORMATS = ("hf", "gguf")
+QUANTS = ("f16", "q8_0", "q4_k_m")
 PROBE = ["hey, how are you?", "fine thanks! and you?", "see you tonight then", "ok :)"]
 
 
@@ -37,9 +43,19 @@ def add_arguments(p):
         metavar="NAME",
         help="write generation_config for this person: stop only at the others' tokens, so a reply "
         "can be a burst of several messages (default: the run's only target, else stop at "
-        "every speaker token: one message per call)",
+        "every speaker token: one message per call); gguf: the Modelfile's persona (default: the run's "
+        "first target)",
     )
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights on disk (default float32)")
+    p.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="hf",
+        help="hf: a transformers directory (default); gguf: one .gguf for llama.cpp + an Ollama Modelfile",
+    )
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="hf weights on disk (default float32)")
+    p.add_argument(
+        "--quant", choices=QUANTS, default="f16", help="gguf weights (default f16; q4_k_m needs llama-cpp-python)"
+    )
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
 
@@ -205,6 +221,13 @@ def write_readme(path: Path, shown: Path, run, fmt, card: dict, speaker: str | N
     (path / "README.md").write_text(text, encoding="utf-8")
 
 
+def check_out(out: Path, run_, force: bool) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise UserError(f"{out} exists and is not empty; pass --force to replace it")
+    if out.resolve() == run_.path.resolve() or run_.path.resolve() in out.resolve().parents:
+        raise UserError("--out must not be inside the run directory")
+
+
 def run(args):
     import time
 
@@ -216,10 +239,7 @@ def run(args):
     run_ = open_run(args.run_dir)
     speaker = run_.check_person(args.speaker) if args.speaker else (run_.people[0] if len(run_.people) == 1 else None)
     out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
-        raise UserError(f"{out} exists and is not empty; pass --force to replace it")
-    if out.resolve() == run_.path.resolve() or run_.path.resolve() in out.resolve().parents:
-        raise UserError("--out must not be inside the run directory")
+    check_out(out, run_, args.force)
     t0 = time.time()
     model, tok = run_.load(device="cpu", dtype=torch.float32)  # merge in fp32, cast after
     fmt = run_.fmt
