@@ -14,6 +14,8 @@ pair's `--extra-data` is both people's chats with everyone else, minus every con
     python bench/fidelity_suite.py summarize --work W --out bench/results/fidelity-suite.json
     python bench/fidelity_suite.py report dev2 --work W --parallel 6   # job steps given together share one pool
     python bench/fidelity_suite.py select2 --work W              # round 2's rule below -> W/selection2.json
+    python bench/fidelity_suite.py dev3 --work W --parallel 4    # round 3: the default beside its candidates
+    python bench/fidelity_suite.py select3 --work W              # round 3's rule below -> W/selection3.json
 
 Every step skips what is already done (a run dir with run.json, an eval.json), so the suite can be spread
 over several GPU sessions and every partial result is kept. `all` runs dev, select and report in one go.
@@ -27,6 +29,12 @@ plus one change, trained on the development pairs. Rule (fixed before any round-
 candidate with the lowest mean final validation loss replaces the default only if that mean is below the
 default's round-1 mean by more than ROUND2_MARGIN (the default's numbers come from round 1's card and commit,
 so a smaller gain is not told apart from that difference); otherwise the default stays.
+
+Round 3 (round 2 had no same-data baseline: round 1 ran before the held-out splits changed): the default
+itself is trained on the development pairs as the baseline, beside ROUND3's candidates and round 2's better
+one. Rule (fixed before any round-3 number was seen): the candidate with the lowest mean final validation
+loss replaces the default only if that mean is below the default's mean, on the same validation examples, by
+more than ROUND2_MARGIN; otherwise the default stays.
 """
 
 from __future__ import annotations
@@ -74,6 +82,14 @@ ROUND2 = {
 }
 RECIPES.update(ROUND2)
 ROUND2_MARGIN = 0.01
+# Round 3: the chat's own examples shown 2 or 4 times per epoch against the extra data's once (the pairs'
+# own chats are a small share of what the default trains on), and round 2's better candidate again.
+ROUND3 = {
+    "pair2": ["--pair-repeat", "2"],
+    "pair4": ["--pair-repeat", "4"],
+}
+RECIPES.update(ROUND3)
+ROUND3_CANDIDATES = (*ROUND3, "lr5e-4-best")
 GOALS = {"share_ratio_le_0.8": 0.8, "median_ratio": 0.75, "max_ratio": 0.9, "median_judge_finetuned": 0.65}
 
 
@@ -313,6 +329,30 @@ def select2(work: Path, round1: dict, round1_runs: list) -> dict:
     return out
 
 
+def select3(work: Path) -> dict:
+    """Round 3's rule (module docstring): candidates against the default trained on the same data dirs."""
+    p = json.loads((work / "plan.json").read_text())
+    losses = _dev_losses(work, (DEFAULT, *ROUND3_CANDIDATES))
+    complete = {r: statistics.mean(v.values()) for r, v in losses.items() if len(v) == len(p["development_pairs"])}
+    if DEFAULT not in complete:
+        raise SystemExit("error: the default has not finished on every development pair (run dev3 first)")
+    candidates = {r: v for r, v in complete.items() if r != DEFAULT}
+    if not candidates:
+        raise SystemExit("error: no round-3 candidate has finished on every development pair")
+    best = min(candidates, key=candidates.get)
+    replaces = complete[DEFAULT] - candidates[best] > ROUND2_MARGIN
+    out = {
+        "rule": __doc__.split("Round 3")[1].split("Rule ")[1].strip(),
+        "validation_loss": losses,
+        "mean_validation_loss": complete,
+        "best_candidate": best,
+        "chosen": best if replaces else DEFAULT,
+        "flags": RECIPES[best] if replaces else [],
+    }
+    (work / "selection3.json").write_text(json.dumps(out, indent=1))
+    return out
+
+
 def report_jobs(work: Path, recipe: str | None = None) -> list:
     p = json.loads((work / "plan.json").read_text())
     recipe = recipe or json.loads((work / "selection.json").read_text())["chosen"]
@@ -522,9 +562,21 @@ def main(argv=None) -> int:
     ap.add_argument(
         "steps",
         nargs="+",
-        choices=["plan", "prepare", "dev", "select", "report", "all", "summarize", "dev2", "select2"],
+        choices=[
+            "plan",
+            "prepare",
+            "dev",
+            "select",
+            "report",
+            "all",
+            "summarize",
+            "dev2",
+            "select2",
+            "dev3",
+            "select3",
+        ],
         metavar="STEP",
-        help="plan, prepare, dev, select, report, all, summarize, dev2, select2 (job steps given together "
+        help="plan, prepare, dev, select, report, all, summarize, dev2, select2, dev3, select3 (job steps given together "
         "run in one pool of --parallel)",
     )
     ap.add_argument("--work", type=Path, default=Path("runs/fidelity"), help="work dir (default runs/fidelity)")
@@ -576,6 +628,7 @@ def main(argv=None) -> int:
             (args.work / "plan.json").write_text(json.dumps(p, indent=1))
     jobs = dev_jobs(args.work) if "dev" in steps else []
     jobs += dev_jobs(args.work, ROUND2) if "dev2" in steps else []
+    jobs += dev_jobs(args.work, (DEFAULT, *ROUND3_CANDIDATES)) if "dev3" in steps else []
     if "report" in steps and "select" not in steps:
         jobs += report_jobs(args.work, args.recipe)
     if jobs:
@@ -587,6 +640,8 @@ def main(argv=None) -> int:
     if "select2" in steps:
         round1 = json.loads(args.round1.read_text())
         print(json.dumps(select2(args.work, round1["selection"], round1["development_runs"]), indent=1))
+    if "select3" in steps:
+        print(json.dumps(select3(args.work), indent=1))
     if "summarize" in steps:
         res = summarize(
             args.work,

@@ -23,6 +23,7 @@ class TrainConfig:
     extra_data: list[str] = field(default_factory=list)  # training-only data dirs (see `convsim train --help`)
     extra_data_ratio: float = 0.0  # at most this many extra messages per main training message (0: all)
     auto_extra_data: bool = True  # with no extra_data: use DATA_DIR/extra when it holds conversations
+    pair_repeat: int = 1  # the chat's own training examples this many times per epoch (extra data once)
     epochs: float = 2.0
     batch_size: int = 32
     grad_accum: int = 1
@@ -69,7 +70,15 @@ class TrainConfig:
             raise UserError(f"--frozen-dtype must be float32 or bfloat16, not {self.frozen_dtype!r}")
         if self.backend not in ("peft", "unsloth"):
             raise UserError(f"--backend must be peft or unsloth, not {self.backend!r}")
-        for name in ("batch_size", "grad_accum", "lora_r", "max_seq_length", "context_size", "max_burst"):
+        for name in (
+            "batch_size",
+            "grad_accum",
+            "lora_r",
+            "max_seq_length",
+            "context_size",
+            "max_burst",
+            "pair_repeat",
+        ):
             if getattr(self, name) < 1:
                 raise UserError(f"{name.replace('_', '-')} must be at least 1")
         if self.extra_data_ratio < 0:

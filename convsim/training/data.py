@@ -51,10 +51,21 @@ def prepare_data(cfg: TrainConfig, data_dir: str):
         if t not in speakers:
             raise UserError(f"unknown target speaker {t!r}; the data has {', '.join(speakers[:20])}")
     ex = {name: build_examples(cs, targets, cfg.context_size, cfg.max_burst) for name, cs in split.items()}
+    if cfg.extra_data and cfg.pair_repeat > 1:
+        from convsim.runs import extra_prefixes
+
+        ex["train"] = repeat_own(ex["train"], cfg.pair_repeat, extra_prefixes(len(cfg.extra_data)))
     for t in targets:
         if not any(e.speaker == t for e in ex["train"]):
             raise UserError(f"target {t!r} has no training examples (no reply of theirs follows a message)")
     return convs, speakers, targets, split, ex
+
+
+def repeat_own(examples: list, times: int, extra_prefixes: tuple[str, ...]) -> list:
+    """The chat's own examples `times` times over, then the extra-data examples once (told apart by their
+    conversation ids' extra-data prefixes, `runs.extra_prefixes`). The trainer shuffles them together."""
+    own = [e for e in examples if not e.conv_id.startswith(extra_prefixes)]
+    return own * times + [e for e in examples if e.conv_id.startswith(extra_prefixes)]
 
 
 def default_extra_data(cfg: TrainConfig, data_dir: Path, recorded_in: Path | None = None) -> list[str]:

@@ -39,6 +39,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "recent extra conversations first (default 0: all of them)",
     )
     p.add_argument(
+        "--pair-repeat",
+        type=int,
+        metavar="N",
+        help="with extra data: show the chat's own training examples N times per epoch and the extra "
+        "ones once, so the people's chat with each other is not drowned out (default 1)",
+    )
+    p.add_argument(
         "--auto-extra-data",
         action=argparse.BooleanOptionalAction,
         default=None,

@@ -307,3 +307,23 @@ def test_a_runs_people_are_its_targets_never_extra_only_speakers(tmp_path):
         svc.close()
     run_ = open_run(run)
     assert run_.speakers == ["Ana", "Ben", "Zed"] and run_.people == ["Ana", "Ben"]
+
+
+def test_pair_repeat_shows_the_chats_own_examples_n_times_and_the_extra_once(tmp_path):
+    main_dir = _write(tmp_path / "main", synthetic_conversations())
+    extra_dir = _write(tmp_path / "extra", _extra(datetime(2024, 1, 5, 9, 0, tzinfo=timezone.utc), n=12))
+    cfg = TrainConfig(context_size=4, extra_data=[str(extra_dir)])
+    *_, ex1 = prepare_data(cfg, str(main_dir))
+    cfg.pair_repeat = 3
+    *_, ex3 = prepare_data(cfg, str(main_dir))
+    own = [e for e in ex1["train"] if not e.conv_id.startswith("x0:")]
+    extra = [e for e in ex1["train"] if e.conv_id.startswith("x0:")]
+    assert own and extra
+    assert sorted(map(repr, ex3["train"])) == sorted(map(repr, own * 3 + extra))
+    assert ex3["val"] == ex1["val"] and ex3["test"] == ex1["test"]  # held-out examples never repeat
+    # without extra data there is nothing to weigh against: the examples are the chat's, once
+    *_, ex_alone = prepare_data(TrainConfig(context_size=4, pair_repeat=3), str(main_dir))
+    *_, ex_alone1 = prepare_data(TrainConfig(context_size=4), str(main_dir))
+    assert ex_alone["train"] == ex_alone1["train"]
+    with pytest.raises(UserError, match="pair-repeat"):
+        TrainConfig(pair_repeat=0).validate()

@@ -70,6 +70,24 @@ def test_round_two_replaces_the_default_only_beyond_the_margin(tmp_path):
     assert out["chosen"] == suite.DEFAULT and out["flags"] == [] and "why" in out
 
 
+def test_round_three_compares_with_the_default_on_the_same_data(tmp_path):
+    dev = ["d1", "d2"]
+    (tmp_path / "plan.json").write_text(json.dumps({"development_pairs": dev}))
+    for pair in dev:
+        _run(tmp_path, pair, "pair2", 2.70)
+    with pytest.raises(SystemExit, match="default"):
+        suite.select3(tmp_path)  # no baseline yet
+    for pair in dev:
+        _run(tmp_path, pair, suite.DEFAULT, 2.715)
+        _run(tmp_path, pair, "lr5e-4-best", 2.90)
+    out = suite.select3(tmp_path)  # 0.015 better than the default on the same data: beyond the margin
+    assert out["best_candidate"] == "pair2" and out["chosen"] == "pair2" and out["flags"] == ["--pair-repeat", "2"]
+    for pair in dev:
+        (tmp_path / "runs" / f"{pair}--default--s0" / "run.json").write_text(json.dumps({"eval_loss": 2.705}))
+    out = suite.select3(tmp_path)  # 0.005 better: within the margin, the default stays
+    assert out["best_candidate"] == "pair2" and out["chosen"] == suite.DEFAULT and out["flags"] == []
+
+
 def test_job_steps_given_together_share_one_pool(tmp_path, monkeypatch):
     plan = {"development_pairs": ["d1"], "report_pairs": ["r1", "r2"], "seeded_pairs": ["r1"]}
     (tmp_path / "plan.json").write_text(json.dumps(plan))
