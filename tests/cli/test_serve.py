@@ -25,7 +25,8 @@ import pytest
 from convsim.data.schema import Message
 from convsim.serve.app import create_app, running
 from convsim.serve.schemas import Limits
-from convsim.serve.service import Service, fit_history
+from convsim.serve.jobs import fit_history
+from convsim.serve.service import Service
 
 from conftest import cli
 
