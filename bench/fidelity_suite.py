@@ -408,6 +408,7 @@ def summarize(work: Path, commit: str, card: str, command: str) -> dict:
                     "distinct_finetuned": r.get("distinct_finetuned"),
                     "distinct_real": r.get("distinct_real"),
                     "empty_rate_finetuned": r.get("empty_rate_finetuned"),
+                    "copy_guard": res.get("copy_guard", False),  # evals before the guard existed had none
                 }
             )
     # one row per report speaker: seed 0, or the lowest seed that finished where seed 0 did not (a run can fail

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from convsim.chat.chatio import add_sampling_arguments, sample_config, steering
+from convsim.chat.chatio import add_sampling_arguments, copy_guard, sample_config, steering
 from convsim.data.schema import Message
 
 HELP = "Chat with a simulated person: you write as --me, the model answers as --as."
@@ -52,6 +52,7 @@ def run(args):
     as_ = run_.check_person(args.speaker)
     me = run_.check_speaker(args.me) if args.me else run_.other_speaker(as_)
     model, tok = run_.load()
+    guard = copy_guard(run_, tok, args)
     cfg = sample_config(args)
     db = args.db or str(run_.path / "conversations.sqlite")
     tty = sys.stdin.isatty()
@@ -109,7 +110,7 @@ def run(args):
         with steering(model, args.steer):
             if args.stream:
                 texts: list[str] = []
-                for i, delta in stream_reply(model, tok, run_.fmt, history, as_, cfg, cache=cache):
+                for i, delta in stream_reply(model, tok, run_.fmt, history, as_, cfg, cache=cache, guard=guard):
                     if i >= len(texts):
                         if texts:
                             print()
@@ -119,7 +120,7 @@ def run(args):
                     print(delta, end="", flush=True)
                 print()
             else:
-                texts = reply(model, tok, run_.fmt, history, as_, cfg, cache=cache)[0]
+                texts = reply(model, tok, run_.fmt, history, as_, cfg, cache=cache, guard=guard)[0]
                 for t in texts:
                     print(f"[{as_}] {t}")
         if not texts:

@@ -1,5 +1,5 @@
-"""Shared pieces of the conversation commands (reply, chat, converse): sampling flags and the optional
-`--steer` hook. Reading a history file is `convsim.data.transcript`.
+"""Shared pieces of the conversation commands (reply, chat, converse): sampling flags, the copy guard (on
+unless `--allow-copy`) and the optional `--steer` hook. Reading a history file is `convsim.data.transcript`.
 """
 
 from __future__ import annotations
@@ -15,6 +15,11 @@ def add_sampling_arguments(p) -> None:
     p.add_argument("--max-context-tokens", type=int, default=1024, help="history budget; oldest messages drop first")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--steer", metavar="VECTOR[:STRENGTH]", help="apply a steering vector (convsim steer build)")
+    p.add_argument(
+        "--allow-copy",
+        action="store_true",
+        help="let replies repeat 8-token spans of the training messages word for word (default: never)",
+    )
 
 
 def sample_config(args) -> SampleConfig:
@@ -25,6 +30,15 @@ def sample_config(args) -> SampleConfig:
         max_context_tokens=args.max_context_tokens,
         seed=args.seed,
     )
+
+
+def copy_guard(run_, tok, args):
+    """The run's `nocopy.CopyIndex`, or None with `--allow-copy`."""
+    if getattr(args, "allow_copy", False):
+        return None
+    from convsim.inference.nocopy import for_run
+
+    return for_run(run_, tok)
 
 
 def steering(model, arg: str | None):

@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from convsim.chat.chatio import add_sampling_arguments, sample_config, steering
+from convsim.chat.chatio import add_sampling_arguments, copy_guard, sample_config, steering
 from convsim.data.examples import render, tag_ids
 from convsim.data.schema import Message
 
@@ -60,6 +60,7 @@ def run(args):
     run_ = open_run(args.run_dir)
     speakers = [run_.check_person(s.strip()) for s in args.speakers.split(",")] if args.speakers else run_.people
     model, tok = run_.load()
+    guard = copy_guard(run_, tok, args)
     cfg = sample_config(args)
     rng = random.Random(args.seed)
     history = (
@@ -76,7 +77,7 @@ def run(args):
                 if args.round_robin
                 else next_speaker(model, tok, run_.fmt, history, speakers, args.temperature or 1.0, rng)
             )
-            texts = reply(model, tok, run_.fmt, history, who, cfg)[0]
+            texts = reply(model, tok, run_.fmt, history, who, cfg, guard=guard)[0]
             if not texts:
                 print(empty_note(who), file=sys.stderr)
                 texts = ["…"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import sys
 
-from convsim.chat.chatio import add_sampling_arguments, sample_config, steering
+from convsim.chat.chatio import add_sampling_arguments, copy_guard, sample_config, steering
 from convsim.data.transcript import read_transcript
 
 HELP = "Sample K reply bursts as one person for a history file (`[Name] text` lines or JSONL)."
@@ -37,8 +37,9 @@ def run(args):
     run_.check_person(args.speaker)
     history = read_transcript(args.history, run_.speakers)
     model, tok = run_.load()
+    guard = copy_guard(run_, tok, args)
     with steering(model, args.steer):
-        bursts = reply(model, tok, run_.fmt, history, args.speaker, sample_config(args), n=max(1, args.n))
+        bursts = reply(model, tok, run_.fmt, history, args.speaker, sample_config(args), n=max(1, args.n), guard=guard)
     note = empty_note(args.speaker)
     if args.json:
         rows = [{"messages": b, **({} if b else {"note": note})} for b in bursts]

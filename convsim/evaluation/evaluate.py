@@ -29,6 +29,7 @@ from convsim.data.examples import build_examples, render
 from convsim.errors import UserError
 from convsim.evaluation import rulers
 from convsim.evaluation.incontext import Retriever, incontext_prompt, plain
+from convsim.inference import nocopy
 from convsim.inference.generate import SampleConfig, replies_from_prompts
 from convsim.modeling.loss import reply_nll
 
@@ -61,6 +62,12 @@ def add_arguments(p):
         metavar="N",
         help="training examples per speaker whose generated replies train the real-vs-generated judge "
         "(0: no judge; it costs 2N more generations per speaker)",
+    )
+    p.add_argument(
+        "--allow-copy",
+        action="store_true",
+        help="generate the fine-tuned replies without the copy guard (by default they never repeat an "
+        "8-token span of the training messages, as in `convsim chat`)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
@@ -163,10 +170,11 @@ def _prompts(tok, fmt, pfmt, exs, retriever, speaker, budget):
     return ft, ic
 
 
-def _gen_pair(model, tok, fmt, pfmt, prompts, speaker, cfg, batch_size):
-    """Greedy replies of the fine-tuned model and of the prompted base model for (ft, in-context) prompts."""
+def _gen_pair(model, tok, fmt, pfmt, prompts, speaker, cfg, batch_size, guard=None):
+    """Greedy replies of the fine-tuned model (with the copy `guard`, as users get them) and of the prompted
+    base model for (ft, in-context) prompts."""
     ft_prompts, ic_prompts = prompts
-    gen_ft = replies_from_prompts(model, tok, fmt, ft_prompts, speaker, cfg, batch_size)
+    gen_ft = replies_from_prompts(model, tok, fmt, ft_prompts, speaker, cfg, batch_size, guard=guard)
     with base_model_ctx(model):
         gen_ic = replies_from_prompts(model, tok, pfmt, ic_prompts, speaker, cfg, batch_size)
     return gen_ft, gen_ic
@@ -187,6 +195,7 @@ def evaluate(
     progress: bool = True,
     batch_size: int = 16,
     judge_n: int = 200,
+    copy_guard: bool = True,
 ) -> dict:
     """Per-speaker perplexities (with a bootstrap interval of fine-tuned ÷ in-context) and, with `generate`,
     speaker identification, the judge, copying, repetition, diversity and style. `n=0`: every example."""
@@ -205,6 +214,7 @@ def evaluate(
     clf = speaker_classifier(ruler_ex)
     copy_index = rulers.span_index([m.text for c in run_.split("train") for m in c.messages])
     cfg = SampleConfig(temperature=0.0, max_new_tokens=max_new_tokens, seed=seed)
+    guard = nocopy.for_run(run_, tok) if copy_guard and generate else None
     per_speaker = {s: [e for e in held if e.speaker == s][: n or None] for s in run_.targets}
     real_by_speaker = {s: [[m.text for m in e.reply] for e in exs] for s, exs in per_speaker.items()}
     result = {
@@ -212,6 +222,7 @@ def evaluate(
         "adapter": run_.adapter_hash,
         "split": split,
         "budget": budget,
+        "copy_guard": guard is not None,
         "n_examples": 0,
         "rulers": {"copy_span_tokens": rulers.COPY_SPAN, "judge_train_per_speaker": judge_n},
         "speakers": {},
@@ -261,7 +272,7 @@ def evaluate(
         row["repeat_rate_real_ci"] = rulers.bootstrap_mean_ci(rulers.repeat_flags(real), seed=seed)
         row["distinct_real"] = [rulers.distinct_n(real, 1), rulers.distinct_n(real, 2)]
         if generate:
-            gen_ft, gen_ic = _gen_pair(model, tok, fmt, pfmt, (ft_prompts, ic_prompts), speaker, cfg, batch_size)
+            gen_ft, gen_ic = _gen_pair(model, tok, fmt, pfmt, (ft_prompts, ic_prompts), speaker, cfg, batch_size, guard)
             row["speaker_id_finetuned"] = id_accuracy(clf, gen_ft, speaker)
             row["speaker_id_in_context"] = id_accuracy(clf, gen_ic, speaker)
             for name, gen in (("finetuned", gen_ft), ("in_context", gen_ic)):
@@ -273,7 +284,7 @@ def evaluate(
             if judge_n > 0:
                 jtrain = [e for e in ruler_ex if e.speaker == speaker][-judge_n:]
                 jprompts = _prompts(tok, fmt, pfmt, jtrain, retriever, speaker, budget)
-                jft, jic = _gen_pair(model, tok, fmt, pfmt, jprompts, speaker, cfg, batch_size)
+                jft, jic = _gen_pair(model, tok, fmt, pfmt, jprompts, speaker, cfg, batch_size, guard)
                 jctx, jreal = [_ctx(e) for e in jtrain], [[m.text for m in e.reply] for e in jtrain]
                 hctx = [_ctx(e) for e in exs]
                 for name, jgen, gen in (("finetuned", jft, gen_ft), ("in_context", jic, gen_ic)):
@@ -311,6 +322,7 @@ def run(args):
         args.seed,
         batch_size=args.batch_size,
         judge_n=args.judge_n,
+        copy_guard=not args.allow_copy,
     )
     if args.out:
         write_json(args.out, res, private=False)

@@ -26,6 +26,7 @@ from convsim.data.examples import PromptFormat, render
 from convsim.data.schema import Message
 from convsim.inference import fastgen
 from convsim.inference.bursts import Burst, BurstStream, NoEarlyStop, StopOnSequences, StopOnText
+from convsim.inference.nocopy import CopyIndex, NoCopy
 from convsim.modeling.layers import causal_lm
 
 
@@ -43,8 +44,9 @@ def prompt_ids(tok, fmt: PromptFormat, history: Sequence[Message], speaker: str,
     return render(tok, fmt, history, speaker, max_len=budget).input_ids
 
 
-def _gen_kwargs(cfg: SampleConfig, burst: Burst, prompt_len: int, more_criteria=()):
-    """`generate`'s arguments for one burst: its stops, no stop before `cfg.min_new_tokens`, the sampling."""
+def _gen_kwargs(cfg: SampleConfig, burst: Burst, prompt_len: int, more_criteria=(), guard: CopyIndex | None = None):
+    """`generate`'s arguments for one burst: its stops, no stop before `cfg.min_new_tokens`, the sampling,
+    and with a `guard`, no span of training text completed (`nocopy`)."""
     criteria = [StopOnSequences(burst.stops, prompt_len)]
     if burst.texts:
         criteria.append(StopOnText(burst.tok, burst.texts, prompt_len))
@@ -54,6 +56,7 @@ def _gen_kwargs(cfg: SampleConfig, burst: Burst, prompt_len: int, more_criteria=
         stopping_criteria=StoppingCriteriaList(criteria + list(more_criteria)),
         logits_processor=LogitsProcessorList(
             [NoEarlyStop(burst.early_stops(), prompt_len, min(cfg.min_new_tokens, cfg.max_new_tokens))]
+            + ([NoCopy(guard, prompt_len)] if guard is not None else [])
         ),
     )
     if cfg.temperature and cfg.temperature > 0:
@@ -76,9 +79,11 @@ def reply(
     cfg: SampleConfig = SampleConfig(),
     n: int = 1,
     cache: TurnCache | None = None,
+    guard: CopyIndex | None = None,
 ) -> list[list[str]]:
     """`n` sampled bursts for `speaker` after `history`; each burst is a list of messages. With a
-    `TurnCache`, the conversation's previous turn is not computed again."""
+    `TurnCache`, the conversation's previous turn is not computed again; with a `guard`, no training span is
+    copied."""
     if cfg.seed is not None:
         torch.manual_seed(cfg.seed)
     ids = (cache.prompt if cache is not None else prompt_ids)(tok, fmt, history, speaker, cfg.max_context_tokens)
@@ -91,7 +96,7 @@ def reply(
             cache,
             attention_mask=torch.ones_like(x),
             num_return_sequences=n,
-            **_gen_kwargs(cfg, burst, len(ids)),
+            **_gen_kwargs(cfg, burst, len(ids), guard=guard),
         )
     return [burst.messages(row) for row in out[:, len(ids) :].tolist()]
 
@@ -118,6 +123,7 @@ def replies_from_prompts(
     speaker: str,
     cfg: SampleConfig = SampleConfig(),
     batch_size: int = 16,
+    guard: CopyIndex | None = None,
 ) -> list[list[str]]:
     """`reply_from_prompt` for many prompts, generated in left-padded batches (evaluation). Rows stop
     independently; each row is cut at its first stop exactly as the single-prompt path cuts."""
@@ -134,7 +140,7 @@ def replies_from_prompts(
         x = torch.tensor([[pad] * (width - len(prompts[i])) + list(prompts[i]) for i in idx], device=dev)
         mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in idx], device=dev)
         with torch.inference_mode():
-            gen = model.generate(input_ids=x, attention_mask=mask, **_gen_kwargs(cfg, burst, width))
+            gen = model.generate(input_ids=x, attention_mask=mask, **_gen_kwargs(cfg, burst, width, guard=guard))
         for row, i in zip(gen[:, width:].tolist(), idx):
             out[i] = burst.messages(row)
     return out
@@ -163,6 +169,7 @@ def stream_reply(
     speaker: str,
     cfg: SampleConfig = SampleConfig(),
     cache: TurnCache | None = None,
+    guard: CopyIndex | None = None,
 ) -> Iterator[tuple[int, str]]:
     """Yield (message index, text delta) while generating. The deltas of each index join to exactly the
     messages `reply` returns for the same settings and seed (`bursts.BurstStream`)."""
@@ -185,7 +192,7 @@ def stream_reply(
                     cache,
                     attention_mask=torch.ones_like(x),
                     streamer=streamer,
-                    **_gen_kwargs(cfg, burst, len(ids), [_StopWhen(gone)]),
+                    **_gen_kwargs(cfg, burst, len(ids), [_StopWhen(gone)], guard=guard),
                 )
         except BaseException as e:  # surfaced in the consumer
             error.append(e)

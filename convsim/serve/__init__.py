@@ -62,6 +62,11 @@ def add_arguments(p):
     p.add_argument("--queue-size", type=int, default=32, help="requests waiting beyond this get 429 (default 32)")
     p.add_argument("--max-batch", type=int, default=32, help="most sequences decoded together (default 32)")
     p.add_argument("--quiet", action="store_true", help="no access log")
+    p.add_argument(
+        "--allow-copy",
+        action="store_true",
+        help="let replies repeat 8-token spans of the training messages word for word (default: never)",
+    )
 
 
 def run(args):
@@ -92,7 +97,12 @@ def run(args):
         max_batch=args.max_batch,
     )
     service = Service.from_runs(
-        args.run_dirs, steer_args=args.steer, device=args.device, api_key=args.api_key, limits=limits
+        args.run_dirs,
+        steer_args=args.steer,
+        device=args.device,
+        copy_guard=not args.allow_copy,
+        api_key=args.api_key,
+        limits=limits,
     )
     try:
         sock = bind(args.host, args.port)

@@ -144,10 +144,12 @@ class _RowStreamer(BaseStreamer):
                     self.rows[i].on_delta(index, delta)
 
 
-def generate_rows(model, tok, rows: list[Row], pad_id: int, vocab: int | None = None) -> list[Row]:
+def generate_rows(model, tok, rows: list[Row], pad_id: int, vocab: int | None = None, guard=None) -> list[Row]:
     """Generate every row in one left-padded batch; fills each row's `ids` and `stop`. `vocab`: the size of
-    the rows' tokenizer, when the model's embedding is larger (other runs' speaker tokens)."""
+    the rows' tokenizer, when the model's embedding is larger (other runs' speaker tokens); `guard`: the
+    run's `nocopy.CopyIndex` (no training span completed), or None."""
     from convsim.inference import fastgen
+    from convsim.inference.nocopy import NoCopy
 
     dev = next(model.parameters()).device
     width = max(len(r.prompt) for r in rows)
@@ -172,6 +174,7 @@ def generate_rows(model, tok, rows: list[Row], pad_id: int, vocab: int | None = 
                         width,
                         [min(r.min_new_tokens, r.max_new_tokens) for r in rows],
                     ),
+                    *([NoCopy(guard, width)] if guard is not None else []),
                     _RowSampler(rows, vocab),  # last: it picks the token from the scores the others left
                 ]
             ),

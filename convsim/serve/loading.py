@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from convsim.errors import UserError
+from convsim.inference import nocopy
 
 
 @dataclass
@@ -26,6 +27,7 @@ class RunEntry:
     tok: object
     adapter: str  # the PEFT adapter name
     attributor: object = None
+    guard: object = None  # convsim.inference.nocopy.CopyIndex of the run's training messages, or None
 
     @property
     def fmt(self):
@@ -68,7 +70,7 @@ def _adapter_file(run) -> str:
     return str(run.adapter_dir)
 
 
-def load_runs(run_dirs, device: str | None = None, dtype=None):
+def load_runs(run_dirs, device: str | None = None, dtype=None, copy_guard: bool = True):
     """(model with one adapter per run, [RunEntry]) for runs that share one base model."""
     from transformers import AutoTokenizer
     from convsim.modeling.fastpeft import patch_trainable_tokens
@@ -110,7 +112,8 @@ def load_runs(run_dirs, device: str | None = None, dtype=None):
             model = PeftModel.from_pretrained(model, _adapter_file(r), adapter_name=adapter)
         else:
             model.load_adapter(_adapter_file(r), adapter_name=adapter)
-        entries.append(RunEntry(name, r, tok, adapter))
+        guard = nocopy.for_run(r, tok) if copy_guard else None
+        entries.append(RunEntry(name, r, tok, adapter, guard=guard))
     model.set_adapter(entries[0].adapter)
     patch_trainable_tokens(model)
     model.eval()

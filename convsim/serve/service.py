@@ -72,8 +72,10 @@ class Service:
         self._worker.start()
 
     @classmethod
-    def from_runs(cls, run_dirs, steer_args=(), device: str | None = None, dtype=None, **kw) -> "Service":
-        model, entries = load_runs(list(run_dirs), device, dtype)
+    def from_runs(
+        cls, run_dirs, steer_args=(), device: str | None = None, dtype=None, copy_guard: bool = True, **kw
+    ) -> "Service":
+        model, entries = load_runs(list(run_dirs), device, dtype, copy_guard)
         return cls(model, entries, load_vectors(steer_args, entries, model), **kw)
 
     @classmethod
@@ -380,7 +382,7 @@ class Service:
                 )
                 owners.append(j)
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        generate_rows(self.model, tok, rows, pad, vocab=len(tok))
+        generate_rows(self.model, tok, rows, pad, vocab=len(tok), guard=entry.guard)
         answers = []
         for j in group:
             mine = [r for r, o in zip(rows, owners) if o is j]
