@@ -65,13 +65,13 @@ def empty_generation(monkeypatch):
     import convsim.inference.generate as gen
     import convsim.serve.batch as batch
 
-    def nothing(model, tok, fmt, history, speaker, cfg=None, n=1, cache=None):
+    def nothing(model, tok, fmt, history, speaker, cfg=None, n=1, cache=None, guard=None):
         return [[] for _ in range(n)]
 
     def stream_nothing(*a, **kw):
         return iter(())
 
-    def rows_of_nothing(model, tok, rows, pad_id, vocab=None):
+    def rows_of_nothing(model, tok, rows, pad_id, vocab=None, guard=None):
         for r in rows:
             r.ids, r.stop = [], r.stops[0]
         return rows

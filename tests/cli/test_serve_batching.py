@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from convsim.data.schema import Message, write_conversations
+from convsim.inference.nocopy import for_run
 from convsim.serve.app import create_app, running
 from convsim.serve.schemas import Limits
 from convsim.serve.service import Service
@@ -29,8 +30,9 @@ from test_serve import browser  # noqa: F401  (the Chromium fixture)
 GREEDY = dict(temperature=0, max_new_tokens=48)
 
 
-def lone(model, tok, fmt, text, speaker, other, steer=()):
-    """The reply `convsim.inference.generate.reply` gives alone (no server, no batch), greedy."""
+def lone(model, tok, fmt, guard, text, speaker, other, steer=()):
+    """The reply `convsim.inference.generate.reply` gives alone (no server, no batch), greedy, with the run's
+    copy guard as the server uses it."""
     import contextlib
     from convsim.inference.generate import SampleConfig, reply
     from convsim.steering.apply import steer as steer_cm
@@ -38,7 +40,7 @@ def lone(model, tok, fmt, text, speaker, other, steer=()):
     with contextlib.ExitStack() as stack:
         for vector, strength in steer:
             stack.enter_context(steer_cm(model, vector, strength))
-        return reply(model, tok, fmt, [Message(other, text)], speaker, SampleConfig(**GREEDY))[0]
+        return reply(model, tok, fmt, [Message(other, text)], speaker, SampleConfig(**GREEDY), guard=guard)[0]
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +81,7 @@ def lone_tiny(tiny_run):
 
     run = open_run(tiny_run)
     model, tok = run.load()
-    return model, tok, run.fmt
+    return model, tok, run.fmt, for_run(run, tok)
 
 
 # ----------------------------------------------------------------------------- batching
@@ -88,7 +90,7 @@ def lone_tiny(tiny_run):
 def test_two_concurrent_requests_share_a_batch_and_stop_on_their_own(tiny_run, lone_tiny):
     from convsim.data.examples import tag_ids
 
-    model, tok, fmt = lone_tiny
+    model, tok, fmt, guard = lone_tiny
     svc = Service.from_run(tiny_run)
     try:
         blocker = svc.job_for({"model": "convsim/Ana", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1})
@@ -121,8 +123,8 @@ def test_two_concurrent_requests_share_a_batch_and_stop_on_their_own(tiny_run, l
         while events_b[-1][0] == "delta":
             events_b.append(b.wait(60))
         assert a.batch[0] == b.batch[0] != blocker.batch[0] and a.batch[1] == 2  # one batch of two rows
-        want_a = lone(model, tok, fmt, "hi", "Ana", "Ben")
-        want_b = lone(model, tok, fmt, "omg that is amazing", "Ben", "Ana")
+        want_a = lone(model, tok, fmt, guard, "hi", "Ana", "Ben")
+        want_b = lone(model, tok, fmt, guard, "omg that is amazing", "Ben", "Ana")
         assert got_a[0] == "done" and got_a[1] == [want_a] and got_a[2] == ["stop"]
         streamed = "".join(e[1] for e in events_b[:-1])
         assert events_b[-1][1] == [want_b] and streamed == "\n".join(want_b)
@@ -213,11 +215,12 @@ def test_many_runs_one_base(tiny_run, cy_run, lone_tiny, browser):  # noqa: F811
             assert mem["total_bytes"] == base_bytes + sum(mem["adapter_bytes"].values())
 
             cy_model, cy_tok = cy.load()
+            cy_guard = for_run(cy, cy_tok)
             cases = [
                 ("convsim/tiny/Ana", "tiny", "hi", lone(*lone_tiny, "hi", "Ana", "Ben")),
                 ("convsim/Ben", "tiny", "lol yes", lone(*lone_tiny, "lol yes", "Ben", "Ana")),
-                ("convsim/cydee/Cy", "cydee", "hi", lone(cy_model, cy_tok, cy.fmt, "hi", "Cy", "Dee")),
-                ("convsim/Dee", "cydee", "lol yes", lone(cy_model, cy_tok, cy.fmt, "lol yes", "Dee", "Cy")),
+                ("convsim/cydee/Cy", "cydee", "hi", lone(cy_model, cy_tok, cy.fmt, cy_guard, "hi", "Cy", "Dee")),
+                ("convsim/Dee", "cydee", "lol yes", lone(cy_model, cy_tok, cy.fmt, cy_guard, "lol yes", "Dee", "Cy")),
             ]
 
             def ask(case):

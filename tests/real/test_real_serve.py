@@ -9,6 +9,7 @@ import time
 import pytest
 
 from convsim.data.schema import Message, write_conversations
+from convsim.inference.nocopy import for_run
 from convsim.serve.service import Service
 
 from conftest import cli, synthetic_conversations
@@ -16,11 +17,12 @@ from conftest import cli, synthetic_conversations
 pytestmark = pytest.mark.real
 
 
-def lone(model, tok, fmt, text, speaker, other):
-    """The greedy reply `reply` gives alone (no server, no batch)."""
+def lone(model, tok, fmt, text, speaker, other, guard):
+    """The greedy reply `reply` gives alone (no server, no batch), with the copy guard the server uses."""
     from convsim.inference.generate import SampleConfig, reply
 
-    return reply(model, tok, fmt, [Message(other, text)], speaker, SampleConfig(temperature=0, max_new_tokens=48))[0]
+    cfg = SampleConfig(temperature=0, max_new_tokens=48)
+    return reply(model, tok, fmt, [Message(other, text)], speaker, cfg, guard=guard)[0]
 
 
 def train_one_step(data, out) -> None:
@@ -52,7 +54,8 @@ def test_real_model_batched_rows_equal_their_lone_replies(tmp_path, data_dir):
         ("Ana", "Ben", "lol"),
         ("Ben", "Ana", "are you coming tonight? we are meeting at the station at eight"),
     ]
-    wants = [lone(model, tok, run.fmt, text, who, other) for who, other, text in cases]
+    guard = for_run(run, tok)
+    wants = [lone(model, tok, run.fmt, text, who, other, guard) for who, other, text in cases]
     assert sum(map(bool, wants)) >= 2, wants  # replies with text to compare
     svc = Service.from_run(run_dir)
     try:
@@ -90,7 +93,7 @@ def test_real_model_batched_rows_equal_their_lone_replies(tmp_path, data_dir):
     train_one_step(other_data, tmp_path / "cd-run")
     other = open_run(tmp_path / "cd-run")
     other_model, other_tok = other.load()
-    want_cy = lone(other_model, other_tok, other.fmt, "hey how are you", "Cy", "Dee")
+    want_cy = lone(other_model, other_tok, other.fmt, "hey how are you", "Cy", "Dee", for_run(other, other_tok))
     svc = Service.from_runs([run_dir, tmp_path / "cd-run"])
     try:
         for model_id, want in [("convsim/Cy", want_cy), ("convsim/Ana", wants[0])]:
