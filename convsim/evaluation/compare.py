@@ -25,11 +25,28 @@ def add_arguments(p):
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--budget", type=int, default=768)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--allow-copy",
+        action="store_true",
+        help="fine-tuned replies without the copy guard (by default they never repeat an 8-token training span)",
+    )
     p.add_argument("--json", action="store_true")
 
 
-def compare(run_, n, split="test", temperature=0.7, max_new_tokens=48, budget=768, seed=0, model=None, tok=None):
+def compare(
+    run_,
+    n,
+    split="test",
+    temperature=0.7,
+    max_new_tokens=48,
+    budget=768,
+    seed=0,
+    model=None,
+    tok=None,
+    copy_guard=True,
+):
     from convsim.evaluation.evaluate import base_model_ctx, reply_part
+    from convsim.inference import nocopy
     from convsim.inference.generate import SampleConfig, reply_from_prompt
     from convsim.evaluation.incontext import Retriever, incontext_prompt, plain
 
@@ -43,6 +60,7 @@ def compare(run_, n, split="test", temperature=0.7, max_new_tokens=48, budget=76
     retriever = Retriever(build_examples(run_.split("train"), None, cs, mb))
     step = max(1, len(held) // n)
     cfg = SampleConfig(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
+    guard = nocopy.for_run(run_, tok) if copy_guard else None
     rows = []
     for e in held[::step][:n]:
         prompt_ft, _, _ = reply_part(tok, fmt, e)
@@ -58,7 +76,7 @@ def compare(run_, n, split="test", temperature=0.7, max_new_tokens=48, budget=76
         with base_model_ctx(model):
             base = reply_from_prompt(model, tok, pfmt, prompt_b, e.speaker, cfg)
             inctx = reply_from_prompt(model, tok, pfmt, ic, e.speaker, cfg)
-        ft = reply_from_prompt(model, tok, fmt, prompt_ft, e.speaker, cfg)
+        ft = reply_from_prompt(model, tok, fmt, prompt_ft, e.speaker, cfg, guard=guard)
         rows.append(
             {
                 "speaker": e.speaker,
@@ -94,7 +112,16 @@ def run(args):
     from convsim.runs import open_run
 
     run_ = open_run(args.run_dir)
-    rows = compare(run_, args.n, args.split, args.temperature, args.max_new_tokens, args.budget, args.seed)
+    rows = compare(
+        run_,
+        args.n,
+        args.split,
+        args.temperature,
+        args.max_new_tokens,
+        args.budget,
+        args.seed,
+        copy_guard=not args.allow_copy,
+    )
     if args.json:
         print(json.dumps({"examples": rows}, ensure_ascii=False))
     else:

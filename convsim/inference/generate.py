@@ -102,7 +102,13 @@ def reply(
 
 
 def reply_from_prompt(
-    model, tok, fmt: PromptFormat, ids: list[int], speaker: str, cfg: SampleConfig = SampleConfig()
+    model,
+    tok,
+    fmt: PromptFormat,
+    ids: list[int],
+    speaker: str,
+    cfg: SampleConfig = SampleConfig(),
+    guard: CopyIndex | None = None,
 ) -> list[str]:
     """One burst after explicit prompt ids (in-context baselines). With plain-text tags, also stops on the
     text of another speaker's tag and cuts there."""
@@ -111,7 +117,9 @@ def reply_from_prompt(
     burst = Burst(tok, fmt, speaker)
     x = torch.tensor([ids], device=_device(model))
     with torch.inference_mode():
-        out = fastgen.generate(model, x, attention_mask=torch.ones_like(x), **_gen_kwargs(cfg, burst, len(ids)))
+        out = fastgen.generate(
+            model, x, attention_mask=torch.ones_like(x), **_gen_kwargs(cfg, burst, len(ids), guard=guard)
+        )
     return burst.messages(out[0, len(ids) :].tolist())
 
 

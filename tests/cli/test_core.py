@@ -201,6 +201,7 @@ def test_converse_and_compare(tiny_run):
     out = cli("converse", tiny_run, "--turns", "2", "--max-new-tokens", "6", "--seed", "1").stdout
     assert len(out.strip().splitlines()) >= 3
     cli("compare", tiny_run, "--n", "1", "--max-new-tokens", "6", "--json")
+    cli("compare", tiny_run, "--n", "1", "--max-new-tokens", "6", "--json", "--allow-copy")
 
 
 def test_plain_prompts_never_contain_speaker_tokens(tiny_run):
