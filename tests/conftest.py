@@ -101,3 +101,16 @@ def train_tiny(data, out) -> Path:
 def tiny_run(tmp_path_factory, data_dir) -> Path:
     """A tiny-llama run trained for a few steps through the CLI (shared by many tests)."""
     return train_tiny(data_dir, tmp_path_factory.mktemp("runs") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def real_run(tmp_path_factory, data_dir) -> Path:
+    """The real tier's run: the embedded Gemma 3 270M trained briefly on the synthetic chat, once per session
+    (minutes on a CPU), shared by the tests that export it to llama.cpp."""
+    out = tmp_path_factory.mktemp("runs") / "real"
+    cli(
+        *("train", data_dir, "--out", out, "--max-steps", "12", "--batch-size", "4", "--learning-rate", "3e-3"),
+        *("--eval-steps", "1000", "--save-steps", "1000", "--max-val-examples", "2", "--json"),
+        timeout=1800,  # minutes on a CPU; this much training teaches it to hand over to the other speaker
+    )
+    return out

@@ -1,8 +1,10 @@
-"""`convsim steer`: build steering vectors for a run, and sweep their strength to see what they do.
+"""`convsim steer`: build steering vectors for a run, sweep their strength to see what they do, and export
+them for other engines.
 
     convsim steer build runs/me --phrases examples/steer-happy.yaml --out happy.safetensors
     convsim steer build runs/me --from-data sentiment --speaker Ana --out ana-happy.safetensors
     convsim steer sweep runs/me happy.safetensors --strengths 0,4,8,12 --n 24 --samples 3 --out sweeps/happy
+    convsim steer export happy.safetensors --format gguf --out happy.gguf    # llama.cpp control vector
 
 The sweep measures, for held-out test contexts of the run, the effect (mean VADER compound score of
 replies sampled under steering, same contexts and seeds at every strength) against the cost (perplexity
@@ -21,7 +23,10 @@ from convsim.errors import UserError
 from convsim.steering.files import load_pairs, load_phrase_set, parse_numbers
 from convsim.steering.sweep import sweep
 
-HELP = "Build steering vectors (phrases, contrastive pairs, a person's own messages) and sweep their strength."
+HELP = (
+    "Build steering vectors (phrases, contrastive pairs, a person's own messages), sweep their strength, "
+    "export them for llama.cpp."
+)
 EXAMPLES = """
   convsim steer build runs/me --phrases examples/steer-happy.yaml --out happy.safetensors
   convsim steer build runs/me --pairs pairs.yaml --method pca --layer -6 --out calm.safetensors
@@ -29,6 +34,8 @@ EXAMPLES = """
   convsim steer build runs/me --from-data speakers --speaker Ana --out more-ana.safetensors
   convsim steer sweep runs/me happy.safetensors --strengths 0,4,8,12 --n 24 --samples 3 --out sweeps/happy
   convsim chat runs/me --as Ana --steer happy.safetensors:8          # then use it (decode steps, as swept)
+  convsim steer export happy.safetensors --format gguf --out happy.gguf
+  llama-cli -m exports/ana/model.gguf --control-vector-scaled happy.gguf 8    # scale = convsim's strength
 
 Strength multiplies the vector as built; what matters is strength x |vector| against the residual
 stream (`build` prints the norm and suggests strengths). On Gemma 3 270M fine-tuned on a chat, a vector from
@@ -43,7 +50,7 @@ Lists of negative layers: --layer=-6,-5.
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    sub = p.add_subparsers(dest="action", required=True, metavar="build|sweep")
+    sub = p.add_subparsers(dest="action", required=True, metavar="build|sweep|export")
     b = sub.add_parser(
         "build",
         help="build a steering vector for a run",
@@ -115,9 +122,41 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--out", help="directory for sweep.json and sweep.png (default: VECTOR's name + -sweep)")
     s.add_argument("--json", action="store_true", help="print the summary as JSON")
 
+    e = sub.add_parser(
+        "export",
+        help="write a steering vector for another engine (llama.cpp's control-vector GGUF)",
+        description=(
+            "Write VECTOR as the control-vector GGUF llama.cpp reads with --control-vector-scaled FILE SCALE: "
+            "convsim's layer k becomes direction.k (both steer the output of that decoder layer), and "
+            "SCALE means the same as convsim's strength. llama.cpp steers every position, like "
+            "`steer sweep --positions all`."
+        ),
+    )
+    e.add_argument("vector", help="a convsim steering vector (.safetensors)")
+    e.add_argument("--format", default="gguf", help="gguf (llama.cpp control vector; the only one so far)")
+    e.add_argument("--out", required=True, metavar="FILE", help="file to write; must not exist")
+    e.add_argument("--json", action="store_true", help="print the summary as JSON")
+
 
 def run(args) -> int:
-    return build(args) if args.action == "build" else sweep(args)
+    return {"build": build, "sweep": sweep, "export": export}[args.action](args)
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def export(args) -> int:
+    from convsim.steering.llamacpp import export_vector
+
+    summary = export_vector(args.vector, args.format, args.out)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(
+            f"wrote {summary['out']} ({', '.join(summary['llama_cpp_layers'])}; for {summary['model']}); use it with: "
+            f"llama-cli -m MODEL.gguf --control-vector-scaled {summary['out']} STRENGTH"
+        )
+    return 0
 
 
 # ----------------------------------------------------------------------------- build

@@ -11,8 +11,6 @@ import torch
 
 from convsim.data.schema import Message
 
-from conftest import cli
-
 pytestmark = pytest.mark.real
 
 HISTORY = [
@@ -22,17 +20,6 @@ HISTORY = [
     Message("Ben", "Maybe tomorrow then."),
 ]
 N_GREEDY = 32
-
-
-@pytest.fixture(scope="module")
-def real_run(tmp_path_factory, data_dir):
-    out = tmp_path_factory.mktemp("runs") / "real"
-    cli(
-        *("train", data_dir, "--out", out, "--max-steps", "12", "--batch-size", "4", "--learning-rate", "3e-3"),
-        *("--eval-steps", "1000", "--save-steps", "1000", "--max-val-examples", "2", "--json"),
-        timeout=1800,  # minutes on a CPU; this much training teaches it to hand over to the other speaker
-    )
-    return out
 
 
 def greedy_torch(model, ids: list[int], n: int) -> list[int]:
