@@ -370,15 +370,18 @@ def levers(a):
     ks = [int(k) for k in a.lora_layers.split(",")]
     load = os.getloadavg()
     arms = {}
+    from convsim.training.data import prepare_data
+
+    n_train = len(prepare_data(cfg, a.data)[4]["train"])
+    steps = 2 * -(-n_train // cfg.batch_size)  # convsim's two epochs (the last batch of each may be short)
+    p = plain_loop(cfg, a.data, a.device, steps - a.warmup, a.warmup)  # first: the baseline every arm needs
+    per_epoch = p["steps_per_epoch"]
+    p["loss"] = round(statistics.mean(p["losses"][per_epoch : 2 * per_epoch]), 4)  # its epoch 2
+    print("plain", p["tokens_per_s"], p["loss"], flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for name, flags in lever_arms(ks).items():
             arms[name] = two_epochs(cfg, a.data, a.device, Path(tmp), flags)
             print(name, json.dumps(arms[name]), flush=True)
-        steps = arms["all-layers"]["steps"]
-        p = plain_loop(cfg, a.data, a.device, steps - a.warmup, a.warmup)
-    per_epoch = p["steps_per_epoch"]
-    p["loss"] = round(statistics.mean(p["losses"][per_epoch : 2 * per_epoch]), 4)  # its epoch 2
-    print("plain", p["tokens_per_s"], p["loss"], flush=True)
     for v in arms.values():
         v["speedup_vs_plain"] = ratio(v, p)
         v["loss_vs_plain"] = round(v["loss"] / p["loss"] - 1, 4) if v["loss"] and p["loss"] else None
