@@ -151,6 +151,11 @@ def install_prefix_cache(model, first: int) -> PrefixCache:
     return stack._convsim_prefix_cache
 
 
+def prefix_cache(model) -> PrefixCache | None:
+    """The model's prefix cache, or None when it has none."""
+    return getattr(backbone(model), "_convsim_prefix_cache", None)
+
+
 def freeze_below(model, first: int) -> list[str]:
     """Stop training every parameter below decoder layer `first`: the input embedding (the speaker-token rows,
     which then keep their initial values; with a tied head its speaker rows too, as they are the same rows) and

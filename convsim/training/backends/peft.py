@@ -53,6 +53,8 @@ def load_peft(cfg: TrainConfig, speakers, device: str, spec):
     from convsim.modeling.fastpeft import patch_trainable_tokens, show_tied_weights
 
     patch_trainable_tokens(model)
+    if cfg.cache_frozen_prefix and sharded_training():
+        raise UserError("--cache-frozen-prefix is not supported under FSDP (it swaps decoder layers per forward)")
     if cfg.cache_frozen_prefix:  # nothing below the top layers may train: the speaker rows keep their start
         from convsim.modeling.prefix import freeze_below, install_prefix_cache
 
