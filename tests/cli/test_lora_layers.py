@@ -8,6 +8,7 @@ whose LoRA sits on the top layer only and whose speaker rows kept their initial 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from safetensors.torch import load_file
@@ -41,6 +42,8 @@ def test_cached_run_trains_the_top_layer_only(data_dir, tmp_path):
     p = cli("train", data_dir, "--out", out, *BASE, "--epochs", "2", "--lora-layers", "1", "--cache-frozen-prefix")
     summary = json.loads(p.stdout.strip().splitlines()[-1])
     assert summary["steps"] > 2 and summary["train_loss"] > 0
+    cached = re.search(r"cached frozen prefix: ([\d,]+) examples", p.stderr)
+    assert cached and 0 < int(cached[1].replace(",", "")) <= summary["examples"]["train"]  # same tokens: one entry
     adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert adapter["layers_to_transform"] == [1]
     weights = load_file(out / "adapter" / "adapter_model.safetensors")
