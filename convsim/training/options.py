@@ -81,7 +81,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="with --lora-layers K: compute the hidden states entering the top K layers once per training "
-        "example (kept in memory: hidden size x 4 bytes per training token) and train only the top layers "
+        "example (kept in memory: hidden size x 4 bytes per training token in float32) and train only the top layers "
         "from them after the first epoch; the speaker-token rows then stay at their initial values (they sit "
         "below every layer) (default: off)",
     )
