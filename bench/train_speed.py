@@ -85,8 +85,10 @@ def plain_loop(cfg, data_dir, device, steps, warmup, dtype=torch.float32):
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
     cuda = device.startswith("cuda")
-    times, toks = [], []
-    it = batches(rows, cfg.batch_size, tok.pad_token_id, cfg.seed, device)
+    times, toks, losses = [], [], []
+    it = (
+        b for epoch in range(10**6) for b in batches(rows, cfg.batch_size, tok.pad_token_id, cfg.seed + epoch, device)
+    )
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     for step in range(warmup + steps):
@@ -99,6 +101,7 @@ def plain_loop(cfg, data_dir, device, steps, warmup, dtype=torch.float32):
         opt.step()
         opt.zero_grad(set_to_none=True)
         sync(device)
+        losses.append(float(loss))
         if step >= warmup:
             times.append(time.perf_counter() - t)
             toks.append(int(m.sum()))
@@ -115,6 +118,8 @@ def plain_loop(cfg, data_dir, device, steps, warmup, dtype=torch.float32):
         "steps": steps,
         "loss_token_fraction": loss_tokens,
         "final_loss": float(loss),
+        "losses": losses,
+        "steps_per_epoch": len(rows) // cfg.batch_size,
         "useful_flops_per_token": fpt,
         "dtype": str(dtype).replace("torch.", ""),
     }
@@ -191,6 +196,63 @@ def interval_rate(metrics: Path) -> float | None:
     return round(tokens / seconds, 1) if seconds else None
 
 
+def two_epochs(cfg, data_dir, device, work: Path, flags=()):
+    """`convsim train --epochs 2` with a log line every step (CPU levers: --lora-layers K, with and without
+    --cache-frozen-prefix). The cache is built in epoch 1 and used in epoch 2, so each epoch's rate is given:
+    real tokens over the time of its steps but the run's first (warm-up); epoch 1's time less what its tokens
+    take at epoch 2's rate is the one-time cost of building the cache. Losses: the mean logged training loss over epoch 2 (every
+    training example once) and the validation loss at the end."""
+    from convsim.cli import main
+
+    flags = list(flags)
+    conf = work / "levers.yaml"
+    conf.write_text("logging_steps: 1\neval_steps: 100000\nsave_steps: 100000\nsamples: 0\n")
+    out = work / ("epochs" + "".join(f.replace("--", "_") for f in flags))
+    args = ["train", str(data_dir), "--out", str(out), "--model", cfg.model, "--batch-size", str(cfg.batch_size)]
+    args += ["--epochs", "2", "--lora-r", str(cfg.lora_r), "--config", str(conf), "--seed", str(cfg.seed)]
+    t0 = time.time()
+    assert main([*args, "--no-compile", *flags]) == 0
+    wall = time.time() - t0
+    meta = json.loads((out / "run.json").read_text())
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "loss" in r and "tokens_per_s" in r]
+    per_epoch = {1: [0.0, 0.0], 2: [0.0, 0.0]}
+    for prev, row in zip(rows, rows[1:]):
+        dt = row["time"] - prev["time"]
+        e = 1 if row["epoch"] <= 1.0 + 1e-9 else 2
+        per_epoch[e][0] += row["tokens_per_s"] * dt
+        per_epoch[e][1] += dt
+    rate = {e: round(t / sec, 1) if sec else None for e, (t, sec) in per_epoch.items()}
+    second = [r["loss"] for r in rows if r["epoch"] > 1.0 + 1e-9]
+    return {
+        "flags": flags,
+        "tokens_per_s": rate[2],  # steady state: epoch 2
+        "tokens_per_s_epoch1": rate[1],
+        "epoch1_s": round(per_epoch[1][1], 1),
+        "epoch2_s": round(per_epoch[2][1], 1),
+        "cache_build_s": build_cost(per_epoch[1][0], per_epoch[1][1], rate[2]),
+        "loss": round(statistics.mean(second), 4) if second else None,  # training loss over epoch 2
+        "eval_loss": meta["eval_loss"],
+        "steps": meta["global_step"],
+        "wall_s": round(wall, 1),
+    }
+
+
+def build_cost(tokens1, seconds1, rate2):
+    """The one-time cost of epoch 1 over the steady state: its time less what its tokens take at epoch 2's rate
+    (with the cache: building it; without: noise around 0)."""
+    return round(seconds1 - tokens1 / rate2, 1) if rate2 else None
+
+
+def lever_arms(ks):
+    """--lora-layers K for each K, without and with the cached frozen prefix."""
+    arms = {"all-layers": []}
+    for k in ks:
+        arms[f"lora-{k}"] = ["--lora-layers", str(k)]
+        arms[f"lora-{k}-cached"] = ["--lora-layers", str(k), "--cache-frozen-prefix"]
+    return arms
+
+
 def _liger_used():
     from convsim.modeling import loss
 
@@ -242,8 +304,18 @@ def main():
     ap.add_argument(
         "--plain-bf16", action="store_true", help="also run the plain loop with bf16 base weights (a second baseline)"
     )
+    ap.add_argument(
+        "--lora-layers",
+        default="",
+        metavar="K,K",
+        help="CPU levers instead of --variants: convsim train over 2 epochs with all layers and with "
+        "--lora-layers K, with and without --cache-frozen-prefix (epoch-2 rate and losses against the plain "
+        "loop over the same number of steps)",
+    )
     ap.add_argument("--out")
     a = ap.parse_args()
+    if a.lora_layers:
+        return levers(a)
     from convsim.config import TrainConfig
 
     cfg = TrainConfig(model=a.model, batch_size=a.batch_size)
@@ -293,6 +365,62 @@ def main():
     print(json.dumps({k: v for k, v in res.items() if k not in ("plain", "plain_bf16", "ours", "variants")}, indent=1))
     if a.out:
         Path(a.out).write_text(json.dumps(res, indent=1))
+
+
+def levers(a):
+    """The --lora-layers mode: plain fp32 loop and convsim arms, all over 2 epochs of the data's training set."""
+    import subprocess
+    from convsim.config import TrainConfig
+
+    cfg = TrainConfig(model=a.model, batch_size=a.batch_size)
+    ks = [int(k) for k in a.lora_layers.split(",")]
+    load = os.getloadavg()
+    arms = {}
+    from convsim.training.data import prepare_data
+
+    n_train = len(prepare_data(cfg, a.data)[4]["train"])
+    steps = 2 * -(-n_train // cfg.batch_size)  # convsim's two epochs (the last batch of each may be short)
+    p = plain_loop(cfg, a.data, a.device, steps - a.warmup, a.warmup)  # first: the baseline every arm needs
+    per_epoch = p["steps_per_epoch"]
+    p["loss"] = round(statistics.mean(p["losses"][per_epoch : 2 * per_epoch]), 4)  # its epoch 2
+    print("plain", p["tokens_per_s"], p["loss"], flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, flags in lever_arms(ks).items():
+            arms[name] = two_epochs(cfg, a.data, a.device, Path(tmp), flags)
+            print(name, json.dumps(arms[name]), flush=True)
+    for v in arms.values():
+        v["speedup_vs_plain"] = ratio(v, p)
+        v["loss_vs_plain"] = round(v["loss"] / p["loss"] - 1, 4) if v["loss"] and p["loss"] else None
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    res = {
+        "machine": f"CPU x{os.cpu_count()} ({_cpu_name()}), torch {torch.__version__}, {torch.get_num_threads()} threads",
+        "commit": commit,
+        "command": "python bench/train_speed.py " + " ".join(sys.argv[1:]),
+        "load_average_before": [round(x, 2) for x in load],
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        "model": a.model,
+        "batch_size": a.batch_size,
+        "plain": {k: v for k, v in p.items() if k != "losses"} | {"losses": [round(x, 4) for x in p["losses"]]},
+        "arms": {"plain-fp32": {"tokens_per_s": p["tokens_per_s"], "speedup_vs_plain": 1.0, "loss": p["loss"]}} | arms,
+    }
+    print(
+        json.dumps(
+            {k: {m: v.get(m) for m in ("tokens_per_s", "speedup_vs_plain", "loss")} for k, v in res["arms"].items()},
+            indent=1,
+        )
+    )
+    if a.out:
+        Path(a.out).write_text(json.dumps(res, indent=1))
+
+
+def _cpu_name():
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
 
 
 if __name__ == "__main__":

@@ -39,6 +39,8 @@ class TrainConfig:
     use_rslora: bool = True
     special_tokens: bool = True
     include_mlp: bool = True
+    lora_layers: int | None = None  # LoRA on the top K decoder layers only; default: all of them
+    cache_frozen_prefix: bool = False  # with lora_layers: train the top layers from cached lower states
     instruct_format: bool | None = None  # default: the model row's prompt style
     loss: str = "reply"  # "reply" (only the reply) or "whole" (the seed's: all text)
     context_size: int = 16
@@ -81,6 +83,14 @@ class TrainConfig:
         ):
             if getattr(self, name) < 1:
                 raise UserError(f"{name.replace('_', '-')} must be at least 1")
+        if self.lora_layers is not None and self.lora_layers < 1:
+            raise UserError(f"--lora-layers must be at least 1, not {self.lora_layers}")
+        if self.cache_frozen_prefix and self.lora_layers is None:
+            raise UserError("--cache-frozen-prefix needs --lora-layers K (the layers below the top K are cached)")
+        if self.cache_frozen_prefix and self.packing:
+            raise UserError("--cache-frozen-prefix works on padded batches; leave out --packing")
+        if self.lora_layers is not None and self.backend != "peft":
+            raise UserError("--lora-layers needs --backend peft")
         if self.extra_data_ratio < 0:
             raise UserError(f"--extra-data-ratio must be 0 or more, not {self.extra_data_ratio:g}")
         if self.epochs <= 0 and self.max_steps <= 0:

@@ -9,6 +9,7 @@ import os
 import sys
 
 from convsim.config import TrainConfig
+from convsim.errors import UserError
 from convsim.modeling.layers import decoder_layers
 from convsim.modeling.loss import reply_loss
 
@@ -16,6 +17,17 @@ from convsim.modeling.loss import reply_loss
 def lora_targets(cfg: TrainConfig, spec) -> list[str]:
     """The projections LoRA adapts: the model row's attention ones, and its MLP ones with --include-mlp."""
     return list(spec.attn_targets) + (list(spec.mlp_targets) if cfg.include_mlp else [])
+
+
+def lora_layer_indices(cfg: TrainConfig, model) -> list[int] | None:
+    """PEFT's `layers_to_transform` for --lora-layers K: the indices of the top K decoder layers (None: all
+    layers). A clear error when K is more than the model has."""
+    if cfg.lora_layers is None:
+        return None
+    n = len(decoder_layers(model))
+    if not 1 <= cfg.lora_layers <= n:
+        raise UserError(f"--lora-layers {cfg.lora_layers}: {cfg.model} has {n} decoder layers; give 1 to {n}")
+    return list(range(n - cfg.lora_layers, n))
 
 
 def speaker_rows(ids: dict, tied: bool) -> dict | None:

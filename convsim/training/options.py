@@ -77,6 +77,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="LoRA on the MLP projections too (default on)",
     )
     p.add_argument(
+        "--lora-layers",
+        type=int,
+        metavar="K",
+        help="LoRA on the top K decoder layers only (default: all layers); fewer trained layers train "
+        "faster per token but may fit less well",
+    )
+    p.add_argument(
+        "--cache-frozen-prefix",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="with --lora-layers K: compute the hidden states entering the top K layers once per training "
+        "example (kept in memory: hidden size x 4 bytes per training token in float32) and train only the top layers "
+        "from them after the first epoch; the speaker-token rows then stay at their initial values (they sit "
+        "below every layer) (default: off)",
+    )
+    p.add_argument(
         "--instruct-format",
         action=argparse.BooleanOptionalAction,
         default=None,

@@ -118,6 +118,7 @@ def _run(args) -> int:
     from convsim.data.schema import write_conversations
     from convsim.fsutil import atomic_dir, private_dir, write_text
     from convsim.modeling.models import default_device
+    from convsim.modeling.prefix import prefix_cache
     from convsim.runs import RunMeta, dir_hash, write_meta
 
     cfg = config_from_args(args)
@@ -264,6 +265,13 @@ def _run(args) -> int:
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     train_loss = trainer.run_loss(result)  # over the whole run, also when it resumed
     seconds = time.time() - t0
+    cache = prefix_cache(model)
+    if cache is not None:
+        print(
+            f"cached frozen prefix: {len(cache.states):,} examples, {cache.built_tokens:,} tokens, "
+            f"{cache.nbytes() / 2**20:.0f} MiB in memory",
+            file=sys.stderr,
+        )
     kept = None
     if cfg.keep_best and val_rows:
         final_eval = trainer.evaluate()  # the last step is a candidate too

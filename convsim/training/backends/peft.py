@@ -1,5 +1,7 @@
 """The default training backend: the base from `models.load_base` (or quantized with bitsandbytes), one
-token per speaker, and PEFT's LoRA with the speaker rows trainable (`trainable_token_indices`).
+token per speaker, and PEFT's LoRA with the speaker rows trainable (`trainable_token_indices`). With
+--lora-layers K, LoRA on the top K decoder layers only; with --cache-frozen-prefix as well, the speaker rows
+are frozen and training forwards start from cached states at the first trained layer (`modeling.prefix`).
 
 `load_peft(cfg, speakers, device, spec) -> (model, tok, ids)`, the interface every backend has
 (`convsim.training.backends.build_model` picks one by `--backend`).
@@ -10,7 +12,14 @@ from __future__ import annotations
 from convsim.config import TrainConfig
 from convsim.errors import UserError
 from convsim.modeling.layers import head_is_tied
-from convsim.training.model import frozen_dtype, lora_targets, sharded_training, speaker_rows, trainable_in_float32
+from convsim.training.model import (
+    frozen_dtype,
+    lora_layer_indices,
+    lora_targets,
+    sharded_training,
+    speaker_rows,
+    trainable_in_float32,
+)
 
 
 def load_peft(cfg: TrainConfig, speakers, device: str, spec):
@@ -28,12 +37,14 @@ def load_peft(cfg: TrainConfig, speakers, device: str, spec):
     ids = {}
     if cfg.special_tokens:
         ids = add_speaker_tokens(model, tok, speakers, cfg.speaker_references, spec.reference_words, seed=cfg.seed)
+    layers = lora_layer_indices(cfg, model)
     lora = LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha or cfg.lora_r,
         lora_dropout=cfg.lora_dropout,
         use_rslora=cfg.use_rslora,
         target_modules=lora_targets(cfg, spec),
+        layers_to_transform=layers,
         trainable_token_indices=speaker_rows(ids, head_is_tied(model)),
         task_type="CAUSAL_LM",
     )
@@ -42,6 +53,13 @@ def load_peft(cfg: TrainConfig, speakers, device: str, spec):
     from convsim.modeling.fastpeft import patch_trainable_tokens, show_tied_weights
 
     patch_trainable_tokens(model)
+    if cfg.cache_frozen_prefix and sharded_training():
+        raise UserError("--cache-frozen-prefix is not supported under FSDP (it swaps decoder layers per forward)")
+    if cfg.cache_frozen_prefix:  # nothing below the top layers may train: the speaker rows keep their start
+        from convsim.modeling.prefix import freeze_below, install_prefix_cache
+
+        freeze_below(model, layers[0])
+        install_prefix_cache(model, layers[0])
     if sharded_training():
         show_tied_weights(model)  # else FSDP2 shards a tied head's weight twice
     return model, tok, ids
