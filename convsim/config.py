@@ -57,7 +57,7 @@ class TrainConfig:
     backend: str = "peft"  # "peft" | "unsloth"
     activation_checkpointing: bool | None = None  # default: on only for models of 1B parameters or more
     compile: bool | None = None  # torch.compile each decoder layer; default: on CUDA
-    frozen_dtype: str | None = None  # "float32" | "bfloat16": the frozen base weights; default bf16 on CUDA
+    frozen_dtype: str | None = None  # "float32" | "bfloat16"; default bf16 on CUDA, native-bf16 CPUs
     group_by_length: bool | None = None  # batches of similar lengths (less padding); default: off
     packing: bool | None = None  # padding-free batches: a batch's examples in one row; default: off
     keep_best: bool = False  # end with the weights of the lowest validation loss seen

@@ -180,6 +180,16 @@ def extra_conversations(dirs, split) -> list:
     return out
 
 
+def prompt_format(cfg: TrainConfig, spec, speakers):
+    """The run's PromptFormat: instruct (chat template) or base rendering, as asked or as the model row says."""
+    from convsim.data.examples import PromptFormat
+
+    instruct = cfg.instruct_format if cfg.instruct_format is not None else spec.prompt_style == "instruct"
+    return PromptFormat(
+        style="instruct" if instruct else "base", speakers=tuple(speakers), special_tokens=cfg.special_tokens
+    )
+
+
 def tokenize(tok, fmt, examples, cfg: TrainConfig, whole: bool = False):
     from convsim.data.examples import render_example, render_whole
 

@@ -64,8 +64,8 @@ def gathered_trained_state(model):
 
 
 def frozen_dtype(cfg: TrainConfig, device: str) -> str:
-    """The frozen base weights' dtype: as asked, else bfloat16 on a CUDA card that has it and float32
-    elsewhere. bf16 autocast casts every matmul's weight to bf16 anyway, so holding the frozen weights in
+    """The frozen base weights' dtype: as asked, else bfloat16 on a CUDA card that has it, on a CPU only
+    where it computes in bf16 natively (`convsim.training.cpu`), and float32 elsewhere. bf16 autocast casts every matmul's weight to bf16 anyway, so holding the frozen weights in
     bf16 gives the matmuls the same inputs without re-casting 270M weights each step (and halves their
     memory); norms, embeddings and the residual stream then run in bf16 as in bf16 inference. Under FSDP
     float32, so each sharded unit holds one dtype."""
@@ -80,7 +80,27 @@ def frozen_dtype(cfg: TrainConfig, device: str) -> str:
         and torch.cuda.is_bf16_supported()
     ):
         return "bfloat16"
+    if device == "cpu" and not sharded_training():
+        from convsim.training.cpu import cpu_dtype, cpu_has_native_bf16
+
+        return cpu_dtype(None, cpu_has_native_bf16())
     return "float32"
+
+
+def bf16_autocast(cfg: TrainConfig, device: str) -> bool:
+    """Whether training runs under bf16 autocast: always on CUDA; on a CPU when its frozen weights are bf16
+    (native bf16, or forced with --frozen-dtype bfloat16), and never in float32, where autocast would only
+    add conversions around every matmul."""
+    if device.startswith("cuda"):
+        return True
+    return device == "cpu" and frozen_dtype(cfg, device) == "bfloat16"
+
+
+def cpu_precision(cfg: TrainConfig, device: str = "cpu") -> str:
+    """The line saying which precision a CPU run trains in, and why."""
+    from convsim.training.cpu import cpu_has_native_bf16, cpu_precision_line
+
+    return cpu_precision_line(frozen_dtype(cfg, device), cpu_has_native_bf16(), forced=bool(cfg.frozen_dtype))
 
 
 def trainable_in_float32(model) -> int:
@@ -199,7 +219,8 @@ def _probe(model) -> None:
     device = next(p.device for p in model.parameters() if p.device.type != "meta")
     x = (torch.arange(32, device=device).view(2, 16) % 64) + 10
     batch = {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x}
-    cast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    bf16 = device.type == "cuda" or any(p.dtype == torch.bfloat16 for p in model.parameters())
+    cast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     was = model.training
     model.train()
     try:

@@ -118,8 +118,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--frozen-dtype",
         choices=["float32", "bfloat16"],
-        help="dtype of the frozen base weights (default: bfloat16 on CUDA, float32 elsewhere); the "
-        "trained LoRA and speaker rows stay float32",
+        help="dtype of the frozen base weights, and on a CPU of its autocast (default: bfloat16 on CUDA and on "
+        "CPUs with native bf16: AVX512-BF16, AMX, Arm BF16; float32 elsewhere); the trained LoRA and speaker rows "
+        "stay float32",
     )
     p.add_argument(
         "--group-by-length",

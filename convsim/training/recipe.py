@@ -32,10 +32,12 @@ from convsim.training.checkpoints import (
     rewind_logs,
     verify_checkpoint,
 )
-from convsim.training.data import default_extra_data, extra_summary, prepare_data, tokenize
+from convsim.training.data import default_extra_data, extra_summary, prepare_data, prompt_format, tokenize
 from convsim.training.options import add_arguments, config_from_args
 from convsim.training.model import (
+    bf16_autocast,
     compile_layers,
+    cpu_precision,
     gathered_trained_state,
     sampling_args,
     wants_checkpointing,
@@ -114,7 +116,6 @@ def _run(args) -> int:
     from datasets import Dataset
     from trl import SFTConfig
 
-    from convsim.data.examples import PromptFormat
     from convsim.data.schema import write_conversations
     from convsim.fsutil import atomic_dir, private_dir, write_text
     from convsim.modeling.models import default_device
@@ -148,13 +149,11 @@ def _run(args) -> int:
     convs, speakers, targets, split, ex = prepare_data(cfg, args.data_dir)
     torch.manual_seed(cfg.seed)
     device = default_device()
+    if device == "cpu":
+        print(cpu_precision(cfg, device), file=sys.stderr, flush=True)
     model, tok, spec, ids = build_model(cfg, speakers, device)
-    style = (
-        "instruct"
-        if (cfg.instruct_format if cfg.instruct_format is not None else spec.prompt_style == "instruct")
-        else "base"
-    )
-    fmt = PromptFormat(style=style, speakers=tuple(speakers), special_tokens=cfg.special_tokens)
+    fmt = prompt_format(cfg, spec, speakers)
+    style = fmt.style
     train_rows, trunc = tokenize(tok, fmt, ex["train"], cfg, whole=cfg.loss == "whole")
     val_examples = ex["val"][: cfg.max_val_examples]
     val_rows, _ = tokenize(tok, fmt, val_examples, cfg, whole=False)
@@ -231,7 +230,7 @@ def _run(args) -> int:
         save_total_limit=2,
         seed=cfg.seed,
         data_seed=cfg.seed,
-        bf16=cuda,
+        bf16=bf16_autocast(cfg, device),
         report_to=["tensorboard"],
         max_length=None,
         prediction_loss_only=True,

@@ -94,6 +94,7 @@ def test_frozen_weights_dtype_defaults(monkeypatch):
     from convsim.training.model import frozen_dtype
 
     monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    monkeypatch.setattr("convsim.training.cpu.cpu_has_native_bf16", lambda: False)
     assert frozen_dtype(TrainConfig(), "cpu") == "float32"
     assert frozen_dtype(TrainConfig(frozen_dtype="bfloat16"), "cpu") == "bfloat16"
     assert frozen_dtype(TrainConfig(frozen_dtype="float32"), "cuda") == "float32"
