@@ -149,9 +149,9 @@ def _run(args) -> int:
     convs, speakers, targets, split, ex = prepare_data(cfg, args.data_dir)
     torch.manual_seed(cfg.seed)
     device = default_device()
-    if device == "cpu":
-        print(cpu_precision(cfg, device), file=sys.stderr, flush=True)
     model, tok, spec, ids = build_model(cfg, speakers, device)
+    if device == "cpu":  # after loading: a model that does not fit stays one error line
+        print(cpu_precision(cfg, device), file=sys.stderr, flush=True)
     fmt = prompt_format(cfg, spec, speakers)
     style = fmt.style
     train_rows, trunc = tokenize(tok, fmt, ex["train"], cfg, whole=cfg.loss == "whole")
