@@ -28,6 +28,8 @@ import torch
 
 from convsim.data.examples import build_examples, render, render_example
 from convsim.data.schema import Message
+from convsim.export.gguf_file import llama_greedy
+from convsim.inference.generate import greedy_ids
 from convsim.runs import open_run
 
 OUT = Path(__file__).parent / "results" / "export-gguf.json"
@@ -46,33 +48,6 @@ def reply_nll(logits: np.ndarray, ids: list[int], loss: list[int]) -> tuple[floa
     lp = log_softmax(logits)
     pos = [t for t in range(1, len(ids)) if loss[t]]
     return -sum(lp[t - 1, ids[t]] for t in pos), len(pos)
-
-
-def greedy_torch(model, ids: list[int], n: int) -> list[int]:
-    x = torch.tensor([ids])
-    with torch.inference_mode():
-        out = model.generate(
-            input_ids=x,
-            attention_mask=torch.ones_like(x),
-            max_new_tokens=n,
-            min_new_tokens=n,
-            do_sample=False,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-        )
-    return out[0, len(ids) :].tolist()
-
-
-def greedy_llama(llm, ids: list[int], n: int) -> list[int]:
-    llm.reset()
-    llm.eval(ids)
-    got = []
-    for _ in range(n):
-        t = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        got.append(t)
-        llm.eval([t])
-    return got
 
 
 def leading_match(a: list[int], b: list[int]) -> int:
@@ -112,7 +87,7 @@ def main() -> None:
     persona, other = speakers[0], speakers[1 % len(speakers)]
     history = [Message(speakers[(i + 1) % len(speakers)], t) for i, t in enumerate(PROBE)]
     probe = render(tok, fmt, history, persona).input_ids
-    want = greedy_torch(model, probe, N_GREEDY)
+    want = greedy_ids(model, probe, N_GREEDY)
     other_id = tok.convert_tokens_to_ids(f"[{other}]")
 
     formats, singles, stops = {}, [], []
@@ -138,8 +113,8 @@ def main() -> None:
                 a, b = reply_nll(np.array(llm.scores[: len(r.input_ids)]), r.input_ids, r.loss_mask)
                 q_nll, q_count = q_nll + a, q_count + b
             ppl = math.exp(q_nll / q_count)
-            got = greedy_llama(llm, probe, N_GREEDY)
-            seq = greedy_llama(llm, probe, 96)
+            got = llama_greedy(llm, probe, N_GREEDY)
+            seq = llama_greedy(llm, probe, 96)
             if other_id in seq:
                 llm.reset()
                 res = llm.create_completion(probe, max_tokens=96, temperature=0.0, stop=[f"[{other}]"])["choices"][0]

@@ -381,3 +381,18 @@ def run(args):
             f"{persona}; run it with: ollama create NAME -f {out}/Modelfile && ollama run NAME"
         )
     return 0
+
+
+def llama_greedy(llm, ids: list[int], n: int) -> list[int]:
+    """`n` greedy tokens after `ids` from a llama-cpp-python `Llama` (created with `logits_all=True`), token by
+    token from its own scores: what the exported file gives in llama.cpp, to hold against `greedy_ids`."""
+    import numpy as np
+
+    llm.reset()
+    llm.eval(ids)
+    got = []
+    for _ in range(n):
+        t = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        got.append(t)
+        llm.eval([t])
+    return got

@@ -66,6 +66,25 @@ def _gen_kwargs(cfg: SampleConfig, burst: Burst, prompt_len: int, more_criteria=
     return kw
 
 
+def greedy_ids(model, ids: list[int], n: int, processors=()) -> list[int]:
+    """Exactly `n` greedy tokens after `ids`, with no stop of any kind: the raw continuation that other
+    runtimes (an exported GGUF in llama.cpp) and checks (the copy guard) are compared against."""
+    x = torch.tensor([ids], device=_device(model))
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=x,
+            attention_mask=torch.ones_like(x),
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            logits_processor=LogitsProcessorList(list(processors)),
+        )
+    return out[0, len(ids) :].tolist()
+
+
 def _device(model):
     return next(model.parameters()).device
 

@@ -3,37 +3,21 @@ commands use it unless told `--allow-copy`."""
 
 import json
 
-import torch
-
+from convsim.inference.generate import greedy_ids
 from convsim.inference.nocopy import CopyIndex, NoCopy, for_run
 from convsim.runs import open_run
 from tests.conftest import cli
 
 
-def _greedy(model, x, n, processors=()):
-    from transformers import LogitsProcessorList
-
-    out = model.generate(
-        x,
-        attention_mask=torch.ones_like(x),
-        max_new_tokens=n,
-        min_new_tokens=n,
-        do_sample=False,
-        logits_processor=LogitsProcessorList(list(processors)),
-        pad_token_id=0,
-    )
-    return out[0, x.shape[1] :].tolist()
-
-
 def test_a_guarded_model_never_repeats_a_span_it_would_otherwise_copy(tiny_run):
     run_ = open_run(tiny_run)
     model, tok = run_.load()
-    x = torch.tensor([tok("[Ana] hello there\n[Ben]", add_special_tokens=False)["input_ids"]])
-    free = _greedy(model, x, 24)
+    ids = tok("[Ana] hello there\n[Ben]", add_special_tokens=False)["input_ids"]
+    free = greedy_ids(model, ids, 24)
     # make what the model writes unguarded the "training data": the guard must then steer it elsewhere
     guard = CopyIndex.from_ids([free])
     assert guard.copies(free)
-    guarded = _greedy(model, x, 24, [NoCopy(guard, x.shape[1])])
+    guarded = greedy_ids(model, ids, 24, [NoCopy(guard, len(ids))])
     assert guarded != free and not guard.copies(guarded)
     # the run's own guard holds every span of its training messages (extra data included)
     index = for_run(run_, tok)

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from convsim.data.schema import Message
+from convsim.inference.generate import greedy_ids
 
 pytestmark = pytest.mark.real
 
@@ -53,19 +54,8 @@ def run_llama(model: Path, prompt: str, *extra: str) -> subprocess.CompletedProc
 def greedy_steered(model, ids: list[int], vector, strength: float) -> list[int]:
     from convsim.steering.apply import steer
 
-    x = torch.tensor([ids])
-    with steer(model, vector, strength, positions="all"), torch.inference_mode():
-        out = model.generate(
-            input_ids=x,
-            attention_mask=torch.ones_like(x),
-            max_new_tokens=N_TOKENS,
-            min_new_tokens=N_TOKENS,
-            do_sample=False,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-        )
-    return out[0, len(ids) :].tolist()
+    with steer(model, vector, strength, positions="all"):
+        return greedy_ids(model, ids, N_TOKENS)
 
 
 def write_raw_cvec(path: Path, tensors: dict[str, np.ndarray]) -> Path:

@@ -5,11 +5,12 @@ stops at the next speaker's token."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
 from convsim.data.schema import Message
+from convsim.export.gguf_file import llama_greedy
+from convsim.inference.generate import greedy_ids
 
 pytestmark = pytest.mark.real
 
@@ -20,34 +21,6 @@ HISTORY = [
     Message("Ben", "Maybe tomorrow then."),
 ]
 N_GREEDY = 32
-
-
-def greedy_torch(model, ids: list[int], n: int) -> list[int]:
-    """convsim's fp32 model, greedy, no stop tokens."""
-    x = torch.tensor([ids])
-    with torch.inference_mode():
-        out = model.generate(
-            input_ids=x,
-            attention_mask=torch.ones_like(x),
-            max_new_tokens=n,
-            min_new_tokens=n,
-            do_sample=False,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-        )
-    return out[0, len(ids) :].tolist()
-
-
-def greedy_llama(llm, ids: list[int], n: int) -> list[int]:
-    llm.reset()
-    llm.eval(ids)
-    got = []
-    for _ in range(n):
-        t = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        got.append(t)
-        llm.eval([t])
-    return got
 
 
 def test_gguf_runs_in_llama_cpp(real_run, tmp_path):
@@ -62,7 +35,7 @@ def test_gguf_runs_in_llama_cpp(real_run, tmp_path):
     run = open_run(real_run)
     model, tok = run.load(device="cpu", dtype=torch.float32)
     ids = render(tok, run.fmt, HISTORY, "Ana").input_ids
-    want = greedy_torch(model, ids, N_GREEDY)
+    want = greedy_ids(model, ids, N_GREEDY)
     text = "".join(f"[{m.speaker}] {m.text}\n" for m in HISTORY) + "[Ana]"
     speaker_ids = {s: tok.convert_tokens_to_ids(f"[{s}]") for s in ("Ana", "Ben")}
 
@@ -75,12 +48,12 @@ def test_gguf_runs_in_llama_cpp(real_run, tmp_path):
         for s, i in speaker_ids.items():  # one token, even without special-token parsing
             assert llm.tokenize(f"[{s}]".encode(), add_bos=False, special=False) == [i]
         assert llm.tokenize(text.encode(), add_bos=True, special=True) == ids
-        got = greedy_llama(llm, ids, N_GREEDY)
+        got = llama_greedy(llm, ids, N_GREEDY)
         if quant == "f16":
             assert got == want, (tok.decode(got), tok.decode(want))
 
         # stops at the next speaker's token, as the Modelfile's `stop` does in Ollama
-        seq = greedy_llama(llm, ids, 64)
+        seq = llama_greedy(llm, ids, 64)
         assert speaker_ids["Ben"] in seq, "the model never handed over to Ben: nothing to stop at"
         cut = seq.index(speaker_ids["Ben"])
         llm.reset()
