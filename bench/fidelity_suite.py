@@ -272,10 +272,15 @@ def _dev_losses(work: Path, recipes) -> dict[str, dict[str, float]]:
     return losses
 
 
+def _complete(losses: dict[str, dict[str, float]], pairs: list) -> dict[str, float]:
+    """{recipe: mean validation loss} of the recipes that finished on every one of `pairs`."""
+    return {r: statistics.mean(v.values()) for r, v in losses.items() if len(v) == len(pairs)}
+
+
 def select(work: Path) -> dict:
     p = json.loads((work / "plan.json").read_text())
     losses = _dev_losses(work, DEV_RECIPES)
-    complete = {r: statistics.mean(v.values()) for r, v in losses.items() if len(v) == len(p["development_pairs"])}
+    complete = _complete(losses, p["development_pairs"])
     if not complete:
         raise SystemExit("error: no recipe has finished on every development pair")
     best = min(complete, key=complete.get)
@@ -298,7 +303,7 @@ def select2(work: Path, round1: dict, round1_runs: list) -> dict:
     examples than round 2's is no baseline: then the default stays and the output says why."""
     p = json.loads((work / "plan.json").read_text())
     losses = _dev_losses(work, ROUND2)
-    complete = {r: statistics.mean(v.values()) for r, v in losses.items() if len(v) == len(p["development_pairs"])}
+    complete = _complete(losses, p["development_pairs"])
     if not complete:
         raise SystemExit("error: no round-2 recipe has finished on every development pair")
     baseline = round1["mean_validation_loss"][round1["chosen"]]
@@ -333,7 +338,7 @@ def select3(work: Path) -> dict:
     """Round 3's rule (module docstring): candidates against the default trained on the same data dirs."""
     p = json.loads((work / "plan.json").read_text())
     losses = _dev_losses(work, (DEFAULT, *ROUND3_CANDIDATES))
-    complete = {r: statistics.mean(v.values()) for r, v in losses.items() if len(v) == len(p["development_pairs"])}
+    complete = _complete(losses, p["development_pairs"])
     if DEFAULT not in complete:
         raise SystemExit("error: the default has not finished on every development pair (run dev3 first)")
     candidates = {r: v for r, v in complete.items() if r != DEFAULT}

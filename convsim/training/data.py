@@ -55,6 +55,11 @@ def prepare_data(cfg: TrainConfig, data_dir: str):
         from convsim.runs import extra_prefixes
 
         ex["train"] = repeat_own(ex["train"], cfg.pair_repeat, extra_prefixes(len(cfg.extra_data)))
+    elif cfg.pair_repeat > 1:
+        print(
+            f"--pair-repeat {cfg.pair_repeat}: no extra data to weigh the chat against, so it is ignored",
+            file=sys.stderr,
+        )
     for t in targets:
         if not any(e.speaker == t for e in ex["train"]):
             raise UserError(f"target {t!r} has no training examples (no reply of theirs follows a message)")
