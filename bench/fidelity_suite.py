@@ -83,10 +83,12 @@ ROUND2 = {
 RECIPES.update(ROUND2)
 ROUND2_MARGIN = 0.01
 # Round 3: the chat's own examples shown 2 or 4 times per epoch against the extra data's once (the pairs'
-# own chats are a small share of what the default trains on), and round 2's better candidate again.
+# own chats are a small share of what the default trains on), round 2's better candidate again, and the two
+# changes together.
 ROUND3 = {
     "pair2": ["--pair-repeat", "2"],
     "pair4": ["--pair-repeat", "4"],
+    "pair2-lr5e-4-best": ["--pair-repeat", "2", "--learning-rate", "5e-4", "--keep-best"],
 }
 RECIPES.update(ROUND3)
 ROUND3_CANDIDATES = (*ROUND3, "lr5e-4-best")
@@ -272,6 +274,19 @@ def _dev_losses(work: Path, recipes) -> dict[str, dict[str, float]]:
     return losses
 
 
+def _val_sizes(work: Path, recipes) -> dict[str, dict[str, int]]:
+    """{recipe: {development pair: validation examples}} of the finished seed-0 runs: runs are compared only
+    where they held out the same examples."""
+    p = json.loads((work / "plan.json").read_text())
+    sizes: dict[str, dict[str, int]] = {}
+    for r in recipes:
+        for pair in p["development_pairs"]:
+            meta = work / "runs" / f"{pair}--{r}--s0" / "run.json"
+            if meta.exists():
+                sizes.setdefault(r, {})[pair] = (json.loads(meta.read_text()).get("examples") or {}).get("val")
+    return sizes
+
+
 def _complete(losses: dict[str, dict[str, float]], pairs: list) -> dict[str, float]:
     """{recipe: mean validation loss} of the recipes that finished on every one of `pairs`."""
     return {r: statistics.mean(v.values()) for r, v in losses.items() if len(v) == len(pairs)}
@@ -341,15 +356,19 @@ def select3(work: Path) -> dict:
     complete = _complete(losses, p["development_pairs"])
     if DEFAULT not in complete:
         raise SystemExit("error: the default has not finished on every development pair (run dev3 first)")
-    candidates = {r: v for r, v in complete.items() if r != DEFAULT}
+    sizes = _val_sizes(work, (DEFAULT, *ROUND3_CANDIDATES))
+    other_data = sorted(r for r in complete if sizes.get(r) != sizes[DEFAULT])
+    candidates = {r: v for r, v in complete.items() if r != DEFAULT and r not in other_data}
     if not candidates:
-        raise SystemExit("error: no round-3 candidate has finished on every development pair")
+        raise SystemExit("error: no round-3 candidate has finished on the default's validation examples")
     best = min(candidates, key=candidates.get)
     replaces = complete[DEFAULT] - candidates[best] > ROUND2_MARGIN
     out = {
         "rule": __doc__.split("Round 3")[1].split("Rule ")[1].strip(),
         "validation_loss": losses,
         "mean_validation_loss": complete,
+        "validation_examples": sizes,
+        "left_out_other_data": other_data,
         "best_candidate": best,
         "chosen": best if replaces else DEFAULT,
         "flags": RECIPES[best] if replaces else [],

@@ -291,6 +291,31 @@ def flops_per_token(c, loss_fraction):
     return 6 * L * per_layer + 6 * d * V * loss_fraction
 
 
+def _git_commit() -> str:
+    import subprocess
+
+    got = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return got.stdout.strip() or "unknown (pass --commit)"
+
+
+def _other_gpu_processes() -> list[str] | None:
+    """The compute processes already on the GPU before the measure starts (none: the card is not shared);
+    None where nvidia-smi cannot tell."""
+    import subprocess
+
+    try:
+        got = subprocess.run(
+            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    mine = str(os.getpid())
+    return [ln.strip() for ln in got.stdout.splitlines() if ln.strip() and ln.split(",")[0].strip() != mine]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True)
@@ -313,6 +338,7 @@ def main():
         "loop over the same number of steps)",
     )
     ap.add_argument("--out")
+    ap.add_argument("--commit", help="the commit of this tree, where it is not a git checkout (default: git's)")
     a = ap.parse_args()
     if a.lora_layers:
         return levers(a)
@@ -320,6 +346,7 @@ def main():
 
     cfg = TrainConfig(model=a.model, batch_size=a.batch_size)
     card = torch.cuda.get_device_name() if a.device.startswith("cuda") else f"CPU x{os.cpu_count()}"
+    others = _other_gpu_processes() if a.device.startswith("cuda") else None
     with tempfile.TemporaryDirectory() as tmp:
         p = plain_loop(cfg, a.data, a.device, a.steps, a.warmup)
         print(f"plain: {p['tokens_per_s']:.0f} tokens/s, peak {p['peak_gib']} GiB", flush=True)
@@ -346,6 +373,9 @@ def main():
     fpt = p["useful_flops_per_token"]
     res = {
         "card": card,
+        "card_shared": bool(others) if others is not None else None,
+        "other_gpu_processes_before": others,
+        "commit": a.commit or _git_commit(),
         "device": a.device,
         "model": a.model,
         "batch_size": a.batch_size,

@@ -80,10 +80,13 @@ def test_round_three_compares_with_the_default_on_the_same_data(tmp_path):
     for pair in dev:
         _run(tmp_path, pair, suite.DEFAULT, 2.715)
         _run(tmp_path, pair, "lr5e-4-best", 2.90)
+        _run(tmp_path, pair, "pair4", 2.50, val=60)  # better, but held out other examples: not compared
     out = suite.select3(tmp_path)  # 0.015 better than the default on the same data: beyond the margin
     assert out["best_candidate"] == "pair2" and out["chosen"] == "pair2" and out["flags"] == ["--pair-repeat", "2"]
+    assert out["left_out_other_data"] == ["pair4"]
     for pair in dev:
-        (tmp_path / "runs" / f"{pair}--default--s0" / "run.json").write_text(json.dumps({"eval_loss": 2.705}))
+        run = tmp_path / "runs" / f"{pair}--default--s0" / "run.json"
+        run.write_text(json.dumps({"eval_loss": 2.705, "examples": {"val": 50}}))
     out = suite.select3(tmp_path)  # 0.005 better: within the margin, the default stays
     assert out["best_candidate"] == "pair2" and out["chosen"] == suite.DEFAULT and out["flags"] == []
 

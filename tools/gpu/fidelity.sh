@@ -7,6 +7,8 @@
 # STEPS (default "all") is passed to the suite: e.g. STEPS="report dev2" RECIPE=default runs the report set and
 # round 2's development runs in one pool (the GPU
 # machine has no chitchat-dataset: prepare the work dir on the CPU and carry it as fid.tar.gz).
+# AFTER names a script run in the same job once the suite is done, on the then idle card (e.g.
+# AFTER=tools/gpu/measure.sh: the serving and training-speed measures); its JSON lands in $OUT too.
 # The machine goes back 30 s after a call returns, taking the detached job with it: make the `wait` calls
 # back to back, with no pause between them, until DONE; each one packs what is ready into $OUT.
 set -u
@@ -29,6 +31,7 @@ G=tools/gpu; [ -f tools/gpu/convert.py ] || G=tools/gpu
 [ -f $CONVSIM_HOME/models/gemma-3-270m/convsim-convert.json ] || python3 \$G/convert.py > $RES/convert.log 2>&1
 python3 \$G/parity.py > $RES/parity.log 2>&1
 python3 bench/fidelity_suite.py ${STEPS:-all} --work $W --parallel ${PARALLEL:-8} ${RECIPE:+--recipe $RECIPE} > $RES/suite.log 2>&1
+${AFTER:+W=$W RES=$RES bash ${AFTER} > $RES/after.log 2>&1}
 touch $RES/DONE
 JOB
   setsid nohup bash $RES/job.sh > $RES/job.out 2>&1 < /dev/null &
@@ -39,7 +42,7 @@ wait)
   nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
   tail -n 40 $RES/suite.log
   [ -n "${OUT:-}" ] || exit 0
-  cp $RES/*.log $RES/gpu.txt $OUT/ 2>/dev/null
+  cp $RES/*.log $RES/*.json $RES/gpu.txt $OUT/ 2>/dev/null
   tar czf $OUT/fid-runs.tar.gz --exclude='checkpoints' --exclude='adapter' --exclude='tokenizer' --exclude='best' \
     --exclude='data' -C $W runs selection.json plan.json 2>/dev/null
   ls -la $OUT ;;
