@@ -6,9 +6,10 @@
 # tree, old-serve/ (git archive of bench/serve_load.py's OLD_COMMIT) and COMMIT (this tree's commit).
 set -u
 cd "$(dirname "$0")/../.."
+mkdir -p bench/results
 C=$(cat COMMIT 2>/dev/null || echo unknown)
 nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
-python3 bench/serve_load.py --device cuda --old-src old-serve --commit "$C" --requests-per-client 4 \
+python3 bench/serve_load.py --device cuda --old-src "$PWD/old-serve" --commit "$C" --requests-per-client 4 \
   && cp bench/results/serve-load.json "$RES/serve-load.json"
 python3 bench/train_speed.py --data "$W/pairs/549cc1d1-a54af4d5/data" --device cuda --batch-size 32 --steps 40 \
   --plain-bf16 --variants eager,compiled-no-liger,fp32-frozen,no-grouping,packed --commit "$C" \
