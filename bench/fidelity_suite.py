@@ -16,6 +16,8 @@ pair's `--extra-data` is both people's chats with everyone else, minus every con
     python bench/fidelity_suite.py select2 --work W              # round 2's rule below -> W/selection2.json
     python bench/fidelity_suite.py dev3 --work W --parallel 4    # round 3: the default beside its candidates
     python bench/fidelity_suite.py select3 --work W              # round 3's rule below -> W/selection3.json
+    python bench/fidelity_suite.py cpu1 dev3 --work W --parallel 4   # the CPU recipe's candidates (CPU_ROUND)
+    python bench/fidelity_suite.py selectcpu --work W            # -> W/selection-cpu.json
 
 Every step skips what is already done (a run dir with run.json, an eval.json), so the suite can be spread
 over several GPU sessions and every partial result is kept. `all` runs dev, select and report in one go.
@@ -82,16 +84,32 @@ ROUND2 = {
 }
 RECIPES.update(ROUND2)
 ROUND2_MARGIN = 0.01
-# Round 3: the chat's own examples shown 2 or 4 times per epoch against the extra data's once (the pairs'
-# own chats are a small share of what the default trains on), round 2's better candidate again, and the two
-# changes together.
+# Round 3: the chat's own examples shown twice per epoch against the extra data's once (the pairs' own chats
+# are a small share of what the default trains on), round 2's better candidate again, and the two together.
 ROUND3 = {
     "pair2": ["--pair-repeat", "2"],
-    "pair4": ["--pair-repeat", "4"],
     "pair2-lr5e-4-best": ["--pair-repeat", "2", "--learning-rate", "5e-4", "--keep-best"],
 }
 RECIPES.update(ROUND3)
 ROUND3_CANDIDATES = (*ROUND3, "lr5e-4-best")
+# The CPU recipe (`convsim train` on a machine without a GPU): what to train in the work a 2-core CPU does in
+# about 50 minutes. The work is CPU_WORK_TOKENS real tokens: 50 minutes at the all-layer LoRA speed of this
+# project's 2-core machine (bench/results/cpu-levers-k8.json, 111 tokens/s). The candidates train the pair's
+# own chat only (the people's replies to each other first: within this work there is no room for their other
+# chats) with 8 messages of context, evaluated once at the end; they differ in learning rate and batch size.
+# Trained on the GPU: the same examples, steps and learning rates, so the validation loss compares the
+# recipes as a CPU run of the same work would (bf16 on the GPU against fp32 on the CPU aside).
+# Rule (fixed before any of these runs): the lowest mean final validation loss over the development pairs.
+CPU_WORK_TOKENS = 333_000
+_CPU_BASE = ["--context-size", "8", "--no-auto-extra-data", "--train-tokens", str(CPU_WORK_TOKENS)]
+_CPU_BASE += ["--eval-steps", "100000"]
+CPU_ROUND = {
+    "cpu-b8-lr2e-4": [*_CPU_BASE, "--batch-size", "8", "--learning-rate", "2e-4"],
+    "cpu-b8-lr5e-4": [*_CPU_BASE, "--batch-size", "8", "--learning-rate", "5e-4"],
+    "cpu-b8-lr1e-3": [*_CPU_BASE, "--batch-size", "8", "--learning-rate", "1e-3"],
+    "cpu-b16-lr1e-3": [*_CPU_BASE, "--batch-size", "16", "--learning-rate", "1e-3"],
+}
+RECIPES.update(CPU_ROUND)
 GOALS = {"share_ratio_le_0.8": 0.8, "median_ratio": 0.75, "max_ratio": 0.9, "median_judge_finetuned": 0.65}
 
 
@@ -377,6 +395,27 @@ def select3(work: Path) -> dict:
     return out
 
 
+def select_cpu(work: Path) -> dict:
+    """The CPU round's rule (at CPU_ROUND): the candidate with the lowest mean validation loss."""
+    p = json.loads((work / "plan.json").read_text())
+    losses = _dev_losses(work, CPU_ROUND)
+    complete = _complete(losses, p["development_pairs"])
+    if not complete:
+        raise SystemExit("error: no CPU-round candidate has finished on every development pair (run cpu1 first)")
+    best = min(complete, key=complete.get)
+    out = {
+        "rule": "the lowest mean final validation loss over the development pairs",
+        "work_tokens": CPU_WORK_TOKENS,
+        "validation_loss": losses,
+        "mean_validation_loss": complete,
+        "validation_examples": _val_sizes(work, CPU_ROUND),
+        "chosen": best,
+        "flags": CPU_ROUND[best],
+    }
+    (work / "selection-cpu.json").write_text(json.dumps(out, indent=1))
+    return out
+
+
 def report_jobs(work: Path, recipe: str | None = None) -> list:
     p = json.loads((work / "plan.json").read_text())
     recipe = recipe or json.loads((work / "selection.json").read_text())["chosen"]
@@ -599,10 +638,12 @@ def main(argv=None) -> int:
             "select2",
             "dev3",
             "select3",
+            "cpu1",
+            "selectcpu",
         ],
         metavar="STEP",
-        help="plan, prepare, dev, select, report, all, summarize, dev2, select2, dev3, select3 (job steps given together "
-        "run in one pool of --parallel)",
+        help="plan, prepare, dev, select, report, all, summarize, dev2, select2, dev3, select3, cpu1, selectcpu (job "
+        "steps given together run in one pool of --parallel, in this order: cpu1, dev, dev2, dev3, report)",
     )
     ap.add_argument("--work", type=Path, default=Path("runs/fidelity"), help="work dir (default runs/fidelity)")
     ap.add_argument(
@@ -639,6 +680,8 @@ def main(argv=None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     if args.dry:
         for flags in RECIPES.values():
+            if "--train-tokens" in flags:  # one step instead of the work
+                del flags[flags.index("--train-tokens") : flags.index("--train-tokens") + 2]
             flags += ["--model", "tiny-gemma3", "--max-steps", "1", "--batch-size", "4", "--eval-steps", "1"]
         EVAL_ARGS[:] = ["--n", "3", "--judge-n", "4", "--max-new-tokens", "4"]
     if "prepare" in steps:
@@ -651,7 +694,8 @@ def main(argv=None) -> int:
                 seeded_pairs=p["report_pairs"][:1],
             )
             (args.work / "plan.json").write_text(json.dumps(p, indent=1))
-    jobs = dev_jobs(args.work) if "dev" in steps else []
+    jobs = dev_jobs(args.work, CPU_ROUND) if "cpu1" in steps else []
+    jobs += dev_jobs(args.work) if "dev" in steps else []
     jobs += dev_jobs(args.work, ROUND2) if "dev2" in steps else []
     jobs += dev_jobs(args.work, (DEFAULT, *ROUND3_CANDIDATES)) if "dev3" in steps else []
     if "report" in steps and "select" not in steps:
@@ -667,6 +711,8 @@ def main(argv=None) -> int:
         print(json.dumps(select2(args.work, round1["selection"], round1["development_runs"]), indent=1))
     if "select3" in steps:
         print(json.dumps(select3(args.work), indent=1))
+    if "selectcpu" in steps:
+        print(json.dumps(select_cpu(args.work), indent=1))
     if "summarize" in steps:
         res = summarize(
             args.work,

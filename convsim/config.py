@@ -31,6 +31,7 @@ class TrainConfig:
     warmup_ratio: float = 0.05
     weight_decay: float = 0.0
     max_steps: int = -1
+    train_tokens: int | None = None  # an amount of work: about this many real training tokens, then stop
     time_budget: float | None = None  # minutes
     max_seq_length: int = 512
     lora_r: int = 16
@@ -93,6 +94,10 @@ class TrainConfig:
             raise UserError("--lora-layers needs --backend peft")
         if self.extra_data_ratio < 0:
             raise UserError(f"--extra-data-ratio must be 0 or more, not {self.extra_data_ratio:g}")
+        if self.train_tokens is not None and self.train_tokens < 1:
+            raise UserError(f"--train-tokens must be at least 1, not {self.train_tokens}")
+        if self.train_tokens is not None and self.max_steps > 0:
+            raise UserError("give --train-tokens or --max-steps, not both")
         if self.epochs <= 0 and self.max_steps <= 0:
             raise UserError("give --epochs > 0 or --max-steps > 0")
         return self

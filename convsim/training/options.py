@@ -60,6 +60,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grad-accum", type=int)
     p.add_argument("--learning-rate", type=float)
     p.add_argument("--max-steps", type=int)
+    p.add_argument(
+        "--train-tokens",
+        type=int,
+        metavar="N",
+        help="train on about N real tokens (prompt and reply), then stop: an amount of work that is the same "
+        "on a busy or an idle machine; the steps are N / (batch size x mean tokens per training example)",
+    )
     p.add_argument("--time-budget", type=float, metavar="MINUTES", help="stop cleanly and save after this long")
     p.add_argument("--max-seq-length", type=int)
     p.add_argument("--lora-r", type=int)

@@ -103,6 +103,13 @@ def fused_attention_kernels():
         backends.enable_cudnn_sdp(was)
 
 
+def steps_for_tokens(tokens: int, rows: list[dict], per_step: int) -> int:
+    """Optimizer steps that train on about `tokens` real tokens: rows of mean length, `per_step` rows a step
+    (at least one step)."""
+    mean = sum(len(r["input_ids"]) for r in rows) / max(1, len(rows))
+    return max(1, round(tokens / (mean * per_step))) if mean else 1
+
+
 def last_evaluation(trainer) -> dict | None:
     """The validation loss the trainer already computed at the final step (it evaluates there when the last
     step falls on its schedule): evaluating the same weights again would only cost time."""
@@ -169,6 +176,13 @@ def _run(args) -> int:
             file=sys.stderr,
         )
 
+    max_steps = cfg.max_steps
+    if cfg.train_tokens:
+        max_steps = steps_for_tokens(cfg.train_tokens, train_rows, cfg.batch_size * cfg.grad_accum)
+        print(
+            f"training on about {cfg.train_tokens:,} tokens: {max_steps} steps of {cfg.batch_size * cfg.grad_accum}",
+            file=sys.stderr,
+        )
     main = int(os.environ.get("RANK", "0")) == 0  # under accelerate/torchrun only rank 0 writes files
     if main:
         private_dir(run_dir)
@@ -218,8 +232,8 @@ def _run(args) -> int:
         gradient_accumulation_steps=cfg.grad_accum,
         learning_rate=cfg.learning_rate,
         num_train_epochs=cfg.epochs,
-        max_steps=cfg.max_steps,
-        warmup_steps=int(cfg.warmup_ratio * (cfg.max_steps if cfg.max_steps > 0 else steps_per_epoch * cfg.epochs)),
+        max_steps=max_steps,
+        warmup_steps=int(cfg.warmup_ratio * (max_steps if max_steps > 0 else steps_per_epoch * cfg.epochs)),
         weight_decay=cfg.weight_decay,
         lr_scheduler_type="linear",
         logging_steps=cfg.logging_steps,

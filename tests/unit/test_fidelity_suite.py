@@ -80,10 +80,10 @@ def test_round_three_compares_with_the_default_on_the_same_data(tmp_path):
     for pair in dev:
         _run(tmp_path, pair, suite.DEFAULT, 2.715)
         _run(tmp_path, pair, "lr5e-4-best", 2.90)
-        _run(tmp_path, pair, "pair4", 2.50, val=60)  # better, but held out other examples: not compared
+        _run(tmp_path, pair, "pair2-lr5e-4-best", 2.50, val=60)  # better, but held out other examples
     out = suite.select3(tmp_path)  # 0.015 better than the default on the same data: beyond the margin
     assert out["best_candidate"] == "pair2" and out["chosen"] == "pair2" and out["flags"] == ["--pair-repeat", "2"]
-    assert out["left_out_other_data"] == ["pair4"]
+    assert out["left_out_other_data"] == ["pair2-lr5e-4-best"]
     for pair in dev:
         run = tmp_path / "runs" / f"{pair}--default--s0" / "run.json"
         run.write_text(json.dumps({"eval_loss": 2.705, "examples": {"val": 50}}))
@@ -215,3 +215,19 @@ def test_a_pair_without_seed_0_counts_by_its_lowest_finished_seed_in_summary_tab
     assert len(table) == 4 and "| r1 | A |" in table[2] and "| r2 (seed 1) | B |" in table[3]
     suite.figure(res, tmp_path / "f.png")
     assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cpu_round_picks_the_lowest_mean_loss_and_runs_first(tmp_path, monkeypatch):
+    dev = ["d1", "d2"]
+    (tmp_path / "plan.json").write_text(json.dumps({"development_pairs": dev, "report_pairs": [], "seeded_pairs": []}))
+    names = list(suite.CPU_ROUND)
+    for pair in dev:
+        for i, r in enumerate(names):
+            _run(tmp_path, pair, r, 3.0 - 0.1 * (i == 2))
+    out = suite.select_cpu(tmp_path)
+    assert out["chosen"] == names[2] and out["flags"] == suite.CPU_ROUND[names[2]]
+    assert all("--train-tokens" in f for f in suite.CPU_ROUND.values())
+    pools = []
+    monkeypatch.setattr(suite, "_jobs", lambda work, parallel, jobs: pools.append(jobs))
+    suite.main(["dev3", "cpu1", "--work", str(tmp_path)])
+    assert [r for _, _, r, _ in pools[0][: len(dev) * len(names)]] == [r for r in names for _ in dev]

@@ -7,8 +7,9 @@
 # STEPS (default "all") is passed to the suite: e.g. STEPS="report dev2" RECIPE=default runs the report set and
 # round 2's development runs in one pool (the GPU
 # machine has no chitchat-dataset: prepare the work dir on the CPU and carry it as fid.tar.gz).
-# AFTER names a script run in the same job once the suite is done, on the then idle card (e.g.
-# AFTER=tools/gpu/measure.sh: the serving and training-speed measures); its JSON lands in $OUT too.
+# BEFORE names a script run in the same job before the suite starts, on the still idle card (e.g.
+# BEFORE=tools/gpu/measure.sh: the serving and training-speed measures); its JSON lands in $OUT too.
+# PARALLEL defaults to 6 on a card of more than 100 GB (an H200) and 4 otherwise (6 ran out of memory on 80 GB).
 # The machine goes back 30 s after a call returns, taking the detached job with it: make the `wait` calls
 # back to back, with no pause between them, until DONE; each one packs what is ready into $OUT.
 set -u
@@ -30,8 +31,10 @@ cd $S/run/src
 G=tools/gpu; [ -f tools/gpu/convert.py ] || G=tools/gpu
 [ -f $CONVSIM_HOME/models/gemma-3-270m/convsim-convert.json ] || python3 \$G/convert.py > $RES/convert.log 2>&1
 python3 \$G/parity.py > $RES/parity.log 2>&1
-python3 bench/fidelity_suite.py ${STEPS:-all} --work $W --parallel ${PARALLEL:-8} ${RECIPE:+--recipe $RECIPE} > $RES/suite.log 2>&1
-${AFTER:+W=$W RES=$RES bash ${AFTER} > $RES/after.log 2>&1}
+${BEFORE:+W=$W RES=$RES bash ${BEFORE} > $RES/before.log 2>&1}
+P=\$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
+[ -n "${PARALLEL:-}" ] && P=${PARALLEL:-} || { [ "\${P:-0}" -gt 100000 ] && P=6 || P=4; }
+python3 bench/fidelity_suite.py ${STEPS:-all} --work $W --parallel \$P ${RECIPE:+--recipe $RECIPE} > $RES/suite.log 2>&1
 touch $RES/DONE
 JOB
   setsid nohup bash $RES/job.sh > $RES/job.out 2>&1 < /dev/null &

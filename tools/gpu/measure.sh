@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Measures for the lent GPU, run by tools/gpu/fidelity.sh (AFTER=tools/gpu/measure.sh) once the suite's pool
-# is done, so the card is idle: serving under load, old server against new (bench/serve_load.py), and
+# Measures for the lent GPU, run by tools/gpu/fidelity.sh (BEFORE=tools/gpu/measure.sh) before the suite's pool
+# starts, so the card is idle: serving under load, old server against new (bench/serve_load.py), and
 # `convsim train` against the plain PEFT loop with one speed-up off at a time (bench/train_speed.py).
 # Needs W (the suite's work dir: the largest pair's data dir), RES (where the JSON goes) and, in the staged
 # tree, old-serve/ (git archive of bench/serve_load.py's OLD_COMMIT) and COMMIT (this tree's commit).
