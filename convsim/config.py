@@ -33,6 +33,8 @@ class TrainConfig:
     max_steps: int = -1
     train_tokens: int | None = None  # an amount of work: about this many real training tokens, then stop
     time_budget: float | None = None  # minutes
+    recipe: str = "auto"  # "auto": the CPU recipe on a machine without a GPU, else the GPU recipe; "cpu" | "gpu"
+    cpu_minutes: float = 50.0  # the CPU recipe's work: what this many minutes of the machine's threads train
     max_seq_length: int = 512
     lora_r: int = 16
     lora_alpha: int | None = None  # default: = r (the seed used alpha = r with rsLoRA)
@@ -94,6 +96,10 @@ class TrainConfig:
             raise UserError("--lora-layers needs --backend peft")
         if self.extra_data_ratio < 0:
             raise UserError(f"--extra-data-ratio must be 0 or more, not {self.extra_data_ratio:g}")
+        if self.recipe not in ("auto", "cpu", "gpu"):
+            raise UserError(f"--recipe must be auto, cpu or gpu, not {self.recipe!r}")
+        if self.cpu_minutes <= 0:
+            raise UserError(f"--cpu-minutes must be more than 0, not {self.cpu_minutes:g}")
         if self.train_tokens is not None and self.train_tokens < 1:
             raise UserError(f"--train-tokens must be at least 1, not {self.train_tokens}")
         if self.train_tokens is not None and self.max_steps > 0:

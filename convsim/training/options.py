@@ -59,6 +59,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, help="examples per optimizer step (default 32)")
     p.add_argument("--grad-accum", type=int)
     p.add_argument("--learning-rate", type=float)
+    p.add_argument(
+        "--recipe",
+        choices=["auto", "cpu", "gpu"],
+        help="auto (default): on a machine without a GPU the CPU recipe (8 messages of context, batches of 8, "
+        "the chat's own replies, an amount of work sized by a speed probe: --cpu-minutes), else the GPU recipe; "
+        "flags given always win over either",
+    )
+    p.add_argument(
+        "--cpu-minutes",
+        type=float,
+        metavar="M",
+        help="the CPU recipe's work: what M minutes of this machine's threads train, measured by a short probe "
+        "in CPU time, so a busy machine takes longer rather than training less (default 50)",
+    )
     p.add_argument("--max-steps", type=int)
     p.add_argument(
         "--train-tokens",
@@ -158,6 +172,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--logging-steps", type=int, help="a progress line with the loss every N steps (default 10)")
     p.add_argument("--seed", type=int)
     p.add_argument("--json", action="store_true", help="print a JSON summary at the end")
+
+
+def given_fields(args) -> set[str]:
+    """The TrainConfig fields a flag, the --config YAML or (resuming) the saved config.yaml set: the recipe
+    fills in only the others."""
+    from convsim.config import load_yaml
+
+    given = {f.name for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
+    if args.config:
+        given |= set(load_yaml(args.config))
+    saved = Path(args.out) / "config.yaml"
+    if getattr(args, "continue_training", False) and saved.exists():
+        given |= set(load_yaml(saved))
+    return given
 
 
 def config_from_args(args) -> TrainConfig:

@@ -32,8 +32,17 @@ from convsim.training.checkpoints import (
     rewind_logs,
     verify_checkpoint,
 )
+from convsim.training.cpu_recipe import (
+    apply_cpu_recipe,
+    probe_cpu_seconds_per_token,
+    recipe_for,
+    recipe_line,
+    sizes_the_work,
+    work_line,
+    work_tokens,
+)
 from convsim.training.data import default_extra_data, extra_summary, prepare_data, prompt_format, tokenize
-from convsim.training.options import add_arguments, config_from_args
+from convsim.training.options import add_arguments, config_from_args, given_fields
 from convsim.training.model import (
     bf16_autocast,
     compile_layers,
@@ -130,6 +139,11 @@ def _run(args) -> int:
     from convsim.runs import RunMeta, dir_hash, write_meta
 
     cfg = config_from_args(args)
+    given = given_fields(args)
+    device = default_device()
+    cpu_recipe = recipe_for(device, cfg.recipe) == "cpu"
+    if cpu_recipe:
+        cfg, changed = apply_cpu_recipe(cfg, given)
     data_dir = Path(args.data_dir)
     if not data_dir.exists():
         raise UserError(f"data dir {data_dir} does not exist (run `convsim import` first)")
@@ -155,10 +169,11 @@ def _run(args) -> int:
 
     convs, speakers, targets, split, ex = prepare_data(cfg, args.data_dir)
     torch.manual_seed(cfg.seed)
-    device = default_device()
     model, tok, spec, ids = build_model(cfg, speakers, device)
     if device == "cpu":  # after loading: a model that does not fit stays one error line
         print(cpu_precision(cfg, device), file=sys.stderr, flush=True)
+    if cpu_recipe:
+        print(recipe_line(changed), file=sys.stderr, flush=True)
     fmt = prompt_format(cfg, spec, speakers)
     style = fmt.style
     train_rows, trunc = tokenize(tok, fmt, ex["train"], cfg, whole=cfg.loss == "whole")
@@ -176,6 +191,11 @@ def _run(args) -> int:
             file=sys.stderr,
         )
 
+    if cpu_recipe and sizes_the_work(given) and train_rows:
+        threads = torch.get_num_threads()
+        per_token = probe_cpu_seconds_per_token(model, train_rows, cfg.batch_size, tok.pad_token_id)
+        cfg = replace(cfg, train_tokens=work_tokens(per_token, threads, cfg.cpu_minutes))
+        print(work_line(cfg.train_tokens, per_token, threads, cfg.cpu_minutes), file=sys.stderr, flush=True)
     max_steps = cfg.max_steps
     if cfg.train_tokens:
         max_steps = steps_for_tokens(cfg.train_tokens, train_rows, cfg.batch_size * cfg.grad_accum)

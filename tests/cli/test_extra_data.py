@@ -200,15 +200,22 @@ def test_extra_data_ratio_keeps_the_most_recent_conversations(tmp_path):
 
 
 def test_train_uses_data_dir_extra_unless_told_not_to(tmp_path):
+    """The GPU recipe trains on data/extra too; the CPU recipe (the default without a GPU) leaves it out and
+    says so, unless a flag asks for it."""
     main_dir = _write(tmp_path / "main", synthetic_conversations())
     _write(main_dir / "extra", _extra(datetime(2023, 12, 1, 9, 0, tzinfo=timezone.utc)))
     common = ["--model", "tiny-gemma3", "--max-steps", "1", "--batch-size", "4", "--context-size", "4"]
-    cli("train", main_dir, "--out", tmp_path / "auto", *common)
+    cli("train", main_dir, "--out", tmp_path / "auto", "--recipe", "gpu", *common)
     meta = json.loads((tmp_path / "auto" / "run.json").read_text())
     assert meta["extra_data"]["dirs"] == [str((main_dir / "extra").resolve())]
     assert meta["extra_data"]["conversations"] == 6
-    cli("train", main_dir, "--out", tmp_path / "none", "--no-auto-extra-data", *common)
+    cli("train", main_dir, "--out", tmp_path / "none", "--recipe", "gpu", "--no-auto-extra-data", *common)
     assert json.loads((tmp_path / "none" / "run.json").read_text())["extra_data"]["dirs"] == []
+    p = cli("train", main_dir, "--out", tmp_path / "cpu", "--recipe", "cpu", *common)
+    assert "data/extra left out" in p.stderr
+    assert json.loads((tmp_path / "cpu" / "run.json").read_text())["extra_data"]["dirs"] == []
+    cli("train", main_dir, "--out", tmp_path / "cpu-extra", "--recipe", "cpu", "--auto-extra-data", *common)
+    assert json.loads((tmp_path / "cpu-extra" / "run.json").read_text())["extra_data"]["dirs"]
 
 
 def test_extra_data_paths_are_kept_absolute_and_checked_on_resume(tmp_path):
