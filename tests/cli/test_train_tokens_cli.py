@@ -27,7 +27,9 @@ def test_cpu_recipe_sizes_the_work_by_a_probe_and_says_so(data_dir, tmp_path):
     assert any(ln.startswith("CPU recipe: 8 messages of context, batches of 8") for ln in lines)
     work = next(ln for ln in lines if ln.startswith("CPU recipe work: "))
     tokens = int(work.split("CPU recipe work: ")[1].split(" tokens")[0].replace(",", ""))
-    steps = int(next(ln for ln in lines if ln.startswith(f"training on about {tokens:,} tokens")).split(": ")[1].split()[0])
+    steps = int(
+        next(ln for ln in lines if ln.startswith(f"training on about {tokens:,} tokens")).split(": ")[1].split()[0]
+    )
     meta = json.loads((out / "run.json").read_text())
     assert meta["global_step"] == steps and meta["context_size"] == 8
     saved = (out / "config.yaml").read_text()
