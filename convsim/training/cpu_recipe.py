@@ -3,9 +3,9 @@
 A CPU trains a few hundred tokens a second, so the GPU recipe (16 messages of context, the people's other
 chats, two epochs) would take many hours. The CPU recipe trains the chat's own replies with 8 messages of
 context, in batches of 8, for an **amount of work** sized by a short speed probe: the probe measures this
-process's CPU seconds per token on real batches, and the work is what `minutes` of this machine's threads
-do at that rate. A machine busy with other jobs gives this process less of each second but about the same
-CPU seconds per token, so it takes longer rather than training less, and the result does not depend on load.
+process's CPU seconds per token on real batches with one thread, and the work is what `minutes` of this
+machine's threads do at that rate. A machine busy with other jobs gives this process less of each second but
+about the same CPU seconds per token, so it takes longer rather than training less.
 The recipe's values were chosen on the fidelity suite's development pairs (docs/PERFORMANCE.md).
 
     recipe_for(device, "auto")                                # "cpu" on a machine without a GPU
@@ -25,7 +25,7 @@ from convsim.config import TrainConfig
 
 CPU_MINUTES = 50.0  # the work of this many minutes of the machine's threads; the whole run also loads,
 # validates and saves, so a quiet 2-core machine finishes `convsim train` within about an hour
-EFFICIENCY = 0.9  # the share of a run's training time spent in training steps (the rest: batching, logs)
+EFFICIENCY = 0.8  # threads do not add up perfectly and a run is not all steps (batching, logs, checkpoints)
 CPU_RECIPE = {
     "context_size": 8,
     "batch_size": 8,
@@ -57,7 +57,7 @@ def sizes_the_work(given: set[str]) -> bool:
 
 def work_tokens(seconds_per_token: float, threads: int, minutes: float = CPU_MINUTES) -> int:
     """Real training tokens that `minutes` of `threads` CPU threads train at `seconds_per_token` CPU
-    seconds each (process CPU time, which counts every thread)."""
+    seconds of one thread each (EFFICIENCY: threads do not add up perfectly, and a run is not all steps)."""
     return max(1, int(minutes * 60 * threads * EFFICIENCY / seconds_per_token))
 
 
@@ -69,14 +69,17 @@ def probe_batches(rows: list[dict], batch_size: int, n: int, seed: int = 0) -> l
 
 
 def probe_cpu_seconds_per_token(model, rows: list[dict], batch_size: int, pad_id: int, batches: int = 3) -> float:
-    """CPU seconds (this process, all threads) per real token of a training step (forward and backward of
-    the reply-only loss) on `batches` batches of `rows`; the first batch warms up and is not counted. The
-    gradients are dropped after, so the run starts from the same weights."""
+    """CPU seconds of one thread per real token of a training step (forward and backward of the reply-only
+    loss) on `batches` batches of `rows`; the first batch warms up and is not counted. One thread: with
+    several, a thread that waits for a descheduled one spins and burns CPU time, so on a busy machine the
+    CPU time per token grows with the load (measured in docs/PERFORMANCE.md); one thread's does much less.
+    The gradients are dropped after, so the run starts from the same weights."""
     import torch
 
     from convsim.modeling.loss import reply_loss
 
-    was_training = model.training
+    was_training, threads = model.training, torch.get_num_threads()
+    torch.set_num_threads(1)
     model.train()
     spent, tokens = 0.0, 0
     try:
@@ -98,6 +101,7 @@ def probe_cpu_seconds_per_token(model, rows: list[dict], batch_size: int, pad_id
     finally:
         model.zero_grad(set_to_none=True)
         model.train(was_training)
+        torch.set_num_threads(threads)
     if not tokens:  # too few rows for a counted batch: time the one there was
         return max(spent, 1e-6) / max(1, sum(len(r["input_ids"]) for r in rows[:batch_size]))
     return spent / tokens
@@ -123,5 +127,5 @@ def work_line(tokens: int, per_token: float, threads: int, minutes: float) -> st
     """The line that says how much work the probe chose."""
     return (
         f"CPU recipe work: {tokens:,} tokens, what {minutes:g} min of {threads} threads train at the probed "
-        f"{1 / per_token:,.0f} tokens per CPU second (a busy machine takes longer, not less; --cpu-minutes)"
+        f"{1 / per_token:,.0f} tokens per CPU second of one thread (a busy machine takes longer, not less; --cpu-minutes)"
     )
