@@ -68,8 +68,10 @@ def probe_batches(rows: list[dict], batch_size: int, n: int, seed: int = 0) -> l
     return [pick[i : i + batch_size] for i in range(0, len(pick), batch_size) if pick[i : i + batch_size]]
 
 
-def probe_cpu_seconds_per_token(model, rows: list[dict], batch_size: int, pad_id: int, batches: int = 3) -> float:
-    """CPU seconds of one thread per real token of a training step (forward and backward of the reply-only
+def probe_cpu_seconds_per_token(
+    model, rows: list[dict], batch_size: int, pad_id: int, batches: int = 3, threads: int = 1
+) -> float:
+    """CPU seconds of `threads` threads (default one) per real token of a training step (forward and backward of the reply-only
     loss) on `batches` batches of `rows`; the first batch warms up and is not counted. One thread: with
     several, a thread that waits for a descheduled one spins and burns CPU time, so on a busy machine the
     CPU time per token grows with the load (measured in docs/PERFORMANCE.md); one thread's does much less.
@@ -78,8 +80,8 @@ def probe_cpu_seconds_per_token(model, rows: list[dict], batch_size: int, pad_id
 
     from convsim.modeling.loss import reply_loss
 
-    was_training, threads = model.training, torch.get_num_threads()
-    torch.set_num_threads(1)
+    was_training, was_threads = model.training, torch.get_num_threads()
+    torch.set_num_threads(threads)
     model.train()
     spent, tokens = 0.0, 0
     try:
@@ -101,7 +103,7 @@ def probe_cpu_seconds_per_token(model, rows: list[dict], batch_size: int, pad_id
     finally:
         model.zero_grad(set_to_none=True)
         model.train(was_training)
-        torch.set_num_threads(threads)
+        torch.set_num_threads(was_threads)
     if not tokens:  # too few rows for a counted batch: time the one there was
         return max(spent, 1e-6) / max(1, sum(len(r["input_ids"]) for r in rows[:batch_size]))
     return spent / tokens
