@@ -6,7 +6,8 @@ context, in batches of 8, for an **amount of work** sized by a short speed probe
 process's CPU seconds per token on real batches with one thread, and the work is what `minutes` of this
 machine's threads do at that rate. A machine busy with other jobs gives this process less of each second but
 about the same CPU seconds per token, so it takes longer rather than training less.
-The recipe's values were chosen on the fidelity suite's development pairs (docs/PERFORMANCE.md).
+Its learning rate is `convsim train`'s; the fidelity suite's CPU round (bench/fidelity_suite.py, CPU_ROUND)
+compares learning rates and batch sizes at this work on the development pairs (docs/PERFORMANCE.md).
 
     recipe_for(device, "auto")                                # "cpu" on a machine without a GPU
     apply_cpu_recipe(cfg, given)                              # its values, where the flags gave none
@@ -29,7 +30,6 @@ EFFICIENCY = 0.8  # threads do not add up perfectly and a run is not all steps (
 CPU_RECIPE = {
     "context_size": 8,
     "batch_size": 8,
-    "learning_rate": 5e-4,
     "auto_extra_data": False,
     "eval_steps": 1_000_000,  # validation once, at the end: on a CPU each pass costs minutes
 }

@@ -29,7 +29,7 @@ def test_flags_given_win_over_the_recipe():
     cfg, changed = apply_cpu_recipe(TrainConfig(context_size=12, batch_size=4), given={"context_size", "batch_size"})
     assert cfg.context_size == 12 and cfg.batch_size == 4
     assert "context_size" not in changed and "batch_size" not in changed
-    assert "12" not in recipe_line(changed) and "learning rate" in recipe_line(changed)
+    assert "12" not in recipe_line(changed) and "validation at the end only" in recipe_line(changed)
     assert "every value" in recipe_line({})
 
 
