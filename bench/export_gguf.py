@@ -3,13 +3,13 @@
     python bench/export_gguf.py --run runs/me              # needs the gguf-runtime extra (llama-cpp-python)
     python bench/export_gguf.py --run runs/me --n 20 --no-save
 
-For each of f16 and q8_0: `convsim export RUN --format gguf` into a temporary directory, load the file with
-llama-cpp-python, and measure on up to --n held-out replies (the run's test split, then val, targets only):
+For each of f16, q8_0 and q4_k_m (--quants): `convsim export RUN --format gguf` into a temporary directory, load
+the file with llama-cpp-python, and measure on up to --n held-out replies (the run's test split, then val, targets only):
 the perplexity of the reply tokens given the prompt (the same tokens and the same reply-only mask convsim's
 training loss uses), its ratio to the run's own fp32 perplexity (base + adapter in transformers), how many of
 the first 32 greedy tokens of a probe prompt match convsim's fp32 greedy tokens (no stops), whether every
 speaker token is one token in llama.cpp, and whether generation with `stop=["[Other]"]` ends where the other
-speaker's token comes. Writes bench/results/export-gguf.json.
+speaker's token comes. Writes bench/results/export-gguf.json, with the machine it ran on and --note.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import platform
 import subprocess
 import sys
 import tempfile
@@ -35,6 +37,7 @@ from convsim.runs import open_run
 OUT = Path(__file__).parent / "results" / "export-gguf.json"
 N_GREEDY = 32
 PROBE = ["hey how are you", "Not bad. Working late again.", "lol yes", "Maybe tomorrow then."]
+QUANTS = ("f16", "q8_0", "q4_k_m")
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -54,11 +57,25 @@ def leading_match(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
+def machine() -> dict:
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    names = [ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")]
+    cpu = names[0] if names else (platform.processor() or platform.machine())
+    return {
+        "cpu": cpu,
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
+        "torch": torch.__version__,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", required=True)
     ap.add_argument("--n", type=int, default=50, help="held-out replies (default 50)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quants", default=",".join(QUANTS), help=f"comma-separated (default {','.join(QUANTS)})")
+    ap.add_argument("--note", default="", help="a sentence stored with the result (the run, the machine's load)")
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args()
 
@@ -93,7 +110,7 @@ def main() -> None:
     formats, singles, stops = {}, [], []
     n_ctx = max(len(r.input_ids) for r in rendered + [render(tok, fmt, history, persona)]) + 128
     with tempfile.TemporaryDirectory() as tmp:
-        for quant in ("f16", "q8_0"):
+        for quant in args.quants.split(","):
             out = Path(tmp) / quant
             rc = convsim(["export", args.run, "--format", "gguf", "--out", str(out), "--quant", quant, "--as", persona])
             assert rc == 0, f"export {quant} failed"
@@ -147,8 +164,11 @@ def main() -> None:
         "speaker_tokens_single": all(singles),
         "stops_at_speaker": None if None in stops else all(stops),
         "llama_cpp_python": llama_cpp.__version__,
+        "machine": machine(),
         "seconds": round(time.time() - t0, 1),
     }
+    if args.note:
+        result["note"] = args.note
     print(json.dumps(result, indent=2))
     if not args.no_save:
         OUT.write_text(json.dumps(result, indent=2) + "\n")

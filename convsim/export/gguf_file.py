@@ -298,6 +298,31 @@ adds bos). Stop at the other speakers' tokens. `convsim-format.json` has the tok
 """
 
 
+def check_quant_available(quant: str) -> None:
+    if quant in LLAMA_QUANTS:
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError:
+            raise UserError(
+                f"--quant {quant} uses llama.cpp's quantizer: pip install -e '.[gguf-runtime]' (llama-cpp-python)"
+            ) from None
+
+
+def check_run(run_, model) -> None:
+    """Refuse a run (its loaded model, adapter on or not) whose model or prompt format this writer cannot
+    convert faithfully."""
+    check_supported(model.get_base_model() if hasattr(model, "get_base_model") else model)
+    fmt = run_.fmt
+    if not fmt.special_tokens:
+        raise UserError("cannot write GGUF for a run without speaker tokens (trained with plain-text tags)")
+    if fmt.style != "base":
+        raise UserError("cannot write GGUF: only runs with the base prompt style are supported")
+
+
+def ollama_name(persona: str) -> str:
+    return re.sub(r"[^a-z0-9_-]+", "-", persona.lower()).strip("-") or "clone"
+
+
 def base_gguf_path(model_name: str) -> Path | None:
     from convsim.modeling.models import embedded_gguf, resolve
 
@@ -319,21 +344,11 @@ def run(args):
     speaker = run_.check_speaker(args.speaker) if args.speaker else None
     out = Path(args.out)
     check_out(out, run_, args.force)
-    if args.quant in LLAMA_QUANTS:
-        try:
-            import llama_cpp  # noqa: F401
-        except ImportError:
-            raise UserError(
-                f"--quant {args.quant} uses llama.cpp's quantizer: pip install -e '.[gguf-runtime]' (llama-cpp-python)"
-            ) from None
+    check_quant_available(args.quant)
     t0 = time.time()
     model, tok = run_.load(device="cpu", dtype=torch.float32)
-    check_supported(model.get_base_model() if hasattr(model, "get_base_model") else model)
+    check_run(run_, model)
     fmt = run_.fmt
-    if not fmt.special_tokens:
-        raise UserError("cannot write GGUF for a run without speaker tokens (trained with plain-text tags)")
-    if fmt.style != "base":
-        raise UserError("cannot write GGUF: only runs with the base prompt style are supported")
     speakers = list(fmt.speakers)
     persona = speaker or (run_.targets[0] if run_.targets else speakers[0])
     merged, diff = merge(model, tok, fmt)
@@ -355,7 +370,7 @@ def run(args):
                 base=run_.model_name,
                 quant=args.quant,
                 tokens=", ".join(f"`[{s}]`" for s in speakers),
-                ollama_name=re.sub(r"[^a-z0-9_-]+", "-", persona.lower()).strip("-") or "clone",
+                ollama_name=ollama_name(persona),
                 dir=str(out),
                 other=other,
                 persona=persona,

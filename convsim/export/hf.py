@@ -21,15 +21,17 @@ from convsim.errors import UserError
 
 HELP = (
     "Write a merged standalone model (base + LoRA + speaker tokens): a transformers directory with its tokenizer "
-    "and prompt format, or (--format gguf) one GGUF file with an Ollama Modelfile."
+    "and prompt format, or (--format gguf) one GGUF file with an Ollama Modelfile; or (--format lora) the LoRA "
+    "adapter unmerged, for vLLM / PEFT and as a llama.cpp GGUF LoRA, with a base that holds the speaker tokens."
 )
 EXAMPLES = """
   convsim export runs/me --out exports/me
   convsim export runs/me --out exports/ana --as Ana --dtype bfloat16   # stops only when someone else speaks
   convsim export runs/me --format gguf --out exports/ana-gguf --as Ana --quant q8_0   # llama.cpp / Ollama
+  convsim export runs/me --format lora --out exports/ana-lora --as Ana   # vLLM --enable-lora, llama.cpp --lora
 """
 DTYPES = ("float32", "bfloat16", "float16")
-FORMATS = ("hf", "gguf")
+FORMATS = ("hf", "gguf", "lora")
 QUANTS = ("f16", "q8_0", "q4_k_m")
 PROBE = ["hey, how are you?", "fine thanks! and you?", "see you tonight then", "ok :)"]
 
@@ -50,11 +52,17 @@ def add_arguments(p):
         "--format",
         choices=FORMATS,
         default="hf",
-        help="hf: a transformers directory (default); gguf: one .gguf for llama.cpp + an Ollama Modelfile",
+        help="hf: a transformers directory (default); gguf: one .gguf for llama.cpp + an Ollama Modelfile; "
+        "lora: the LoRA unmerged (PEFT dir and GGUF LoRA) + a base with the speaker tokens (HF dir and GGUF)",
     )
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="hf weights on disk (default float32)")
     p.add_argument(
-        "--quant", choices=QUANTS, default="f16", help="gguf weights (default f16; q4_k_m needs llama-cpp-python)"
+        "--dtype", choices=DTYPES, default="float32", help="hf weights on disk, lora: its base/ (default float32)"
+    )
+    p.add_argument(
+        "--quant",
+        choices=QUANTS,
+        default="f16",
+        help="gguf weights, lora: its base GGUF (default f16; q4_k_m needs llama-cpp-python)",
     )
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
@@ -76,8 +84,22 @@ def stop_ids(tok, fmt, speaker: str | None) -> list[int]:
     return list(dict.fromkeys(i for i in ids if i is not None))
 
 
-def merge(model, tok, fmt):
-    """base + adapter → one plain model; raises if the merged logits differ from the adapter's."""
+def set_generation_config(model, tok, fmt, speaker: str | None) -> list[int]:
+    """The model's generation_config as convsim samples: its stop tokens (returned), bos/pad, sampling."""
+    stops = stop_ids(tok, fmt, speaker)
+    g = model.generation_config
+    g.bos_token_id, g.pad_token_id = tok.bos_token_id, tok.pad_token_id
+    g.eos_token_id = stops
+    g.do_sample, g.temperature, g.top_p, g.max_new_tokens = True, 0.7, 0.95, 96
+    if not fmt.special_tokens:  # plain-text tags span several tokens: engines stop on the text
+        from convsim.modeling.speakers import speaker_token
+
+        g.stop_strings = [speaker_token(s) for s in fmt.speakers if s != speaker]
+    return stops
+
+
+def probe_logits(model, tok, fmt):
+    """fp32 logits of a short probe conversation: what an export must reproduce before it is written."""
     import torch
     from convsim.data.examples import render
     from convsim.data.schema import Message
@@ -87,17 +109,25 @@ def merge(model, tok, fmt):
     ids = render(tok, fmt, history, speakers[0]).input_ids
     x = torch.tensor([ids], device=next(model.parameters()).device)
     with torch.inference_mode():
-        want = model(input_ids=x).logits.float()
-    merged = model.merge_and_unload()
-    with torch.inference_mode():
-        got = merged(input_ids=x).logits.float()
+        return model(input_ids=x).logits.float()
+
+
+def check_same_logits(want, got, what: str) -> float:
+    """The largest logit difference; raises (nothing gets written) if it is not a rounding difference."""
     diff = (want - got).abs().max().item()
     tol = 1e-3 * max(1.0, want.abs().max().item())
     if not diff <= tol:
         raise RuntimeError(
-            f"merged model disagrees with base + adapter (max logit difference {diff:.2e}); not writing a broken export"
+            f"{what} disagrees with base + adapter (max logit difference {diff:.2e}); not writing a broken export"
         )
-    return merged, diff
+    return diff
+
+
+def merge(model, tok, fmt):
+    """base + adapter → one plain model; raises if the merged logits differ from the adapter's."""
+    want = probe_logits(model, tok, fmt)
+    merged = model.merge_and_unload()
+    return merged, check_same_logits(want, probe_logits(merged, tok, fmt), "merged model")
 
 
 def format_card(run, tok, fmt, speaker: str | None, stops: list[int]) -> dict:
@@ -245,15 +275,7 @@ def run(args):
     fmt = run_.fmt
     merged, diff = merge(model, tok, fmt)
     merged.to(getattr(torch, args.dtype))
-    stops = stop_ids(tok, fmt, speaker)
-    g = merged.generation_config
-    g.bos_token_id, g.pad_token_id = tok.bos_token_id, tok.pad_token_id
-    g.eos_token_id = stops
-    g.do_sample, g.temperature, g.top_p, g.max_new_tokens = True, 0.7, 0.95, 96
-    if not fmt.special_tokens:  # plain-text tags span several tokens: engines stop on the text
-        from convsim.modeling.speakers import speaker_token
-
-        g.stop_strings = [speaker_token(s) for s in fmt.speakers if s != speaker]
+    stops = set_generation_config(merged, tok, fmt, speaker)
     card = format_card(run_, tok, fmt, speaker, stops)
     card["bos"] = (
         tok.bos_token if tok.bos_token_id is not None and card["example_prompt_ids"][:1] == [tok.bos_token_id] else None

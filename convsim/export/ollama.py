@@ -32,14 +32,17 @@ def stops(speakers: list[str], persona: str) -> list[str]:
     return [speaker_token(s) for s in speakers if s != persona] + ["<end_of_turn>", "<eos>"]
 
 
-def modelfile(gguf_name: str, speakers: list[str], persona: str) -> str:
+def modelfile(gguf_name: str, speakers: list[str], persona: str, adapter: str | None = None) -> str:
+    """The Modelfile for `gguf_name`; with `adapter`, a GGUF LoRA that Ollama applies on it (`ADAPTER`)."""
     other = next((s for s in speakers if s != persona), persona)
     lines = [
         f"# {persona} as convsim trained them: the model continues a chat between {', '.join(speakers)}.",
         f"# Your messages are {other}'s; each reply is {persona}'s, possibly several messages in a row.",
         f"FROM ./{gguf_name}",
-        f'TEMPLATE """{template(persona, other)}"""',
     ]
+    if adapter:
+        lines.append(f"ADAPTER ./{adapter}")
+    lines.append(f'TEMPLATE """{template(persona, other)}"""')
     lines += [f'PARAMETER stop "{s}"' for s in stops(speakers, persona)]
     lines += [f"PARAMETER {k} {v}" for k, v in SAMPLING.items()]
     return "\n".join(lines) + "\n"
