@@ -110,6 +110,8 @@ def real_run(tmp_path_factory, data_dir) -> Path:
     out = tmp_path_factory.mktemp("runs") / "real"
     cli(
         *("train", data_dir, "--out", out, "--max-steps", "12", "--batch-size", "4", "--learning-rate", "3e-3"),
+        "--recipe",  # the same run on any machine: the CPU recipe would train it with a shorter context here
+        "gpu",
         *("--eval-steps", "1000", "--save-steps", "1000", "--max-val-examples", "2", "--json"),
         timeout=1800,  # minutes on a CPU; this much training teaches it to hand over to the other speaker
     )
