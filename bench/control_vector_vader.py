@@ -20,7 +20,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from export_gguf import machine  # bench/ is on the path when a bench script runs
 
 from convsim.data.examples import build_examples, render
 from convsim.export.hf import stop_ids
@@ -79,17 +79,6 @@ def mean_se(xs: list[float]) -> tuple[float, float]:
     m = sum(xs) / len(xs)
     sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
     return m, sd / math.sqrt(len(xs))
-
-
-def machine() -> dict:
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    names = [ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")]
-    return {
-        "cpu": names[0] if names else (platform.processor() or platform.machine()),
-        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
-        "torch": torch.__version__,
-    }
 
 
 def main() -> None:

@@ -399,7 +399,6 @@ def main():
 
 def levers(a):
     """The --lora-layers mode: plain fp32 loop and convsim arms, all over 2 epochs of the data's training set."""
-    import subprocess
     from convsim.config import TrainConfig
 
     cfg = TrainConfig(model=a.model, batch_size=a.batch_size)
@@ -421,7 +420,7 @@ def levers(a):
     for v in arms.values():
         v["speedup_vs_plain"] = ratio(v, p)
         v["loss_vs_plain"] = round(v["loss"] / p["loss"] - 1, 4) if v["loss"] and p["loss"] else None
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = a.commit or _git_commit()
     res = {
         "machine": f"CPU x{os.cpu_count()} ({_cpu_name()}), torch {torch.__version__}, {torch.get_num_threads()} threads",
         "commit": commit,
