@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from convsim.errors import UserError
@@ -329,15 +330,28 @@ def base_gguf_path(model_name: str) -> Path | None:
     return embedded_gguf() if resolve(model_name).source == "embedded" else None
 
 
-def run(args):
+@dataclass
+class GGUFSource:
+    """A run opened for a GGUF export (`--format gguf` or `lora`): checked, loaded in fp32 on the CPU."""
+
+    run: object
+    out: Path
+    model: object
+    tok: object
+    fmt: object
+    speakers: list[str]
+    persona: str  # whom the Modelfile's prompt answers as: --as, else the run's first target
+    started: float
+
+
+def open_for_gguf(args) -> GGUFSource:
+    """The checks and loading that every GGUF export starts with: the person, the out dir, the quant, the
+    model and the prompt format. Each refusal is a UserError raised before anything is written."""
     import time
 
     import torch
 
-    from convsim.export.hf import check_out, format_card, merge
-    from convsim.export.ollama import modelfile
-    from convsim.fsutil import atomic_dir
-    from convsim.modeling.speakers import speaker_token
+    from convsim.export.hf import check_out
     from convsim.runs import open_run
 
     run_ = open_run(args.run_dir)
@@ -345,12 +359,27 @@ def run(args):
     out = Path(args.out)
     check_out(out, run_, args.force)
     check_quant_available(args.quant)
-    t0 = time.time()
+    started = time.time()
     model, tok = run_.load(device="cpu", dtype=torch.float32)
     check_run(run_, model)
-    fmt = run_.fmt
-    speakers = list(fmt.speakers)
+    speakers = list(run_.fmt.speakers)
     persona = speaker or (run_.targets[0] if run_.targets else speakers[0])
+    return GGUFSource(run_, out, model, tok, run_.fmt, speakers, persona, started)
+
+
+def run(args):
+    import time
+
+    from convsim.export.hf import format_card, merge
+    from convsim.export.ollama import modelfile
+    from convsim.fsutil import atomic_dir
+    from convsim.modeling.speakers import speaker_token
+
+    src = open_for_gguf(args)
+    run_, out, model, tok, fmt, speakers, persona, t0 = (
+        src.run, src.out, src.model, src.tok, src.fmt, src.speakers, src.persona, src.started
+    )  # fmt: skip
+    del src  # the model is freed where a writer drops it
     merged, diff = merge(model, tok, fmt)
     merged.eval()
     card = format_card(run_, tok, fmt, persona, [])

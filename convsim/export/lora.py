@@ -186,30 +186,17 @@ def run(args):
 
     import torch
 
-    from convsim.export.gguf_file import (
-        base_gguf_path,
-        check_quant_available,
-        check_run,
-        ollama_name,
-        write_gguf,
-    )
-    from convsim.export.hf import check_out, format_card, set_generation_config, stop_ids
+    from convsim.export.gguf_file import base_gguf_path, ollama_name, open_for_gguf, write_gguf
+    from convsim.export.hf import format_card, set_generation_config, stop_ids
     from convsim.export.ollama import modelfile
     from convsim.fsutil import atomic_dir
     from convsim.modeling.speakers import speaker_token
-    from convsim.runs import open_run
 
-    run_ = open_run(args.run_dir)
-    speaker = run_.check_speaker(args.speaker) if args.speaker else None
-    out = Path(args.out)
-    check_out(out, run_, args.force)
-    check_quant_available(args.quant)
-    t0 = time.time()
-    model, tok = run_.load(device="cpu", dtype=torch.float32)
-    check_run(run_, model)
-    fmt = run_.fmt
-    speakers = list(fmt.speakers)
-    persona = speaker or (run_.targets[0] if run_.targets else speakers[0])
+    src = open_for_gguf(args)
+    run_, out, model, tok, fmt, speakers, persona, t0 = (
+        src.run, src.out, src.model, src.tok, src.fmt, src.speakers, src.persona, src.started
+    )  # fmt: skip
+    del src  # the model is freed where a writer drops it
     config, lora, rows = split_adapter(run_.adapter_dir)
     base, _ = base_with_rows(run_, config, rows)
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", run_.path.name).strip("-.") or "run"

@@ -10,45 +10,19 @@ CONVSIM_LLAMA_CLI (.ci/run builds it).
 
 from __future__ import annotations
 
-import os
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from convsim.data.schema import Message
 from convsim.inference.generate import greedy_ids
+from tests.real.llama_helpers import HISTORY, run_llama
 
 pytestmark = pytest.mark.real
 
-ENV = "CONVSIM_LLAMA_CLI"
-HISTORY = [
-    Message("Ana", "hey how are you"),
-    Message("Ben", "Not bad. Working late again."),
-    Message("Ana", "lol yes"),
-    Message("Ben", "Maybe tomorrow then."),
-]
 N_TOKENS = 16
 STRENGTHS = (4.0, -8.0)
-
-
-def llama_cli() -> str:
-    path = os.environ.get(ENV, "")
-    if not (path and os.access(path, os.X_OK)):  # never a silent skip: the proof is the point of this test
-        pytest.fail(f"{ENV} must name a llama-cli binary built from llama.cpp's source (see .ci/run)")
-    return path
-
-
-def run_llama(model: Path, prompt: str, *extra: str) -> subprocess.CompletedProcess:
-    """Greedy completion of `prompt` by llama-cli, no chat template, prompt not echoed; stdout is the
-    generated text (llama-cli ends it with a blank line, removed here)."""
-    args = [llama_cli(), "-m", str(model), "-p", prompt, "-n", str(N_TOKENS), "--temp", "0", "--top-k", "1"]
-    args += ["-no-cnv", "--no-display-prompt", "--no-warmup", "-c", "256", "-t", "2", "--seed", "0", *extra]
-    p = subprocess.run(args, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
-    p.stdout = p.stdout.removesuffix("\n\n")
-    return p
 
 
 def greedy_steered(model, ids: list[int], vector, strength: float) -> list[int]:
@@ -90,14 +64,13 @@ def test_llama_cpp_reads_and_applies_exported_vector(real_run, tmp_path):
     run = open_run(real_run)
     model, tok = run.load(device="cpu", dtype=torch.float32)
     ids = render(tok, run.fmt, HISTORY, "Ana").input_ids
-    prompt = "".join(f"[{m.speaker}] {m.text}\n" for m in HISTORY) + "[Ana]"  # llama-cli adds bos
     v = SteeringVector.load(vec)
 
-    plain = run_llama(gguf_model, prompt)
+    plain = run_llama(gguf_model, N_TOKENS)
     assert plain.returncode == 0, plain.stderr[-2000:]
     assert plain.stdout == tok.decode(greedy_steered(model, ids, v, 0.0))
     for s in STRENGTHS:
-        p = run_llama(gguf_model, prompt, "--control-vector-scaled", str(cvec), f"{s:g}")
+        p = run_llama(gguf_model, N_TOKENS, "--control-vector-scaled", str(cvec), f"{s:g}")
         assert p.returncode == 0, p.stderr[-2000:]
         assert "control vector" not in p.stderr  # the loader logs only its failures
         want = tok.decode(greedy_steered(model, ids, v, s))
@@ -107,8 +80,8 @@ def test_llama_cpp_reads_and_applies_exported_vector(real_run, tmp_path):
     # llama.cpp reads the file: one of another hidden size, or with a direction at layer 0, is refused
     d = v.directions[v.layers[0]].numpy()
     wrong = write_raw_cvec(tmp_path / "wrong-size.gguf", {f"direction.{v.layers[0]}": d[:-1]})
-    p = run_llama(gguf_model, prompt, "--control-vector-scaled", str(wrong), "1")
+    p = run_llama(gguf_model, N_TOKENS, "--control-vector-scaled", str(wrong), "1")
     assert p.returncode != 0 and "control vector n_embd does not match model" in p.stderr, p.stderr[-2000:]
     at0 = write_raw_cvec(tmp_path / "at0.gguf", {"direction.0": d})
-    p = run_llama(gguf_model, prompt, "--control-vector-scaled", str(at0), "1")
+    p = run_llama(gguf_model, N_TOKENS, "--control-vector-scaled", str(at0), "1")
     assert p.returncode != 0 and "invalid (zero) direction tensor layer index" in p.stderr, p.stderr[-2000:]

@@ -8,26 +8,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from convsim.data.schema import Message
 from convsim.export.gguf_file import llama_greedy
 from convsim.inference.generate import greedy_ids
+from tests.real.llama_helpers import HISTORY, PROMPT, llama_cpp_module
 
 pytestmark = pytest.mark.real
 
-HISTORY = [
-    Message("Ana", "hey how are you"),
-    Message("Ben", "Not bad. Working late again."),
-    Message("Ana", "lol yes"),
-    Message("Ben", "Maybe tomorrow then."),
-]
 N_GREEDY = 32
 
 
 def test_gguf_runs_in_llama_cpp(real_run, tmp_path):
-    try:
-        import llama_cpp
-    except ImportError:  # never a silent skip: the proof is the point of this test
-        pytest.fail("llama-cpp-python is not installed: pip install -e '.[gguf-runtime]'")
+    llama_cpp = llama_cpp_module()
     from convsim.cli import main
     from convsim.data.examples import render
     from convsim.runs import open_run
@@ -36,7 +27,7 @@ def test_gguf_runs_in_llama_cpp(real_run, tmp_path):
     model, tok = run.load(device="cpu", dtype=torch.float32)
     ids = render(tok, run.fmt, HISTORY, "Ana").input_ids
     want = greedy_ids(model, ids, N_GREEDY)
-    text = "".join(f"[{m.speaker}] {m.text}\n" for m in HISTORY) + "[Ana]"
+    text = PROMPT
     speaker_ids = {s: tok.convert_tokens_to_ids(f"[{s}]") for s in ("Ana", "Ben")}
 
     for quant in ("f16", "q8_0"):

@@ -9,24 +9,15 @@ its path is in CONVSIM_LLAMA_CLI (.ci/run builds it).
 
 from __future__ import annotations
 
-import os
-import subprocess
-
 import pytest
 import torch
 
-from convsim.data.schema import Message
 from convsim.export.gguf_file import llama_greedy
 from convsim.inference.generate import greedy_ids
+from tests.real.llama_helpers import HISTORY, PROMPT, llama_cpp_module, run_llama
 
 pytestmark = pytest.mark.real
 
-HISTORY = [
-    Message("Ana", "hey how are you"),
-    Message("Ben", "Not bad. Working late again."),
-    Message("Ana", "lol yes"),
-    Message("Ben", "Maybe tomorrow then."),
-]
 N_GREEDY = 32
 N_CLI = 16
 
@@ -52,16 +43,13 @@ def convsim_greedy(real_run):
 
 
 def test_base_plus_lora_gguf_in_llama_cpp_python(lora_export, convsim_greedy):
-    try:
-        import llama_cpp
-    except ImportError:  # never a silent skip: the proof is the point of this test
-        pytest.fail("llama-cpp-python is not installed: pip install -e '.[gguf-runtime]'")
+    llama_cpp = llama_cpp_module()
     _, base, lora = lora_export
     tok, ids, want = convsim_greedy
     opts = dict(n_ctx=512, n_threads=2, logits_all=True, verbose=False)
 
     llm = llama_cpp.Llama(str(base), lora_path=str(lora), **opts)
-    assert llm.tokenize(("".join(f"[{m.speaker}] {m.text}\n" for m in HISTORY) + "[Ana]").encode()) == ids
+    assert llm.tokenize(PROMPT.encode()) == ids
     got = llama_greedy(llm, ids, N_GREEDY)
     llm.close()
     assert got == want, (tok.decode(got), tok.decode(want))
@@ -73,15 +61,9 @@ def test_base_plus_lora_gguf_in_llama_cpp_python(lora_export, convsim_greedy):
 
 
 def test_documented_llama_cli_command(lora_export, convsim_greedy):
-    cli = os.environ.get("CONVSIM_LLAMA_CLI", "")
-    if not (cli and os.access(cli, os.X_OK)):  # never a silent skip
-        pytest.fail("CONVSIM_LLAMA_CLI must name a llama-cli binary built from llama.cpp's source (see .ci/run)")
     _, base, lora = lora_export
     tok, _, want = convsim_greedy
-    prompt = "".join(f"[{m.speaker}] {m.text}\n" for m in HISTORY) + "[Ana]"  # llama-cli adds bos
-    args = [cli, "-m", str(base), "--lora", str(lora), "-p", prompt, "-n", str(N_CLI), "--temp", "0"]
-    args += ["--top-k", "1", "-no-cnv", "--no-display-prompt", "--no-warmup", "-c", "256", "-t", "2", "--seed", "0"]
-    p = subprocess.run(args, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
+    p = run_llama(base, N_CLI, "--lora", str(lora))
     assert p.returncode == 0, p.stderr[-2000:]
     assert "tensors from lora file" in p.stderr, p.stderr[-2000:]  # llama.cpp's adapter loader ran
-    assert p.stdout.removesuffix("\n\n") == tok.decode(want[:N_CLI])
+    assert p.stdout == tok.decode(want[:N_CLI])
