@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from convsim.errors import UserError
+from convsim.training.cpu_recipe import CPU_RECIPE
 
 HELP = "Import, fine-tune, evaluate and sample on the embedded model and data (or --chat EXPORT)."
 EXAMPLES = """
@@ -124,19 +125,20 @@ def run(args):
     else:
         print(f"(reusing {data})")
 
-    batch = 32 if gpu else 8
+    batch = 32 if gpu else CPU_RECIPE["batch_size"]
     training = (
         f"{steps} steps of {batch} examples" if steps else f"2 epochs of batches of {batch}"
     ) + f" on {'a GPU' if gpu else 'the CPU'}"
     budget = f", stopping early after {args.time_budget:g} min" if args.time_budget else ""
     step(f"2/5 fine-tune {args.model}: {training}{budget}")
     if not (out / "adapter" / "adapter_config.json").exists():
-        extra = ["--batch-size", str(batch), "--no-auto-extra-data"]
         if gpu:
-            extra += ["--epochs", "2", "--eval-steps", "50"]
+            extra = ["--recipe", "gpu", "--batch-size", str(batch), "--no-auto-extra-data", "--epochs", "2"]
+            extra += ["--eval-steps", "50"]
         else:
-            # small enough for two cores: shorter examples, validation only at the end
-            extra += ["--context-size", "8", "--max-seq-length", "256", "--max-val-examples", "32"]
+            # `convsim train`'s CPU recipe (its context, batch and data), with a fixed number of steps instead of
+            # the work its speed probe would size, and a small validation set
+            extra = ["--recipe", "cpu", "--max-seq-length", "256", "--max-val-examples", "32"]
             extra += ["--logging-steps", str(max(1, min(10, steps // 4)))]
         if steps:
             every = max(1, steps // 2)  # a checkpoint halfway for --continue-training; validation at the end

@@ -172,7 +172,7 @@ def _run(args) -> int:
     model, tok, spec, ids = build_model(cfg, speakers, device)
     if device == "cpu":  # after loading: a model that does not fit stays one error line
         print(cpu_precision(cfg, device), file=sys.stderr, flush=True)
-    if cpu_recipe and changed:  # where flags chose every value (the demo), there is nothing to say
+    if cpu_recipe and changed:  # where flags chose every value, there is nothing to say
         print(recipe_line(changed), file=sys.stderr, flush=True)
     fmt = prompt_format(cfg, spec, speakers)
     style = fmt.style

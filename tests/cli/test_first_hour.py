@@ -7,8 +7,11 @@ import re
 import sys
 
 import pytest
+import yaml
 
 from conftest import cli
+
+from convsim.training.cpu_recipe import CPU_RECIPE
 
 
 def parse_table(stdout: str) -> dict[str, tuple[float, float, float]]:
@@ -47,6 +50,12 @@ def test_demo_end_to_end_tiny(tmp_path):
     # progress: labelled phases on stderr, no raw trainer dicts anywhere
     assert "training:" in p.stderr and "validation at step 2" in p.stderr and "saving the adapter" in p.stderr
     assert "{'loss'" not in p.stdout + p.stderr and "'train_runtime'" not in p.stdout + p.stderr
+    # on a CPU the demo trains `convsim train`'s CPU recipe, with its steps instead of the probe's work
+    cfg = yaml.safe_load((tmp_path / "demo" / "config.yaml").read_text())
+    assert {k: cfg[k] for k in ("context_size", "batch_size", "auto_extra_data")} == {
+        k: CPU_RECIPE[k] for k in ("context_size", "batch_size", "auto_extra_data")
+    }
+    assert "CPU recipe: 8 messages of context, batches of 8" in p.stderr and "probing" not in p.stderr
 
 
 def test_demo_rejects_bad_steps(tmp_path):
