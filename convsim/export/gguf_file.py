@@ -18,6 +18,9 @@ Each speaker token is appended as a USER_DEFINED token: llama.cpp and Ollama rea
 as that one token (no special-token flag needed) and write it back as text, so stop strings match it.
 
 Beside the GGUF: an Ollama `Modelfile` (see convsim/export/ollama.py), `convsim-format.json`, README.md.
+
+Longer than most modules: the tensor transforms, the vocabulary and what this writer refuses to convert are
+one file format, and `--format lora` writes its base through the same writer.
 """
 
 from __future__ import annotations
