@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from convsim.errors import UserError
 
@@ -333,8 +333,7 @@ def base_gguf_path(model_name: str) -> Path | None:
     return embedded_gguf() if resolve(model_name).source == "embedded" else None
 
 
-@dataclass
-class GGUFSource:
+class GGUFSource(NamedTuple):
     """A run opened for a GGUF export (`--format gguf` or `lora`): checked, loaded in fp32 on the CPU."""
 
     run: object
@@ -378,11 +377,7 @@ def run(args):
     from convsim.fsutil import atomic_dir
     from convsim.modeling.speakers import speaker_token
 
-    src = open_for_gguf(args)
-    run_, out, model, tok, fmt, speakers, persona, t0 = (
-        src.run, src.out, src.model, src.tok, src.fmt, src.speakers, src.persona, src.started
-    )  # fmt: skip
-    del src  # the model is freed where a writer drops it
+    run_, out, model, tok, fmt, speakers, persona, t0 = open_for_gguf(args)
     merged, diff = merge(model, tok, fmt)
     merged.eval()
     card = format_card(run_, tok, fmt, persona, [])

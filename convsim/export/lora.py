@@ -192,11 +192,7 @@ def run(args):
     from convsim.fsutil import atomic_dir
     from convsim.modeling.speakers import speaker_token
 
-    src = open_for_gguf(args)
-    run_, out, model, tok, fmt, speakers, persona, t0 = (
-        src.run, src.out, src.model, src.tok, src.fmt, src.speakers, src.persona, src.started
-    )  # fmt: skip
-    del src  # the model is freed where a writer drops it
+    run_, out, model, tok, fmt, speakers, persona, t0 = open_for_gguf(args)
     config, lora, rows = split_adapter(run_.adapter_dir)
     base, _ = base_with_rows(run_, config, rows)
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", run_.path.name).strip("-.") or "run"
