@@ -9,7 +9,9 @@ Run each tree's suite with `--junitxml` on the same quiet machine, then compare:
 A test is the same test in both when its function (with parameters) and its file's name match; a test whose
 file was renamed is matched by its function alone when that name is unique on both sides. Each matched test
 counts in the tier of its folder after (tests/unit, tests/cli, tests/real). The whole suites' times are kept
-too, but they are not comparable: the suite after has tests the one before did not.
+too, but they are not comparable: the suite after has tests the one before did not. The JUnit files behind
+bench/results/tier-times-*.json are kept in bench/results/tier-times/ (named by commit), so each JSON's command
+replays from the repository.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import subprocess
+import sys
 import xml.etree.ElementTree as ET
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -110,7 +114,7 @@ def main(argv=None) -> int:
         or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     )
     res = {
-        "command": "python bench/tier_times.py BEFORE.xml AFTER.xml (see the module docstring)",
+        "command": " ".join(["python bench/tier_times.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)]),
         "before_commit": args.before_commit,
         "after_commit": after_commit,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
