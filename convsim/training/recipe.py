@@ -193,7 +193,11 @@ def _run(args) -> int:
 
     if cpu_recipe and sizes_the_work(given) and train_rows:
         threads = torch.get_num_threads()
-        print("CPU recipe: probing this machine's speed on 3 batches (one thread: a minute or two)", file=sys.stderr, flush=True)
+        print(
+            "CPU recipe: probing this machine's speed on 3 batches (one thread: a minute or two)",
+            file=sys.stderr,
+            flush=True,
+        )
         per_token = probe_cpu_seconds_per_token(model, train_rows, cfg.batch_size, tok.pad_token_id)
         cfg = replace(cfg, train_tokens=work_tokens(per_token, threads, cfg.cpu_minutes))
         print(work_line(cfg.train_tokens, per_token, threads, cfg.cpu_minutes), file=sys.stderr, flush=True)
