@@ -35,13 +35,16 @@ from convsim.data.schema import Conversation, Message, aware
 KINDS = ("EMAIL", "PHONE", "URL", "IP", "CARD")
 
 _DIGIT_OR_AT = re.compile(r"[0-9@]").search  # a plain character class: scanned in C, no backtracking
+# A placeholder (`<EMAIL_1>`) stands where word characters stood: nothing right after one may start a new match,
+# so scrubbing scrubbed text changes nothing (every kind but URL ends in a word character, and URL keeps its tail).
+_NOT_AFTER_PLACEHOLDER = r"(?<!\d>)"
 _PII = re.compile(
-    r"(?P<URL>(?<![\w.@])(?:(?:https?|ftp)://|www\.)[^\s<>\"'\[\]{}]+)"
+    _NOT_AFTER_PLACEHOLDER + r"(?:(?P<URL>(?<![\w.@])(?:(?:https?|ftp)://|www\.)[^\s<>\"'\[\]{}]+)"
     r"|(?P<EMAIL>(?<![\w.%+-])[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9-]{1,63}(?:\.[A-Za-z0-9-]{1,63}){0,8}\.[A-Za-z]{2,24}(?![\w-]))"
     r"|(?P<IP>(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?!\w|\.\d)"
     r"|(?<![\w:])(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}(?![\w:])"
     r"|(?<![\w:])(?:[0-9A-Fa-f]{1,4}:){1,6}:(?:[0-9A-Fa-f]{1,4}:){0,5}[0-9A-Fa-f]{1,4}(?![\w:]))"
-    r"|(?P<NUM>(?<![\w@/.:+-])(?:\+|\(\+?)?\d(?:[ .\-]?\(?\d\)?|\) ?\d){6,22}(?!\w|[.\-]\d))"
+    r"|(?P<NUM>(?<![\w@/.:+-])(?:\+|\(\+?)?\d(?:[ .\-]?\(?\d\)?|\) ?\d){6,22}(?!\w|[.\-]\d)))"
 )
 _URL_TAIL = ".,;:!?)'\""
 _NANP = re.compile(r"(?:\+?1[ .\-]?)?\(?\d{3}\)?[ .\-]?\d{3}[ .\-]\d{4}")
